@@ -1,0 +1,1 @@
+"""Pure torch: fbank frontend, teacher adapters, MVQ quantiser, student encoder, losses. Never imports Ray."""

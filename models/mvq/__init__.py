@@ -1,0 +1,1 @@
+"""Multi-codebook vector quantisation (MVQ) of teacher embeddings."""

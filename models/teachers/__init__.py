@@ -1,0 +1,1 @@
+"""Frozen teacher models behind one interface."""

@@ -1,0 +1,1 @@
+"""Composing stages into jobs: configs, the decode / tokenize / train / evaluate jobs, the CLI."""

@@ -1,0 +1,1 @@
+"""Arrow schemas for segments, shards, manifests and artefacts, with their version numbers."""

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: Ray Data callables (catalog, decode, teacher, quantise, shard writer) and the Ray Train loop."""

@@ -1,0 +1,58 @@
+"""Session-wide real services for the tests: one embedded Ray cluster, one SeaweedFS S3 server.
+
+Fixtures:
+- ``ray_cluster``: an embedded Ray (2 CPUs, private temp dir), started once per session.
+- ``s3_server``: a SeaweedFS ``weed mini`` with bucket ``spear`` and SigV4 auth.
+- ``s3_storage``: a :class:`Storage` with that server's endpoint and credentials.
+- ``storage_root``: parametrised over local disk and S3: ``(storage, root_uri)``, a fresh root per test.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from spear.cluster.storage import Storage
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Tests must never reach out to a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from spear.cluster.ray_runtime import ray_session
+    from spear.pipeline.config import RayConfig
+
+    with ray_session(RayConfig(num_cpus=2, object_store_memory_mb=1024)) as info:
+        yield info
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from spear.cluster.local_s3 import LocalS3Server
+
+    server = LocalS3Server(bucket="spear").start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_storage(s3_server) -> Storage:
+    return Storage(s3_server.storage_options())
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path):
+    """(Storage, root URI): the same test on local disk and on the SeaweedFS server."""
+    if request.param == "local":
+        yield Storage(), str(tmp_path / "root")
+    else:
+        server = request.getfixturevalue("s3_server")
+        yield Storage(server.storage_options()), f"s3://{server.bucket}/t-{uuid.uuid4().hex[:10]}"
