@@ -1,0 +1,129 @@
+"""Decode stage: catalog rows in, 16 kHz mono FLAC segments (or quarantine records) out.
+
+:func:`decode_objects` is a Ray Data ``map_batches`` function over catalog rows. Each object
+is read whole, hashed, decoded, downmixed, resampled and cut into segments of at most
+``max_segment_seconds``. An object that cannot be read or decoded becomes a single row
+whose ``quarantine_reason`` says why; its neighbours are unaffected.
+
+:func:`decode_dataset` wires it into a Ray Dataset; the tokenisation job continues from there.
+
+Example::
+
+    ds = decode_dataset(catalog.objects, DecodeConfig(), storage_options)
+    for batch in ds.iter_batches(batch_format="pyarrow"):
+        ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from spear.cluster.storage import Storage, StorageError, StorageOptions
+from spear.schemas.segments import SEGMENT_FIELDS, segment_id
+from spear.stages.audio import AudioDecodeError, decode_segments, flac_encode
+
+# The decode stage's output: segment columns plus the quarantine verdict (null for good rows).
+DECODED_SCHEMA = pa.schema(
+    [f.with_nullable(True) if f.name == "audio" else f for f in SEGMENT_FIELDS]
+    + [pa.field("quarantine_stage", pa.string()), pa.field("quarantine_reason", pa.string())]
+)
+
+_STORAGE_CACHE: dict[StorageOptions, Storage] = {}
+
+
+def _storage(options: StorageOptions | None) -> Storage:
+    # One client per worker process: creating an S3 client per batch costs more than decoding.
+    options = options or StorageOptions()
+    st = _STORAGE_CACHE.get(options)
+    if st is None:
+        st = _STORAGE_CACHE[options] = Storage(options)
+    return st
+
+
+def _empty_columns() -> dict[str, list]:
+    return {name: [] for name in DECODED_SCHEMA.names}
+
+
+def _append_quarantine(cols: dict[str, list], obj: dict[str, Any], stage: str, reason: str) -> None:
+    for name in DECODED_SCHEMA.names:
+        cols[name].append(None)
+    row = {"segment_id": "", "source": obj["source"], "source_uri": obj["uri"], "relative_path": obj["relative_path"],
+           "source_etag": obj["etag"], "source_size": int(obj["size"]), "content_sha256": "", "domain": obj["domain"],
+           "offset": 0, "num_samples": 0, "duration": 0.0, "sample_rate": 0, "source_sample_rate": 0,
+           "source_channels": 0, "source_format": "", "quarantine_stage": stage, "quarantine_reason": reason}
+    for k, v in row.items():
+        cols[k][-1] = v
+
+
+def decode_object(obj: dict[str, Any], data: bytes, cfg: Any, cols: dict[str, list]) -> None:
+    """Append the segments of one object (or its quarantine row) to ``cols``."""
+    try:
+        info, segments = decode_segments(data, target_rate=cfg.sample_rate, max_segment_seconds=cfg.max_segment_seconds,
+                                         min_segment_seconds=cfg.min_segment_seconds)
+    except AudioDecodeError as exc:
+        _append_quarantine(cols, obj, "decode", exc.reason)
+        return
+    if not segments:
+        _append_quarantine(cols, obj, "decode", f"shorter than min_segment_seconds={cfg.min_segment_seconds}")
+        return
+    sha = hashlib.sha256(data).hexdigest()
+    for offset, pcm in segments:
+        cols["segment_id"].append(segment_id(obj["source"], obj["relative_path"], sha, offset))
+        cols["source"].append(obj["source"])
+        cols["source_uri"].append(obj["uri"])
+        cols["relative_path"].append(obj["relative_path"])
+        cols["source_etag"].append(obj["etag"])
+        cols["source_size"].append(int(obj["size"]))
+        cols["content_sha256"].append(sha)
+        cols["domain"].append(obj["domain"])
+        cols["offset"].append(int(offset))
+        cols["num_samples"].append(int(pcm.size))
+        cols["duration"].append(pcm.size / cfg.sample_rate)
+        cols["sample_rate"].append(cfg.sample_rate)
+        cols["audio"].append(flac_encode(pcm, cfg.sample_rate, cfg.flac_compression))
+        cols["source_sample_rate"].append(info.sample_rate)
+        cols["source_channels"].append(info.channels)
+        cols["source_format"].append(info.format)
+        cols["quarantine_stage"].append(None)
+        cols["quarantine_reason"].append(None)
+
+
+def decode_objects(batch: pa.Table, *, decode_cfg: Any, storage_options: StorageOptions | None = None) -> pa.Table:
+    """Ray Data batch function: catalog rows -> decoded segment rows (DECODED_SCHEMA)."""
+    storage = _storage(storage_options)
+    cols = _empty_columns()
+    for obj in batch.to_pylist():
+        try:
+            data = storage.read_bytes(obj["uri"])
+        except FileNotFoundError:
+            _append_quarantine(cols, obj, "read", "object vanished between listing and reading")
+            continue
+        except (StorageError, OSError) as exc:
+            _append_quarantine(cols, obj, "read", f"read failed: {exc}")
+            continue
+        decode_object(obj, data, decode_cfg, cols)
+    return pa.table(cols, schema=DECODED_SCHEMA)
+
+
+def decode_dataset(objects: pa.Table, decode_cfg: Any, storage_options: StorageOptions | None = None):
+    """A Ray Dataset of decoded segments (and quarantine rows) over the catalog table ``objects``.
+
+    Objects are spread over blocks of ``decode_cfg.objects_per_task`` rows, largest first,
+    so the long files start early and tasks stay balanced.
+    """
+    import ray
+
+    if objects.num_rows == 0:
+        return ray.data.from_arrow(pa.table(_empty_columns(), schema=DECODED_SCHEMA))
+    order = pa.compute.sort_indices(objects, sort_keys=[("size", "descending"), ("uri", "ascending")])
+    objects = objects.take(order)
+    per = decode_cfg.objects_per_task
+    blocks = [objects.slice(i, per) for i in range(0, objects.num_rows, per)]
+    ds = ray.data.from_arrow(blocks)
+    return ds.map_batches(decode_objects, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                          fn_kwargs={"decode_cfg": decode_cfg, "storage_options": storage_options},
+                          num_cpus=decode_cfg.num_cpus_per_task)

@@ -1,0 +1,61 @@
+import pytest
+
+from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, split_uri
+
+
+def test_uri_forms(tmp_path):
+    assert split_uri("s3://b/k/x.wav") == ("s3", "b/k/x.wav")
+    assert split_uri(f"file://{tmp_path}/a") == ("file", f"{tmp_path}/a")
+    assert join_uri("s3://b/p", "x", "y.parquet") == "s3://b/p/x/y.parquet"
+    with pytest.raises(StorageError, match="unsupported URI scheme"):
+        split_uri("gs://b/x")
+
+
+def test_read_write_list_delete(storage_root):
+    st, root = storage_root
+    st.write_bytes(join_uri(root, "a", "one.wav"), b"1")
+    st.write_bytes(join_uri(root, "a", "b", "two.flac"), b"22")
+    st.write_bytes(join_uri(root, "a", "notes.txt"), b"x")
+    entries = st.list_files(join_uri(root, "a"), extensions=["wav", "flac"])
+    assert sorted(e.uri.rsplit("/", 1)[-1] for e in entries) == ["one.wav", "two.flac"]
+    assert [e.uri for e in entries] == sorted(e.uri for e in entries)
+    assert {e.size for e in entries} == {1, 2} and all(e.etag for e in entries)
+    assert st.read_bytes(join_uri(root, "a", "b", "two.flac")) == b"22"
+    st.delete(join_uri(root, "a"), recursive=True)
+    assert not st.exists(join_uri(root, "a", "one.wav"))
+    with pytest.raises(FileNotFoundError):
+        st.read_bytes(join_uri(root, "a", "one.wav"))
+    with pytest.raises(StorageError, match="does not exist"):
+        st.list_files(join_uri(root, "nothing-here"))
+
+
+def test_etag_changes_when_content_changes(storage_root):
+    st, root = storage_root
+    uri = join_uri(root, "x.wav")
+    st.write_bytes(uri, b"first")
+    before = st.list_files(uri)[0].etag
+    st.write_bytes(uri, b"second version")
+    assert st.list_files(uri)[0].etag != before
+
+
+@pytest.mark.s3
+def test_bad_credentials_fail_fast_with_clear_message(s3_server):
+    bad = Storage(StorageOptions(endpoint_url=s3_server.endpoint_url, key="wrong", secret="wrong", retries=1))
+    with pytest.raises(StorageError, match="access denied.*credentials") as ei:
+        bad.check_access(f"s3://{s3_server.bucket}/x")
+    assert "wrong" not in str(ei.value)
+
+
+def test_unreachable_endpoint_fails_fast():
+    from spear.cluster.local_s3 import free_port
+
+    st = Storage(StorageOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", key="k", secret="s", retries=1,
+                                connect_timeout_s=1))
+    with pytest.raises(StorageError, match="cannot reach storage"):
+        st.check_access("s3://bucket/prefix")
+
+
+@pytest.mark.s3
+def test_missing_bucket(s3_storage):
+    with pytest.raises(StorageError, match="does not exist"):
+        s3_storage.check_access("s3://no-such-bucket/x")
