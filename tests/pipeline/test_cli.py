@@ -1,0 +1,74 @@
+"""The `spear` CLI as a user runs it: a subprocess, its stdout, its exit code."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from support.audio_files import encode, make_signal
+
+
+def spear(*args, env=None, timeout=300):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "spear.pipeline.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def test_help_lists_the_command_tree():
+    r = spear("--help")
+    assert r.returncode == 0
+    for cmd in ("demo", "decode", "tokenize", "train", "evaluate", "export", "submit", "status", "config"):
+        assert cmd in r.stdout
+    r = spear("decode", "--help")
+    assert "--input" in r.stdout and "--json" in r.stdout and "--set" in r.stdout
+
+
+def test_config_init_is_a_valid_config_and_show_masks_secrets(tmp_path):
+    r = spear("config", "init")
+    assert r.returncode == 0
+    p = tmp_path / "spear.yaml"
+    p.write_text(r.stdout)
+    r = spear("config", "show", str(p), "--set", "storage.secret_access_key=hunter2", "--set", "decode.max_segment_seconds=7")
+    assert r.returncode == 0, r.stderr
+    shown = yaml.safe_load(r.stdout)
+    assert shown["decode"]["max_segment_seconds"] == 7.0
+    assert shown["storage"]["secret_access_key"] == "***" and "hunter2" not in r.stdout
+
+
+def test_invalid_config_gets_one_clear_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("decode:\n  max_segment_seconds: lots\n")
+    r = spear("decode", str(p), "--input", str(tmp_path), "--domain", "speech")
+    assert r.returncode == 2
+    assert str(p) in r.stderr and "decode.max_segment_seconds" in r.stderr and "valid number" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unreachable_storage_fails_fast_without_traceback(tmp_path):
+    from spear.cluster.local_s3 import free_port
+
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    r = spear("decode", "--input", "s3://bucket/x", "--domain", "speech", "--output", str(tmp_path / "o"),
+              "--set", "storage.retries=1", "--set", "storage.connect_timeout_s=1", env=env)
+    assert r.returncode == 1
+    assert "cannot reach storage" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_decode_json_prints_only_the_summary_object(ray_cluster, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.flac").write_bytes(encode(make_signal(44100, 2, 3.0), 44100, "flac"))
+    (src / "b.wav").write_bytes(b"")
+    r = spear("decode", "--input", str(src), "--domain", "speech", "--output", str(tmp_path / "out"), "--json",
+              env={"RAY_ADDRESS": ray_cluster.address})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)  # the whole of stdout is one JSON object
+    assert summary["objects"] == 2 and summary["segments"] == 1
+    assert summary["audio_seconds"] == pytest.approx(3.0, abs=1e-3)
+    assert summary["quarantined"] == [{"uri": str(src / "b.wav"), "reason": "empty object (0 bytes)", "stage": "decode"}]
+    assert summary["output"] == str(tmp_path / "out")
+    assert "[decode]" in r.stderr  # progress went to stderr
