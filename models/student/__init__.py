@@ -1,0 +1,1 @@
+"""Student encoders (Zipformer2, Transformer/Conformer) and the masked multi-codebook prediction objective."""
