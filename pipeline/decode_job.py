@@ -33,7 +33,7 @@ from spear.pipeline.progress import Progress
 from spear.schemas.segments import QUARANTINE_SCHEMA, SEGMENT_SCHEMA, SEGMENTS_SCHEMA_VERSION
 from spear.stages.catalog import Catalog, build_catalog
 from spear.stages.decode import decode_dataset
-from spear.stages.writer import parquet_bytes, write_segment_batch
+from spear.stages.writer import ObjectTracker, parquet_bytes, write_batch
 
 MANIFEST_NAME = "decode.json"
 
@@ -97,36 +97,29 @@ def run_decode(cfg: SpearConfig, *, overwrite: bool = False, progress: bool = Tr
     if catalog.num_objects == 0 and catalog.unreadable:
         raise StorageError("no source could be listed: " + "; ".join(f"{u['uri']}: {u['reason']}" for u in catalog.unreadable))
 
-    quarantined = list(catalog.unreadable)
-    files: list[str] = []
-    segments = decoded = 0
-    audio_seconds = 0.0
+    tracker = ObjectTracker()
     with ray_session(cfg.ray):
         import ray
 
         meter = Progress("decode", enabled=progress)  # after Ray is up: throughput of decoding alone
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = decode_dataset(catalog.objects, cfg.decode, options)
-        ds = ds.map_batches(write_segment_batch, batch_format="pyarrow", batch_size=cfg.decode.segments_per_file,
-                            fn_kwargs={"directory": segments_dir, "storage_options": options}, num_cpus=0.25)
+        ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.decode.segments_per_file,
+                            fn_kwargs={"directory": segments_dir, "storage_options": options, "schema": SEGMENT_SCHEMA},
+                            num_cpus=0.25)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
-                if row["file"]:
-                    files.append(row["file"])
-                quarantined.extend(json.loads(q) for q in row["quarantine"])
-                segments += row["segments"]
-                decoded += row["objects"]
-                audio_seconds += row["audio_seconds"]
-                meter.update(audio_seconds=row["audio_seconds"], segments=row["segments"], objects=row["objects"],
-                             quarantined=len(row["quarantine"]))
+                meter.update(audio_seconds=row["audio_seconds"], **tracker.add(row))
     meter.finish()
 
+    quarantined = list(catalog.unreadable) + tracker.quarantined
     quarantined.sort(key=lambda q: q["uri"])
     qtable = pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA)
     storage.write_bytes(join_uri(out, "quarantine.parquet"), parquet_bytes(qtable))
-    summary = DecodeSummary(objects=catalog.num_objects + len(catalog.unreadable), decoded_objects=decoded,
-                            segments=segments, audio_seconds=audio_seconds, quarantined=quarantined, output=out,
-                            files=sorted(files), wall_seconds=time.monotonic() - t0)
+    summary = DecodeSummary(objects=catalog.num_objects + len(catalog.unreadable),
+                            decoded_objects=tracker.completed_total, segments=tracker.rows,
+                            audio_seconds=tracker.audio_seconds, quarantined=quarantined, output=out,
+                            files=sorted(f["file"] for f in tracker.files), wall_seconds=time.monotonic() - t0)
     manifest = {"kind": "spear.decode", "schema_version": SEGMENTS_SCHEMA_VERSION, "files": summary.files,
                 "summary": summary.to_dict(), "decode_config": cfg.decode.model_dump(mode="json"),
                 "sources": [s.model_dump(mode="json") for s in cfg.corpus.sources]}

@@ -29,7 +29,8 @@ from spear.stages.audio import AudioDecodeError, decode_segments, flac_encode
 # The decode stage's output: segment columns plus the quarantine verdict (null for good rows).
 DECODED_SCHEMA = pa.schema(
     [f.with_nullable(True) if f.name == "audio" else f for f in SEGMENT_FIELDS]
-    + [pa.field("quarantine_stage", pa.string()), pa.field("quarantine_reason", pa.string())]
+    + [pa.field("object_segments", pa.int32()),  # segments of the whole object: lets writers tell when it is complete
+       pa.field("quarantine_stage", pa.string()), pa.field("quarantine_reason", pa.string())]
 )
 
 _STORAGE_CACHE: dict[StorageOptions, Storage] = {}
@@ -54,7 +55,8 @@ def _append_quarantine(cols: dict[str, list], obj: dict[str, Any], stage: str, r
     row = {"segment_id": "", "source": obj["source"], "source_uri": obj["uri"], "relative_path": obj["relative_path"],
            "source_etag": obj["etag"], "source_size": int(obj["size"]), "content_sha256": "", "domain": obj["domain"],
            "offset": 0, "num_samples": 0, "duration": 0.0, "sample_rate": 0, "source_sample_rate": 0,
-           "source_channels": 0, "source_format": "", "quarantine_stage": stage, "quarantine_reason": reason}
+           "source_channels": 0, "source_format": "", "object_segments": 0, "quarantine_stage": stage,
+           "quarantine_reason": reason}
     for k, v in row.items():
         cols[k][-1] = v
 
@@ -88,6 +90,7 @@ def decode_object(obj: dict[str, Any], data: bytes, cfg: Any, cols: dict[str, li
         cols["source_sample_rate"].append(info.sample_rate)
         cols["source_channels"].append(info.channels)
         cols["source_format"].append(info.format)
+        cols["object_segments"].append(len(segments))
         cols["quarantine_stage"].append(None)
         cols["quarantine_reason"].append(None)
 

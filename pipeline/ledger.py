@@ -1,0 +1,248 @@
+"""The ledger of a token dataset: which source objects are tokenised, in which shards, committed how.
+
+One :class:`TokenStore` per token version (``OUTPUT/tokens/<token_version>/``, layout in
+:mod:`spear.schemas.shards`). Workers write shard files; only the driver commits, by writing
+the next numbered manifest, which names every live shard and ledger file. The manifest is
+one object written whole, so a crash at any moment leaves either the previous commit or the
+new one, never a mix; files not named by the latest manifest are leftovers of an
+interrupted run and are ignored (``spear status`` lists them, ``clean_uncommitted`` removes them).
+
+A row of a shard is live when its object's latest ledger entry has status ``tokenized`` and
+names the row's ``run_id``: partial objects of a killed run and the old rows of a changed
+object drop out without rewriting any shard.
+
+Example::
+
+    store = TokenStore("s3://bucket/out", "tv-0123abcd", storage)
+    done = store.ledger()                      # latest entry per source object
+    table = store.read_table(["segment_id", "speech_tokens"])   # live rows only
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from spear.cluster.storage import Storage, StorageError, join_uri
+from spear.schemas.shards import LEDGER_SCHEMA, MANIFEST_VERSION
+from spear.stages.audio import flac_decode
+from spear.stages.writer import parquet_bytes
+
+
+@dataclass
+class Manifest:
+    seq: int
+    shards: list[dict]           # {"file", "rows", "bytes", "run_id"}
+    ledger_files: list[str]
+    created_at: float = 0.0
+    run_id: str = ""
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"manifest_version": MANIFEST_VERSION, "seq": self.seq, "shards": self.shards,
+                           "ledger_files": self.ledger_files, "created_at": self.created_at, "run_id": self.run_id,
+                           "info": self.info}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        d = json.loads(text)
+        return cls(seq=d["seq"], shards=d["shards"], ledger_files=d["ledger_files"],
+                   created_at=d.get("created_at", 0.0), run_id=d.get("run_id", ""), info=d.get("info", {}))
+
+
+def list_token_versions(output: str, storage: Storage) -> list[str]:
+    """Token versions present under ``output`` (those with at least a version.json)."""
+    root = join_uri(output, "tokens")
+    if not storage.exists(root):
+        return []
+    fs, path = storage.filesystem(root)
+    versions = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if storage.exists(join_uri(root, name, "version.json")):
+            versions.append(name)
+    return sorted(versions)
+
+
+class TokenStore:
+    """Manifests, ledger and live rows of one token version."""
+
+    def __init__(self, output: str, version: str, storage: Storage | None = None):
+        self.output = output
+        self.version = version
+        self.storage = storage or Storage()
+        self.root = join_uri(output, "tokens", version)
+        self._manifest_cache: tuple[int, Manifest] | None = None
+
+    # ----------------------------------------------------------------- paths
+
+    def shard_dir(self, run_id: str) -> str:
+        return join_uri(self.root, "shards", run_id)
+
+    def _manifest_uri(self, seq: int) -> str:
+        return join_uri(self.root, "manifests", f"{seq:08d}.json")
+
+    # ----------------------------------------------------------------- version info
+
+    def write_version_info(self, info: dict[str, Any]) -> None:
+        uri = join_uri(self.root, "version.json")
+        if not self.storage.exists(uri):
+            self.storage.write_text(uri, json.dumps(info, indent=1, sort_keys=True))
+
+    def version_info(self) -> dict[str, Any]:
+        return json.loads(self.storage.read_text(join_uri(self.root, "version.json")))
+
+    # ----------------------------------------------------------------- manifests
+
+    def _manifest_seqs(self) -> list[int]:
+        uri = join_uri(self.root, "manifests")
+        try:
+            entries = self.storage.list_files(uri, extensions=["json"])
+        except StorageError:
+            return []
+        seqs = []
+        for e in entries:
+            stem = e.uri.rsplit("/", 1)[-1].split(".", 1)[0]
+            if stem.isdigit():
+                seqs.append(int(stem))
+        return sorted(seqs)
+
+    def latest_manifest(self) -> Manifest | None:
+        seqs = self._manifest_seqs()
+        if not seqs:
+            return None
+        if self._manifest_cache and self._manifest_cache[0] == seqs[-1]:
+            return self._manifest_cache[1]
+        m = Manifest.from_json(self.storage.read_text(self._manifest_uri(seqs[-1])))
+        self._manifest_cache = (seqs[-1], m)
+        return m
+
+    def commit(self, run_id: str, new_shards: Sequence[dict], ledger_rows: Sequence[dict],
+               info: dict | None = None) -> Manifest:
+        """Make ``new_shards`` and the ``ledger_rows`` (LEDGER_SCHEMA dicts) visible in one atomic step.
+
+        Writes the ledger delta first, then the next manifest naming everything live. Not safe
+        against two drivers committing to the same token version at once (one writer per version).
+        """
+        prev = self.latest_manifest()
+        seq = (prev.seq + 1) if prev else 1
+        if self.storage.exists(self._manifest_uri(seq)):
+            raise StorageError(f"another run committed manifest {seq} of {self.version} concurrently; re-run to continue")
+        ledger_files = list(prev.ledger_files) if prev else []
+        if ledger_rows:
+            table = pa.Table.from_pylist(list(ledger_rows), schema=LEDGER_SCHEMA)
+            ledger_uri = join_uri(self.root, "ledger", f"{seq:08d}-{run_id}.parquet")
+            self.storage.write_bytes(ledger_uri, parquet_bytes(table))
+            ledger_files.append(ledger_uri)
+        shards = list(prev.shards) if prev else []
+        shards += list(new_shards)
+        manifest = Manifest(seq=seq, shards=shards, ledger_files=ledger_files, created_at=time.time(),
+                            run_id=run_id, info=info or {})
+        self.storage.write_text(self._manifest_uri(seq), manifest.to_json())
+        self._manifest_cache = (seq, manifest)
+        return manifest
+
+    # ----------------------------------------------------------------- ledger
+
+    def ledger(self) -> pa.Table:
+        """The latest ledger entry of every object (later commits win), LEDGER_SCHEMA."""
+        m = self.latest_manifest()
+        if m is None or not m.ledger_files:
+            return LEDGER_SCHEMA.empty_table()
+        tables = []
+        for order, uri in enumerate(m.ledger_files):
+            t = pq.read_table(pa.BufferReader(self.storage.read_bytes(uri)))
+            tables.append(t.append_column("_order", pa.array(np.full(t.num_rows, order, np.int64))))
+        all_rows = pa.concat_tables(tables)
+        # keep the last entry per source_uri
+        idx = np.arange(all_rows.num_rows)
+        all_rows = all_rows.append_column("_idx", pa.array(idx))
+        last = all_rows.group_by("source_uri").aggregate([("_idx", "max")])
+        keep = pc.is_in(all_rows["_idx"], value_set=last["_idx_max"])
+        return all_rows.filter(keep).drop_columns(["_order", "_idx"]).sort_by("source_uri").cast(LEDGER_SCHEMA)
+
+    # ----------------------------------------------------------------- reading
+
+    def shard_files(self) -> list[str]:
+        m = self.latest_manifest()
+        return [s["file"] for s in m.shards] if m else []
+
+    def read_table(self, columns: Sequence[str] | None = None, *, filters: dict | None = None) -> pa.Table:
+        """Live rows of the committed shards (see the module docstring), sorted by segment id."""
+        m = self.latest_manifest()
+        if m is None:
+            raise StorageError(f"token version {self.version} at {self.output} has no committed data")
+        ledger = self.ledger()
+        ledger = ledger.filter(pc.equal(ledger["status"], "tokenized"))
+        cols = None if columns is None else list(dict.fromkeys(list(columns) + ["source_uri", "run_id", "segment_id"]))
+        parts = []
+        for shard in m.shards:
+            t = pq.read_table(pa.BufferReader(self.storage.read_bytes(shard["file"])), columns=cols)
+            parts.append(t)
+        if not parts:
+            return pa.table({})
+        table = pa.concat_tables(parts, promote_options="default")
+        live_keys = pc.binary_join_element_wise(ledger["source_uri"], ledger["run_id"], "\x00")
+        row_keys = pc.binary_join_element_wise(table["source_uri"], table["run_id"], "\x00")
+        table = table.filter(pc.is_in(row_keys, value_set=live_keys)).sort_by("segment_id")
+        if columns is not None:
+            table = table.select(list(columns))
+        return table
+
+    def iter_segments(self, roles: Sequence[str] = ("speech", "audio")) -> Iterator[dict[str, Any]]:
+        """Per live segment: id, domain, 16 kHz float32 audio and, per teacher role, uint8 tokens [frames, codebooks]
+        (None where that teacher has no tokens, e.g. the audio teacher on speech)."""
+        table = self.read_table()
+        for row in table.to_pylist():
+            seg = {"segment_id": row["segment_id"], "domain": row["domain"], "source_uri": row["source_uri"],
+                   "offset": row["offset"], "duration": row["duration"], "audio": flac_decode(row["audio"])}
+            for role in roles:
+                seg[f"{role}_tokens"] = decode_tokens(row.get(f"{role}_tokens"), row.get(f"{role}_num_frames"),
+                                                      row.get(f"{role}_num_codebooks"))
+                seg[f"{role}_frame_rate"] = row.get(f"{role}_frame_rate")
+            yield seg
+
+    # ----------------------------------------------------------------- housekeeping
+
+    def uncommitted_files(self) -> list[str]:
+        """Shard files on storage that no committed manifest names (leftovers of interrupted runs)."""
+        live = set(self.shard_files())
+        try:
+            present = [e.uri for e in self.storage.list_files(join_uri(self.root, "shards"), extensions=["parquet"])]
+        except StorageError:
+            return []
+        norm = {_norm(f) for f in live}
+        return sorted(f for f in present if _norm(f) not in norm)
+
+    def clean_uncommitted(self) -> list[str]:
+        files = self.uncommitted_files()
+        for f in files:
+            self.storage.delete(f)
+        return files
+
+
+def _norm(uri: str) -> str:
+    return uri.split("://", 1)[-1]
+
+
+def decode_tokens(data: bytes | None, num_frames: int | None, num_codebooks: int | None) -> np.ndarray | None:
+    """Raw token bytes of one segment -> uint8 [frames, codebooks] (None if absent)."""
+    if data is None or num_frames is None or num_codebooks is None:
+        return None
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if arr.size != int(num_frames) * int(num_codebooks):
+        raise ValueError(f"token bytes ({arr.size}) != frames x codebooks ({num_frames} x {num_codebooks})")
+    return arr.reshape(int(num_frames), int(num_codebooks))
+
+
+def token_bytes_of(table: pa.Table, role: str) -> int:
+    """Total raw token bytes of ``role`` in a table (for the bytes-per-hour figure)."""
+    col = table[f"{role}_tokens"]
+    return int(pc.sum(pc.binary_length(col)).as_py() or 0)
