@@ -176,6 +176,52 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
     _run_job(as_json, lambda: run_demo(cfg, workdir=workdir, size=size), lambda s: s.human())
 
 
+@main.command()
+@config_options
+@click.option("--input", "inputs", default=None, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://).")
+@click.option("--domain", type=click.Choice(["speech", "audio"]), default=None, help="Domain of the --input sources.")
+@click.option("--output", default=None, help="Token dataset location (overrides `output`).")
+def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
+             inputs: Optional[str], domain: Optional[str], output: Optional[str]) -> None:
+    """Tokenise a corpus: teachers + MVQ into Parquet token shards (incremental, crash-safe).
+
+    Only objects that are new or changed since the last committed run are processed; codebooks are
+    fitted (pass 1) the first time a teacher version is seen. Without a config the weight-free
+    teachers are used (mfcc for speech, fbank for audio).
+    """
+    extra = _sources_override(inputs, domain)
+    if output:
+        extra.append(f"output={json.dumps(output)}")
+    if address:
+        extra.append(f"ray.address={json.dumps(address)}")
+    cfg = _load(config, sets, extra)
+    from spear.pipeline.tokenize_job import run_tokenize
+
+    _run_job(as_json, lambda: run_tokenize(cfg), lambda s: s.human())
+
+
+@main.command()
+@click.argument("output")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object on stdout.")
+@click.option("--clean", is_flag=True, help="Remove uncommitted shard files left by interrupted runs.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
+def status(output: str, as_json: bool, clean: bool, sets: tuple[str, ...]) -> None:
+    """Show token versions, committed sources, hours per domain, quarantine and leftovers of OUTPUT."""
+    cfg = _load(None, sets, [])
+    from spear.cluster.storage import Storage, StorageOptions
+    from spear.pipeline.status import clean_uncommitted, output_status
+
+    storage = Storage(StorageOptions.from_config(cfg.storage))
+
+    def job():
+        if clean:
+            removed = clean_uncommitted(output, storage)
+            print(f"removed {len(removed)} uncommitted files", file=sys.stderr)
+        return output_status(output, storage)
+
+    _run_job(as_json, job, lambda s: s.human())
+
+
 def _not_in_this_build(name: str, issue: str) -> Callable:
     def cmd(**_: Any) -> None:
         raise SpearCLIError(f"`spear {name}` is not in this build yet: it arrives with {issue}.")
@@ -183,12 +229,10 @@ def _not_in_this_build(name: str, issue: str) -> Callable:
 
 
 _LATER = {
-    "tokenize": ("Tokenise a corpus: teachers + MVQ into Parquet token shards (incremental, crash-safe).", "the tokenisation job"),
     "train": ("Train a student on token shards with Ray Train (checkpointed, resumable, elastic).", "the training job"),
     "evaluate": ("Probe frozen features of students and teachers; write a report with plots.", "the evaluation job"),
     "export": ("Export a student checkpoint as a standalone model (safetensors + config).", "the training job"),
     "submit": ("Submit a spear command as a Ray Job to a cluster.", "cluster job submission"),
-    "status": ("Show token versions, committed sources, quarantine, or a Ray Job's state.", "the tokenisation job"),
 }
 for _name, (_help, _issue) in _LATER.items():
     main.command(name=_name, help=_help, context_settings={"ignore_unknown_options": True})(

@@ -179,6 +179,8 @@ class MVQConfig(_Section):
 class TokenizeConfig(_Section):
     shard_target_mb: float = Field(256.0, gt=0, description="target size of one Parquet token shard")
     teacher_actors: Optional[int] = Field(None, ge=1, description="teacher actor pool size (default: from the GPUs/CPUs present)")
+    commit_interval_s: float = Field(60.0, gt=0, description="commit finished objects at least this often (a crash loses at most this much work)")
+    flac_bytes_per_second: float = Field(20000.0, gt=0, description="expected FLAC bytes per audio second, to size shards")
 
 
 # --------------------------------------------------------------------------- train / evaluate

@@ -1,0 +1,216 @@
+"""Quantise stage: pass 1 (sample teacher frames, fit MVQ codebooks) and the encode hook of pass 2.
+
+Pass 1 decodes a seeded, source-balanced sample of the corpus, runs the teacher on it and
+keeps a reservoir of frames (Algorithm R, exact uniform sample, bounded memory); segments
+are split between fitting and held-out by a hash of their id, so a segment's frames are on
+one side only. The codebooks are fitted where the GPUs are (a Ray task with a GPU when the
+cluster has one) and saved as a versioned artefact.
+
+Pass 2 plugs :class:`QuantizerEncoder` into :class:`~spear.stages.teacher.TeacherStage` as
+its ``encode`` hook, so embeddings go from the teacher to the quantiser inside one actor and
+never reach storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from spear.cluster.storage import Storage, StorageOptions, join_uri
+
+log = logging.getLogger(__name__)
+
+
+class QuantizerEncoder:
+    """Picklable encode hook: loads the MVQ artefact once per actor, encodes frames on their device."""
+
+    def __init__(self, artefact_uri: str, storage_options: StorageOptions | None = None):
+        self.artefact_uri = artefact_uri
+        self.storage_options = storage_options
+        self._q = None
+
+    def __getstate__(self) -> dict:
+        return {"artefact_uri": self.artefact_uri, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["artefact_uri"], state["storage_options"])
+
+    @property
+    def quantizer(self):
+        if self._q is None:
+            from spear.models.mvq import MultiCodebookQuantizer
+
+            self._q = MultiCodebookQuantizer.load(self.artefact_uri, storage=Storage(self.storage_options))
+        return self._q
+
+    def __call__(self, frames):
+        return self.quantizer.encode(frames)
+
+
+class FrameReservoir:
+    """A uniform sample of at most ``capacity`` frames of a stream, independent of arrival order.
+
+    Each frame gets a pseudo-random key derived from (seed, segment id, frame index); the sample is
+    the ``capacity`` frames with the smallest keys (a bottom-k sketch). Ray Data delivers batches in
+    no fixed order, and this makes the sample, and so the fitted codebooks, the same on every run.
+    Frames are buffered and merged in bulk, so the cost is amortised O(frames x dim).
+    """
+
+    def __init__(self, capacity: int, dim: int, seed: int = 0):
+        self.capacity = int(capacity)
+        self.dim = dim
+        self.seed = seed
+        self.seen = 0
+        self._keys = np.zeros(0, dtype=np.float64)
+        self._data = np.zeros((0, dim), dtype=np.float32)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+
+    def frame_keys(self, segment_id: str, n: int) -> np.ndarray:
+        digest = hashlib.sha256(f"{self.seed}\x00{segment_id}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:8], "big")).random(n)
+
+    def add(self, frames: np.ndarray, segment_id: str) -> None:
+        n = frames.shape[0]
+        if n == 0:
+            return
+        self.seen += n
+        self._pending.append((self.frame_keys(segment_id, n), np.asarray(frames, dtype=np.float32)))
+        self._pending_rows += n
+        if self._pending_rows >= max(self.capacity, 4096):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        keys = np.concatenate([self._keys] + [k for k, _ in self._pending])
+        data = np.concatenate([self._data] + [d for _, d in self._pending])
+        self._pending, self._pending_rows = [], 0
+        if keys.size > self.capacity:
+            keep = np.argpartition(keys, self.capacity - 1)[: self.capacity]
+            keys, data = keys[keep], data[keep]
+        self._keys, self._data = keys, data
+
+    def sample(self) -> np.ndarray:
+        """The sampled frames, ordered by key (a deterministic order)."""
+        self._merge()
+        order = np.argsort(self._keys, kind="stable")
+        return self._data[order]
+
+
+def is_heldout(segment_id: str, fraction: float) -> bool:
+    """A fixed, hash-based split of segments into fitting and held-out."""
+    h = int.from_bytes(hashlib.sha256(segment_id.encode()).digest()[:8], "big")
+    return (h / 2 ** 64) < fraction
+
+
+def balanced_sample(objects: pa.Table, seed: int, domains: Sequence[str] | None = None) -> pa.Table:
+    """All objects (of ``domains``), in a seeded order that interleaves sources round-robin.
+
+    Reading this order from the front gives a sample stratified by source (and so by domain).
+    """
+    if domains is not None:
+        objects = objects.filter(pc.is_in(objects["domain"], value_set=pa.array(list(domains))))
+    rng = np.random.default_rng(seed)
+    by_source: dict[str, list[int]] = {}
+    for i, s in enumerate(objects["source"].to_pylist()):
+        by_source.setdefault(s, []).append(i)
+    queues = []
+    for s in sorted(by_source):
+        idx = np.array(by_source[s])
+        rng.shuffle(idx)
+        queues.append(list(idx))
+    order: list[int] = []
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    return objects.take(pa.array(order, type=pa.int64())) if order else objects
+
+
+@dataclass
+class FrameSample:
+    train: np.ndarray
+    heldout: np.ndarray
+    segments: int
+    audio_seconds: float
+    sources: dict[str, int]
+
+
+def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, storage_options: StorageOptions | None,
+                          *, sample_frames: int, heldout_fraction: float, seed: int, dim: int, frame_rate: float,
+                          domains: Sequence[str] | None = None, pool_kwargs: dict | None = None,
+                          progress=None) -> FrameSample:
+    """Pass 1: decode a balanced sample, run the teacher, keep uniform reservoirs of frames."""
+    import ray
+
+    from spear.stages.decode import decode_dataset
+    from spear.stages.teacher import TeacherStage, plan_teacher_pool
+
+    ordered = balanced_sample(objects, seed, domains)
+    if ordered.num_rows == 0:
+        raise ValueError(f"no objects{' of domain ' + '/'.join(domains) if domains else ''} to fit codebooks on")
+    # Read objects until about 2x the needed frames went through the reservoir (bounded by the corpus).
+    heldout_cap = max(1, int(sample_frames * heldout_fraction))
+    train_res = FrameReservoir(sample_frames, dim, seed)
+    held_res = FrameReservoir(heldout_cap, dim, seed + 1)
+    want_seen = 2 * (sample_frames + heldout_cap)
+    plan = pool_kwargs or plan_teacher_pool(teacher_cfg).map_batches_kwargs()
+    segments, seconds, sources = 0, 0.0, {}
+    prefix = "fit"
+    # Feed the objects in slices so a large corpus is only read as far as needed.
+    step = max(8, int(decode_cfg.objects_per_task) * 8)
+    t0 = time.monotonic()
+    for start in range(0, ordered.num_rows, step):
+        chunk = ordered.slice(start, step)
+        ds = decode_dataset(chunk, decode_cfg, storage_options)
+        ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={"teacher": teacher_cfg, "column_prefix": prefix,
+                                                                 "storage_options": storage_options}, **plan)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for sid, src, dur, emb, nf in zip(batch["segment_id"], batch["source"], batch["duration"],
+                                              batch[f"{prefix}_emb"], batch[f"{prefix}_num_frames"]):
+                if not nf:  # quarantined objects and segments shorter than one frame
+                    continue
+                frames = np.asarray(emb, dtype=np.float32).reshape(int(nf), dim)
+                (held_res if is_heldout(str(sid), heldout_fraction) else train_res).add(frames, str(sid))
+                segments += 1
+                seconds += float(dur)
+                sources[str(src)] = sources.get(str(src), 0) + 1
+        if progress:
+            progress(f"pass 1 ({teacher_cfg.kind}): {segments} segments, {seconds / 3600:.3f} h, "
+                     f"{train_res.seen + held_res.seen} frames seen in {time.monotonic() - t0:.0f} s")
+        if train_res.seen + held_res.seen >= want_seen:
+            break
+    return FrameSample(train=train_res.sample(), heldout=held_res.sample(), segments=segments,
+                       audio_seconds=seconds, sources=sources)
+
+
+def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int, seed: int,
+                  metadata: dict[str, Any], refine_iters: int | None = None):
+    """Fit MVQ on the sample (GPU when this process has one); returns (quantizer, held-out loss)."""
+    import torch
+
+    from spear.models.mvq import MultiCodebookQuantizer
+
+    if sample.train.shape[0] < 4 * codebook_size:
+        raise ValueError(f"only {sample.train.shape[0]} frames sampled to fit {codebook_size}-entry codebooks "
+                         f"(need at least {4 * codebook_size}): the corpus is too small for mvq.sample_frames")
+    kwargs: dict[str, Any] = {"num_codebooks": num_codebooks, "codebook_size": codebook_size, "seed": seed}
+    if refine_iters is not None:
+        kwargs["refine_iters"] = refine_iters
+    q = MultiCodebookQuantizer.fit(torch.from_numpy(sample.train), **kwargs, metadata=metadata)
+    held = sample.heldout if sample.heldout.shape[0] else sample.train
+    loss = float(q.relative_reconstruction_loss(torch.from_numpy(held)))
+    return q, loss
+
+
+def codebook_uri(output: str, role: str, teacher_version: str, num_codebooks: int, codebook_size: int) -> str:
+    """Where the codebooks of one teacher version and codebook shape live under ``output``."""
+    return join_uri(output, "codebooks", f"{role}-{teacher_version[:16]}-{num_codebooks}x{codebook_size}")
