@@ -1,0 +1,227 @@
+"""The demo corpus: real espeak-ng speech and procedural events, written in every format and
+read back with soundfile; labels, splits, determinism and the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from spear.pipeline.demo_corpus import (
+    EVENT_CLASSES,
+    FORMATS,
+    LOSSLESS_FORMATS,
+    SAMPLE_RATES,
+    SPEAKERS,
+    WORDS,
+    DemoCorpus,
+    EspeakNotFoundError,
+    _plan_corpus,
+    generate_demo_corpus,
+    synth_event,
+)
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
+
+# What soundfile reports for each of our format names: (format, subtype).
+SF_FORMAT = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
+             "opus": ("OGG", "OPUS"), "mp3": ("MP3", "MPEG_LAYER_III")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[DemoCorpus, list[str]]:
+    messages: list[str] = []
+    corpus = generate_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus", size="tiny", seed=0,
+                                  progress=messages.append)
+    return corpus, messages
+
+
+def _mtimes(corpus: DemoCorpus) -> dict[str, int]:
+    return {r["path"]: (corpus.root / r["path"]).stat().st_mtime_ns for r in corpus.labels()}
+
+
+@needs_espeak
+def test_layout_and_summary(tiny):
+    corpus, messages = tiny
+    rows = corpus.labels()
+    assert corpus.num_files == len(rows) and 20 <= len(rows) <= 40
+    assert 10 < corpus.total_seconds < 120
+    assert corpus.total_seconds == pytest.approx(sum(r["duration"] for r in rows), abs=0.01)
+    meta = json.loads((corpus.root / "corpus.json").read_text())
+    assert (meta["version"], meta["size"], meta["seed"], meta["num_files"]) == (1, "tiny", 0, len(rows))
+    for r in rows:
+        assert r["path"].startswith(f"{r['domain']}/")
+        assert (corpus.root / r["path"]).parent == (corpus.speech_dir if r["domain"] == "speech" else corpus.audio_dir)
+    assert DemoCorpus.load(corpus.root) == corpus
+    assert messages[0].startswith("demo corpus (tiny): generating")
+    assert any(f"generated {len(rows)}/{len(rows)} files" in m for m in messages)
+
+
+@needs_espeak
+def test_every_format_rate_and_channel_count_appears(tiny):
+    rows = tiny[0].labels()
+    assert {(r["format"], r["channels"]) for r in rows} == {(f, c) for f in FORMATS for c in (1, 2)}
+    assert {r["sample_rate"] for r in rows} == set(SAMPLE_RATES)
+    assert {"speech", "audio"} == {r["domain"] for r in rows}
+    assert {"word", "sentence", "events", "mixed"} <= {r["kind"] for r in rows}
+    for r in rows:
+        assert r["sample_rate"] in FORMATS[r["format"]][3]
+
+
+@needs_espeak
+def test_files_read_back_as_labelled(tiny):
+    corpus = tiny[0]
+    for r in corpus.labels():
+        path = corpus.root / r["path"]
+        info = sf.info(path)
+        assert (info.format, info.subtype) == SF_FORMAT[r["format"]], r["path"]
+        assert info.samplerate == r["sample_rate"] and info.channels == r["channels"], r["path"]
+        if r["format"] in LOSSLESS_FORMATS:
+            assert info.frames == round(r["duration"] * r["sample_rate"]), r["path"]
+        else:
+            assert abs(info.frames / info.samplerate - r["duration"]) < 0.05, r["path"]
+        x, sr = sf.read(path, always_2d=True)
+        assert x.shape == (info.frames, r["channels"])
+        peak = np.abs(x).max()
+        assert 0.05 < peak < 0.99, (r["path"], peak)  # audible, and no clipping after lossy decoding
+        assert 1.0 <= r["duration"] <= 120.0
+
+
+@needs_espeak
+def test_speech_and_event_labels(tiny):
+    rows = tiny[0].labels()
+    assert len({tuple(sorted(r)) for r in rows}) == 1  # one schema for every row
+    voices = {s.voice for s in SPEAKERS}
+    for r in rows:
+        if r["has_speech"]:
+            assert r["speaker"] in voices and r["text"]
+            start, end = r["speech_span"]
+            assert 0 <= start < end <= r["duration"] + 1e-3
+            assert " ".join(text for _, _, text in r["speech_segments"]) == r["text"]
+            assert all(start <= a < b <= end for a, b, _ in r["speech_segments"])
+            if r["word"] is not None:
+                assert r["word"] in WORDS and r["text"] == r["word"]
+        else:
+            assert r["speaker"] is None and r["text"] is None and r["word"] is None
+        if r["domain"] == "speech":
+            assert r["has_speech"] and r["events"] == [] and r["event_count"] == 0 and r["primary_event"] is None
+        else:
+            assert 1 <= r["event_count"] <= 5 and r["event_count"] == len(r["events"]) == len(r["event_times"])
+            assert set(r["events"]) <= set(EVENT_CLASSES) and r["primary_event"] in r["events"]
+            for start, end in r["event_times"]:
+                assert 0 <= start < end <= r["duration"] + 1e-3
+            assert r["has_speech"] == (r["kind"] == "mixed")
+    mixed = [r for r in rows if r["kind"] == "mixed"]
+    assert mixed and all(r["speaker"] and r["events"] for r in mixed)
+    assert any(r["background"] for r in rows if r["domain"] == "audio")
+    # Every class is the primary event of some clip; words are spoken by more than one voice.
+    assert {r["primary_event"] for r in rows if r["kind"] == "events"} == set(EVENT_CLASSES)
+    voices_per_word = Counter(w for w, _ in {(r["word"], r["speaker"]) for r in rows if r["kind"] == "word"})
+    assert max(voices_per_word.values()) >= 2
+
+
+def test_splits():
+    plans = _plan_corpus("demo", 0)
+    assert {p.split for p in plans} == {"train", "test"}
+    assert 0.15 < sum(p.split == "test" for p in plans) / len(plans) < 0.25
+    # Stratified: every word has clips in both splits.
+    by_word: dict[str, set[str]] = {}
+    for p in plans:
+        if p.kind == "word":
+            by_word.setdefault(p.word, set()).add(p.split)
+    assert len(by_word) == len(WORDS) and all(s == {"train", "test"} for s in by_word.values())
+    assert [p.split for p in _plan_corpus("demo", 0)] == [p.split for p in plans]
+    assert [p.split for p in _plan_corpus("demo", 1)] != [p.split for p in plans]
+
+
+@needs_espeak
+def test_deterministic_cached_and_forced(tiny, tmp_path):
+    first = tiny[0]
+    twin = generate_demo_corpus(tmp_path / "twin", size="tiny", seed=0)
+    assert twin.labels() == first.labels()
+    lossless = [r["path"] for r in first.labels() if r["format"] in LOSSLESS_FORMATS]
+    assert lossless
+    for rel in lossless:
+        assert (twin.root / rel).read_bytes() == (first.root / rel).read_bytes(), rel
+
+    # Same version/size/seed: nothing is rewritten.
+    before = _mtimes(twin)
+    messages: list[str] = []
+    again = generate_demo_corpus(tmp_path / "twin", size="tiny", seed=0, progress=messages.append)
+    assert again == twin and _mtimes(again) == before
+    assert "cached" in messages[0]
+
+    # force=True regenerates every file, with the same content.
+    forced = generate_demo_corpus(tmp_path / "twin", size="tiny", seed=0, force=True)
+    after = _mtimes(forced)
+    assert after.keys() == before.keys() and all(after[k] > before[k] for k in before)
+    assert forced.labels() == first.labels()
+
+    # A missing file invalidates the cache.
+    os.remove(forced.root / lossless[0])
+    healed = generate_demo_corpus(tmp_path / "twin", size="tiny", seed=0)
+    assert (healed.root / lossless[0]).read_bytes() == (first.root / lossless[0]).read_bytes()
+
+
+def test_missing_espeak_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(EspeakNotFoundError, match="apt-get install espeak-ng"):
+        generate_demo_corpus(tmp_path / "corpus", size="tiny")
+    assert not (tmp_path / "corpus").exists()
+
+
+def _event_features(x: np.ndarray, sr: int) -> np.ndarray:
+    """Cheap clip-level descriptors: centroid, flatness, centroid motion, level motion, peakiness, decay."""
+    frame = int(0.02 * sr)
+    frames = x[: len(x) // frame * frame].reshape(-1, frame) * np.hanning(frame)
+    p = np.abs(np.fft.rfft(frames, axis=1)) ** 2 + 1e-12
+    f = np.fft.rfftfreq(frame, 1 / sr)
+    e = p.sum(1)
+    active = e > 1e-3 * e.max()
+    p, e = p[active], e[active]
+    centroid = (p * f).sum(1) / e
+    flatness = np.exp(np.log(p).mean(1)) / p.mean(1)
+    w = e / e.sum()
+    spectrum = p.sum(0)
+    q = max(1, len(e) // 4)
+    return np.array([
+        np.log((w * centroid).sum()),
+        np.log((w * flatness).sum()),
+        np.log(np.std(np.log(centroid)) + 1e-3),
+        np.log(np.std(np.log(e)) + 1e-3),
+        np.log(np.sort(spectrum)[-len(spectrum) // 50:].sum() / spectrum.sum()),
+        np.log(e[:q].mean() / e[-q:].mean()),
+    ])
+
+
+def test_event_classes_are_distinguishable():
+    # A nearest-centroid classifier on six cheap descriptors tells the classes apart
+    # (chance is 1/10): each class has its own signature, not just random parameters.
+    sr, draws = 16000, 16
+    rng = np.random.default_rng(0)
+    feats = np.array([[_event_features(synth_event(c, rng, sr), sr) for _ in range(draws)] for c in EVENT_CLASSES])
+    train, test = feats[:, ::2], feats[:, 1::2]
+    mu, sd = train.reshape(-1, feats.shape[-1]).mean(0), train.reshape(-1, feats.shape[-1]).std(0)
+    centres = ((train - mu) / sd).mean(1)
+    z = (test - mu) / sd
+    pred = np.argmin(((z[:, :, None, :] - centres[None, None]) ** 2).sum(-1), axis=-1)
+    truth = np.arange(len(EVENT_CLASSES))[:, None]
+    assert (pred == truth).mean() >= 0.8
+    assert ((pred == truth).mean(1) >= 0.5).all(), dict(zip(EVENT_CLASSES, (pred == truth).mean(1)))
+    # Noise is flatter than tonal sounds; impacts decay, steady tones do not.
+    i = EVENT_CLASSES.index
+    median_flatness = np.median(feats[:, :, 1], axis=1)
+    for tonal in ("tone", "harmonic", "am_tone", "fm_tone", "bell"):
+        assert median_flatness[i("noise_burst")] > median_flatness[i(tonal)] + 2.0, tonal
+    assert feats[i("impact"), :, 5].min() > feats[i("tone"), :, 5].max()
+
+
+def test_synth_event_rejects_unknown_class():
+    with pytest.raises(ValueError, match="unknown event class"):
+        synth_event("trumpet", np.random.default_rng(0), 16000)
