@@ -98,6 +98,19 @@ class TokenizeSummary:
         return "\n".join(lines)
 
 
+def teacher_pool_kwargs(tcfg: TeacherConfig, cluster_cpus: float, pools: int, actors: Optional[int]) -> dict[str, Any]:
+    """``map_batches`` resources of one teacher actor pool when ``pools`` pools run side by side."""
+    from spear.stages.teacher import plan_teacher_pool
+
+    plan = plan_teacher_pool(tcfg, actors=actors)
+    kwargs = plan.map_batches_kwargs()
+    if not plan.num_gpus:
+        # CPU actors hold their reservation for the whole run: on a small cluster, whole CPUs for
+        # every pool would leave none for the decode tasks feeding them (Ray Data would stall).
+        kwargs["num_cpus"] = min(plan.num_cpus, max(0.1, cluster_cpus / (4 * pools)))
+    return kwargs
+
+
 def _describe_teacher(cfg: TeacherConfig, options: StorageOptions | None) -> dict[str, Any]:
     from spear.models.teachers import load_teacher
 
@@ -141,7 +154,7 @@ def diff_catalog(objects: pa.Table, ledger: pa.Table) -> tuple[pa.Table, int]:
 
 
 def _ensure_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[str, Any], objects: pa.Table,
-                      storage: Storage, options: StorageOptions, gpus: float, log) -> CodebookInfo:
+                      storage: Storage, options: StorageOptions, rinfo, log) -> CodebookInfo:
     from spear.models.mvq import MultiCodebookQuantizer
     from spear.stages.quantize import codebook_uri, fit_quantizer, sample_teacher_frames
 
@@ -157,14 +170,15 @@ def _ensure_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: di
     log(f"[tokenize] pass 1: fitting {role} codebooks for teacher {desc['name']} ({desc['version'][:12]})")
     sample = sample_teacher_frames(objects, tcfg, cfg.decode, options, sample_frames=cfg.mvq.sample_frames,
                                    heldout_fraction=cfg.mvq.heldout_fraction, seed=cfg.mvq.seed, dim=int(desc["dim"]),
-                                   frame_rate=float(desc["frame_rate"]), domains=ROLE_DOMAINS[role], progress=log)
+                                   frame_rate=float(desc["frame_rate"]), domains=ROLE_DOMAINS[role], progress=log,
+                                   pool_kwargs=teacher_pool_kwargs(tcfg, rinfo.cpus, 1, cfg.tokenize.teacher_actors))
     metadata = {"teacher_id": desc["version"], "teacher": desc["name"], "teacher_kind": tcfg.kind,
                 "layer": tcfg.layer, "frame_rate": float(desc["frame_rate"]), "role": role,
                 "sample_frames": int(sample.train.shape[0]), "heldout_frames": int(sample.heldout.shape[0]),
                 "sample_segments": sample.segments, "sample_sources": sample.sources}
     fit_kwargs = dict(num_codebooks=num_codebooks, codebook_size=cfg.mvq.codebook_size, seed=cfg.mvq.seed,
                       metadata=metadata)
-    if gpus > 0:  # fit where the GPU is
+    if rinfo.gpus > 0:  # fit where the GPU is
         import ray
 
         q, loss = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer).remote(sample, **fit_kwargs))
@@ -198,7 +212,7 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
 
     from spear.stages.decode import decode_dataset
     from spear.stages.quantize import QuantizerEncoder
-    from spear.stages.teacher import TeacherStage, plan_teacher_pool
+    from spear.stages.teacher import TeacherStage
 
     if not cfg.corpus.sources and catalog is None:
         raise ConfigError("no corpus sources: give --input URI[,URI...] --domain speech|audio, "
@@ -227,7 +241,7 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
         describe = ray.remote(num_cpus=0.5)(_describe_teacher)
         descs = dict(zip(roles, ray.get([describe.remote(t, options) for t in roles.values()])))
         codebooks = {role: _ensure_codebooks(cfg, role, roles[role], descs[role], catalog.objects, storage, options,
-                                             rinfo.gpus, log) for role in roles}
+                                             rinfo, log) for role in roles}
         decode_settings = {"sample_rate": cfg.decode.sample_rate, "max_segment_seconds": cfg.decode.max_segment_seconds,
                            "min_segment_seconds": cfg.decode.min_segment_seconds}
         version = token_version(decode_settings, {r: {"teacher": cb.teacher_version, "codebook": cb.version}
@@ -244,10 +258,10 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
             log(f"[tokenize] pass 2: {todo.num_rows} new or changed objects ({skipped} already committed), run {run_id}")
             ds = decode_dataset(todo, cfg.decode, options)
             for role, tcfg in roles.items():
-                plan = plan_teacher_pool(tcfg, actors=cfg.tokenize.teacher_actors)
                 ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={
                     "teacher": tcfg, "column_prefix": role, "storage_options": options,
-                    "encode": QuantizerEncoder(codebooks[role].uri, options)}, **plan.map_batches_kwargs())
+                    "encode": QuantizerEncoder(codebooks[role].uri, options)},
+                    **teacher_pool_kwargs(tcfg, rinfo.cpus, len(roles), cfg.tokenize.teacher_actors))
             role_meta = {r: {"domains": ROLE_DOMAINS[r], "num_codebooks": cb.num_codebooks, "frame_rate": cb.frame_rate,
                              "codebook": cb.version} for r, cb in codebooks.items()}
             per_row = cfg.decode.max_segment_seconds * cfg.tokenize.flac_bytes_per_second

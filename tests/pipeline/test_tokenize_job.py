@@ -1,0 +1,169 @@
+"""The tokenisation job end to end on a real Ray cluster, over local disk and SeaweedFS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pyarrow as pa
+import pytest
+import torch
+
+from spear.cluster.storage import join_uri
+from spear.pipeline.config import SourceConfig, load_config
+from spear.pipeline.ledger import TokenStore
+from spear.pipeline.tokenize_job import run_tokenize
+
+from support.corpus import write_mixed_corpus
+
+SMALL = ["mvq.speech_codebooks=4", "mvq.audio_codebooks=2", "mvq.codebook_size=16", "mvq.sample_frames=1000",
+         "mvq.heldout_fraction=0.1", "decode.max_segment_seconds=2", "tokenize.shard_target_mb=0.2",
+         "tokenize.commit_interval_s=0.5", "decode.objects_per_task=2"]
+
+
+def tokenize_cfg(st, corpus_root: str, out: str, extra=()):
+    sets = [f"output={out}"] + SMALL + list(extra)
+    o = st.options
+    if o.endpoint_url:
+        sets += [f"storage.endpoint_url={o.endpoint_url}", f"storage.access_key_id={o.key}",
+                 f"storage.secret_access_key={o.secret}"]
+    cfg = load_config(None, sets)
+    cfg.corpus.sources = [SourceConfig(uri=join_uri(corpus_root, "speech"), domain="speech", name="speech"),
+                          SourceConfig(uri=join_uri(corpus_root, "audio"), domain="audio", name="audio")]
+    return cfg
+
+
+def live_tokens(st, out, version, roles=("speech", "audio")):
+    cols = ["segment_id", "source_uri", "domain"] + [f"{r}_tokens" for r in roles]
+    t = TokenStore(out, version, st).read_table(cols)
+    return {row["segment_id"]: row for row in t.to_pylist()}
+
+
+@pytest.mark.slow
+def test_tokenize_mixed_corpus_end_to_end(ray_cluster, storage_root):
+    from spear.models.mvq import MultiCodebookQuantizer
+    from spear.models.teachers import load_teacher
+    from spear.stages.audio import flac_decode
+
+    st, root = storage_root
+    files = write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=6, n_audio=4)
+    cfg = tokenize_cfg(st, join_uri(root, "corpus"), join_uri(root, "out"))
+    s = run_tokenize(cfg, progress=False)
+
+    assert s.new_objects == 10 and s.skipped_objects == 0 and not s.quarantined
+    assert s.committed_objects == 10 and s.committed_segments == s.segments > 10
+    assert set(s.codebooks) == {"speech", "audio"} and all(cb.fitted_now for cb in s.codebooks.values())
+    assert all(0 < cb.heldout_loss < 1 for cb in s.codebooks.values())
+
+    store = TokenStore(cfg.output, s.token_version, st)
+    rows = list(store.iter_segments())
+    assert len(rows) == s.segments
+    speech_t = load_teacher(cfg.teachers.speech)
+    audio_t = load_teacher(cfg.teachers.audio)
+    qs = {r: MultiCodebookQuantizer.load(cb.uri, storage=st) for r, cb in s.codebooks.items()}
+    for row in rows:
+        n = len(row["audio"])
+        assert row["speech_tokens"].shape == (speech_t.num_frames_for(n), 4)
+        assert row["speech_tokens"].dtype == np.uint8
+        if row["domain"] == "speech":
+            assert row["audio_tokens"] is None  # the asymmetric loss: no audio-teacher targets on speech
+        else:
+            assert row["audio_tokens"].shape == (audio_t.num_frames_for(n), 2)
+    # stored tokens equal q.encode(teacher(audio)) computed directly, for a sample of segments
+    for row in rows[::3]:
+        wav = torch.from_numpy(row["audio"])[None]
+        for role, teacher in (("speech", speech_t), ("audio", audio_t)):
+            if row[f"{role}_tokens"] is None:
+                continue
+            emb = teacher(wav, torch.tensor([wav.shape[1]])).unbatch()[0]
+            assert np.array_equal(qs[role].encode(emb).numpy(), row[f"{role}_tokens"]), (role, row["segment_id"])
+    assert sum(1 for r in rows if r["domain"] == "audio") >= 4
+    assert {r["source_uri"] for r in rows} == set(files["speech"]) | set(files["audio"])
+
+
+@pytest.mark.slow
+def test_incremental_runs_process_only_new_and_changed_objects(ray_cluster, tmp_path):
+    from spear.cluster.storage import Storage
+
+    st, root = Storage(), str(tmp_path)
+    write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=4, n_audio=2, seed=1)
+    cfg = tokenize_cfg(st, join_uri(root, "corpus"), join_uri(root, "out"))
+    first = run_tokenize(cfg, progress=False)
+    before = live_tokens(st, cfg.output, first.token_version)
+
+    # nothing new: nothing tokenised
+    again = run_tokenize(cfg, progress=False)
+    assert again.new_objects == 0 and again.segments == 0 and again.skipped_objects == 6
+    assert again.token_version == first.token_version and again.commits == 0
+
+    # two new files: only those reach the teachers
+    added = write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=1, n_audio=1, seed=2)
+    third = run_tokenize(cfg, progress=False)
+    assert third.new_objects == 2 and third.skipped_objects == 6
+    after = live_tokens(st, cfg.output, first.token_version)
+    new_ids = set(after) - set(before)
+    assert third.segments == len(new_ids) > 0  # teacher calls == segments of the new files only
+    assert {after[i]["source_uri"] for i in new_ids} == set(added["speech"]) | set(added["audio"])
+    assert all(after[i] == before[i] for i in before)
+
+    # a changed file is re-tokenised and its old rows superseded
+    changed = added["speech"][0]
+    from support.corpus import speechlike
+    from support.audio_files import encode
+
+    st.write_bytes(changed, encode(speechlike(np.random.default_rng(9), 3.3, 16000)[:, None], 16000, "flac"))
+    fourth = run_tokenize(cfg, progress=False)
+    assert fourth.new_objects == 1 and fourth.skipped_objects == 7
+    final = live_tokens(st, cfg.output, first.token_version)
+    old_rows = {i for i in after if after[i]["source_uri"] == changed}
+    new_rows = {i for i in final if final[i]["source_uri"] == changed}
+    assert old_rows and new_rows and not (old_rows & new_rows)
+    assert len(new_rows) == fourth.segments
+    assert set(final) == (set(after) - old_rows) | new_rows  # no duplicates, nothing else touched
+
+
+@pytest.mark.slow
+def test_new_codebook_shape_makes_a_new_token_version_beside_the_old(ray_cluster, tmp_path):
+    from spear.cluster.storage import Storage
+    from spear.pipeline.status import output_status
+
+    st, root = Storage(), str(tmp_path)
+    write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=3, n_audio=2, seed=3)
+    a = run_tokenize(tokenize_cfg(st, join_uri(root, "corpus"), join_uri(root, "out")), progress=False)
+    b = run_tokenize(tokenize_cfg(st, join_uri(root, "corpus"), join_uri(root, "out"),
+                                  ["mvq.speech_codebooks=8"]), progress=False)
+    assert a.token_version != b.token_version
+    assert b.new_objects == 5  # the new version starts from scratch
+    status = output_status(join_uri(root, "out"), st)
+    assert {v.token_version for v in status.versions} == {a.token_version, b.token_version}
+    for v in status.versions:
+        assert sum(s["objects"] for s in v.sources.values()) == 5 and not v.uncommitted
+
+
+@pytest.mark.slow
+def test_shards_are_plain_parquet_for_pyarrow_duckdb_polars(ray_cluster, tmp_path):
+    import duckdb
+    import polars as pl
+    from spear.cluster.storage import Storage
+
+    st, root = Storage(), str(tmp_path)
+    write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=2, n_audio=2, seed=4)
+    s = run_tokenize(tokenize_cfg(st, join_uri(root, "corpus"), join_uri(root, "out")), progress=False)
+    files = TokenStore(join_uri(root, "out"), s.token_version, st).shard_files()
+    assert files
+    meta = pq.read_metadata(files[0])
+    schema = meta.schema.to_arrow_schema()
+    assert schema.field("speech_tokens").type == pa.binary()
+    for rg in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(rg).column(c)
+            if col.path_in_schema.endswith("_tokens") or col.path_in_schema == "audio":
+                assert "RLE_DICTIONARY" not in col.encodings and "PLAIN_DICTIONARY" not in col.encodings
+                assert col.compression == "UNCOMPRESSED"
+    total = sum(pq.read_metadata(f).num_rows for f in files)
+    n_duck = duckdb.sql(f"select count(*) from read_parquet({files!r}) where length(speech_tokens) > 0").fetchone()[0]
+    n_polars = pl.read_parquet(files).filter(pl.col("speech_tokens").bin.size() > 0).height
+    assert n_duck == n_polars == total
+    # token bytes on disk vs raw uint8 size: no overhead beyond the Parquet framing
+    raw = sum(int(pa.compute.sum(pa.compute.binary_length(pq.read_table(f, columns=["speech_tokens"])["speech_tokens"])).as_py())
+              for f in files)
+    assert s.token_bytes["speech"] <= 1.1 * raw + 200 * len(files)
