@@ -1,0 +1,42 @@
+"""Shared pieces of the benchmarks: a cached corpus of mixed-format audio."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import soundfile as sf
+
+MIX = [  # (codec, subtype, ext, rate, channels, share of files)
+    ("FLAC", "PCM_16", "flac", 44100, 2, 0.45),
+    ("WAV", "PCM_16", "wav", 16000, 1, 0.2),
+    ("OGG", "VORBIS", "ogg", 22050, 2, 0.15),
+    ("MP3", "MPEG_LAYER_III", "mp3", 48000, 2, 0.1),
+    ("OGG", "OPUS", "opus", 48000, 1, 0.1),
+]
+
+
+def make_corpus(root: str, minutes: float, file_seconds: float = 40.0, seed: int = 0) -> list[str]:
+    os.makedirs(root, exist_ok=True)
+    n_files = int(np.ceil(minutes * 60 / file_seconds))
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(len(MIX), size=n_files, p=[m[-1] for m in MIX])
+    paths = []
+    for i, k in enumerate(kinds):
+        fmt, sub, ext, rate, ch, _ = MIX[k]
+        path = os.path.join(root, f"f{i:04d}.{ext}")
+        paths.append(path)
+        if os.path.exists(path):
+            continue
+        n = int(file_seconds * rate)
+        t = np.arange(n) / rate
+        # speech-like: noise shaped by a slow envelope plus a few tones
+        env = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t)
+        sig = 0.1 * env * rng.standard_normal(n) + 0.1 * np.sin(2 * np.pi * rng.uniform(100, 1000) * t)
+        x = np.stack([sig] * ch, axis=1).astype(np.float32)
+        tmp = path + ".tmp"
+        with sf.SoundFile(tmp, "w", rate, ch, format=fmt, subtype=sub) as f:
+            for j in range(0, n, rate):  # chunked: one big Vorbis write crashes libsndfile
+                f.write(x[j:j + rate])
+        os.replace(tmp, path)
+    return paths
