@@ -1,0 +1,243 @@
+"""Teacher stage: a Ray Data actor that turns segment rows into teacher embeddings (or tokens).
+
+:class:`TeacherStage` loads one teacher per actor (once, in ``__init__``) and maps a batch
+of segment rows (``segment_id``, ``audio`` = FLAC bytes, ``num_samples``, ...) to the same
+rows plus, for a ``column_prefix`` of ``"speech"``:
+
+- ``speech_emb``: the segment's embeddings, float32 [T * D] flattened (T = num_frames, D = teacher.dim), or
+- ``speech_tokens``: when an ``encode`` hook is given (the MVQ encoder, fused into this
+  actor so embeddings never reach storage), the tokens as raw uint8 bytes [T * C], row-major;
+- ``speech_num_frames``: int32 T.
+
+Inside a batch the segments are sorted by length and cut into sub-batches of at most
+``teacher.batch_seconds`` of padded audio, which keeps padding low (see
+``bench/teacher.py``). Padding waste (padded samples / samples computed) is kept in
+``stage.stats`` and exported as Ray metrics ``spear_teacher_samples`` /
+``spear_teacher_padded_samples`` (tag ``teacher``).
+
+GPU + ``cfg.dtype`` autocast when CUDA is present; CPU float32 otherwise.
+
+Example::
+
+    import ray
+    from spear.pipeline.config import TeacherConfig
+    from spear.stages.teacher import TeacherStage, plan_teacher_pool
+
+    cfg = TeacherConfig(kind="mfcc")
+    pool = plan_teacher_pool(cfg)                     # from the cluster's GPUs / CPUs
+    out = segments.map_batches(TeacherStage, fn_constructor_kwargs={"teacher": cfg, "column_prefix": "speech"},
+                               **pool.map_batches_kwargs())
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from spear.cluster.storage import Storage, StorageOptions
+from spear.models.teachers import Teacher, load_teacher
+from spear.pipeline.config import TeacherConfig
+from spear.stages.audio import flac_decode
+
+log = logging.getLogger(__name__)
+
+# The encode hook: frames [N, D] float32 on the teacher's device (several segments' valid frames
+# concatenated, one call per sub-batch) -> tokens [N, C] uint8 (tensor or array).
+EncodeFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
+
+
+def plan_subbatches(lengths: np.ndarray, max_samples: int) -> list[np.ndarray]:
+    """Indices of ``lengths`` grouped into sub-batches: longest first, each with
+    count x longest <= ``max_samples`` (a longer segment runs alone)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, min(len(order) - start, max_samples // longest))
+        batches.append(order[start: start + size])
+        start += size
+    return batches
+
+
+@dataclass
+class TeacherStats:
+    """Running totals of one stage instance."""
+
+    segments: int = 0
+    batches: int = 0  # teacher calls (sub-batches)
+    samples: int = 0  # real audio samples
+    padded_samples: int = 0  # zero samples added to fill sub-batches
+    frames: int = 0
+
+    @property
+    def padding_waste(self) -> float:
+        """Padded samples / samples computed (real + padding)."""
+        total = self.samples + self.padded_samples
+        return self.padded_samples / total if total else 0.0
+
+
+class TeacherStage:
+    """Ray Data callable class: segment rows in, the rows plus teacher embeddings or tokens out.
+
+    Args:
+        teacher: a TeacherConfig (or its dict form).
+        storage_options: for checkpoints in object storage (None: local paths / AWS environment).
+        column_prefix: output columns are ``<prefix>_emb`` or ``<prefix>_tokens`` and ``<prefix>_num_frames``.
+        encode: optional hook mapping frames [N, D] to uint8 tokens [N, C] (see ``EncodeFn``).
+        cache_dir: local cache for remote checkpoints.
+        device: force a device (default: CUDA if present).
+        num_threads: torch intra-op threads on CPU (default: torch's choice).
+    """
+
+    def __init__(self, teacher: TeacherConfig | Mapping[str, Any], storage_options: StorageOptions | None = None,
+                 column_prefix: str = "speech", encode: EncodeFn | None = None, cache_dir: str | None = None,
+                 device: str | None = None, num_threads: int | None = None):
+        cfg = teacher if isinstance(teacher, TeacherConfig) else TeacherConfig.model_validate(dict(teacher))
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        storage = Storage(storage_options) if storage_options is not None else None
+        self.cfg = cfg
+        self.teacher: Teacher = load_teacher(cfg, storage=storage, device=device, cache_dir=cache_dir)
+        self.prefix = column_prefix
+        self.encode = encode
+        self.max_samples = int(cfg.batch_seconds * self.teacher.sample_rate)
+        self.stats = TeacherStats()
+        self._metrics = _ray_counters(self.teacher.name)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        audio = batch["audio"]
+        n = len(audio)
+        wavs = [flac_decode(bytes(a)) if a is not None and len(a) else np.zeros(0, np.float32) for a in audio]
+        if "num_samples" in batch:
+            for i, (w, ns) in enumerate(zip(wavs, batch["num_samples"])):
+                if audio[i] is not None and len(w) != int(ns):
+                    sid = batch["segment_id"][i] if "segment_id" in batch else i
+                    raise ValueError(f"segment {sid}: audio decodes to {len(w)} samples, num_samples says {int(ns)}")
+        lengths = np.array([len(w) for w in wavs], dtype=np.int64)
+        values = np.empty(n, dtype=object)
+        num_frames = np.zeros(n, dtype=np.int32)
+        for idx in plan_subbatches(lengths, self.max_samples):
+            self._run(idx, wavs, lengths, values, num_frames)
+        out = dict(batch)
+        out[f"{self.prefix}_tokens" if self.encode is not None else f"{self.prefix}_emb"] = values
+        out[f"{self.prefix}_num_frames"] = num_frames
+        return out
+
+    def _run(self, idx: np.ndarray, wavs: list[np.ndarray], lengths: np.ndarray, values: np.ndarray,
+             num_frames: np.ndarray) -> None:
+        L = lengths[idx]
+        width = int(L.max()) if len(idx) else 0
+        x = np.zeros((len(idx), width), dtype=np.float32)
+        for j, i in enumerate(idx):
+            x[j, : L[j]] = wavs[i]
+        out = self.teacher(torch.from_numpy(x), torch.from_numpy(L))
+        nf = out.num_frames.tolist()
+        real, padded = int(L.sum()), len(idx) * width - int(L.sum())
+        self.stats.segments += len(idx)
+        self.stats.batches += 1
+        self.stats.samples += real
+        self.stats.padded_samples += padded
+        self.stats.frames += sum(nf)
+        if self._metrics:  # Ray counters only take positive increments
+            if real:
+                self._metrics[0].inc(real)
+            if padded:
+                self._metrics[1].inc(padded)
+        if self.encode is None:
+            emb = out.embeddings.cpu().numpy()
+            for j, i in enumerate(idx):
+                values[i] = np.ascontiguousarray(emb[j, : nf[j]].reshape(-1), dtype=np.float32)
+                num_frames[i] = nf[j]
+            return
+        valid = out.embeddings[torch.arange(out.embeddings.shape[1], device=out.embeddings.device).unsqueeze(0)
+                               < out.num_frames.to(out.embeddings.device).unsqueeze(1)]  # [sum nf, D], row order kept
+        tokens = self.encode(valid) if valid.shape[0] else np.zeros((0, 0), np.uint8)
+        tokens = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+        if tokens.dtype != np.uint8 or tokens.ndim != 2 or tokens.shape[0] != valid.shape[0]:
+            raise TypeError(f"encode must return uint8 tokens [{valid.shape[0]}, C], got {tokens.dtype} {tokens.shape}")
+        offsets = np.concatenate([[0], np.cumsum(nf)])
+        for j, i in enumerate(idx):
+            values[i] = np.ascontiguousarray(tokens[offsets[j]: offsets[j + 1]]).tobytes()
+            num_frames[i] = nf[j]
+
+
+def _ray_counters(teacher_name: str):
+    """(samples, padded samples) Ray metric counters, or None outside a Ray worker."""
+    try:
+        import ray
+        from ray.util.metrics import Counter
+
+        if not ray.is_initialized():
+            return None
+        tags = {"teacher": teacher_name}
+        samples = Counter("spear_teacher_samples", "audio samples run through a teacher", tag_keys=("teacher",))
+        padded = Counter("spear_teacher_padded_samples", "padding samples added by teacher batching",
+                         tag_keys=("teacher",))
+        samples.set_default_tags(tags)
+        padded.set_default_tags(tags)
+        return samples, padded
+    except Exception as exc:  # noqa: BLE001 - metrics are optional; the stage works without them
+        log.debug("teacher metrics unavailable: %s", exc)
+        return None
+
+
+# ----------------------------------------------------------------------------- actor pool sizing
+
+
+@dataclass(frozen=True)
+class TeacherPoolPlan:
+    """How many teacher actors, with which resources, and the rows per Ray batch."""
+
+    min_actors: int
+    max_actors: int
+    num_gpus: float
+    num_cpus: float
+    batch_size: int
+    reason: str = field(default="", compare=False)
+
+    def map_batches_kwargs(self) -> dict[str, Any]:
+        """``compute``, ``num_gpus``, ``num_cpus`` and ``batch_size`` for ``Dataset.map_batches``."""
+        import ray
+
+        kwargs: dict[str, Any] = {
+            "compute": ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
+            "num_cpus": self.num_cpus,
+            "batch_size": self.batch_size,
+        }
+        if self.num_gpus:
+            kwargs["num_gpus"] = self.num_gpus
+        return kwargs
+
+
+def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None = None, actors: int | None = None,
+                      expected_segment_seconds: float = 10.0) -> TeacherPoolPlan:
+    """Size the teacher actor pool from the cluster's resources (default: ``ray.cluster_resources()``).
+
+    GPUs present: one actor per ``cfg.num_gpus`` GPUs, 1 CPU each. No GPU: about one
+    single-CPU actor per 2 CPUs, leaving the rest to decoding. ``actors`` overrides the
+    count (``tokenize.teacher_actors``). Rows per Ray batch: enough for about two full
+    teacher sub-batches (``2 * batch_seconds / expected_segment_seconds``, at least 8) so
+    that sorting by length has something to sort.
+    """
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
+    if gpus > 0 and cfg.num_gpus > 0 and gpus >= cfg.num_gpus:
+        n, num_gpus, num_cpus = int(gpus // cfg.num_gpus), cfg.num_gpus, 1.0
+        reason = f"{gpus:g} GPUs / {cfg.num_gpus:g} per actor"
+    else:
+        n, num_gpus, num_cpus = max(1, int(cpus // 2)), 0.0, 1.0
+        reason = f"no GPU: {cpus:g} CPUs / 2"
+    if actors:
+        n, reason = max(1, int(actors)), f"{actors} actors requested"
+    rows = max(8, math.ceil(2 * cfg.batch_seconds / expected_segment_seconds))
+    return TeacherPoolPlan(min_actors=1, max_actors=n, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=rows,
+                           reason=reason)
