@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -26,9 +25,6 @@ from spear.pipeline.demo_corpus import (
     synth_event,
 )
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
-
 # What soundfile reports for each of our format names: (format, subtype).
 SF_FORMAT = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
              "opus": ("OGG", "OPUS"), "mp3": ("MP3", "MPEG_LAYER_III")}
@@ -46,7 +42,6 @@ def _mtimes(corpus: DemoCorpus) -> dict[str, int]:
     return {r["path"]: (corpus.root / r["path"]).stat().st_mtime_ns for r in corpus.labels()}
 
 
-@needs_espeak
 def test_layout_and_summary(tiny):
     corpus, messages = tiny
     rows = corpus.labels()
@@ -63,7 +58,6 @@ def test_layout_and_summary(tiny):
     assert any(f"generated {len(rows)}/{len(rows)} files" in m for m in messages)
 
 
-@needs_espeak
 def test_every_format_rate_and_channel_count_appears(tiny):
     rows = tiny[0].labels()
     assert {(r["format"], r["channels"]) for r in rows} == {(f, c) for f in FORMATS for c in (1, 2)}
@@ -74,7 +68,6 @@ def test_every_format_rate_and_channel_count_appears(tiny):
         assert r["sample_rate"] in FORMATS[r["format"]][3]
 
 
-@needs_espeak
 def test_files_read_back_as_labelled(tiny):
     corpus = tiny[0]
     for r in corpus.labels():
@@ -93,7 +86,6 @@ def test_files_read_back_as_labelled(tiny):
         assert 1.0 <= r["duration"] <= 120.0
 
 
-@needs_espeak
 def test_speech_and_event_labels(tiny):
     rows = tiny[0].labels()
     assert len({tuple(sorted(r)) for r in rows}) == 1  # one schema for every row
@@ -140,7 +132,6 @@ def test_splits():
     assert [p.split for p in _plan_corpus("demo", 1)] != [p.split for p in plans]
 
 
-@needs_espeak
 def test_deterministic_cached_and_forced(tiny, tmp_path):
     first = tiny[0]
     twin = generate_demo_corpus(tmp_path / "twin", size="tiny", seed=0)
