@@ -200,6 +200,48 @@ def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     _run_job(as_json, lambda: run_tokenize(cfg), lambda s: s.human())
 
 
+def _workers(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    parts = value.split(":")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+    except ValueError:
+        lo = hi = None
+    if lo is None:
+        raise SpearCLIError(f"--workers {value!r}: expected N or MIN:MAX")
+    return f"train.workers=[{lo}, {hi}]"
+
+
+@main.command()
+@config_options
+@click.option("--shards", default=None, help="Token dataset (the --output of `spear tokenize`).")
+@click.option("--output", default=None, help="Where checkpoints and metrics go (overrides `output`).")
+@click.option("--workers", default=None, metavar="MIN:MAX", help="Ray Train workers; MIN:MAX makes the run elastic.")
+@click.option("--max-steps", type=int, default=None, help="Train until this step (overrides train.max_steps).")
+def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool, shards: Optional[str],
+          output: Optional[str], workers: Optional[str], max_steps: Optional[int]) -> None:
+    """Train the student on token shards with Ray Train (checkpointed, resumable, elastic).
+
+    A re-run with the same --output resumes from its latest checkpoint.
+    """
+    extra = []
+    if shards:
+        extra.append(f"train.shards={json.dumps(shards)}")
+    if output:
+        extra.append(f"output={json.dumps(output)}")
+    if address:
+        extra.append(f"ray.address={json.dumps(address)}")
+    if workers:
+        extra.append(_workers(workers))
+    if max_steps is not None:
+        extra.append(f"train.max_steps={max_steps}")
+    cfg = _load(config, sets, extra)
+    from spear.pipeline.train_job import run_train
+
+    _run_job(as_json, lambda: run_train(cfg), lambda s: s.human())
+
+
 @main.command()
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object on stdout.")
@@ -229,7 +271,6 @@ def _not_in_this_build(name: str, issue: str) -> Callable:
 
 
 _LATER = {
-    "train": ("Train a student on token shards with Ray Train (checkpointed, resumable, elastic).", "the training job"),
     "evaluate": ("Probe frozen features of students and teachers; write a report with plots.", "the evaluation job"),
     "export": ("Export a student checkpoint as a standalone model (safetensors + config).", "the training job"),
     "submit": ("Submit a spear command as a Ray Job to a cluster.", "cluster job submission"),

@@ -209,6 +209,8 @@ class MixingConfig(_Section):
 
 
 class TrainConfig(_Section):
+    shards: Optional[str] = Field(None, description="token dataset to train on: the `output` of `spear tokenize` (--shards)")
+    token_version: Optional[str] = Field(None, description="token version to use when the dataset holds several")
     student: StudentConfig = StudentConfig()
     masking: MaskingConfig = MaskingConfig()
     mixing: MixingConfig = MixingConfig()
@@ -220,8 +222,17 @@ class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     workers: tuple[int, int] = Field((1, 1), description="elastic (min, max) Ray Train workers")
-    cpus_per_worker: float = Field(0.5, gt=0)
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPU reservation per worker (fractional leaves room for data loading)")
+    max_failures: int = Field(3, ge=0, description="worker failures (and elastic shrinks) retried from the latest checkpoint")
+    elastic_monitor_s: float = Field(60.0, ge=0, description="how often Ray Train considers growing the worker group")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _workers_order(self) -> "TrainConfig":
+        lo, hi = self.workers
+        if lo < 1 or hi < lo:
+            raise ValueError(f"workers must be (min, max) with 1 <= min <= max, got ({lo}, {hi})")
+        return self
 
 
 class EvaluateConfig(_Section):

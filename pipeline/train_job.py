@@ -1,0 +1,232 @@
+"""The training job (`spear train`): Ray Train (TorchTrainer, Train V2) on the committed shards of one token version.
+
+Checkpoints go to ``OUTPUT/train/`` (Ray Train's storage, local or S3); a re-run with the same
+output resumes from the latest checkpoint; ``train.workers = (min, max)`` makes the run elastic
+(Ray Train restarts from the latest checkpoint at the new world size; the loop rescales the
+learning rate and merges the data positions, see :mod:`spear.stages.train_loop`). After
+training, ``OUTPUT/metrics/`` gets the per-step metrics as CSV, TensorBoard event files and a
+loss-curve plot.
+
+Example::
+
+    cfg = load_config("spear.yaml", ["train.shards=s3://bucket/tokens", "output=s3://bucket/student"])
+    summary = run_train(cfg)
+    print(summary.step, summary.last_loss, summary.checkpoint)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from spear.cluster.ray_runtime import ray_session
+from spear.cluster.storage import Storage, StorageOptions, join_uri, split_uri
+from spear.pipeline.config import ConfigError, SpearConfig
+from spear.pipeline.ledger import TokenStore, list_token_versions
+from spear.stages.train_data import TrainDataPlan
+from spear.stages.train_loop import METRICS_FILE, STATE_FILE, train_loop_per_worker
+
+RUN_NAME = "train"
+
+
+@dataclass
+class TrainSummary:
+    """What `spear train` did; ``to_dict()`` is the ``--json`` object."""
+
+    step: int
+    first_loss: Optional[float]
+    last_loss: Optional[float]
+    resumed_from_step: Optional[int]
+    world_sizes: list[int] = field(default_factory=list)
+    checkpoint: Optional[str] = None
+    output: str = ""
+    token_version: str = ""
+    metrics: dict[str, str] = field(default_factory=dict)   # csv / tensorboard / plot URIs
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def human(self) -> str:
+        res = f"resumed from step {self.resumed_from_step}" if self.resumed_from_step is not None else "fresh start"
+        return (f"trained to step {self.step} ({res}) on token version {self.token_version}, world sizes {self.world_sizes}\n"
+                f"loss {self.first_loss:.3f} -> {self.last_loss:.3f}\ncheckpoint: {self.checkpoint}\n"
+                f"metrics: {self.metrics.get('csv')}  plot: {self.metrics.get('plot')}")
+
+
+def select_token_store(shards: str, storage: Storage, version: Optional[str] = None) -> TokenStore:
+    """The token version to train on: the one given, or the only one present."""
+    versions = list_token_versions(shards, storage)
+    if not versions:
+        raise ConfigError(f"no token dataset at {shards} (run `spear tokenize --output {shards}` first)")
+    if version is None:
+        if len(versions) > 1:
+            raise ConfigError(f"{shards} holds several token versions {versions}: set train.token_version")
+        version = versions[0]
+    elif version not in versions:
+        raise ConfigError(f"train.token_version {version} is not at {shards} (present: {versions})")
+    store = TokenStore(shards, version, storage)
+    if store.latest_manifest() is None:
+        raise ConfigError(f"token version {version} at {shards} has no committed shards yet")
+    return store
+
+
+def checkpoints(output: str, storage: Storage) -> list[tuple[int, str]]:
+    """(step, URI) of every complete checkpoint under ``OUTPUT/train``, by step."""
+    root = join_uri(output, RUN_NAME)
+    if not storage.exists(root):
+        return []
+    fs, path = storage.filesystem(root)
+    found = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        state_uri = join_uri(root, name, STATE_FILE)
+        if name.startswith("checkpoint") and storage.exists(state_uri):
+            found.append((int(json.loads(storage.read_text(state_uri))["step"]), join_uri(root, name)))
+    return sorted(found)
+
+
+def _ray_storage(output: str, storage: Storage) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+    scheme, path = split_uri(output)
+    if scheme == "file":
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    fs, path = storage.pyarrow_filesystem(output)
+    return path, fs
+
+
+def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
+    """Train (or resume training) the student described by ``cfg.train`` on ``cfg.train.shards``."""
+    import sys
+
+    t0 = time.monotonic()
+    if not cfg.train.shards:
+        raise ConfigError("no token dataset to train on: give --shards URI (the output of `spear tokenize`) "
+                          "or set train.shards")
+    options = StorageOptions.from_config(cfg.storage)
+    storage = Storage(options)
+    storage.check_access(cfg.train.shards)
+    storage.check_access(cfg.output)
+    store = select_token_store(cfg.train.shards, storage, cfg.train.token_version)
+    plan = TrainDataPlan.from_store(store)
+    before = checkpoints(cfg.output, storage)
+    resumed_from = before[-1][0] if before else None
+    lo, hi = cfg.train.workers
+    if progress:
+        print(f"[train] token version {store.version}: {len(plan.files)} shards, "
+              + ", ".join(f"{s / 3600:.3f} h {d}" for d, s in sorted(plan.seconds_by_domain.items()))
+              + (f"; resuming from step {resumed_from}" if resumed_from is not None else ""), file=sys.stderr)
+
+    if resumed_from is None or resumed_from < cfg.train.max_steps:
+        with ray_session(cfg.ray) as rinfo:
+            from ray.train import CheckpointConfig, FailureConfig, RunConfig
+            from ray.train.torch import TorchConfig, TorchTrainer
+
+            use_gpu = rinfo.gpus > 0
+            resources = {"CPU": cfg.train.cpus_per_worker}
+            if use_gpu:
+                resources["GPU"] = 1
+            scaling = _scaling_config(lo, hi, use_gpu, resources, cfg.train.elastic_monitor_s)
+            storage_path, storage_fs = _ray_storage(cfg.output, storage)
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"train": cfg.train.model_dump(mode="json"), "plan": plan,
+                                   "storage_options": options, "max_workers": hi},
+                scaling_config=scaling,
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+                                     failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=3)),
+            )
+            trainer.fit()
+
+    after = checkpoints(cfg.output, storage)
+    if not after:
+        raise RuntimeError(f"training produced no checkpoint under {join_uri(cfg.output, RUN_NAME)}")
+    step, ckpt_uri = after[-1]
+    state = json.loads(storage.read_text(join_uri(ckpt_uri, STATE_FILE)))
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(join_uri(ckpt_uri, METRICS_FILE)))))
+    metrics = write_metrics_report(rows, join_uri(cfg.output, "metrics"), storage)
+    losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
+    return TrainSummary(step=step, first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                        resumed_from_step=resumed_from, world_sizes=state["world_sizes"], checkpoint=ckpt_uri,
+                        output=cfg.output, token_version=store.version, metrics=metrics,
+                        wall_seconds=time.monotonic() - t0)
+
+
+def _scaling_config(lo: int, hi: int, use_gpu: bool, resources: dict[str, float], monitor_s: float):
+    from ray.train import ScalingConfig
+
+    if lo == hi:
+        return ScalingConfig(num_workers=lo, use_gpu=use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=(lo, hi), use_gpu=use_gpu, resources_per_worker=resources,
+                         elastic_resize_monitor_interval_s=monitor_s)
+
+
+def write_metrics_report(rows: list[dict[str, str]], directory: str, storage: Storage) -> dict[str, str]:
+    """metrics.csv, TensorBoard event files and loss_curve.png under ``directory``; returns their URIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with open(os.path.join(tmp, "metrics.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        tb_dir = os.path.join(tmp, "tensorboard")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(tb_dir)
+            for r in rows:
+                for k, v in r.items():
+                    if k != "step" and v not in (None, ""):
+                        try:
+                            writer.add_scalar(k, float(v), int(float(r["step"])))
+                        except ValueError:
+                            continue
+            writer.close()
+        except ImportError:  # tensorboard is a dependency; keep the CSV and plot if it is missing
+            tb_dir = ""
+        steps = [int(float(r["step"])) for r in rows]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        for key in [k for k in keys if k == "loss" or k.endswith("/ce")]:
+            ax[0].plot(steps, [float(r[key]) if r.get(key) not in (None, "", "nan") else float("nan") for r in rows],
+                       label=key)
+        ax[0].set_xlabel("step")
+        ax[0].set_title("loss")
+        ax[0].legend()
+        for key in [k for k in keys if "acc" in k and "mean" in k]:
+            ax[1].plot(steps, [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows], label=key)
+        ax[1].set_xlabel("step")
+        ax[1].set_title("token accuracy")
+        if ax[1].lines:
+            ax[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(tmp, "loss_curve.png"), dpi=100)
+        plt.close(fig)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                local = os.path.join(root, name)
+                rel = os.path.relpath(local, tmp)
+                with open(local, "rb") as f:
+                    storage.write_bytes(join_uri(directory, rel), f.read())
+    out["csv"] = join_uri(directory, "metrics.csv")
+    out["plot"] = join_uri(directory, "loss_curve.png")
+    if tb_dir:
+        out["tensorboard"] = join_uri(directory, "tensorboard")
+    return out
+

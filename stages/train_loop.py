@@ -1,0 +1,186 @@
+"""The Ray Train loop: one function that every training worker runs (Train V2, DDP).
+
+Per step: a duration batch of live shard rows (:mod:`spear.stages.train_data`) -> token mixing
+on the waveforms and targets -> 128-bin Kaldi fbank -> span + channel masking -> student ->
+per-teacher heads -> asymmetric multi-codebook cross-entropy -> AdamW. Every
+``checkpoint_every`` steps rank 0 writes a checkpoint with the model, optimiser, scheduler, step,
+every rank's data position, RNG states, the world sizes seen and the metrics so far, and reports it.
+
+Restarts (a re-run with the same output, a failed worker, an elastic resize) restore all of it;
+after a resize each rank's data position comes from the merged positions
+(:func:`~spear.stages.train_data.resume_state`) and the learning rate is scaled linearly with the
+world size: ``lr = train.lr * world_size / max_workers`` (each worker keeps its own
+``batch_seconds``, so the effective batch grows with the world size).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+METRICS_FILE = "metrics.csv"
+STATE_FILE = "train_state.json"
+MODEL_FILE = "model.pt"
+OPTIM_FILE = "optim.pt"
+
+
+def lr_lambda(warmup: int, max_steps: int):
+    """Linear warm-up, then cosine decay to 10% of the peak (a multiplier for LambdaLR)."""
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def build_objective(train_cfg, plan):
+    """The student encoder and its heads for the teachers of ``plan`` (no Ray: also used by export/tests)."""
+    from spear.models.student import SpearObjective, build_encoder
+    from spear.models.student.targets import student_codebooks
+
+    s = train_cfg.student
+    encoder = build_encoder(s.architecture, s.size, num_mel_bins=s.num_mel_bins)
+    heads = {role: student_codebooks(plan.codebooks[role], plan.frame_rates[role], encoder.frame_rate)
+             for role in plan.roles}
+    weights = {"speech": 1.0, "audio": train_cfg.audio_loss_weight}
+    return SpearObjective(encoder, heads, {r: weights[r] for r in plan.roles})
+
+
+def heads_info(plan) -> dict[str, Any]:
+    """What the prediction heads were built for (kept in checkpoints, so export needs no shards)."""
+    return {"roles": list(plan.roles), "codebooks": dict(plan.codebooks), "frame_rates": dict(plan.frame_rates)}
+
+
+def prepare_batch(batch: dict[str, np.ndarray], plan, train_cfg, encoder, fbank, generator: torch.Generator,
+                  device: torch.device):
+    """Collated arrays -> (fbank feats, frame lengths, frame mask, aligned targets, audio seconds)."""
+    from spear.models.student import align_targets, mask_features, mix_batch
+
+    wavs = torch.from_numpy(batch["wavs"])
+    wav_lens = torch.from_numpy(batch["wav_lens"])
+    targets = {r: torch.from_numpy(batch[f"{r}_tokens"]) for r in plan.roles}
+    domains = ["audio" if d else "speech" for d in batch["domains"].tolist()]
+    if train_cfg.mixing.prob > 0 and wavs.shape[0] > 1:
+        wavs, targets, _ = mix_batch(wavs, wav_lens, targets, plan.frame_rates, domains, train_cfg.mixing, generator)
+    feats, feat_lens = fbank(wavs.to(device), wav_lens.to(device))
+    masked = mask_features(feats, feat_lens, train_cfg.masking, generator=generator)
+    student_lens = encoder.output_lengths(feat_lens)
+    aligned = {}
+    for r in plan.roles:
+        aligned[r] = align_targets(targets[r], torch.from_numpy(batch[f"{r}_lens"]), plan.frame_rates[r],
+                                   encoder.frame_rate, student_lens.cpu()).to(device)
+    return masked, feat_lens, aligned, float(batch["wav_lens"].sum()) / 16000.0
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config`` = {"train": TrainConfig dict, "plan": TrainDataPlan, "storage_options",
+    "max_workers", "metrics_uri"}."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from spear.models.frontend import KaldiFbank
+    from spear.pipeline.config import TrainConfig
+    from spear.stages.train_data import TrainBatches, resume_state
+
+    cfg = TrainConfig.model_validate(config["train"])
+    plan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+
+    objective = build_objective(cfg, plan)
+    lr = cfg.lr * world / max(1, int(config["max_workers"]))
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+
+    step, rank_states, world_sizes, metrics_rows, resumed_from = 0, None, [], [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = json.load(open(os.path.join(d, STATE_FILE)))
+            objective.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
+            opt_state = torch.load(os.path.join(d, OPTIM_FILE), map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(opt_state["optimizer"])
+            scheduler.load_state_dict(opt_state["scheduler"])
+            for g in optimizer.param_groups:  # the world size may have changed: rescale the peak lr
+                g["initial_lr"] = lr
+            step, rank_states, world_sizes = state["step"], state["data_states"], state["world_sizes"]
+            resumed_from = step
+            with open(os.path.join(d, METRICS_FILE)) as f:
+                metrics_rows = list(csv.DictReader(f))
+    if not world_sizes or world_sizes[-1] != world:
+        world_sizes = world_sizes + [world]
+
+    model = ray.train.torch.prepare_model(objective)
+    encoder = objective.encoder
+    fbank = KaldiFbank(num_mel_bins=cfg.student.num_mel_bins).to(device)
+    loader = TrainBatches(plan, config.get("storage_options"), rank=rank, world_size=world,
+                          batch_seconds=cfg.batch_seconds, audio_weight=cfg.audio_weight, seed=cfg.seed,
+                          state=resume_state(rank_states or [], rank, world))
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+    t_last = time.monotonic()
+    audio_seconds = 0.0
+    model.train()
+    for batch in loader:
+        if step >= cfg.max_steps:
+            break
+        masked, feat_lens, targets, secs = prepare_batch(batch, plan, cfg, encoder, fbank, generator, device)
+        out = model(masked.feats, feat_lens, targets, frame_mask=masked.frame_mask)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        audio_seconds += secs
+        m = out.metrics()
+        now = time.monotonic()
+        row = {"step": step, "world_size": world, "lr": scheduler.get_last_lr()[0],
+               "audio_seconds_per_s": audio_seconds / max(now - t_last, 1e-9), **m}
+        metrics_rows.append({k: v for k, v in row.items()})
+        if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
+            data_state = loader.state()
+            all_states = [None] * world
+            if world > 1:
+                torch.distributed.all_gather_object(all_states, data_state)
+            else:
+                all_states = [data_state]
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save(objective.state_dict(), os.path.join(d, MODEL_FILE))
+                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                               os.path.join(d, OPTIM_FILE))
+                    json.dump({"step": step, "data_states": all_states, "world_sizes": world_sizes,
+                               "resumed_from": resumed_from, "token_version": plan.token_version,
+                               "heads": heads_info(plan), "train": config["train"]},
+                              open(os.path.join(d, STATE_FILE), "w"))
+                    _write_metrics(metrics_rows, os.path.join(d, METRICS_FILE))
+                    ray.train.report({"step": step, "loss": m["loss"], "world_size": world},
+                                     checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report({"step": step, "loss": m["loss"], "world_size": world}, checkpoint=None)
+            audio_seconds, t_last = 0.0, time.monotonic()
+        if step >= cfg.max_steps:
+            break
+
+
+def _write_metrics(rows: list[dict[str, Any]], path: str) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
