@@ -16,6 +16,7 @@ world size: ``lr = train.lr * world_size / max_workers`` (each worker keeps its 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -63,7 +64,7 @@ def heads_info(plan) -> dict[str, Any]:
 def prepare_batch(batch: dict[str, np.ndarray], plan, train_cfg, encoder, fbank, generator: torch.Generator,
                   device: torch.device):
     """Collated arrays -> (fbank feats, frame lengths, frame mask, aligned targets, audio seconds)."""
-    from spear.models.student import align_targets, mask_features, mix_batch
+    from spear.models.student import mask_features, mix_batch
 
     wavs = torch.from_numpy(batch["wavs"])
     wav_lens = torch.from_numpy(batch["wav_lens"])
@@ -73,12 +74,28 @@ def prepare_batch(batch: dict[str, np.ndarray], plan, train_cfg, encoder, fbank,
         wavs, targets, _ = mix_batch(wavs, wav_lens, targets, plan.frame_rates, domains, train_cfg.mixing, generator)
     feats, feat_lens = fbank(wavs.to(device), wav_lens.to(device))
     masked = mask_features(feats, feat_lens, train_cfg.masking, generator=generator)
-    student_lens = encoder.output_lengths(feat_lens)
-    aligned = {}
-    for r in plan.roles:
-        aligned[r] = align_targets(targets[r], torch.from_numpy(batch[f"{r}_lens"]), plan.frame_rates[r],
-                                   encoder.frame_rate, student_lens.cpu()).to(device)
+    student_lens = encoder.output_lengths(feat_lens).cpu()
+    aligned = {r: align_role_targets(targets[r], torch.from_numpy(batch[f"{r}_lens"]), plan.frame_rates[r],
+                                     encoder.frame_rate, student_lens).to(device) for r in plan.roles}
     return masked, feat_lens, aligned, float(batch["wav_lens"].sum()) / 16000.0
+
+
+def align_role_targets(tokens: torch.Tensor, token_lens: torch.Tensor, teacher_rate: float, student_rate: float,
+                       student_lens: torch.Tensor) -> torch.Tensor:
+    """align_targets for the utterances that have this teacher's tokens; the others (speech utterances
+    for the audio teacher: no tokens) get IGNORE_INDEX everywhere."""
+    from spear.models.student import IGNORE_INDEX, align_targets, student_codebooks
+
+    has = token_lens > 0
+    if bool(has.all()):
+        return align_targets(tokens, token_lens, teacher_rate, student_rate, student_lens)
+    B, Ts = tokens.shape[0], int(student_lens.max())
+    out = torch.full((B, Ts, student_codebooks(tokens.shape[2], teacher_rate, student_rate)), IGNORE_INDEX,
+                     dtype=torch.long)
+    if bool(has.any()):
+        part = align_targets(tokens[has], token_lens[has], teacher_rate, student_rate, student_lens[has])
+        out[has, : part.shape[1]] = part
+    return out
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -147,7 +164,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         m = out.metrics()
         now = time.monotonic()
         row = {"step": step, "world_size": world, "lr": scheduler.get_last_lr()[0],
-               "audio_seconds_per_s": audio_seconds / max(now - t_last, 1e-9), **m}
+               "audio_seconds_per_s": audio_seconds / max(now - t_last, 1e-9),
+               # which rows this step trained on (rank 0's batch): audits resume and reproducibility
+               "batch_digest": hashlib.sha1("|".join(batch["segment_ids"].tolist()).encode()).hexdigest()[:16], **m}
         metrics_rows.append({k: v for k, v in row.items()})
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
             data_state = loader.state()
