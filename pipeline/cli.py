@@ -243,12 +243,20 @@ def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], 
 
 
 @main.command()
-@click.argument("output")
+@click.argument("output", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object on stdout.")
 @click.option("--clean", is_flag=True, help="Remove uncommitted shard files left by interrupted runs.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
-def status(output: str, as_json: bool, clean: bool, sets: tuple[str, ...]) -> None:
-    """Show token versions, committed sources, hours per domain, quarantine and leftovers of OUTPUT."""
+@click.option("--address", default=None, metavar="http://HEAD:8265",
+              help="Show submitted Ray jobs of this cluster instead: OUTPUT is then a job id (none: list the jobs).")
+def status(output: Optional[str], as_json: bool, clean: bool, sets: tuple[str, ...], address: Optional[str]) -> None:
+    """Show token versions, committed sources, hours per domain, quarantine and leftovers of OUTPUT.
+
+    With --address (or a `raysubmit_...` job id, the address then from RAY_API_SERVER_ADDRESS/RAY_ADDRESS):
+    the state and message of a submitted job, or the list of jobs.
+    """
+    if address or output is None or output.startswith("raysubmit_"):
+        return _job_status(address, output, as_json)
     cfg = _load(None, sets, [])
     from spear.cluster.storage import Storage, StorageOptions
     from spear.pipeline.status import clean_uncommitted, output_status
@@ -273,11 +281,148 @@ def _not_in_this_build(name: str, issue: str) -> Callable:
 _LATER = {
     "evaluate": ("Probe frozen features of students and teachers; write a report with plots.", "the evaluation job"),
     "export": ("Export a student checkpoint as a standalone model (safetensors + config).", "the training job"),
-    "submit": ("Submit a spear command as a Ray Job to a cluster.", "cluster job submission"),
 }
 for _name, (_help, _issue) in _LATER.items():
     main.command(name=_name, help=_help, context_settings={"ignore_unknown_options": True})(
         click.argument("args", nargs=-1, type=click.UNPROCESSED)(_not_in_this_build(_name, _issue)))
+
+
+# --------------------------------------------------------------------------- cluster jobs (Ray Jobs API)
+# `spear submit`, `spear logs`, `spear stop` and `spear status --address`: spear.cluster.jobs does the work.
+# Exit codes: 0 done (for --wait: the job SUCCEEDED), 1 the job failed/stopped or the cluster is unreachable,
+# 2 a request that cannot be done as asked (bad command line, unknown job, credentials in a config file).
+
+
+def _address_option(f: Callable) -> Callable:
+    return click.option("--address", default=None, metavar="http://HEAD:8265",
+                        help="Ray Jobs API of the cluster (default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS).")(f)
+
+
+def _jobs(as_json: bool, work: Callable[[], Any], human: Callable[[Any], str]) -> Any:
+    """`_run_job` for job requests: JobError becomes one clear line; returns the result."""
+    from spear.cluster.jobs import JobError
+
+    box: list[Any] = []
+
+    def job() -> Any:
+        try:
+            box.append(work())
+        except JobError as exc:
+            raise SpearCLIError(str(exc)) from None
+        return box[0]
+
+    _run_job(as_json, job, human)
+    return box[0]
+
+
+def _client(address: Optional[str]):
+    from spear.cluster.jobs import JobClient
+
+    return JobClient(address)
+
+
+def _hints(state) -> str:
+    import shlex
+
+    a = shlex.quote(state.address)
+    return (f"  follow: spear logs --address {a} --follow {state.job_id}\n"
+            f"  status: spear status --address {a} {state.job_id}\n"
+            f"  stop:   spear stop --address {a} {state.job_id}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_address_option
+@click.option("--wait", is_flag=True, help="Follow the job's log on stderr until it ends; exit 1 unless it succeeded.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"job_id", "status", "summary" (the job\'s own JSON summary), "address", ...} on stdout.')
+@click.option("--job-id", default=None, help="Submission id (default: Ray picks raysubmit_...).")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Extra environment variable of the job (repeatable).")
+@click.option("--no-credentials", is_flag=True,
+              help="Don't forward this shell's AWS_* variables (the cluster has its own: IAM role, Kubernetes Secret).")
+@click.option("--no-package", is_flag=True, help="Run the spear installed on the cluster instead of shipping this one.")
+@click.option("--python", "python", default="python", show_default=True, help="Python of the cluster nodes.")
+@click.option("--entrypoint-num-cpus", type=float, default=None, help="CPUs reserved for the job's driver.")
+@click.option("--entrypoint-num-gpus", type=float, default=None, help="GPUs reserved for the job's driver.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def submit(address: Optional[str], wait: bool, as_json: bool, job_id: Optional[str], env: tuple[str, ...],
+           no_credentials: bool, no_package: bool, python: str, entrypoint_num_cpus: Optional[float],
+           entrypoint_num_gpus: Optional[float], command: tuple[str, ...]) -> None:
+    """Submit a spear COMMAND as a Ray Job (the package, local files named on it and AWS_* credentials travel along).
+
+    \b
+        spear submit --address http://head:8265 --wait -- \\
+            spear tokenize --input s3://b/speech --domain speech --output s3://b/tokens
+    """
+    extra_env = {}
+    for kv in env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SpearCLIError(f"--env {kv!r}: expected KEY=VALUE")
+        extra_env[key] = value
+
+    def work():
+        client = _client(address)
+        state = client.submit(list(command), job_id=job_id, forward_credentials=not no_credentials,
+                              extra_env=extra_env, ship_package=not no_package, python=python,
+                              entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
+                              cli=main)
+        print(f"submitted {state.job_id} to {state.address}", file=sys.stderr)
+        if not wait:
+            return state
+        try:
+            return client.wait(state.job_id, log_stream=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {state.job_id} keeps running on the cluster\n{_hints(state)}", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    state = _jobs(as_json, work, lambda s: s.human() + ("" if s.terminal else "\n" + _hints(s)))
+    if wait and not state.succeeded:
+        raise SystemExit(1)
+
+
+def _job_status(address: Optional[str], job: Optional[str], as_json: bool) -> None:
+    """`spear status --address ADDR [JOB]` (called by `status`)."""
+    if not (address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")):
+        if job is None:
+            raise SpearCLIError("missing OUTPUT (a token dataset), or --address http://HEAD:8265 to list cluster jobs")
+    if job is None:
+        _jobs(as_json, lambda: _client(address).list(), lambda s: s.human())
+    else:
+        _jobs(as_json, lambda: _client(address).status(job), lambda s: s.human())
+
+
+@main.command()
+@_address_option
+@click.option("--follow", "-f", is_flag=True, help="Keep printing as the log grows, until the job ends.")
+@click.argument("job")
+def logs(address: Optional[str], follow: bool, job: str) -> None:
+    """Print the log of job JOB (its driver's stdout and stderr; credentials masked)."""
+    from spear.cluster.jobs import JobError
+    from spear.cluster.ray_runtime import RayConnectionError
+
+    try:
+        client = _client(address)
+        if follow:
+            client.follow(job, sys.stdout)
+        else:
+            click.echo(client.logs(job), nl=False)
+    except JobError as exc:
+        raise SpearCLIError(str(exc)) from None
+    except RayConnectionError as exc:
+        err = SpearCLIError(str(exc))
+        err.exit_code = 1
+        raise err from None
+
+
+@main.command()
+@_address_option
+@click.option("--json", "as_json", is_flag=True, help="Print the final job state as one JSON object on stdout.")
+@click.option("--no-wait", is_flag=True, help="Return once the stop is requested, not when the job has ended.")
+@click.argument("job")
+def stop(address: Optional[str], as_json: bool, no_wait: bool, job: str) -> None:
+    """Stop job JOB (its driver gets SIGTERM, then SIGKILL); committed output stays consistent."""
+    _jobs(as_json, lambda: _client(address).stop(job, wait=not no_wait), lambda s: s.human())
+
 
 
 if __name__ == "__main__":
