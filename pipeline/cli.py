@@ -272,6 +272,25 @@ def status(output: Optional[str], as_json: bool, clean: bool, sets: tuple[str, .
     _run_job(as_json, job, lambda s: s.human())
 
 
+@main.command()
+@click.argument("checkpoint")
+@click.option("--output", required=True, help="Directory (local or s3://) for model.safetensors + config.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
+def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -> None:
+    """Export a student checkpoint (or a training output's latest) as a standalone model.
+
+    The export loads without Ray: spear.models.student.load_student(DIR).features(wavs, lengths)
+    gives every layer's frame features.
+    """
+    cfg = _load(None, sets, [])
+    from spear.cluster.storage import Storage, StorageOptions
+    from spear.pipeline.train_job import run_export
+
+    storage = Storage(StorageOptions.from_config(cfg.storage))
+    _run_job(as_json, lambda: run_export(checkpoint, output, storage), lambda s: s.human())
+
+
 def _not_in_this_build(name: str, issue: str) -> Callable:
     def cmd(**_: Any) -> None:
         raise SpearCLIError(f"`spear {name}` is not in this build yet: it arrives with {issue}.")
@@ -280,7 +299,6 @@ def _not_in_this_build(name: str, issue: str) -> Callable:
 
 _LATER = {
     "evaluate": ("Probe frozen features of students and teachers; write a report with plots.", "the evaluation job"),
-    "export": ("Export a student checkpoint as a standalone model (safetensors + config).", "the training job"),
 }
 for _name, (_help, _issue) in _LATER.items():
     main.command(name=_name, help=_help, context_settings={"ignore_unknown_options": True})(
@@ -405,7 +423,8 @@ def logs(address: Optional[str], follow: bool, job: str) -> None:
         if follow:
             client.follow(job, sys.stdout)
         else:
-            click.echo(client.logs(job), nl=False)
+            text = client.logs(job)
+            click.echo(text, nl=not text.endswith("\n"))
     except JobError as exc:
         raise SpearCLIError(str(exc)) from None
     except RayConnectionError as exc:

@@ -230,3 +230,61 @@ def write_metrics_report(rows: list[dict[str, str]], directory: str, storage: St
         out["tensorboard"] = join_uri(directory, "tensorboard")
     return out
 
+
+
+@dataclass
+class ExportSummary:
+    checkpoint: str
+    output: str
+    step: int
+    architecture: str
+    frame_rate: float
+    layer_dims: list[int]
+    token_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def human(self) -> str:
+        return (f"exported step {self.step} ({self.architecture}, {len(self.layer_dims)} layers, {self.frame_rate:g} Hz) "
+                f"from {self.checkpoint} to {self.output}")
+
+
+def load_checkpoint_objective(checkpoint: str, storage: Storage):
+    """(SpearObjective with the checkpoint's weights, its train state) from a checkpoint URI or a training output."""
+    import torch
+
+    from spear.pipeline.config import TrainConfig
+    from spear.stages.train_loop import MODEL_FILE, build_objective
+
+    if not storage.exists(join_uri(checkpoint, STATE_FILE)):
+        found = checkpoints(checkpoint, storage)
+        if not found:
+            raise ConfigError(f"{checkpoint} is neither a training checkpoint nor a training output with checkpoints")
+        checkpoint = found[-1][1]
+    state = json.loads(storage.read_text(join_uri(checkpoint, STATE_FILE)))
+    heads = state["heads"]
+    plan = TrainDataPlan(files=(), live_keys=frozenset(), seconds_by_domain={}, roles=tuple(heads["roles"]),
+                         codebooks={k: int(v) for k, v in heads["codebooks"].items()},
+                         frame_rates={k: float(v) for k, v in heads["frame_rates"].items()},
+                         token_version=state.get("token_version", ""))
+    objective = build_objective(TrainConfig.model_validate(state["train"]), plan)
+    weights = torch.load(io.BytesIO(storage.read_bytes(join_uri(checkpoint, MODEL_FILE))), map_location="cpu",
+                         weights_only=True)
+    objective.load_state_dict(weights)
+    return objective.eval(), dict(state, checkpoint=checkpoint)
+
+
+def run_export(checkpoint: str, output: str, storage: Storage | None = None) -> ExportSummary:
+    """`spear export`: the student of a checkpoint as a standalone model (safetensors + config.json)."""
+    from spear.models.student import export_student
+
+    storage = storage or Storage()
+    objective, state = load_checkpoint_objective(checkpoint, storage)
+    enc = objective.encoder
+    export_student(objective, output, storage=storage,
+                   metadata={"step": state["step"], "token_version": state.get("token_version"),
+                             "checkpoint": state["checkpoint"], "teachers": state["heads"]})
+    return ExportSummary(checkpoint=state["checkpoint"], output=output, step=int(state["step"]),
+                         architecture=state["train"]["student"]["architecture"], frame_rate=float(enc.frame_rate),
+                         layer_dims=list(enc.layer_dims), token_version=state.get("token_version", ""))

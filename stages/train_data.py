@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -140,7 +141,9 @@ class DomainStream:
         self._meta_cache: dict[str, pq.FileMetaData] = {}
 
     def _my_files(self) -> list[str]:
-        order = np.random.default_rng([self.seed, self.state.epoch, hash(self.domain) & 0xFFFF]).permutation(len(self.plan.files))
+        # zlib.crc32, not hash(): str hashes are salted per process and the order must be the same everywhere
+        order = np.random.default_rng([self.seed, self.state.epoch, zlib.crc32(self.domain.encode())]).permutation(
+            len(self.plan.files))
         remaining = [self.plan.files[i] for i in order if self.plan.files[i] not in set(self.state.done_files)]
         return remaining[self.rank::self.world_size]
 
