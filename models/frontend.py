@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FLT_EPSILON = float(torch.finfo(torch.float32).eps)  # Kaldi's std::numeric_limits<float>::epsilon()
@@ -158,8 +159,8 @@ class _KaldiBase(nn.Module):
     def num_frames(self, num_samples):
         return num_frames(num_samples, self.frame_opts.window_size, self.frame_opts.window_shift)
 
-    def _frames(self, wavs: torch.Tensor, lengths: torch.Tensor | None):
-        """-> (power spectrum [B, T, padded/2+1], raw log energy [B, T], num_frames [B])."""
+    def _frames(self, wavs: torch.Tensor, lengths: torch.Tensor | None, with_energy: bool = False):
+        """-> (power spectrum [B, T, padded/2+1], raw log energy [B, T] or None, num_frames [B])."""
         if wavs.dim() != 2:
             raise ValueError(f"expected waveforms [B, S], got shape {tuple(wavs.shape)}")
         o = self.frame_opts
@@ -174,19 +175,21 @@ class _KaldiBase(nn.Module):
         x = wavs.float()
         if T == 0:
             bins = o.padded_window_size // 2 + 1
-            return x.new_zeros(B, 0, bins), x.new_zeros(B, 0), nf
+            return x.new_zeros(B, 0, bins), x.new_zeros(B, 0) if with_energy else None, nf
         # [B, T, window]: frame t starts at t * shift; with snip_edges a valid frame ends inside the utterance.
         frames = x[:, : (T - 1) * o.window_shift + o.window_size].unfold(1, o.window_size, o.window_shift)
         if o.remove_dc_offset:
             frames = frames - frames.mean(dim=-1, keepdim=True)
         # Raw energy (Kaldi's default raw_energy=true): after DC removal, before pre-emphasis and window.
-        log_energy = frames.pow(2).sum(-1).clamp_min(FLT_EPSILON).log()
-        if o.preemph_coeff != 0.0:
-            prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # Kaldi: x[0] -= c * x[0]
-            frames = frames - o.preemph_coeff * prev
-        frames = frames * self.window
-        pad = o.padded_window_size - o.window_size
-        power = torch.fft.rfft(frames, n=o.window_size + pad, dim=-1).abs().pow(2)
+        log_energy = frames.pow(2).sum(-1).clamp_min(FLT_EPSILON).log() if with_energy else None
+        c = o.preemph_coeff
+        y = frames.clone(memory_format=torch.contiguous_format)
+        if c != 0.0:  # in place on a copy; `frames` still holds the unshifted samples
+            y[..., 1:].sub_(frames[..., :-1], alpha=c)
+            y[..., 0].mul_(1.0 - c)  # Kaldi: x[0] -= c * x[0]
+        y.mul_(self.window)
+        spec = torch.fft.rfft(y, n=o.padded_window_size, dim=-1)
+        power = spec.real.square() + spec.imag.square()
         return power, log_energy, nf
 
 
@@ -250,7 +253,7 @@ class KaldiMfcc(_KaldiBase):
 
     def forward(self, wavs: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(wavs.device.type, enabled=False):
-            power, log_energy, nf = self._frames(wavs, lengths)
+            power, log_energy, nf = self._frames(wavs, lengths, with_energy=self.use_energy)
             log_mel = (power @ self.mel_banks).clamp_min(FLT_EPSILON).log()
             feats = log_mel @ self.dct
             if self.use_energy:
@@ -282,19 +285,17 @@ def add_deltas(feats: torch.Tensor, num_frames_: torch.Tensor, order: int = 2, w
     enters the deltas.
     """
     B, T, D = feats.shape
-    out = [feats]
     if T == 0:
         return feats.new_zeros(B, 0, D * (order + 1))
+    filters = kaldi_delta_filters(order, window)[1:]
+    half = (filters[-1].numel() - 1) // 2
+    # One gather pads every utterance with copies of its own edge frames, then one depthwise conv.
     last = (num_frames_.to(feats.device).clamp_min(1) - 1).view(B, 1)
-    t = torch.arange(T, device=feats.device).view(1, T)
-    for filt in kaldi_delta_filters(order, window)[1:]:
-        half = (filt.numel() - 1) // 2
-        acc = torch.zeros_like(feats)
-        for j, w in enumerate(filt.tolist()):
-            if w == 0.0:
-                continue
-            idx = torch.minimum((t + j - half).clamp_min(0), last)  # [B, T]
-            acc = acc + w * torch.gather(feats, 1, idx.unsqueeze(-1).expand(B, T, D))
-        out.append(acc)
-    res = torch.cat(out, dim=-1)
+    idx = torch.minimum((torch.arange(T + 2 * half, device=feats.device).view(1, -1) - half).clamp_min(0), last)
+    padded = torch.gather(feats, 1, idx.unsqueeze(-1).expand(B, idx.shape[1], D))  # [B, T + 2 half, D]
+    weight = torch.stack([F.pad(f, (half - (f.numel() - 1) // 2,) * 2) for f in filters]).to(feats)  # [order, 2 half + 1]
+    x = padded.transpose(1, 2).reshape(B * D, 1, -1)
+    deltas = F.conv1d(x, weight.unsqueeze(1))  # a correlation, as Kaldi's sum_j scale[j] * x[t + j]
+    deltas = deltas.view(B, D, order, T).permute(0, 3, 2, 1).reshape(B, T, order * D)
+    res = torch.cat([feats, deltas], dim=-1)
     return res * frame_mask(num_frames_.to(feats.device), T).unsqueeze(-1)

@@ -64,14 +64,22 @@ def test_stage_on_ray_equals_direct_teacher(ray_cluster):
     assert out["seg03"]["speech_num_frames"] == 0  # 300 samples: shorter than one frame
 
 
-def test_stage_with_encode_hook_on_ray(ray_cluster):
+def byte_codes_factory(teacher):
+    """Built inside the actor, after the teacher: checks it sees the loaded teacher."""
+    assert teacher.name == "fbank" and teacher.dim == 128
+    return byte_codes
+
+
+@pytest.mark.parametrize("hook", ["encode", "encode_factory"])
+def test_stage_with_encode_hook_on_ray(ray_cluster, hook):
     import ray
 
     rows = _segments()
     cfg = TeacherConfig(kind="fbank", batch_seconds=2.0)
+    fn = byte_codes if hook == "encode" else byte_codes_factory
     ds = ray.data.from_items(rows).map_batches(
         TeacherStage, fn_constructor_kwargs={"teacher": cfg.model_dump(), "column_prefix": "audio_teacher",
-                                             "encode": byte_codes, "num_threads": 1},
+                                             hook: fn, "num_threads": 1},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), batch_size=3, num_cpus=1)
     out = {r["segment_id"]: r for r in ds.take_all()}
     for r, ref in zip(rows, _direct(cfg, rows)):
@@ -120,7 +128,7 @@ def test_pool_plan_from_resources():
     assert (cpu.max_actors, cpu.num_gpus) == (8, 0.0)
     assert plan_teacher_pool(TeacherConfig(kind="mfcc"), {"CPU": 1}).max_actors == 1
     assert plan_teacher_pool(TeacherConfig(kind="mfcc"), {"CPU": 16}, actors=3).max_actors == 3
-    assert plan_teacher_pool(TeacherConfig(kind="mfcc", batch_seconds=120), {"CPU": 2}).batch_size == 24
+    assert plan_teacher_pool(TeacherConfig(kind="mfcc", batch_seconds=120), {"CPU": 2}).batch_size == 96
     kw = gpu.map_batches_kwargs()
     assert kw["num_gpus"] == 0.5 and kw["batch_size"] == gpu.batch_size and kw["compute"].max_size == 8
     assert "num_gpus" not in cpu.map_batches_kwargs()
