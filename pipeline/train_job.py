@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from spear.cluster.ray_runtime import ray_session
-from spear.cluster.storage import Storage, StorageOptions, join_uri, split_uri
+from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, split_uri
 from spear.pipeline.config import ConfigError, SpearConfig
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.stages.train_data import TrainDataPlan
@@ -92,6 +92,17 @@ def checkpoints(output: str, storage: Storage) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def worker_group_starts(output: str, storage: Storage, since: float = 0.0) -> list[dict[str, Any]]:
+    """Every worker-group start recorded by the training loop (time, world_size, resumed_from_step), in order."""
+    root = join_uri(output, RUN_NAME, "events")
+    try:
+        entries = storage.list_files(root, extensions=["json"])
+    except StorageError:
+        return []
+    events = [json.loads(storage.read_text(e.uri)) for e in entries]
+    return sorted((e for e in events if e["time"] >= since), key=lambda e: e["time"])
+
+
 def _ray_storage(output: str, storage: Storage) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
     scheme, path = split_uri(output)
@@ -106,7 +117,7 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     """Train (or resume training) the student described by ``cfg.train`` on ``cfg.train.shards``."""
     import sys
 
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     if not cfg.train.shards:
         raise ConfigError("no token dataset to train on: give --shards URI (the output of `spear tokenize`) "
                           "or set train.shards")
@@ -138,7 +149,8 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"train": cfg.train.model_dump(mode="json"), "plan": plan,
-                                   "storage_options": options, "max_workers": hi},
+                                   "storage_options": options, "max_workers": hi,
+                                   "events_uri": join_uri(cfg.output, RUN_NAME, "events")},
                 scaling_config=scaling,
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                 run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -155,8 +167,10 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     rows = list(csv.DictReader(io.StringIO(storage.read_text(join_uri(ckpt_uri, METRICS_FILE)))))
     metrics = write_metrics_report(rows, join_uri(cfg.output, "metrics"), storage)
     losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
+    sizes = [e["world_size"] for e in worker_group_starts(cfg.output, storage, since=started)]
+    world_sizes = [n for i, n in enumerate(sizes) if i == 0 or n != sizes[i - 1]] or state["world_sizes"]
     return TrainSummary(step=step, first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-                        resumed_from_step=resumed_from, world_sizes=state["world_sizes"], checkpoint=ckpt_uri,
+                        resumed_from_step=resumed_from, world_sizes=world_sizes, checkpoint=ckpt_uri,
                         output=cfg.output, token_version=store.version, metrics=metrics,
                         wall_seconds=time.monotonic() - t0)
 

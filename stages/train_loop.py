@@ -138,6 +138,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics_rows = list(csv.DictReader(f))
     if not world_sizes or world_sizes[-1] != world:
         world_sizes = world_sizes + [world]
+    if rank == 0 and config.get("events_uri"):
+        # one object per worker-group start: the sizes a run went through, whichever checkpoint it resumed from
+        from spear.cluster.storage import join_uri
+        from spear.stages.decode import _storage
+
+        event = {"time": time.time(), "world_size": world, "resumed_from_step": resumed_from}
+        _storage(config.get("storage_options")).write_text(
+            join_uri(config["events_uri"], f"{time.time_ns()}-start.json"), json.dumps(event))
 
     model = ray.train.torch.prepare_model(objective)
     encoder = objective.encoder

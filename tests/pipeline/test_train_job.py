@@ -105,3 +105,21 @@ def test_exported_student_gives_the_checkpoints_features(ray_cluster, shards, tm
     assert torch.equal(got.lengths, want.lengths)
     for a, b in zip(got.layers, want.layers):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_elastic_run_grows_to_two_nodes_shrinks_back_and_finishes(shards, tmp_path):
+    import json
+
+    root, shard_uri = shards
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "support", "elastic_train.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    r = subprocess.run([sys.executable, script, shard_uri, str(tmp_path / "elastic")], capture_output=True, text=True,
+                       timeout=900, env=env)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    assert lines, r.stderr[-4000:]
+    report = json.loads(lines[-1])
+    assert "error" not in report["result"], report
+    summary = report["result"]["summary"]
+    assert summary["step"] == 40
+    sizes = summary["world_sizes"]
+    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, (sizes, report["events"])
