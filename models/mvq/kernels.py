@@ -1,0 +1,299 @@
+"""The numerical core of the multi-codebook quantiser: pure torch functions, no state.
+
+An additive quantiser approximates ``x`` by ``sum_m C[m, i_m]`` with ``M`` codebooks of ``K``
+entries each. For fixed codebooks, the squared error of a code tuple expands into
+
+    ||x||^2 + sum_m (||C[m,i_m]||^2 - 2 <x, C[m,i_m]>) + 2 sum_{m < m'} <C[m,i_m], C[m',i_m']>
+
+so once the inner products ``<x, C>`` (one matmul) and the codebook Gram matrix are known,
+every search step works on K-long score rows instead of D-long vectors. The pairwise sums are
+gathered with ``embedding_bag`` (a fused gather-and-sum), which keeps memory traffic at
+``M x K`` floats per codebook and row. See :func:`encode_chunk`.
+
+Training alternates that encoder with an exact least-squares update of all codebooks
+jointly (:func:`least_squares_update`), after a residual k-means initialisation
+(:func:`residual_kmeans_init`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+@dataclass(frozen=True)
+class CodebookTables:
+    """Per-codebook-set constants the encoder needs (computed once per set of codebooks)."""
+
+    flat: torch.Tensor  # [M*K, D] codebooks, row m*K + k
+    norms: torch.Tensor  # [M, K] squared norms of the entries
+    pair: torch.Tensor  # [M, M*K, K]: pair[m, m'*K + k', k] = <C[m',k'], C[m,k]>, zero for m' == m
+    offsets: torch.Tensor  # [M] m*K, to index rows of `pair` with codes
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.norms.shape[0]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.norms.shape[1]
+
+
+def codebook_tables(codebooks: torch.Tensor) -> CodebookTables:
+    """Build the :class:`CodebookTables` of ``codebooks`` [M, K, D] (float32, on their device)."""
+    M, K, D = codebooks.shape
+    flat = codebooks.reshape(M * K, D).contiguous()
+    gram = flat @ flat.T  # [MK, MK]
+    norms = gram.diagonal().reshape(M, K).clone()
+    pair = gram.reshape(M, K, M, K).permute(2, 0, 1, 3).clone()  # [m, m', k', k]
+    # A codebook does not interact with itself: zero blocks let the encoder sum over all M codes.
+    pair[torch.arange(M), torch.arange(M)] = 0.0
+    pair = pair.reshape(M, M * K, K).contiguous()
+    offsets = torch.arange(M, device=codebooks.device) * K
+    return CodebookTables(flat=flat, norms=norms, pair=pair, offsets=offsets)
+
+
+def _pair_sums(tables: CodebookTables, m: int, codes: torch.Tensor) -> torch.Tensor:
+    """sum over the given codes (columns of ``codes``, codebooks 0..codes.shape[1]-1) of <C[m',i_m'], C[m, :]>.
+
+    ``codes`` [n, j] int64 holds the codes of codebooks 0..j-1; returns [n, K].
+    """
+    j = codes.shape[1]
+    return F.embedding_bag(codes + tables.offsets[:j], tables.pair[m], mode="sum")
+
+
+def row_block(device: torch.device) -> int:
+    """Rows per matmul block (see :func:`unary_costs`)."""
+    return 4096 if device.type == "cuda" else 512
+
+
+def unary_costs(x: torch.Tensor, tables: CodebookTables) -> torch.Tensor:
+    """[n, M, K]: ||C[m,k]||^2 - 2 <x, C[m,k]>, the per-entry part of the squared error.
+
+    BLAS picks kernels by matrix shape, and kernels differ in summation order, so one row's
+    inner products could change with the number of rows next to it. The matmul therefore runs
+    on fixed-size row blocks (the last one zero-padded): a row's codes do not depend on how the
+    caller chunks its input.
+    """
+    M, K = tables.norms.shape
+    n = x.shape[0]
+    blk = row_block(x.device)
+    ip = torch.empty(n, M * K, dtype=x.dtype, device=x.device)
+    for s in range(0, n, blk):
+        xs = x[s : s + blk]
+        if xs.shape[0] < blk:
+            xs = torch.cat([xs, xs.new_zeros(blk - xs.shape[0], xs.shape[1])])
+        ip[s : s + blk] = (xs @ tables.flat.T)[: min(blk, n - s)]
+    return tables.norms.unsqueeze(0) - 2.0 * ip.view(n, M, K)
+
+
+def beam_search(unary: torch.Tensor, tables: CodebookTables, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequential search over codebooks 0..M-1 keeping the ``beam`` best partial code tuples.
+
+    With beam 1 this is greedy residual encoding. Returns (codes [n, M] int64, cost [n]) where
+    cost is the squared error minus ||x||^2.
+    """
+    n, M, K = unary.shape
+    beam = max(1, min(beam, K))
+    cost, first = torch.topk(unary[:, 0, :], beam, dim=1, largest=False, sorted=True)  # [n, B]
+    codes = first.unsqueeze(2)  # [n, B, 1]
+    for m in range(1, M):
+        B = codes.shape[1]
+        pair = _pair_sums(tables, m, codes.reshape(n * B, m)).view(n, B, K)
+        total = (cost.unsqueeze(2) + unary[:, m, :].unsqueeze(1)).add_(pair, alpha=2.0)  # [n, B, K]
+        nb = min(beam, B * K)
+        cost, flat_idx = torch.topk(total.view(n, B * K), nb, dim=1, largest=False, sorted=True)
+        parent = torch.div(flat_idx, K, rounding_mode="floor")
+        entry = flat_idx - parent * K
+        codes = torch.cat([torch.gather(codes, 1, parent.unsqueeze(2).expand(n, nb, m)), entry.unsqueeze(2)], dim=2)
+    return codes[:, 0, :].contiguous(), cost[:, 0]
+
+
+def icm_sweeps(unary: torch.Tensor, tables: CodebookTables, codes: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Iterated conditional modes: for each codebook in turn pick the entry that minimises the
+    error given all the other codes. Never increases the error. ``codes`` [n, M] is updated in place."""
+    n, M, K = unary.shape
+    for _ in range(sweeps):
+        for m in range(M):
+            pair = _pair_sums(tables, m, codes)  # own codebook contributes zero (zeroed block)
+            codes[:, m] = torch.argmin(unary[:, m, :].add(pair, alpha=2.0), dim=1)
+    return codes
+
+
+def code_costs(unary: torch.Tensor, tables: CodebookTables, codes: torch.Tensor) -> torch.Tensor:
+    """Squared error minus ||x||^2 of ``codes`` [n, M], from the tables (no decoding)."""
+    n, M, K = unary.shape
+    u = torch.gather(unary, 2, codes.unsqueeze(2)).squeeze(2).sum(1)
+    # sum_m pair_m[i_m] counts each unordered pair twice: exactly the factor 2 of the expansion.
+    p = torch.zeros(n, dtype=unary.dtype, device=unary.device)
+    for m in range(M):
+        p += torch.gather(_pair_sums(tables, m, codes), 1, codes[:, m : m + 1]).squeeze(1)
+    return u + p
+
+
+def encode_chunk(x: torch.Tensor, tables: CodebookTables, beam: int, sweeps: int,
+                 init_codes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode one chunk ``x`` [n, D]: beam search (codebook order) then ICM sweeps.
+
+    With ``init_codes`` (e.g. the previous training iteration's codes) the ICM also refines those,
+    and each row keeps the better of the two results. Returns (codes [n, M] int64, cost [n]).
+    """
+    unary = unary_costs(x, tables)
+    codes, _ = beam_search(unary, tables, beam)
+    codes = icm_sweeps(unary, tables, codes, sweeps)
+    cost = code_costs(unary, tables, codes)
+    if init_codes is not None:
+        warm = icm_sweeps(unary, tables, init_codes.clone(), sweeps)
+        warm_cost = code_costs(unary, tables, warm)
+        better = warm_cost < cost
+        codes = torch.where(better.unsqueeze(1), warm, codes)
+        cost = torch.where(better, warm_cost, cost)
+    return codes, cost
+
+
+def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """sum_m codebooks[m, codes[:, m]] for ``codes`` [n, M] -> [n, D]."""
+    M, K, D = codebooks.shape
+    idx = codes.long() + torch.arange(M, device=codes.device) * K
+    return F.embedding_bag(idx, codebooks.reshape(M * K, D), mode="sum")
+
+
+def decode_flat(codes: torch.Tensor, tables: CodebookTables) -> torch.Tensor:
+    """:func:`decode_codes` from the tables' flat codebooks."""
+    return F.embedding_bag(codes.long() + tables.offsets, tables.flat, mode="sum")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def least_squares_update(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, ridge: float,
+                         chunk: int = 16384) -> torch.Tensor:
+    """All codebooks at once: argmin_C ||X - B C||^2 + ridge ||C - C_old||^2 for fixed codes.
+
+    B is the [N, M*K] assignment matrix (M ones per row), so the normal equations are
+    (B^T B + ridge I) C = B^T X + ridge C_old, a (M*K)-square system. B^T B is a co-occurrence
+    count matrix (diagonal blocks diagonal); it is singular (a constant can move between
+    codebooks) and entries may be unused, which the ridge towards the old codebooks settles.
+    Solved by Cholesky in float64.
+    """
+    M, K, D = codebooks.shape
+    MK = M * K
+    dev = codebooks.device
+    offsets = torch.arange(M, device=dev) * K
+    gram = torch.zeros(MK * MK, dtype=torch.float64, device=dev)
+    rhs = torch.zeros(MK, D, dtype=torch.float64, device=dev)
+    for s in range(0, x.shape[0], chunk):
+        idx = codes[s : s + chunk].to(dev).long() + offsets  # [n, M]
+        xs = x[s : s + chunk].to(dev, torch.float64)
+        pairs = (idx.unsqueeze(2) * MK + idx.unsqueeze(1)).reshape(-1)
+        gram += torch.bincount(pairs, minlength=MK * MK).to(torch.float64)
+        for m in range(M):
+            rhs.index_add_(0, idx[:, m], xs)
+    gram = gram.view(MK, MK)
+    gram.diagonal().add_(ridge)
+    rhs += ridge * codebooks.reshape(MK, D).to(torch.float64)
+    chol = torch.linalg.cholesky(gram)
+    sol = torch.cholesky_solve(rhs, chol)
+    return sol.to(codebooks.dtype).reshape(M, K, D).contiguous()
+
+
+def kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_centroid: int,
+           progressive_steps: int = 0) -> torch.Tensor:
+    """k-means centroids [k, D] of ``x`` [N, D]: faiss (GPU when faiss sees one), else torch Lloyd.
+
+    At most ``max_points_per_centroid * k`` points (a seeded random subset) train each
+    k-means, as faiss does; assignment of all points happens outside.
+    """
+    try:
+        import faiss  # noqa: F401
+    except ImportError:  # e.g. a GPU machine without a faiss wheel: plain torch Lloyd iterations
+        faiss = None
+    n, d = x.shape
+    if faiss is not None:
+        use_gpu = faiss.get_num_gpus() > 0
+        xs = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        if progressive_steps > 0:
+            pc = faiss.ProgressiveDimClustering(d, k)
+            pc.niter, pc.seed, pc.progressive_dim_steps = niter, seed, progressive_steps
+            pc.max_points_per_centroid, pc.min_points_per_centroid = max_points_per_centroid, 1
+            factory = faiss.GpuProgressiveDimIndexFactory(1) if use_gpu else faiss.ProgressiveDimIndexFactory()
+            pc.train(n, faiss.swig_ptr(xs), factory)
+            return torch.from_numpy(faiss.vector_to_array(pc.centroids).reshape(k, d).copy()).to(x.device)
+        km = faiss.Kmeans(d, k, niter=niter, seed=seed, gpu=use_gpu, verbose=False,
+                          max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+        km.train(xs)
+        return torch.from_numpy(km.centroids.copy()).to(x.device)
+    return _torch_kmeans(x, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid)
+
+
+def _torch_kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_centroid: int) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n = x.shape[0]
+    if n > k * max_points_per_centroid:
+        x = x[torch.randperm(n, generator=gen)[: k * max_points_per_centroid].to(x.device)]
+        n = x.shape[0]
+    cent = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
+    for _ in range(niter):
+        assign = nearest(x, cent)
+        sums = torch.zeros_like(cent).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        empty = counts == 0
+        cent = torch.where(empty.unsqueeze(1), cent, sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype))
+        if bool(empty.any()):  # re-seed empty clusters on random points (as faiss splits large ones)
+            pick = torch.randint(0, n, (int(empty.sum()),), generator=gen).to(x.device)
+            cent[empty] = x[pick]
+    return cent
+
+
+def nearest(x: torch.Tensor, cent: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Index of the nearest centroid for each row of ``x``."""
+    cn = (cent * cent).sum(1)
+    out = []
+    for s in range(0, x.shape[0], chunk):
+        out.append(torch.argmin(cn - 2.0 * (x[s : s + chunk] @ cent.T), dim=1))
+    return torch.cat(out)
+
+
+def residual_kmeans_init(x: torch.Tensor, num_codebooks: int, codebook_size: int, *, niter: int, seed: int,
+                         max_points_per_centroid: int, progressive_steps: int = 0,
+                         log: Optional[Callable[[str], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebook c is the k-means of the residual left by codebooks < c (greedy residual VQ).
+
+    Returns (codebooks [M, K, D], codes [N, M] int64 of the greedy residual assignment).
+    """
+    n, d = x.shape
+    residual = x.clone()
+    books, codes = [], []
+    for c in range(num_codebooks):
+        t0 = time.time()
+        cent = kmeans(residual, codebook_size, niter=niter, seed=seed + 1000 * c,
+                      max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_steps)
+        assign = nearest(residual, cent)
+        residual -= cent[assign]
+        books.append(cent)
+        codes.append(assign)
+        if log is not None:
+            log(f"k-means init codebook {c}: residual energy {float((residual ** 2).sum()) / max(1, n):.4f} "
+                f"({time.time() - t0:.1f}s)")
+    return torch.stack(books).contiguous(), torch.stack(codes, dim=1)
+
+
+def perplexity(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """[M] perplexity (exp entropy) of each codebook's code distribution in ``codes`` [N, M]."""
+    M = codes.shape[1]
+    out = torch.empty(M, dtype=torch.float64)
+    for m in range(M):
+        p = torch.bincount(codes[:, m].long().cpu(), minlength=codebook_size).to(torch.float64)
+        p = p / p.sum().clamp_min(1)
+        nz = p[p > 0]
+        out[m] = math.exp(float(-(nz * nz.log()).sum()))
+    return out

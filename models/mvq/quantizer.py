@@ -1,0 +1,484 @@
+"""Multi-codebook vector quantiser (MVQ): teacher embeddings -> C bytes per frame.
+
+An additive quantiser: a frame ``x`` (after per-dimension normalisation) is approximated by
+the sum of one entry from each of C codebooks, ``x_hat = sum_c codebooks[c, i_c]``, and stored
+as the C indexes (uint8). The model is the one of k2-fsa's ``multi_quantization``; the fitting
+and the encoder differ:
+
+- initialisation: residual k-means (codebook c is the k-means of what codebooks < c leave),
+  with faiss' progressive-dimension clustering (PCA dims grow 2, 4, ... D; faiss-gpu when it
+  sees a GPU, plain torch k-means when faiss is missing);
+- refinement: alternate (a) encoding every training frame with the joint encoder and (b) the
+  exact least-squares update of all codebooks jointly for those codes; neither step can raise
+  the training loss;
+- encoder: beam search over the codebooks in order (beam 1 = greedy residual) followed by
+  sweeps of iterated conditional modes (each codebook in turn takes its best entry given the
+  others), all on precomputed inner products; vectorised torch, chunked over frames.
+
+Example::
+
+    >>> import torch
+    >>> from spear.models.mvq import MultiCodebookQuantizer
+    >>> x = torch.randn(4096, 64)
+    >>> q = MultiCodebookQuantizer.fit(x, num_codebooks=4, codebook_size=16, seed=0, refine_iters=2)
+    >>> codes = q.encode(x[:10])            # torch.uint8 [10, 4]
+    >>> x_hat = q.decode(codes)             # float32 [10, 64], original space
+    >>> q.save("/tmp/spear-doc/mvq")         # or an s3:// prefix
+    >>> MultiCodebookQuantizer.load("/tmp/spear-doc/mvq").version == q.version
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import time
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from spear.cluster.storage import Storage
+from spear.models.mvq import kernels
+from spear.models.mvq.artefact import (FORMAT, FORMAT_VERSION, ArtefactError, content_hash, read_artefact,
+                                       write_artefact)
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+# A training sample needs this many rows per codebook entry at least (k-means on fewer is noise).
+MIN_ROWS_PER_ENTRY = 4
+# Memory the encoder may use per chunk for its [rows, C, K] score tables (chunk_size=None).
+_CHUNK_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _threads(num_threads: Optional[int]) -> Iterator[None]:
+    """Run torch (and faiss) with ``num_threads`` intra-op threads, restoring the old setting."""
+    if not num_threads:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(num_threads)
+    except ImportError:
+        faiss = None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+        if faiss is not None:
+            faiss.omp_set_num_threads(old)
+
+
+def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what} must be a torch tensor or numpy array, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise ValueError(f"{what} must be floating point, got dtype {x.dtype}")
+    return x
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.reshape(-1)).flatten()
+        raise ValueError(f"{what}: {rows.numel()} of {bad.numel()} rows contain NaN or inf values "
+                         f"(first bad row: {int(rows[0])}); drop or repair them before quantising")
+
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class MultiCodebookQuantizer:
+    """C codebooks of K entries over D-dim frames; tokens are ``torch.uint8`` [N, C].
+
+    Build one with :meth:`fit` or :meth:`load`. The codebooks live in the normalised space
+    ``(x - mean) / std`` (identity when fitted with ``normalize=False``); :meth:`encode` and
+    :meth:`decode` take and return frames in the original space.
+
+    Attributes set at construction define the codes (and enter :attr:`version`): the codebooks,
+    the normalisation and the encoder settings (``beam_size``, ``icm_sweeps``).
+    """
+
+    def __init__(self, codebooks: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, normalize: bool,
+                 beam_size: int = 4, icm_sweeps: int = 2, metadata: Optional[dict[str, Any]] = None,
+                 device: Union[str, torch.device, None] = None):
+        if codebooks.ndim != 3:
+            raise ValueError(f"codebooks must be [num_codebooks, codebook_size, dim], got shape {list(codebooks.shape)}")
+        M, K, D = codebooks.shape
+        _check_codebook_size(K)
+        if tuple(mean.shape) != (D,) or tuple(std.shape) != (D,):
+            raise ValueError(f"mean and std must be [{D}], got {list(mean.shape)} and {list(std.shape)}")
+        self._device = _resolve_device(device)
+        self._codebooks = codebooks.detach().to(self._device, torch.float32).contiguous()
+        self._mean = mean.detach().to(self._device, torch.float32).contiguous()
+        self._std = std.detach().to(self._device, torch.float32).contiguous()
+        self._normalize = bool(normalize)
+        self._beam_size = int(beam_size)
+        self._icm_sweeps = int(icm_sweeps)
+        meta = dict(metadata or {})
+        meta.update(format=FORMAT, format_version=FORMAT_VERSION, dim=D, num_codebooks=M, codebook_size=K,
+                    normalize=self._normalize, encoder={"beam_size": self._beam_size, "icm_sweeps": self._icm_sweeps})
+        for k in ("teacher_id", "layer", "training_frames", "train_relative_loss", "heldout_frames",
+                  "heldout_relative_loss", "perplexity", "created_at", "fit", "extra"):
+            meta.setdefault(k, None)
+        meta["version"] = content_hash(self._codebooks, self._mean, self._std, meta)
+        self._meta = meta
+        self._tables: Optional[kernels.CodebookTables] = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_codebooks(self) -> int:
+        return self._codebooks.shape[0]
+
+    @property
+    def codebook_size(self) -> int:
+        return self._codebooks.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self._codebooks.shape[2]
+
+    @property
+    def normalize(self) -> bool:
+        return self._normalize
+
+    @property
+    def version(self) -> str:
+        """Content hash (sha256 hex) of the tensors and the fields that define the codes."""
+        return self._meta["version"]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of the artefact metadata (see :mod:`spear.models.mvq.artefact`)."""
+        return dict(self._meta)
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """[C, K, D] float32, in the normalised space."""
+        return self._codebooks
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self._std
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: Union[str, torch.device]) -> "MultiCodebookQuantizer":
+        """Move the codebooks (the computation of encode/decode) to ``device``, in place."""
+        self._device = torch.device(device)
+        self._codebooks = self._codebooks.to(self._device)
+        self._mean, self._std = self._mean.to(self._device), self._std.to(self._device)
+        self._tables = None
+        return self
+
+    def __repr__(self) -> str:
+        return (f"MultiCodebookQuantizer(num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
+                f"dim={self.dim}, normalize={self.normalize}, teacher_id={self._meta.get('teacher_id')!r}, "
+                f"layer={self._meta.get('layer')!r}, version={self.version[:12]})")
+
+    # ------------------------------------------------------------------ fitting
+
+    @classmethod
+    def fit(cls, x: ArrayLike, num_codebooks: int = 16, codebook_size: int = 256, *, seed: int = 0,
+            normalize: bool = True, refine_iters: int = 6, kmeans_iters: int = 10, progressive_dim_steps: int = 10,
+            max_points_per_centroid: int = 256, train_beam_size: int = 1, train_icm_sweeps: int = 2,
+            beam_size: int = 4, icm_sweeps: int = 2, ridge: float = 1.0, time_budget_s: Optional[float] = None,
+            heldout: Optional[ArrayLike] = None, heldout_fraction: float = 0.0,
+            teacher_id: Optional[str] = None, layer: Optional[int] = None, extra: Optional[dict[str, Any]] = None,
+            device: Union[str, torch.device, None] = None, num_threads: Optional[int] = None,
+            chunk_size: Optional[int] = None,
+            log: Optional[Callable[[str], None]] = None) -> "MultiCodebookQuantizer":
+        """Fit C codebooks of K entries to the frames ``x`` [N, D].
+
+        Args:
+            x: training frames (torch or numpy, any float dtype), [N, D] with N >= 4 x codebook_size.
+            num_codebooks: C, bytes per frame.
+            codebook_size: K, a power of two in 2..256 (codes are uint8).
+            seed: fixes the held-out split and the k-means; the same seed and data give
+                bit-identical codebooks on the same machine and thread count.
+            normalize: per-dimension mean/std normalisation with statistics from ``x``.
+            refine_iters: joint refinement passes (least-squares codebook update + re-encoding).
+            kmeans_iters, progressive_dim_steps, max_points_per_centroid: the k-means of the
+                initialisation (faiss ``ProgressiveDimClustering`` settings; 0 steps = plain
+                k-means; each k-means trains on at most max_points_per_centroid x K rows).
+            train_beam_size, train_icm_sweeps: the encoder used on training frames during
+                refinement (it also keeps, row by row, the better of that and the previous codes).
+            beam_size, icm_sweeps: the encoder of the fitted quantiser (:meth:`encode`).
+            ridge: weight pulling the least-squares update towards the previous codebooks
+                (keeps unused entries and the singular directions in place).
+            time_budget_s: stop refining when the next pass would end after this many seconds
+                from the start (the initialisation always runs).
+            heldout: frames to measure the held-out relative reconstruction loss on; or
+            heldout_fraction: share of ``x`` (seeded random rows) kept out of fitting for it.
+            teacher_id, layer, extra: metadata stored in the artefact (teacher_id and layer also
+                enter the version, so artefacts of different teachers never share one).
+            device: where to compute (default: CUDA when available, else CPU).
+            num_threads: torch/faiss intra-op threads while fitting (default: leave as set).
+            chunk_size: frames per encoder chunk (default: from a 256 MiB budget).
+            log: callable receiving progress lines (e.g. ``print`` or ``logger.info``).
+        """
+        t_start = time.time()
+        say = log or (lambda s: None)
+        _check_codebook_size(codebook_size)
+        if not (1 <= num_codebooks <= 64):
+            raise ValueError(f"num_codebooks must be in 1..64, got {num_codebooks}")
+        x = _as_tensor(x, "training frames")
+        if x.ndim != 2:
+            raise ValueError(f"training frames must be a 2-D [N, D] array, got shape {list(x.shape)}")
+        if not (0.0 <= heldout_fraction < 0.5):
+            raise ValueError(f"heldout_fraction must be in [0, 0.5), got {heldout_fraction}")
+        _check_finite(x, "training frames")
+        dev = _resolve_device(device)
+        if heldout_fraction > 0:
+            gen = torch.Generator().manual_seed(seed)
+            perm = torch.randperm(x.shape[0], generator=gen)
+            n_held = int(round(heldout_fraction * x.shape[0]))
+            heldout = x[perm[:n_held]]
+            x = x[perm[n_held:]]
+        n, d = x.shape
+        need = MIN_ROWS_PER_ENTRY * codebook_size
+        if n < need:
+            raise ValueError(f"too few training frames: got {n}, need at least {need} "
+                             f"({MIN_ROWS_PER_ENTRY} x codebook_size={codebook_size})")
+        if heldout is not None:
+            heldout = _as_tensor(heldout, "held-out frames")
+            if heldout.ndim != 2 or heldout.shape[1] != d:
+                raise ValueError(f"held-out frames must be [n, {d}], got shape {list(heldout.shape)}")
+            _check_finite(heldout, "held-out frames")
+
+        with _threads(num_threads), torch.no_grad():
+            x64 = x.to(torch.float64)
+            if normalize:
+                mean = x64.mean(0)
+                std = x64.std(0, unbiased=False)
+                # A constant dimension carries nothing: leave it unscaled instead of dividing by ~0.
+                std = torch.where(std > 1e-8 * max(float(std.max()), 1e-30), std, torch.ones_like(std))
+            else:
+                mean, std = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
+            mean32, std32 = mean.to(torch.float32), std.to(torch.float32)
+            xn = ((x64 - mean) / std).to(dev, torch.float32).contiguous() if normalize else x.to(dev, torch.float32)
+            del x64
+
+            books, codes = kernels.residual_kmeans_init(
+                xn, num_codebooks, codebook_size, niter=kmeans_iters, seed=seed,
+                max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_dim_steps, log=log)
+            total = float(((xn - xn.mean(0)) ** 2).sum())
+            say(f"initialised {num_codebooks} x {codebook_size} codebooks in {time.time() - t_start:.1f}s")
+            iters_done, last_iter_s = 0, 0.0
+            for it in range(refine_iters):
+                elapsed = time.time() - t_start
+                if time_budget_s is not None and it > 0 and elapsed + last_iter_s > time_budget_s:
+                    say(f"time budget {time_budget_s:.0f}s reached after {it} refinement passes")
+                    break
+                t_it = time.time()
+                books = kernels.least_squares_update(xn, codes, books, ridge)
+                tables = kernels.codebook_tables(books)
+                codes, err = _encode_rows(xn, tables, train_beam_size, train_icm_sweeps, chunk_size, init_codes=codes)
+                iters_done += 1
+                last_iter_s = time.time() - t_it
+                say(f"refinement pass {it + 1}/{refine_iters}: train relative loss {float(err) / total:.4f} "
+                    f"({last_iter_s:.1f}s)")
+            if iters_done:
+                # One more codebook update for the final codes (exact for them, cannot hurt).
+                books = kernels.least_squares_update(xn, codes, books, ridge)
+            train_codes, train_err = _encode_rows(xn, kernels.codebook_tables(books), beam_size, icm_sweeps,
+                                                  chunk_size)
+            meta: dict[str, Any] = {
+                "teacher_id": teacher_id, "layer": layer, "extra": extra,
+                "training_frames": n,
+                "train_relative_loss": float(train_err) / total,
+                "perplexity": [round(float(p), 3) for p in kernels.perplexity(train_codes, codebook_size)],
+                "heldout_frames": None if heldout is None else int(heldout.shape[0]),
+                "heldout_relative_loss": None,
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "fit": {"seed": seed, "refine_iters": refine_iters, "refine_iters_done": iters_done,
+                        "kmeans_iters": kmeans_iters, "progressive_dim_steps": progressive_dim_steps,
+                        "max_points_per_centroid": max_points_per_centroid, "train_beam_size": train_beam_size,
+                        "train_icm_sweeps": train_icm_sweeps, "ridge": ridge, "device": str(dev),
+                        "seconds": round(time.time() - t_start, 2)},
+            }
+            q = cls(books, mean32, std32, normalize=normalize, beam_size=beam_size, icm_sweeps=icm_sweeps,
+                    metadata=meta, device=dev)
+            if heldout is not None and heldout.shape[0] > 0:
+                q._meta["heldout_relative_loss"] = q.relative_reconstruction_loss(heldout, chunk_size=chunk_size)
+            say(f"fitted in {time.time() - t_start:.1f}s: train loss {meta['train_relative_loss']:.4f}, "
+                f"held-out loss {q._meta['heldout_relative_loss']}")
+        return q
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def _get_tables(self) -> kernels.CodebookTables:
+        if self._tables is None:
+            self._tables = kernels.codebook_tables(self._codebooks)
+        return self._tables
+
+    def _prepare(self, x: ArrayLike, what: str = "frames") -> torch.Tensor:
+        x = _as_tensor(x, what)
+        if x.ndim == 0 or x.shape[-1] != self.dim:
+            got = "a scalar" if x.ndim == 0 else f"{x.shape[-1]} (shape {list(x.shape)})"
+            raise ValueError(f"{what}: expected dimension {self.dim} on the last axis, got {got}")
+        _check_finite(x, what)
+        return x.reshape(-1, self.dim)
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self._device, torch.float32)
+        return (x - self._mean) / self._std if self._normalize else x
+
+    def encode(self, x: ArrayLike, *, chunk_size: Optional[int] = None, beam_size: Optional[int] = None,
+               icm_sweeps: Optional[int] = None) -> torch.Tensor:
+        """Tokens of frames ``x`` [..., D] -> ``torch.uint8`` [..., C] on ``x``'s device.
+
+        Computed on :attr:`device` in chunks of ``chunk_size`` frames (memory stays bounded);
+        the codes do not depend on the chunk size. ``beam_size`` / ``icm_sweeps`` override the
+        artefact's encoder settings (tokens then differ from the versioned ones).
+        """
+        out_device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        lead = tuple(x.shape[:-1])
+        rows = self._prepare(x)
+        beam = self._beam_size if beam_size is None else int(beam_size)
+        sweeps = self._icm_sweeps if icm_sweeps is None else int(icm_sweeps)
+        with torch.no_grad():
+            codes, _ = _encode_rows(rows, self._get_tables(), beam, sweeps, chunk_size, transform=self._normalised)
+        return codes.to(torch.uint8).reshape(*lead, self.num_codebooks).to(out_device)
+
+    def decode(self, codes: ArrayLike) -> torch.Tensor:
+        """Frames (float32, original space) [..., D] from tokens [..., C], on ``codes``' device."""
+        if isinstance(codes, np.ndarray):
+            codes = torch.from_numpy(np.ascontiguousarray(codes))
+        if not isinstance(codes, torch.Tensor) or torch.is_floating_point(codes) or codes.dtype == torch.bool:
+            raise ValueError("codes must be an integer tensor or array (uint8 tokens from encode)")
+        if codes.ndim == 0 or codes.shape[-1] != self.num_codebooks:
+            raise ValueError(f"codes: expected {self.num_codebooks} codebooks on the last axis, got shape "
+                             f"{list(codes.shape)}")
+        out_device = codes.device
+        lead = tuple(codes.shape[:-1])
+        flat = codes.reshape(-1, self.num_codebooks).to(self._device).long()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in 0..{self.codebook_size - 1}, got values in "
+                             f"{int(flat.min())}..{int(flat.max())}")
+        with torch.no_grad():
+            xn = kernels.decode_codes(flat, self._codebooks)
+            x = xn * self._std + self._mean if self._normalize else xn
+        return x.reshape(*lead, self.dim).to(out_device)
+
+    def relative_reconstruction_loss(self, x: ArrayLike, *, chunk_size: Optional[int] = None) -> float:
+        """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the frames ``x`` [..., D].
+
+        Measured in the space the codebooks are fit in: after the per-dimension normalisation
+        when ``normalize`` is on (as multi_quantization reports it for the normalised features
+        it is trained on), in the original space otherwise. ``mean(x)`` is the mean of the given
+        frames. 0 is perfect; predicting the mean scores 1.
+        """
+        rows = self._prepare(x)
+        if rows.shape[0] == 0:
+            raise ValueError("relative_reconstruction_loss needs at least one frame")
+        with torch.no_grad():
+            _, err = _encode_rows(rows, self._get_tables(), self._beam_size, self._icm_sweeps, chunk_size,
+                                  transform=self._normalised)
+            total = 0.0
+            mu = torch.zeros(self.dim, dtype=torch.float64, device=self._device)
+            for s in range(0, rows.shape[0], 65536):
+                mu += self._normalised(rows[s : s + 65536]).to(torch.float64).sum(0)
+            mu /= rows.shape[0]
+            for s in range(0, rows.shape[0], 65536):
+                total += float(((self._normalised(rows[s : s + 65536]).to(torch.float64) - mu) ** 2).sum())
+        return float(err) / max(total, 1e-30)
+
+    # ------------------------------------------------------------------ artefact
+
+    def save(self, uri: str, storage: Optional[Storage] = None) -> str:
+        """Write the artefact under ``uri`` (local path, file:// or s3:// prefix); returns :attr:`version`.
+
+        Two objects: ``<uri>/codebooks.safetensors`` then ``<uri>/meta.json`` (see
+        :mod:`spear.models.mvq.artefact`).
+        """
+        write_artefact(uri, self._codebooks, self._mean, self._std, self._meta, storage=storage)
+        return self.version
+
+    @classmethod
+    def load(cls, uri: str, storage: Optional[Storage] = None,
+             device: Union[str, torch.device, None] = None) -> "MultiCodebookQuantizer":
+        """Read and verify an artefact written by :meth:`save` (content hash, shapes).
+
+        Raises :class:`~spear.models.mvq.artefact.ArtefactError` (a ValueError) when it is
+        missing, incomplete or corrupt.
+        """
+        tensors, meta = read_artefact(uri, storage=storage)
+        enc = meta.get("encoder") or {}
+        q = cls(tensors["codebooks"], tensors["mean"], tensors["std"], normalize=bool(meta["normalize"]),
+                beam_size=int(enc.get("beam_size", 4)), icm_sweeps=int(enc.get("icm_sweeps", 2)),
+                metadata=meta, device=device)
+        if q.version != meta["version"]:  # the constructor recomputes it from what it now holds
+            raise ArtefactError(f"MVQ artefact at {uri}: recomputed version {q.version[:16]}... differs from the "
+                                f"stored {meta['version'][:16]}...")
+        return q
+
+    def check_compatible(self, *, teacher_id: Optional[str] = None, layer: Optional[int] = None,
+                         dim: Optional[int] = None, num_codebooks: Optional[int] = None,
+                         codebook_size: Optional[int] = None, version: Optional[str] = None) -> None:
+        """Raise ValueError unless this quantiser matches every given field.
+
+        Example: ``q.check_compatible(teacher_id="wavlm-large", layer=21, dim=1024)`` before
+        tokenising a teacher's embeddings with ``q``.
+        """
+        expected = {"teacher_id": teacher_id, "layer": layer, "dim": dim, "num_codebooks": num_codebooks,
+                    "codebook_size": codebook_size, "version": version}
+        wrong = [f"{k}: artefact has {self._meta.get(k)!r}, expected {v!r}"
+                 for k, v in expected.items() if v is not None and self._meta.get(k) != v]
+        if wrong:
+            raise ValueError(f"MVQ codebooks {self.version[:12]} (teacher {self._meta.get('teacher_id')!r}, layer "
+                             f"{self._meta.get('layer')!r}) do not fit this use: " + "; ".join(wrong))
+
+
+def _check_codebook_size(k: int) -> None:
+    if not isinstance(k, (int, np.integer)) or k < 2 or k > 256 or (k & (k - 1)):
+        raise ValueError(f"codebook_size must be a power of two between 2 and 256 (tokens are uint8), got {k!r}")
+
+
+def _chunk_rows(chunk_size: Optional[int], tables: kernels.CodebookTables, beam: int, device: torch.device) -> int:
+    """Frames per encoder chunk, a multiple of the matmul row block (see kernels.unary_costs)."""
+    blk = kernels.row_block(device)
+    if chunk_size is None:
+        per_row = 4 * tables.num_codebooks * tables.codebook_size * 2 + 4 * beam * tables.codebook_size * 3
+        chunk_size = max(blk, _CHUNK_BYTES // per_row)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(math.ceil(chunk_size / blk) * blk)
+
+
+def _encode_rows(x: torch.Tensor, tables: kernels.CodebookTables, beam: int, sweeps: int,
+                 chunk_size: Optional[int], init_codes: Optional[torch.Tensor] = None,
+                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                 ) -> tuple[torch.Tensor, float]:
+    """Encode rows chunk by chunk: (codes [N, C] int64 on the tables' device, total squared error)."""
+    dev = tables.flat.device
+    step = _chunk_rows(chunk_size, tables, beam, dev)
+    n = x.shape[0]
+    codes = torch.empty(n, tables.num_codebooks, dtype=torch.long, device=dev)
+    err = 0.0
+    for s in range(0, n, step):
+        xs = x[s : s + step]
+        xs = transform(xs) if transform is not None else xs.to(dev, torch.float32)
+        init = None if init_codes is None else init_codes[s : s + step].to(dev)
+        c, cost = kernels.encode_chunk(xs, tables, beam, sweeps, init_codes=init)
+        codes[s : s + step] = c
+        # The exact error (decoding is cheap next to encoding), not the cancellation-prone table cost.
+        err += float(((xs - kernels.decode_flat(c, tables)).to(torch.float64) ** 2).sum())
+    return codes, err
