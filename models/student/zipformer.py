@@ -10,6 +10,10 @@ better encoder for automatic speech recognition", 2023), configured as SPEAR use
                                                                           its layers, upsample, bypass
       -> full-dim output (newest copy of every channel)                    50 Hz, no output downsampling
 
+(no output downsampling: ``output_downsampling_factor=1``, as icefall's SSL recipe
+``egs/librispeech/SSL/zipformer``). The ``spear-large`` preset has 326.9M parameters, SPEAR-Large's
+~327M; ``spear-600m`` 597.0M.
+
 One Zipformer2 layer (in this order, every step residual):
 FF1 (3/4 F) -> non-linear attention -> self-attention 1 -> conv 1 -> FF2 (F) -> bypass_mid
 -> self-attention 2 -> conv 2 -> FF3 (5/4 F) -> BiasNorm -> bypass. The attention *weights*
@@ -384,7 +388,11 @@ def convert_num_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Zipformer2(StudentEncoder):
-    """SPEAR's student: Conv2dSubsampling to 50 Hz, then U-shaped stacks of Zipformer2 layers."""
+    """SPEAR's student: Conv2dSubsampling to 50 Hz, then U-shaped stacks of Zipformer2 layers.
+
+    ``return_layers`` gives every layer's output at 50 Hz; the layers of a downsampled stack are
+    upsampled by repetition (before the stack's output bypass), their widths are ``layer_dims``.
+    """
 
     def __init__(self, config: ZipformerConfig):
         super().__init__(config)

@@ -218,3 +218,17 @@ def test_zipformer_stacks_mix_different_widths():
     assert isinstance(enc, Zipformer2)
     assert len(enc.stacks) == len(enc.config.downsampling_factor) == 5
     assert enc.output_dim == max(enc.config.encoder_dim)
+
+
+@pytest.mark.parametrize("arch,overrides,rate", VARIANTS[:2], ids=IDS[:2])
+def test_bfloat16_autocast_runs_and_stays_close(arch, overrides, rate):
+    # GPUs train under bf16 autocast; the CPU autocast exercises the same dtype paths here.
+    enc = _enc(arch, overrides)
+    x, lengths = torch.randn(2, 150, 40), torch.tensor([150, 100])
+    ref = enc(x, lengths).frames
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(x, lengths, mask=torch.rand(2, 150) < 0.3, return_layers=True)
+        plain = enc(x, lengths).frames
+    assert all(torch.isfinite(y).all() for y in out.layers)
+    err = (plain.float() - ref).abs().mean() / ref.abs().mean()
+    assert err < 0.05, float(err)
