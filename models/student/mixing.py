@@ -88,12 +88,15 @@ def _randint(n: int, generator: Optional[torch.Generator]) -> int:
 
 def mix_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor, targets: Mapping[str, torch.Tensor],
               frame_rates: Mapping[str, float], domains: Sequence[str], cfg: Any = None,
-              generator: Optional[torch.Generator] = None, sample_rate: int = 16000
+              generator: Optional[torch.Generator] = None, sample_rate: int = 16000,
+              target_lengths: Optional[Mapping[str, torch.Tensor]] = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], MixInfo]:
     """Token mixing on a batch of 16 kHz waveforms [B, S] and their per-teacher targets.
 
     ``targets[name]`` is [B, T_name, C_name] at the teacher's own rate ``frame_rates[name]``,
-    -100 where there is no target; ``domains[b]`` is "speech" or "audio"; ``cfg`` a
+    -100 where there is no target; ``target_lengths[name]`` [B] (optional) marks frames at or
+    past an utterance's length as having no target too, for targets padded with anything else
+    (0 for an utterance without this teacher's tokens); ``domains[b]`` is "speech" or "audio"; ``cfg`` a
     :class:`spear.pipeline.config.MixingConfig` (None = defaults). ``generator`` (a CPU
     ``torch.Generator``) makes the draws reproducible. Returns the mixed waveforms (a new
     tensor), new int64 targets and a :class:`MixInfo`.
@@ -117,6 +120,10 @@ def mix_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor, targets: Mapping[st
     out = wavs.clone()
     new_targets = {name: t.long().clone() for name, t in targets.items()}
     orig_targets = {name: t.long() for name, t in targets.items()}
+    for name, n_frames in (target_lengths or {}).items():  # past the length = no target
+        t = orig_targets[name]
+        beyond = torch.arange(t.shape[1], device=t.device)[None, :] >= torch.as_tensor(n_frames).to(t.device)[:, None]
+        orig_targets[name] = t.masked_fill(beyond.unsqueeze(-1), IGNORE_INDEX)
     info = MixInfo(partner=torch.full((B,), -1, dtype=torch.long), start=torch.zeros(B, dtype=torch.long),
                    length=torch.zeros(B, dtype=torch.long), partner_start=torch.zeros(B, dtype=torch.long),
                    snr_db=torch.full((B,), math.nan), gain=torch.zeros(B), g=torch.zeros(B),
@@ -167,7 +174,8 @@ def mix_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor, targets: Mapping[st
             theirs = tgt[j, kj.to(tgt.device)]
             draw = torch.rand(mine.shape, generator=generator).to(tgt.device) < p
             swap = draw & (mine != IGNORE_INDEX) & (theirs != IGNORE_INDEX)
-            new_targets[name][b, k.to(tgt.device)] = torch.where(swap, theirs, mine)
+            kd = k.to(tgt.device)
+            new_targets[name][b, kd] = torch.where(swap, theirs, new_targets[name][b, kd])
             info.region[name][b, k] = True
             info.replaced[name][b, k] = swap.cpu()
     return out, new_targets, info

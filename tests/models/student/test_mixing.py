@@ -127,3 +127,29 @@ def test_mixing_is_reproducible_with_a_generator():
     assert torch.equal(a[2].partner, b[2].partner)
     with pytest.raises(ValueError, match="domains"):
         mix_batch(wavs, lengths, targets, RATES, ["speech", "noise", "speech", "audio"])
+
+
+def test_target_lengths_mark_zero_padded_tokens_as_missing():
+    # shards pad tokens with 0 and give speech utterances 0 audio-teacher frames
+    wavs, lengths, targets = _batch()
+    t_lens = {}
+    for name, t in targets.items():
+        t_lens[name] = (t[..., 0] != -100).sum(1)
+        targets[name] = t.clamp_min(0)
+    t_lens["audio"][[0, 1]] = 0
+    targets["audio"][[0, 1]] = 0
+    domains = ["speech", "speech", "audio", "audio"]
+    for seed in range(10):
+        _, new, info = mix_batch(wavs, lengths, targets, RATES, domains, MixingConfig(prob=1.0),
+                                 torch.Generator().manual_seed(seed), target_lengths=t_lens)
+        for name, old in targets.items():
+            changed = new[name] != old
+            frame = torch.arange(old.shape[1])[None, :]
+            assert not changed[frame >= t_lens[name][:, None]].any()  # padding is never a target
+            # no padding zero is ever copied in: a replaced value is the partner's real token
+            for b in range(4):
+                j = int(info.partner[b])
+                if changed[b].any():
+                    assert j >= 0 and int(t_lens[name][j]) > 0
+                    assert torch.all(new[name][b][changed[b]] >= 10 * j)
+    assert torch.equal(new["audio"][[0, 1]], targets["audio"][[0, 1]])
