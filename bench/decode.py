@@ -15,18 +15,26 @@ into --cache and reused.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
 import sys
 import tempfile
 import time
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/tokenize.py would shadow the standard library's tokenize module (numpy imports it): keep this folder off sys.path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 import numpy as np
 import soundfile as sf
 import soxr
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_corpus  # noqa: E402
+_spec = importlib.util.spec_from_file_location("spear_bench_common", os.path.join(_HERE, "common.py"))
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+make_corpus = _common.make_corpus
+
 
 def reference_loop(paths: list[str]) -> float:
     """soundfile + soxr, whole file at a time: returns audio seconds decoded."""

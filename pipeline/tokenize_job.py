@@ -156,39 +156,42 @@ def diff_catalog(objects: pa.Table, ledger: pa.Table) -> tuple[pa.Table, int]:
 def _ensure_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[str, Any], objects: pa.Table,
                       storage: Storage, options: StorageOptions, rinfo, log) -> CodebookInfo:
     from spear.models.mvq import MultiCodebookQuantizer
+    from spear.models.mvq.artefact import META_NAME
     from spear.stages.quantize import codebook_uri, fit_quantizer, sample_teacher_frames
 
     num_codebooks = cfg.mvq.speech_codebooks if role == "speech" else cfg.mvq.audio_codebooks
     uri = codebook_uri(cfg.output, role, desc["version"], num_codebooks, cfg.mvq.codebook_size)
     common = dict(uri=uri, teacher=desc["name"], teacher_version=desc["version"], num_codebooks=num_codebooks,
                   frame_rate=float(desc["frame_rate"]), dim=int(desc["dim"]))
-    if MultiCodebookQuantizer.exists(uri, storage=storage):
+    if storage.exists(join_uri(uri, META_NAME)):
         q = MultiCodebookQuantizer.load(uri, storage=storage)
-        q.check_compatible(teacher_id=desc["version"], dim=int(desc["dim"]))
-        return CodebookInfo(version=q.version, fitted_now=False, heldout_loss=q.metadata.get("heldout_loss"),
-                            sample_frames=q.metadata.get("sample_frames"), **common)
+        q.check_compatible(teacher_id=desc["version"], dim=int(desc["dim"]), num_codebooks=num_codebooks,
+                           codebook_size=cfg.mvq.codebook_size)
+        return CodebookInfo(version=q.version, fitted_now=False, heldout_loss=q.metadata.get("heldout_relative_loss"),
+                            sample_frames=q.metadata.get("training_frames"), **common)
     log(f"[tokenize] pass 1: fitting {role} codebooks for teacher {desc['name']} ({desc['version'][:12]})")
     sample = sample_teacher_frames(objects, tcfg, cfg.decode, options, sample_frames=cfg.mvq.sample_frames,
                                    heldout_fraction=cfg.mvq.heldout_fraction, seed=cfg.mvq.seed, dim=int(desc["dim"]),
                                    frame_rate=float(desc["frame_rate"]), domains=ROLE_DOMAINS[role], progress=log,
                                    pool_kwargs=teacher_pool_kwargs(tcfg, rinfo.cpus, 1, cfg.tokenize.teacher_actors))
-    metadata = {"teacher_id": desc["version"], "teacher": desc["name"], "teacher_kind": tcfg.kind,
-                "layer": tcfg.layer, "frame_rate": float(desc["frame_rate"]), "role": role,
-                "sample_frames": int(sample.train.shape[0]), "heldout_frames": int(sample.heldout.shape[0]),
-                "sample_segments": sample.segments, "sample_sources": sample.sources}
+    extra = {"teacher": desc["name"], "teacher_kind": tcfg.kind, "frame_rate": float(desc["frame_rate"]), "role": role,
+             "sample_segments": sample.segments, "sample_audio_seconds": sample.audio_seconds,
+             "sample_sources": sample.sources}
     fit_kwargs = dict(num_codebooks=num_codebooks, codebook_size=cfg.mvq.codebook_size, seed=cfg.mvq.seed,
-                      metadata=metadata)
+                      teacher_id=desc["version"], layer=tcfg.layer, extra=extra)
     if rinfo.gpus > 0:  # fit where the GPU is
         import ray
 
-        q, loss = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer).remote(sample, **fit_kwargs))
+        q = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer).remote(sample, **fit_kwargs))
     else:
-        q, loss = fit_quantizer(sample, **fit_kwargs)
-    q.metadata["heldout_loss"] = loss
+        q = fit_quantizer(sample, **fit_kwargs)
+    loss = q.metadata.get("heldout_relative_loss")
+    if loss is None:
+        loss = q.metadata.get("train_relative_loss")
     q.save(uri, storage=storage)
     _save_usage_plot(q, sample.heldout if sample.heldout.shape[0] else sample.train, uri, storage)
-    log(f"[tokenize] {role} codebooks {q.version[:12]}: held-out relative reconstruction loss {loss:.4f} "
-        f"on {sample.heldout.shape[0]} frames ({sample.train.shape[0]} fitted)")
+    log(f"[tokenize] {role} codebooks {q.version[:12]}: relative reconstruction loss {loss:.4f} "
+        f"on {sample.heldout.shape[0]} held-out frames ({sample.train.shape[0]} fitted)")
     return CodebookInfo(version=q.version, fitted_now=True, heldout_loss=loss, sample_frames=int(sample.train.shape[0]),
                         **common)
 
@@ -201,7 +204,8 @@ def _save_usage_plot(q, frames: np.ndarray, uri: str, storage: Storage) -> None:
     codes = q.encode(torch.from_numpy(frames))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "usage.png")
-        plot_codebook_usage(codes, path, title=f"{q.metadata.get('teacher', '')} codebook usage (held-out)")
+        plot_codebook_usage(codes, path, codebook_size=q.codebook_size,
+                            title=f"{q.metadata.get('extra', {}).get('teacher', '')} codebook usage (held-out frames)")
         with open(path, "rb") as f:
             storage.write_bytes(join_uri(uri, "usage.png"), f.read())
 
@@ -260,7 +264,7 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
             for role, tcfg in roles.items():
                 ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={
                     "teacher": tcfg, "column_prefix": role, "storage_options": options,
-                    "encode": QuantizerEncoder(codebooks[role].uri, options)},
+                    "encode": QuantizerEncoder(codebooks[role].uri, options), "only_domains": ROLE_DOMAINS[role]},
                     **teacher_pool_kwargs(tcfg, rinfo.cpus, len(roles), cfg.tokenize.teacher_actors))
             role_meta = {r: {"domains": ROLE_DOMAINS[r], "num_codebooks": cb.num_codebooks, "frame_rate": cb.frame_rate,
                              "codebook": cb.version} for r, cb in codebooks.items()}

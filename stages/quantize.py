@@ -192,9 +192,9 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
                        audio_seconds=seconds, sources=sources)
 
 
-def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int, seed: int,
-                  metadata: dict[str, Any], refine_iters: int | None = None):
-    """Fit MVQ on the sample (GPU when this process has one); returns (quantizer, held-out loss)."""
+def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int, seed: int, teacher_id: str,
+                  layer: int | None, extra: dict[str, Any]):
+    """Fit MVQ on the sample (GPU when this process has one); the held-out loss is recorded in the artefact."""
     import torch
 
     from spear.models.mvq import MultiCodebookQuantizer
@@ -202,13 +202,10 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
     if sample.train.shape[0] < 4 * codebook_size:
         raise ValueError(f"only {sample.train.shape[0]} frames sampled to fit {codebook_size}-entry codebooks "
                          f"(need at least {4 * codebook_size}): the corpus is too small for mvq.sample_frames")
-    kwargs: dict[str, Any] = {"num_codebooks": num_codebooks, "codebook_size": codebook_size, "seed": seed}
-    if refine_iters is not None:
-        kwargs["refine_iters"] = refine_iters
-    q = MultiCodebookQuantizer.fit(torch.from_numpy(sample.train), **kwargs, metadata=metadata)
-    held = sample.heldout if sample.heldout.shape[0] else sample.train
-    loss = float(q.relative_reconstruction_loss(torch.from_numpy(held)))
-    return q, loss
+    heldout = torch.from_numpy(sample.heldout) if sample.heldout.shape[0] else None
+    return MultiCodebookQuantizer.fit(torch.from_numpy(sample.train), num_codebooks=num_codebooks,
+                                      codebook_size=codebook_size, seed=seed, heldout=heldout, teacher_id=teacher_id,
+                                      layer=layer, extra=extra)
 
 
 def codebook_uri(output: str, role: str, teacher_version: str, num_codebooks: int, codebook_size: int) -> str:

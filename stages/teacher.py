@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -96,12 +96,15 @@ class TeacherStage:
         cache_dir: local cache for remote checkpoints.
         device: force a device (default: CUDA if present).
         num_threads: torch intra-op threads on CPU (default: torch's choice).
+        only_domains: run the teacher only on rows whose ``domain`` is one of these (the audio teacher:
+            ``("audio",)``); other rows pass through with no tokens (None) and 0 frames.
     """
 
     def __init__(self, teacher: TeacherConfig | Mapping[str, Any], storage_options: StorageOptions | None = None,
                  column_prefix: str = "speech", encode: EncodeFn | None = None,
                  encode_factory: Callable[[Teacher], EncodeFn] | None = None, cache_dir: str | None = None,
-                 device: str | None = None, num_threads: int | None = None):
+                 device: str | None = None, num_threads: int | None = None,
+                 only_domains: Sequence[str] | None = None):
         if encode is not None and encode_factory is not None:
             raise ValueError("give either encode or encode_factory, not both")
         cfg = teacher if isinstance(teacher, TeacherConfig) else TeacherConfig.model_validate(dict(teacher))
@@ -113,16 +116,20 @@ class TeacherStage:
         self.prefix = column_prefix
         self.encode = encode_factory(self.teacher) if encode_factory is not None else encode
         self.max_samples = int(cfg.batch_seconds * self.teacher.sample_rate)
+        self.only_domains = set(only_domains) if only_domains is not None else None
         self.stats = TeacherStats()
         self._metrics = _ray_counters(self.teacher.name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         audio = batch["audio"]
         n = len(audio)
-        wavs = [flac_decode(bytes(a)) if a is not None and len(a) else np.zeros(0, np.float32) for a in audio]
+        skip = (np.array([d not in self.only_domains for d in batch["domain"]], dtype=bool)
+                if self.only_domains is not None else np.zeros(n, dtype=bool))
+        wavs = [flac_decode(bytes(a)) if a is not None and len(a) and not skip[i] else np.zeros(0, np.float32)
+                for i, a in enumerate(audio)]
         if "num_samples" in batch:
             for i, (w, ns) in enumerate(zip(wavs, batch["num_samples"])):
-                if audio[i] is not None and len(w) != int(ns):
+                if audio[i] is not None and not skip[i] and len(w) != int(ns):
                     sid = batch["segment_id"][i] if "segment_id" in batch else i
                     raise ValueError(f"segment {sid}: audio decodes to {len(w)} samples, num_samples says {int(ns)}")
         lengths = np.array([len(w) for w in wavs], dtype=np.int64)
@@ -130,6 +137,7 @@ class TeacherStage:
         num_frames = np.zeros(n, dtype=np.int32)
         for idx in plan_subbatches(lengths, self.max_samples):
             self._run(idx, wavs, lengths, values, num_frames)
+        values[skip] = None
         out = dict(batch)
         out[f"{self.prefix}_tokens" if self.encode is not None else f"{self.prefix}_emb"] = values
         out[f"{self.prefix}_num_frames"] = num_frames

@@ -55,6 +55,11 @@ def write_batch(batch: pa.Table, *, directory: str, storage_options: StorageOpti
 
     ``transform`` maps the good rows to ``schema``'s columns before the cast (e.g. adds token metadata).
     """
+    for name in ("quarantine_stage", "quarantine_reason"):
+        col = batch[name]
+        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+            # numpy-format stages (the teachers) turn an all-null column into float NaN: it holds no reasons
+            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.nulls(batch.num_rows, pa.string()))
     bad_mask = pc.is_valid(batch["quarantine_reason"])
     bad = batch.filter(bad_mask)
     good = batch.filter(pc.invert(bad_mask))

@@ -25,7 +25,7 @@ from spear.cluster.storage import Storage
 from .base import Teacher
 from .checkpoint import fetch_checkpoint
 
-TEACHER_KINDS = ("mfcc", "fbank", "wavlm", "hubert", "dasheng")
+TEACHER_KINDS = ("mfcc", "fbank", "wavlm", "hubert", "dasheng", "student")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -47,9 +47,6 @@ def load_teacher(cfg: Any, storage: Storage | None = None, device: str | torch.d
 
         cfg = TeacherConfig.model_validate(dict(cfg))
     kind = cfg.kind
-    if kind == "student":
-        raise ValueError("teacher kind 'student' (a trained SPEAR student as the next iteration's teacher) is not "
-                         "available yet: it arrives with the student training code and its checkpoint export")
     if kind in ("mfcc", "fbank"):
         if cfg.layer is not None:
             raise ValueError(f"teacher kind '{kind}' has no layers: leave `layer` unset")
@@ -67,6 +64,13 @@ def load_teacher(cfg: Any, storage: Storage | None = None, device: str | torch.d
         local = fetch_checkpoint(cfg.path, storage, cache_dir, patterns=("*.pt", "*.pth", "*.ckpt"))
         encoder, weights_hash = build_dasheng(local)
         teacher = DashengTeacher(encoder, cfg.layer, weights_hash)
+    elif kind == "student":
+        from spear.models.student import load_student
+
+        from .student import StudentTeacher
+
+        student = load_student(cfg.path, storage=storage, device="cpu", cache_dir=cache_dir)
+        teacher = StudentTeacher(student, cfg.layer, student.config["weights_sha256"])
     else:
         raise ValueError(f"unknown teacher kind {kind!r}: use one of {', '.join(TEACHER_KINDS)}")
     teacher = teacher.eval().requires_grad_(False).to(torch.device(device) if device is not None else default_device())

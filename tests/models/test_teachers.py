@@ -309,9 +309,31 @@ def test_dasheng_front_end_matches_torchaudio():
     torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-4)
 
 
-def test_student_kind_and_layer_errors(ckpts):
-    with pytest.raises(ValueError, match="student.*not available yet"):
-        load_teacher(TeacherConfig(kind="student", path="/nowhere"))
+def test_student_teacher_is_a_trained_students_layer(tmp_path):
+    from spear.models.student import build_encoder, export_student, load_student
+
+    torch.manual_seed(0)
+    export_student(build_encoder("zipformer2", "tiny", num_mel_bins=128), str(tmp_path / "student"))
+    teacher = load_teacher(TeacherConfig(kind="student", path=str(tmp_path / "student"), layer=2), device="cpu")
+    student = load_student(str(tmp_path / "student"))
+    wavs, lens = torch.randn(2, 24000) * 0.1, torch.tensor([24000, 15000])
+    out = teacher(wavs, lens)
+    want = student.features(wavs, lens)
+    assert teacher.frame_rate == student.frame_rate and teacher.dim == student.layer_dims[2]
+    assert out.num_frames.tolist() == want.lengths.tolist()
+    for b, n in enumerate(out.num_frames.tolist()):
+        torch.testing.assert_close(out.embeddings[b, :n], want.layers[2][b, :n], atol=1e-5, rtol=1e-5)
+    # padding does not change an utterance's embeddings
+    single = teacher(wavs[1:, :15000], lens[1:])
+    torch.testing.assert_close(single.embeddings[0, : out.num_frames[1]], out.embeddings[1, : out.num_frames[1]],
+                               atol=1e-4, rtol=1e-4)
+    other = load_teacher(TeacherConfig(kind="student", path=str(tmp_path / "student"), layer=3), device="cpu")
+    assert other.version != teacher.version
+    with pytest.raises(ValueError, match="out of range"):
+        load_teacher(TeacherConfig(kind="student", path=str(tmp_path / "student"), layer=99))
+
+
+def test_layer_errors(ckpts):
     with pytest.raises(ValueError, match="has no layers"):
         load_teacher(TeacherConfig(kind="mfcc", layer=3))
     with pytest.raises(ValueError, match="out of range"):
