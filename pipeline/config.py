@@ -193,7 +193,7 @@ class StudentConfig(_Section):
 
 
 class MaskingConfig(_Section):
-    mask_prob: float = Field(0.65, ge=0, le=1, description="share of frames starting a span (wav2vec2-style)")
+    mask_prob: float = Field(0.65, ge=0, le=1, description="wav2vec2/fairseq mask_prob: spans start with probability mask_prob / mask_length (about 49% of frames masked at the defaults)")
     mask_length: int = Field(10, ge=1, description="span length in fbank frames")
     min_masks: int = Field(2, ge=0, description="minimum spans per utterance")
     channel_mask_prob: float = Field(0.25, ge=0, le=1)
@@ -206,6 +206,16 @@ class MixingConfig(_Section):
     max_region: float = Field(0.5, ge=0, le=1, description="mixed region, share of the reference (max)")
     speech_snr_db: tuple[float, float] = Field((-5.0, 5.0), description="SNR range when the mixed-in utterance is speech")
     noise_snr_db: tuple[float, float] = Field((5.0, 20.0), description="SNR range when it is audio")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "MixingConfig":
+        if self.min_region > self.max_region:
+            raise ValueError("min_region must not exceed max_region")
+        for name in ("speech_snr_db", "noise_snr_db"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name} must be (low, high) with low <= high")
+        return self
 
 
 class TrainConfig(_Section):

@@ -71,7 +71,8 @@ def prepare_batch(batch: dict[str, np.ndarray], plan, train_cfg, encoder, fbank,
     targets = {r: torch.from_numpy(batch[f"{r}_tokens"]) for r in plan.roles}
     domains = ["audio" if d else "speech" for d in batch["domains"].tolist()]
     if train_cfg.mixing.prob > 0 and wavs.shape[0] > 1:
-        wavs, targets, _ = mix_batch(wavs, wav_lens, targets, plan.frame_rates, domains, train_cfg.mixing, generator)
+        wavs, targets, _ = mix_batch(wavs, wav_lens, targets, plan.frame_rates, domains, train_cfg.mixing, generator,
+                                     target_lengths={r: torch.from_numpy(batch[f"{r}_lens"]) for r in plan.roles})
     feats, feat_lens = fbank(wavs.to(device), wav_lens.to(device))
     masked = mask_features(feats, feat_lens, train_cfg.masking, generator=generator)
     student_lens = encoder.output_lengths(feat_lens).cpu()

@@ -56,3 +56,23 @@ def storage_root(request, tmp_path):
     else:
         server = request.getfixturevalue("s3_server")
         yield Storage(server.storage_options()), f"s3://{server.bucket}/t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def demo_tokens(ray_cluster, tmp_path_factory):
+    """The tiny demo corpus tokenised with the weight-free teachers (mfcc speech, fbank audio).
+
+    Returns (DemoCorpus, token output URI, TokenizeSummary).
+    """
+    from spear.pipeline.config import SourceConfig, load_config
+    from spear.pipeline.demo_corpus import generate_demo_corpus
+    from spear.pipeline.tokenize_job import run_tokenize
+
+    root = tmp_path_factory.mktemp("demo-tokens")
+    corpus = generate_demo_corpus(str(root / "corpus"), size="tiny", seed=0)
+    cfg = load_config(None, [f"output={root / 'tokens'}", "mvq.speech_codebooks=8", "mvq.audio_codebooks=4",
+                             "mvq.codebook_size=64", "mvq.sample_frames=4000", "decode.max_segment_seconds=10"])
+    cfg.corpus.sources = [SourceConfig(uri=str(corpus.speech_dir), domain="speech", name="demo-speech"),
+                          SourceConfig(uri=str(corpus.audio_dir), domain="audio", name="demo-audio")]
+    summary = run_tokenize(cfg, progress=False)
+    return corpus, cfg.output, summary

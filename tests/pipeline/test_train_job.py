@@ -123,3 +123,27 @@ def test_elastic_run_grows_to_two_nodes_shrinks_back_and_finishes(shards, tmp_pa
     assert summary["step"] == 40
     sizes = summary["world_sizes"]
     assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, (sizes, report["events"])
+
+
+def test_loss_falls_and_masked_accuracy_beats_the_most_frequent_token_on_demo_shards(demo_tokens, tmp_path):
+    import numpy as np
+
+    from spear.pipeline.ledger import TokenStore
+
+    _, tokens_uri, tok = demo_tokens
+    st = Storage()
+    out = str(tmp_path / "student")
+    s = run_train(_cfg(tokens_uri, out, 200, extra=["train.batch_seconds=16", "train.lr=0.003", "train.warmup_steps=20",
+                                                    "train.checkpoint_every=100", "train.mixing.prob=0.0"]),
+                  progress=False)
+    rows = list(csv.DictReader(io.StringIO(st.read_text(join_uri(s.checkpoint, "metrics.csv")))))
+    first = np.mean([float(r["speech/ce"]) for r in rows[:20]])
+    last = np.mean([float(r["speech/ce"]) for r in rows[-20:]])
+    acc_masked = np.mean([float(r["speech/acc_masked"]) for r in rows[-20:]])
+    # the most-frequent-token baseline of the speech targets, averaged over codebooks
+    table = TokenStore(tokens_uri, tok.token_version, st).read_table(["speech_tokens", "speech_num_codebooks"])
+    C = table["speech_num_codebooks"][0].as_py()
+    codes = np.concatenate([np.frombuffer(b, np.uint8).reshape(-1, C) for b in table["speech_tokens"].to_pylist()])
+    baseline = np.mean([np.bincount(codes[:, c]).max() / len(codes) for c in range(C)])
+    assert last < 0.8 * first, (first, last)
+    assert acc_masked > baseline, (acc_masked, baseline)
