@@ -306,6 +306,17 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def _merge_defaults(defaults: Any, data: Any) -> Any:
+    """``data`` laid over ``defaults`` section by section, so that a partial section (a file or a
+    ``--set`` giving only ``teachers.speech.batch_seconds``) keeps the section's other defaults."""
+    if isinstance(defaults, dict) and isinstance(data, dict):
+        merged = dict(defaults)
+        for k, v in data.items():
+            merged[k] = _merge_defaults(defaults[k], v) if k in defaults else v
+        return merged
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SpearConfig:
     """Read ``path`` (YAML; None for all defaults), apply ``section.key=value`` overrides, validate.
 
@@ -331,6 +342,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         _apply_override(data, ov)
     if overrides:
         source += " with --set " + " ".join(overrides)
+    data = _merge_defaults(SpearConfig().model_dump(mode="python", exclude_none=False), data)
     try:
         return SpearConfig.model_validate(data)
     except ValidationError as err:

@@ -236,7 +236,12 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
 
     roles: dict[str, TeacherConfig] = {"speech": cfg.teachers.speech}
     if cfg.teachers.audio is not None:
-        roles["audio"] = cfg.teachers.audio
+        if "audio" in catalog.objects["domain"].to_pylist():
+            roles["audio"] = cfg.teachers.audio
+        else:
+            # Nothing for the audio teacher (and nothing to fit its codebooks on): speech tokens only. Adding
+            # audio-domain sources later makes a new token version with both teachers.
+            log("[tokenize] no audio-domain objects: the audio teacher is skipped (speech-teacher tokens only)")
 
     with ray_session(cfg.ray) as rinfo:
         import ray

@@ -188,8 +188,12 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
                      f"{train_res.seen + held_res.seen} frames seen in {time.monotonic() - t0:.0f} s")
         if train_res.seen + held_res.seen >= want_seen:
             break
-    return FrameSample(train=train_res.sample(), heldout=held_res.sample(), segments=segments,
-                       audio_seconds=seconds, sources=sources)
+    train, heldout = train_res.sample(), held_res.sample()
+    if heldout.shape[0] == 0 and train.shape[0] > 1:
+        # few segments: the segment split left none out; hold out a key-ordered (random) slice of frames instead
+        n = max(1, int(round(train.shape[0] * heldout_fraction)))
+        train, heldout = train[:-n], train[-n:]
+    return FrameSample(train=train, heldout=heldout, segments=segments, audio_seconds=seconds, sources=sources)
 
 
 def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int, seed: int, teacher_id: str,

@@ -15,6 +15,7 @@ from spear.stages.audio import flac_decode
 from spear.stages.catalog import build_catalog
 
 from support.audio_files import encode, make_signal
+from support.configs import storage_sets
 
 GOOD = {  # relative path -> (codec, rate, channels, seconds)
     "a/long.flac": ("flac", 44100, 2, 9.5),
@@ -51,12 +52,8 @@ def _write_corpus(st, root):
 
 
 def _cfg(st, root, out, extra=()):
-    o = st.options
     sets = [f"output={out}", "decode.max_segment_seconds=4", "decode.objects_per_task=3",
-            "decode.segments_per_file=4"] + list(extra)
-    if o.endpoint_url:
-        sets += [f"storage.endpoint_url={o.endpoint_url}", f"storage.access_key_id={o.key}",
-                 f"storage.secret_access_key={o.secret}"]
+            "decode.segments_per_file=4"] + list(extra) + storage_sets(st)
     cfg = load_config(None, sets)
     cfg.corpus.sources = [SourceConfig(uri=root, domain="speech", name="corpus"),
                           SourceConfig(uri=join_uri(root, "does-not-exist"), domain="audio", name="missing")]

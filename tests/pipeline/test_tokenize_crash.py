@@ -17,18 +17,19 @@ from spear.cluster.storage import Storage, join_uri
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.tokenize_job import run_tokenize
 
+from support.configs import tokenize_cfg
 from support.corpus import write_mixed_corpus
 
 pytestmark = [pytest.mark.slow]
 
 CRASH = ["mvq.speech_codebooks=4", "mvq.audio_codebooks=2", "mvq.codebook_size=16", "mvq.sample_frames=1000",
          "decode.max_segment_seconds=1", "tokenize.shard_target_mb=0.1", "tokenize.commit_interval_s=0.3",
-         "decode.objects_per_task=1"]
+         "decode.objects_per_task=1",
+         # small teacher batches, so pass 2 streams out in many pieces and a kill lands mid-run
+         "teachers.speech.batch_seconds=2", "teachers.audio.batch_seconds=2"]
 
 
 def _cfg(st, corpus, out):
-    from test_tokenize_job import tokenize_cfg
-
     return tokenize_cfg(st, corpus, out, CRASH)
 
 

@@ -14,23 +14,7 @@ from spear.pipeline.ledger import TokenStore
 from spear.pipeline.tokenize_job import run_tokenize
 
 from support.corpus import write_mixed_corpus
-
-SMALL = ["mvq.speech_codebooks=4", "mvq.audio_codebooks=2", "mvq.codebook_size=16", "mvq.sample_frames=1000",
-         "mvq.heldout_fraction=0.1", "decode.max_segment_seconds=2", "tokenize.shard_target_mb=0.2",
-         "tokenize.commit_interval_s=0.5", "decode.objects_per_task=2"]
-
-
-def tokenize_cfg(st, corpus_root: str, out: str, extra=()):
-    sets = [f"output={out}"] + SMALL + list(extra)
-    o = st.options
-    if o.endpoint_url:
-        sets += [f"storage.endpoint_url={o.endpoint_url}", f"storage.access_key_id={o.key}",
-                 f"storage.secret_access_key={o.secret}"]
-    cfg = load_config(None, sets)
-    cfg.corpus.sources = [SourceConfig(uri=join_uri(corpus_root, "speech"), domain="speech", name="speech"),
-                          SourceConfig(uri=join_uri(corpus_root, "audio"), domain="audio", name="audio")]
-    return cfg
-
+from support.configs import tokenize_cfg
 
 def live_tokens(st, out, version, roles=("speech", "audio")):
     cols = ["segment_id", "source_uri", "domain"] + [f"{r}_tokens" for r in roles]
@@ -167,3 +151,17 @@ def test_shards_are_plain_parquet_for_pyarrow_duckdb_polars(ray_cluster, tmp_pat
     raw = sum(int(pa.compute.sum(pa.compute.binary_length(pq.read_table(f, columns=["speech_tokens"])["speech_tokens"])).as_py())
               for f in files)
     assert s.token_bytes["speech"] <= 1.1 * raw + 200 * len(files)
+
+
+@pytest.mark.slow
+def test_speech_only_corpus_gets_speech_tokens_only(ray_cluster, tmp_path):
+    from spear.cluster.storage import Storage
+
+    st, root = Storage(), str(tmp_path)
+    write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=3, n_audio=0, seed=6)
+    cfg = tokenize_cfg(st, join_uri(root, "corpus"), join_uri(root, "out"))
+    cfg.corpus.sources = cfg.corpus.sources[:1]
+    s = run_tokenize(cfg, progress=False)
+    assert set(s.codebooks) == {"speech"} and s.new_objects == 3
+    rows = TokenStore(cfg.output, s.token_version, st).read_table(["speech_tokens", "domain"])
+    assert rows.num_rows == s.segments and set(rows["domain"].to_pylist()) == {"speech"}

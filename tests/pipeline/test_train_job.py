@@ -17,6 +17,7 @@ from spear.cluster.storage import Storage, join_uri
 from spear.pipeline.config import load_config
 from spear.pipeline.train_job import checkpoints, load_checkpoint_objective, run_export, run_train
 
+from support.configs import storage_sets
 from support.shards import make_token_store
 
 pytestmark = pytest.mark.slow
@@ -26,11 +27,7 @@ TINY = ["train.batch_seconds=8", "train.warmup_steps=2", "train.checkpoint_every
 
 def _cfg(shards, out, steps, st=None, extra=()):
     sets = [f"train.shards={shards}", f"output={out}", f"train.max_steps={steps}"] + TINY + list(extra)
-    if st is not None and st.options.endpoint_url:
-        o = st.options
-        sets += [f"storage.endpoint_url={o.endpoint_url}", f"storage.access_key_id={o.key}",
-                 f"storage.secret_access_key={o.secret}"]
-    return load_config(None, sets)
+    return load_config(None, sets + (storage_sets(st) if st is not None else []))
 
 
 def _digests(st, out):
