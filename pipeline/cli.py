@@ -165,15 +165,24 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
 @config_options
 @click.option("--workdir", default="spear-demo", show_default=True, help="Where the demo corpus and results go.")
 @click.option("--size", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True,
-              help="Corpus size: tiny (tests, seconds) or demo (tens of minutes of audio).")
+              help="Corpus size: tiny (tests, seconds) or demo (~35 min of audio).")
+@click.option("--iteration", type=click.IntRange(1, 2), default=1, show_default=True,
+              help="2: the first iteration's student becomes the speech teacher.")
 def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
-         workdir: str, size: str) -> None:
-    """Run the embedded demo end to end: generate a labelled corpus, decode it, and report."""
-    extra = [f"ray.address={json.dumps(address)}"] if address else []
-    cfg = _load(config, sets, extra)
-    from spear.pipeline.demo import run_demo
+         workdir: str, size: str, iteration: int) -> None:
+    """Run the embedded demo end to end: corpus -> tokenize -> train -> evaluate -> report.
 
-    _run_job(as_json, lambda: run_demo(cfg, workdir=workdir, size=size), lambda s: s.human())
+    Without CONFIG the packaged demo config is used (weight-free mfcc + fbank teachers, a tiny
+    Zipformer2 student, about 20 minutes on 2 cores).
+    """
+    from spear.pipeline.demo import demo_config, run_demo
+
+    extra = [f"ray.address={json.dumps(address)}"] if address else []
+    try:
+        cfg = demo_config(config, tuple(sets) + tuple(extra))
+    except ConfigError as exc:
+        raise SpearCLIError(str(exc)) from None
+    _run_job(as_json, lambda: run_demo(cfg, workdir=workdir, size=size, iteration=iteration), lambda s: s.human())
 
 
 @main.command()
@@ -273,6 +282,34 @@ def status(output: Optional[str], as_json: bool, clean: bool, sets: tuple[str, .
 
 
 @main.command()
+@config_options
+@click.option("--student", default=None, help="Exported student directory (`spear export`); omit to probe teachers only.")
+@click.option("--corpus", default=None, help="Demo corpus root (a folder with labels.jsonl).")
+@click.option("--manifest", "manifests", multiple=True, help="Labelled manifest (CSV/JSONL: uri,label[,split]); repeatable.")
+@click.option("--output", required=True, help="Report directory (index.html, plots, results.json).")
+@click.option("--train-output", default=None, help="Training output, for loss curves in the report.")
+@click.option("--tokens-output", default=None, help="Tokenize output, for codebook usage in the report.")
+def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
+             student: Optional[str], corpus: Optional[str], manifests: tuple[str, ...], output: str,
+             train_output: Optional[str], tokens_output: Optional[str]) -> None:
+    """Probe frozen features (student layers, a random student, the teachers, raw fbank); write a report.
+
+    Teachers come from the config's `teachers` section; seeds and extra manifests from `evaluate`.
+    """
+    cfg = _load(config, sets, [])
+    if not corpus and not manifests and not cfg.evaluate.manifests:
+        raise SpearCLIError("nothing to evaluate on: give --corpus (a demo corpus) and/or --manifest")
+    from spear.cluster.storage import Storage, StorageOptions
+    from spear.pipeline.evaluate_job import run_evaluate
+
+    teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
+    _run_job(as_json, lambda: run_evaluate(
+        student, corpus, teachers=teachers, output=output, seeds=cfg.evaluate.seeds,
+        manifests=list(cfg.evaluate.manifests) + list(manifests), train_output=train_output,
+        tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage))), lambda s: s.human())
+
+
+@main.command()
 @click.argument("checkpoint")
 @click.option("--output", required=True, help="Directory (local or s3://) for model.safetensors + config.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
@@ -289,20 +326,6 @@ def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -
 
     storage = Storage(StorageOptions.from_config(cfg.storage))
     _run_job(as_json, lambda: run_export(checkpoint, output, storage), lambda s: s.human())
-
-
-def _not_in_this_build(name: str, issue: str) -> Callable:
-    def cmd(**_: Any) -> None:
-        raise SpearCLIError(f"`spear {name}` is not in this build yet: it arrives with {issue}.")
-    return cmd
-
-
-_LATER = {
-    "evaluate": ("Probe frozen features of students and teachers; write a report with plots.", "the evaluation job"),
-}
-for _name, (_help, _issue) in _LATER.items():
-    main.command(name=_name, help=_help, context_settings={"ignore_unknown_options": True})(
-        click.argument("args", nargs=-1, type=click.UNPROCESSED)(_not_in_this_build(_name, _issue)))
 
 
 # --------------------------------------------------------------------------- cluster jobs (Ray Jobs API)
