@@ -466,6 +466,48 @@ def stop(address: Optional[str], as_json: bool, no_wait: bool, job: str) -> None
     _jobs(as_json, lambda: _client(address).stop(job, wait=not no_wait), lambda s: s.human())
 
 
+# --------------------------------------------------------------------------- plan and run (the whole pipeline)
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--hours", type=float, default=None, help="Corpus hours (default: estimated from listing corpus.sources).")
+@click.option("--speech-share", type=float, default=None, help="Share of speech-domain hours (default: from the sources' domains).")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs of the cluster (teacher actors).")
+@click.option("--cpus", type=int, default=16, show_default=True, help="CPU cores of the cluster (decoding).")
+@click.option("--gpu-type", type=click.Choice(["h100", "h200", "a100", "l40s"]), default="h100", show_default=True)
+@click.option("--no-audio-in-shards", is_flag=True, help="Plan storage without the FLAC audio column.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object on stdout.")
+def plan(config: Optional[str], sets: tuple[str, ...], hours: Optional[float], speech_share: Optional[float],
+         gpus: int, cpus: int, gpu_type: str, no_audio_in_shards: bool, as_json: bool) -> None:
+    """Expected device hours, wall time and storage of tokenising the corpus and training the student.
+
+    GPU figures are FLOP-based estimates (assumed MFU); CPU figures come from this project's benches.
+    """
+    cfg = _load(config, sets, [])
+    from spear.pipeline.plan import make_plan
+
+    _run_job(as_json, lambda: make_plan(cfg, hours=hours, speech_share=speech_share, gpus=gpus, cpus=cpus,
+                                        gpu_type=gpu_type, audio_in_shards=not no_audio_in_shards),
+             lambda p: p.human())
+
+
+@main.command(name="run")
+@config_options
+def run_pipeline(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool) -> None:
+    """The whole pipeline on one config: tokenize -> train -> export -> evaluate.
+
+    Layout under `output`: tokens/ (token dataset), student/ (checkpoints, metrics),
+    student/export/ (the exported student), evaluation/ (report). The same config runs on the
+    embedded local Ray and on a cluster (--address).
+    """
+    extra = [f"ray.address={json.dumps(address)}"] if address else []
+    cfg = _load(config, sets, extra)
+    from spear.pipeline.run_job import run_all
+
+    _run_job(as_json, lambda: run_all(cfg), lambda s: s.human())
+
 
 if __name__ == "__main__":
     main()

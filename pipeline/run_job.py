@@ -1,0 +1,129 @@
+"""`spear run`: the whole pipeline on one config, tokenize -> train -> export -> evaluate.
+
+The same config runs on the embedded local Ray and on a remote cluster (only
+``ray.address`` / ``--address`` differs). Layout under ``output``::
+
+    OUTPUT/tokens/            the token dataset (`spear tokenize --output`), unless train.shards names another
+    OUTPUT/student/           training checkpoints and metrics (`spear train --output`)
+    OUTPUT/student/export/    the exported student (model.safetensors + config.json)
+    OUTPUT/evaluation/        probe report (index.html, results.json), when there is labelled data
+
+Each step is the job of its own command, so a re-run is incremental: tokenize only
+processes new or changed objects, train resumes from its latest checkpoint (and stops at
+once when ``train.max_steps`` is reached). Evaluation needs labelled data: a demo corpus
+(a ``labels.jsonl`` next to or above the sources) and/or ``evaluate.manifests``; without
+either it is skipped (``evaluate`` is null and ``evaluate_skipped`` says why).
+
+Example::
+
+    from spear.pipeline.config import load_config
+    from spear.pipeline.run_job import run_all
+    summary = run_all(load_config("spear.yaml"))
+    print(summary.to_dict()["train"]["last_loss"])
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from spear.cluster.storage import Storage, StorageOptions, join_uri, split_uri
+from spear.pipeline.config import SpearConfig
+
+TOKENS_DIR, STUDENT_DIR, EXPORT_DIR, EVALUATION_DIR = "tokens", "student", "export", "evaluation"
+
+
+@dataclass
+class RunSummary:
+    """Each step's own summary, nested; ``to_dict()`` is the ``--json`` object."""
+
+    output: str
+    tokenize: Any
+    train: Any
+    export: Any
+    evaluate: Any = None
+    evaluate_skipped: Optional[str] = None
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output,
+                "tokenize": self.tokenize.to_dict(), "train": self.train.to_dict(), "export": self.export.to_dict(),
+                "evaluate": self.evaluate.to_dict() if self.evaluate is not None else None,
+                "evaluate_skipped": self.evaluate_skipped, "wall_seconds": self.wall_seconds}
+
+    def human(self) -> str:
+        parts = ["== tokenize", self.tokenize.human(), "== train", self.train.human(), "== export", self.export.human(),
+                 "== evaluate", self.evaluate.human() if self.evaluate is not None else f"skipped: {self.evaluate_skipped}",
+                 f"done in {self.wall_seconds:.0f} s; output: {self.output}"]
+        return "\n".join(parts)
+
+
+def find_labelled_corpus(cfg: SpearConfig) -> Optional[str]:
+    """The demo-corpus root (a folder holding ``labels.jsonl``) at or above the local sources, if any."""
+    roots = []
+    for src in cfg.corpus.sources:
+        scheme, path = split_uri(src.uri)
+        if scheme != "file":
+            continue
+        roots.append(os.path.abspath(path))
+    if not roots:
+        return None
+    common = os.path.commonpath(roots)
+    for d in (common, os.path.dirname(common)):
+        if os.path.isfile(os.path.join(d, "labels.jsonl")):
+            return d
+    return None
+
+
+def run_all(cfg: SpearConfig, *, progress: bool = True) -> RunSummary:
+    """Tokenize the corpus, train the student on those tokens, export it and evaluate it."""
+    from spear.pipeline.tokenize_job import run_tokenize
+    from spear.pipeline.train_job import run_export, run_train
+
+    t0 = time.monotonic()
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    storage = Storage(StorageOptions.from_config(cfg.storage))
+    tokens = join_uri(cfg.output, TOKENS_DIR)
+    student = join_uri(cfg.output, STUDENT_DIR)
+    export = join_uri(student, EXPORT_DIR)
+
+    log(f"[spear run] 1/4 tokenize -> {tokens}")
+    tok_cfg = cfg.model_copy(deep=True)
+    tok_cfg.output = tokens
+    tok = run_tokenize(tok_cfg, progress=progress)
+
+    log(f"[spear run] 2/4 train -> {student}")
+    train_cfg = cfg.model_copy(deep=True)
+    train_cfg.output = student
+    if train_cfg.train.shards is None:
+        train_cfg.train.shards = tokens
+    tr = run_train(train_cfg, progress=progress)
+
+    log(f"[spear run] 3/4 export -> {export}")
+    ex = run_export(student, export, storage)
+
+    ev, skipped = None, None
+    try:
+        from spear.pipeline.evaluate_job import run_evaluate
+    except ImportError as exc:  # the evaluation job is not in this build
+        skipped = f"spear.pipeline.evaluate_job is not available ({exc})"
+        run_evaluate = None
+    if run_evaluate is not None:
+        corpus_root = find_labelled_corpus(cfg)
+        if corpus_root is None and not cfg.evaluate.manifests:
+            skipped = ("no labelled data: the sources have no labels.jsonl (demo corpus) and evaluate.manifests "
+                       "is empty")
+        else:
+            out = join_uri(cfg.output, EVALUATION_DIR)
+            log(f"[spear run] 4/4 evaluate -> {out}")
+            teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
+            ev = run_evaluate(export, corpus_root, teachers=teachers, output=out, seeds=cfg.evaluate.seeds,
+                              manifests=cfg.evaluate.manifests, train_output=student, tokens_output=tokens,
+                              storage=storage, progress=progress)
+    if skipped:
+        log(f"[spear run] evaluate skipped: {skipped}")
+    return RunSummary(output=cfg.output, tokenize=tok, train=tr, export=ex, evaluate=ev, evaluate_skipped=skipped,
+                      wall_seconds=time.monotonic() - t0)
