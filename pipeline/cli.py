@@ -93,6 +93,17 @@ def _sources_override(inputs: Optional[str], domain: Optional[str]) -> list[str]
     return ["corpus.sources=" + json.dumps([{"uri": u, "domain": domain} for u in uris])]
 
 
+def _job_overrides(inputs: Optional[str], domain: Optional[str], output: Optional[str],
+                   address: Optional[str]) -> list[str]:
+    """The --set equivalents of the flag form (--input/--domain, --output, --address)."""
+    extra = _sources_override(inputs, domain)
+    if output:
+        extra.append(f"output={json.dumps(output)}")
+    if address:
+        extra.append(f"ray.address={json.dumps(address)}")
+    return extra
+
+
 def config_options(f: Callable) -> Callable:
     f = click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object on stdout.")(f)
     f = click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray; RAY_ADDRESS works too).")(f)
@@ -141,12 +152,7 @@ def config_show(config: Optional[str], sets: tuple[str, ...]) -> None:
 def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
            inputs: Optional[str], domain: Optional[str], output: Optional[str], overwrite: bool) -> None:
     """Decode audio into 16 kHz FLAC segments (Parquet) plus a quarantine table of skipped objects."""
-    extra = _sources_override(inputs, domain)
-    if output:
-        extra.append(f"output={json.dumps(output)}")
-    if address:
-        extra.append(f"ray.address={json.dumps(address)}")
-    cfg = _load(config, sets, extra)
+    cfg = _load(config, sets, _job_overrides(inputs, domain, output, address))
     from spear.pipeline.decode_job import run_decode
 
     def human(s) -> str:
@@ -198,12 +204,7 @@ def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     fitted (pass 1) the first time a teacher version is seen. Without a config the weight-free
     teachers are used (mfcc for speech, fbank for audio).
     """
-    extra = _sources_override(inputs, domain)
-    if output:
-        extra.append(f"output={json.dumps(output)}")
-    if address:
-        extra.append(f"ray.address={json.dumps(address)}")
-    cfg = _load(config, sets, extra)
+    cfg = _load(config, sets, _job_overrides(inputs, domain, output, address))
     from spear.pipeline.tokenize_job import run_tokenize
 
     _run_job(as_json, lambda: run_tokenize(cfg), lambda s: s.human())

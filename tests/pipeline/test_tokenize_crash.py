@@ -47,6 +47,22 @@ def _copy_codebooks(src_st, src_out, dst_st, dst_out):
         dst_st.write_bytes(join_uri(dst_out, "codebooks", path[len(src.rstrip("/")) + 1:]), fs.cat_file(path))
 
 
+def _tokenize_in_background(cfg) -> tuple[threading.Thread, dict]:
+    """Start run_tokenize in a thread; its summary or its error lands in the returned dict
+    (failing is allowed mid-crash: the re-run must repair it)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["summary"] = run_tokenize(cfg, progress=False)
+        except Exception as exc:  # noqa: BLE001 - recorded for the test to inspect
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def _first_manifest(st, out, timeout=120.0, proc=None) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,16 +117,7 @@ def test_teacher_actor_killed_mid_run_then_rerun_equals_clean_run(crash_corpus, 
     out = join_uri(root, "actor-kill")
     _copy_codebooks(st, clean_out, st, out)
     cfg = _cfg(st, join_uri(root, "corpus"), out)
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["summary"] = run_tokenize(cfg, progress=False)
-        except Exception as exc:  # noqa: BLE001 - either outcome is allowed; the re-run must fix it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = _tokenize_in_background(cfg)
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and thread.is_alive():
@@ -140,16 +147,7 @@ def test_storage_server_restarted_mid_run_then_rerun_equals_clean_run(crash_corp
     out = join_uri(s3_root, "out")
     _copy_codebooks(st_local, clean_out, st, out)
     cfg = _cfg(st, join_uri(s3_root, "corpus"), out)
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["summary"] = run_tokenize(cfg, progress=False)
-        except Exception as exc:  # noqa: BLE001 - failing cleanly is allowed
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = _tokenize_in_background(cfg)
     try:
         assert _first_manifest(st, out), "no commit before the outage"
         s3_server.stop()
