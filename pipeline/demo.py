@@ -66,6 +66,7 @@ def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo
     """Run the whole pipeline on the demo corpus under ``workdir``."""
     import sys
 
+    from spear.cluster.ray_runtime import ray_session
     from spear.pipeline.demo_corpus import generate_demo_corpus
     from spear.pipeline.evaluate_job import run_evaluate
     from spear.pipeline.tokenize_job import run_tokenize
@@ -89,10 +90,11 @@ def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo
         cfg.teachers.speech = TeacherConfig(kind="student", path=first)
 
     cfg.output = os.path.join(it, "tokens")
-    tok = run_tokenize(cfg, progress=progress)
-    cfg.train.shards = cfg.output
-    cfg.output = os.path.join(it, "student")
-    tr = run_train(cfg, progress=progress)
+    with ray_session(cfg.ray):  # one Ray for both jobs (each would otherwise start and stop its own)
+        tok = run_tokenize(cfg, progress=progress)
+        cfg.train.shards = cfg.output
+        cfg.output = os.path.join(it, "student")
+        tr = run_train(cfg, progress=progress)
     export = run_export(cfg.output, os.path.join(it, "export"))
     teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
     ev = run_evaluate(os.path.join(it, "export"), str(corpus.root), teachers=teachers,
