@@ -8,8 +8,8 @@ style refinement): one switch, everything else unchanged.
 Layout under ``workdir``::
 
     corpus/                      the demo corpus (labels.jsonl, speech/, audio/)
-    iter1/tokens, iter1/student, iter1/export, iter1/report
-    iter2/...                    the second iteration
+    iter1/                       `spear run`'s layout: tokens/, student/, student/export/, evaluation/
+    iter2/                       the second iteration
 """
 
 from __future__ import annotations
@@ -37,40 +37,27 @@ class DemoSummary:
     workdir: str
     iteration: int
     corpus: dict[str, Any]
-    tokenize: Any
-    train: Any
-    export: Any
-    evaluate: Any
+    run: Any  # spear.pipeline.run_job.RunSummary
 
     def to_dict(self) -> dict[str, Any]:
-        ev = self.evaluate.to_dict()
-        return {"workdir": self.workdir, "iteration": self.iteration, "corpus": self.corpus,
-                "tokenize": self.tokenize.to_dict(), "train": self.train.to_dict(), "export": self.export.to_dict(),
-                "evaluate": ev, "probes": ev["probes"], "report": ev["report"]}
+        d = {"workdir": self.workdir, "iteration": self.iteration, "corpus": self.corpus, **self.run.to_dict()}
+        ev = d.get("evaluate") or {}
+        d["probes"], d["report"] = ev.get("probes", []), ev.get("report")
+        return d
 
     def human(self) -> str:
-        t, tr = self.tokenize, self.train
-        lines = [
-            f"demo (iteration {self.iteration}) in {self.workdir}",
-            f"corpus: {self.corpus['num_files']} files, {self.corpus['total_seconds'] / 60:.1f} min of audio",
-            f"tokenize: {t.committed_objects} objects, {t.committed_segments} segments, token version {t.token_version}",
-            f"train: step {tr.step}, loss {tr.first_loss:.3f} -> {tr.last_loss:.3f}",
-            "",
-            self.evaluate.human(),
-        ]
-        return "\n".join(lines)
+        c = self.corpus
+        return (f"demo (iteration {self.iteration}) in {self.workdir}: corpus of {c['num_files']} files, "
+                f"{c['total_seconds'] / 60:.1f} min of audio\n" + self.run.human())
 
 
 def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo", iteration: int = 1,
              progress: bool = True) -> DemoSummary:
-    """Run the whole pipeline on the demo corpus under ``workdir``."""
+    """Generate the demo corpus under ``workdir`` and run the whole pipeline on it (:func:`run_all`)."""
     import sys
 
-    from spear.cluster.ray_runtime import ray_session
     from spear.pipeline.demo_corpus import generate_demo_corpus
-    from spear.pipeline.evaluate_job import run_evaluate
-    from spear.pipeline.tokenize_job import run_tokenize
-    from spear.pipeline.train_job import run_export, run_train
+    from spear.pipeline.run_job import EXPORT_DIR, STUDENT_DIR, run_all
 
     if iteration not in (1, 2):
         raise ValueError("iteration must be 1 or 2")
@@ -78,28 +65,16 @@ def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     corpus = generate_demo_corpus(os.path.join(workdir, "corpus"), size=size, seed=0,
                                   progress=lambda line: log(f"[corpus] {line}"))
-    it = os.path.join(workdir, f"iter{iteration}")
     cfg = cfg.model_copy(deep=True)
     if not cfg.corpus.sources:
         cfg.corpus.sources = [SourceConfig(uri=str(corpus.speech_dir), domain="speech", name="demo-speech"),
                               SourceConfig(uri=str(corpus.audio_dir), domain="audio", name="demo-audio")]
     if iteration == 2:
-        first = os.path.join(workdir, "iter1", "export")
+        first = os.path.join(workdir, "iter1", STUDENT_DIR, EXPORT_DIR)
         if not os.path.isfile(os.path.join(first, "config.json")):
             raise FileNotFoundError(f"iteration 2 needs the first iteration's student at {first}: run `spear demo` first")
         cfg.teachers.speech = TeacherConfig(kind="student", path=first)
-
-    cfg.output = os.path.join(it, "tokens")
-    with ray_session(cfg.ray):  # one Ray for both jobs (each would otherwise start and stop its own)
-        tok = run_tokenize(cfg, progress=progress)
-        cfg.train.shards = cfg.output
-        cfg.output = os.path.join(it, "student")
-        tr = run_train(cfg, progress=progress)
-    export = run_export(cfg.output, os.path.join(it, "export"))
-    teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
-    ev = run_evaluate(os.path.join(it, "export"), str(corpus.root), teachers=teachers,
-                      output=os.path.join(it, "report"), seeds=cfg.evaluate.seeds, manifests=cfg.evaluate.manifests,
-                      train_output=cfg.output, tokens_output=cfg.train.shards, num_threads=1, progress=progress)
+    cfg.output = os.path.join(workdir, f"iter{iteration}")
+    run = run_all(cfg, progress=progress)
     corpus_info = {"root": str(corpus.root), "num_files": corpus.num_files, "total_seconds": corpus.total_seconds}
-    return DemoSummary(workdir=workdir, iteration=iteration, corpus=corpus_info, tokenize=tok, train=tr,
-                       export=export, evaluate=ev)
+    return DemoSummary(workdir=workdir, iteration=iteration, corpus=corpus_info, run=run)

@@ -80,6 +80,8 @@ def find_labelled_corpus(cfg: SpearConfig) -> Optional[str]:
 
 def run_all(cfg: SpearConfig, *, progress: bool = True) -> RunSummary:
     """Tokenize the corpus, train the student on those tokens, export it and evaluate it."""
+    from spear.cluster.ray_runtime import ray_session
+    from spear.pipeline.evaluate_job import run_evaluate
     from spear.pipeline.tokenize_job import run_tokenize
     from spear.pipeline.train_job import run_export, run_train
 
@@ -90,39 +92,32 @@ def run_all(cfg: SpearConfig, *, progress: bool = True) -> RunSummary:
     student = join_uri(cfg.output, STUDENT_DIR)
     export = join_uri(student, EXPORT_DIR)
 
-    log(f"[spear run] 1/4 tokenize -> {tokens}")
     tok_cfg = cfg.model_copy(deep=True)
     tok_cfg.output = tokens
-    tok = run_tokenize(tok_cfg, progress=progress)
-
-    log(f"[spear run] 2/4 train -> {student}")
     train_cfg = cfg.model_copy(deep=True)
     train_cfg.output = student
     if train_cfg.train.shards is None:
         train_cfg.train.shards = tokens
-    tr = run_train(train_cfg, progress=progress)
+    with ray_session(cfg.ray):  # one Ray connection for both jobs
+        log(f"[spear run] 1/4 tokenize -> {tokens}")
+        tok = run_tokenize(tok_cfg, progress=progress)
+        log(f"[spear run] 2/4 train -> {student}")
+        tr = run_train(train_cfg, progress=progress)
 
     log(f"[spear run] 3/4 export -> {export}")
     ex = run_export(student, export, storage)
 
     ev, skipped = None, None
-    try:
-        from spear.pipeline.evaluate_job import run_evaluate
-    except ImportError as exc:  # the evaluation job is not in this build
-        skipped = f"spear.pipeline.evaluate_job is not available ({exc})"
-        run_evaluate = None
-    if run_evaluate is not None:
-        corpus_root = find_labelled_corpus(cfg)
-        if corpus_root is None and not cfg.evaluate.manifests:
-            skipped = ("no labelled data: the sources have no labels.jsonl (demo corpus) and evaluate.manifests "
-                       "is empty")
-        else:
-            out = join_uri(cfg.output, EVALUATION_DIR)
-            log(f"[spear run] 4/4 evaluate -> {out}")
-            teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
-            ev = run_evaluate(export, corpus_root, teachers=teachers, output=out, seeds=cfg.evaluate.seeds,
-                              manifests=cfg.evaluate.manifests, train_output=student, tokens_output=tokens,
-                              storage=storage, progress=progress)
+    corpus_root = find_labelled_corpus(cfg)
+    if corpus_root is None and not cfg.evaluate.manifests:
+        skipped = "no labelled data: the sources have no labels.jsonl (demo corpus) and evaluate.manifests is empty"
+    else:
+        out = join_uri(cfg.output, EVALUATION_DIR)
+        log(f"[spear run] 4/4 evaluate -> {out}")
+        teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
+        ev = run_evaluate(export, corpus_root, teachers=teachers, output=out, seeds=cfg.evaluate.seeds,
+                          manifests=cfg.evaluate.manifests, train_output=student, tokens_output=tokens,
+                          storage=storage, progress=progress)
     if skipped:
         log(f"[spear run] evaluate skipped: {skipped}")
     return RunSummary(output=cfg.output, tokenize=tok, train=tr, export=ex, evaluate=ev, evaluate_skipped=skipped,

@@ -47,12 +47,13 @@ def test_bad_credentials_fail_fast_with_clear_message(s3_server):
 
 
 def test_unreachable_endpoint_fails_fast():
-    from spear.cluster.local_s3 import free_port
+    from support.configs import closed_port
 
-    st = Storage(StorageOptions(endpoint_url=f"http://127.0.0.1:{free_port()}", key="k", secret="s", retries=1,
-                                connect_timeout_s=1))
-    with pytest.raises(StorageError, match="cannot reach storage"):
-        st.check_access("s3://bucket/prefix")
+    with closed_port() as port:
+        st = Storage(StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", key="k", secret="s", retries=1,
+                                    connect_timeout_s=1))
+        with pytest.raises(StorageError, match="cannot reach storage"):
+            st.check_access("s3://bucket/prefix")
 
 
 @pytest.mark.s3

@@ -48,11 +48,12 @@ def test_invalid_config_gets_one_clear_error(tmp_path):
 
 
 def test_unreachable_storage_fails_fast_without_traceback(tmp_path):
-    from spear.cluster.local_s3 import free_port
+    from support.configs import closed_port
 
-    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
-    r = spear("decode", "--input", "s3://bucket/x", "--domain", "speech", "--output", str(tmp_path / "o"),
-              "--set", "storage.retries=1", "--set", "storage.connect_timeout_s=1", env=env)
+    with closed_port() as port:
+        env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        r = spear("decode", "--input", "s3://bucket/x", "--domain", "speech", "--output", str(tmp_path / "o"),
+                  "--set", "storage.retries=1", "--set", "storage.connect_timeout_s=1", env=env)
     assert r.returncode == 1
     assert "cannot reach storage" in r.stderr and "Traceback" not in r.stderr
 

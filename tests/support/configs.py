@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from typing import Iterator
+
 from spear.cluster.storage import join_uri
 from spear.pipeline.config import SourceConfig, load_config
 
@@ -24,3 +28,12 @@ def tokenize_cfg(st, corpus_root: str, out: str, extra=()):
     cfg.corpus.sources = [SourceConfig(uri=join_uri(corpus_root, "speech"), domain="speech", name="speech"),
                           SourceConfig(uri=join_uri(corpus_root, "audio"), domain="audio", name="audio")]
     return cfg
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block runs: bound, never listening,
+    so no other process can take it (a port from free_port() can be grabbed by a neighbour)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
