@@ -36,7 +36,7 @@ class CodebookTables:
 
     flat: torch.Tensor  # [M*K, D] codebooks, row m*K + k
     norms: torch.Tensor  # [M, K] squared norms of the entries
-    pair: torch.Tensor  # [M, M*K, K]: pair[m, m'*K + k', k] = <C[m',k'], C[m,k]>, zero for m' == m
+    pair2: torch.Tensor  # [M, M*K, K]: pair2[m, m'*K + k', k] = 2 <C[m',k'], C[m,k]>, zero for m' == m
     offsets: torch.Tensor  # [M] m*K, to index rows of `pair` with codes
 
     @property
@@ -54,21 +54,19 @@ def codebook_tables(codebooks: torch.Tensor) -> CodebookTables:
     flat = codebooks.reshape(M * K, D).contiguous()
     gram = flat @ flat.T  # [MK, MK]
     norms = gram.diagonal().reshape(M, K).clone()
-    pair = gram.reshape(M, K, M, K).permute(2, 0, 1, 3).clone()  # [m, m', k', k]
+    # Pre-scaled by the 2 of the expansion, so the search adds gathered rows without a multiply.
+    pair2 = (2.0 * gram).reshape(M, K, M, K).permute(2, 0, 1, 3).contiguous()  # [m, m', k', k]
     # A codebook does not interact with itself: zero blocks let the encoder sum over all M codes.
-    pair[torch.arange(M), torch.arange(M)] = 0.0
-    pair = pair.reshape(M, M * K, K).contiguous()
+    pair2[torch.arange(M), torch.arange(M)] = 0.0
+    pair2 = pair2.reshape(M, M * K, K)
     offsets = torch.arange(M, device=codebooks.device) * K
-    return CodebookTables(flat=flat, norms=norms, pair=pair, offsets=offsets)
+    return CodebookTables(flat=flat, norms=norms, pair2=pair2, offsets=offsets)
 
 
 def _pair_sums(tables: CodebookTables, m: int, codes: torch.Tensor) -> torch.Tensor:
-    """sum over the given codes (columns of ``codes``, codebooks 0..codes.shape[1]-1) of <C[m',i_m'], C[m, :]>.
-
-    ``codes`` [n, j] int64 holds the codes of codebooks 0..j-1; returns [n, K].
-    """
+    """[n, K]: sum over the codes ``codes`` [n, j] of codebooks 0..j-1 of 2 <C[m', i_m'], C[m, :]>."""
     j = codes.shape[1]
-    return F.embedding_bag(codes + tables.offsets[:j], tables.pair[m], mode="sum")
+    return F.embedding_bag(codes + tables.offsets[:j], tables.pair2[m], mode="sum")
 
 
 def row_block(device: torch.device) -> int:
@@ -96,26 +94,35 @@ def unary_costs(x: torch.Tensor, tables: CodebookTables) -> torch.Tensor:
     return tables.norms.unsqueeze(0) - 2.0 * ip.view(n, M, K)
 
 
-def beam_search(unary: torch.Tensor, tables: CodebookTables, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+def beam_search(unary: torch.Tensor, tables: CodebookTables, beam: int) -> torch.Tensor:
     """Sequential search over codebooks 0..M-1 keeping the ``beam`` best partial code tuples.
 
-    With beam 1 this is greedy residual encoding. Returns (codes [n, M] int64, cost [n]) where
-    cost is the squared error minus ||x||^2.
+    With beam 1 this is greedy residual encoding. Returns codes [n, M] int64 of the best tuple.
     """
     n, M, K = unary.shape
-    beam = max(1, min(beam, K))
-    cost, first = torch.topk(unary[:, 0, :], beam, dim=1, largest=False, sorted=True)  # [n, B]
-    codes = first.unsqueeze(2)  # [n, B, 1]
+    dev = unary.device
+    if beam <= 1:
+        codes = torch.empty(n, M, dtype=torch.long, device=dev)
+        codes[:, 0] = torch.argmin(unary[:, 0, :], dim=1)
+        for m in range(1, M):
+            codes[:, m] = torch.argmin(_pair_sums(tables, m, codes[:, :m]).add_(unary[:, m, :]), dim=1)
+        return codes
+    B = min(beam, K)
+    cost, first = torch.topk(unary[:, 0, :], B, dim=1, largest=False, sorted=False)  # [n, B]
+    codes = torch.zeros(n, B, M, dtype=torch.long, device=dev)
+    codes[:, :, 0] = first
     for m in range(1, M):
-        B = codes.shape[1]
-        pair = _pair_sums(tables, m, codes.reshape(n * B, m)).view(n, B, K)
-        total = (cost.unsqueeze(2) + unary[:, m, :].unsqueeze(1)).add_(pair, alpha=2.0)  # [n, B, K]
+        total = _pair_sums(tables, m, codes[:, :, :m].reshape(n * B, m)).view(n, B, K)
+        total += unary[:, m, :].unsqueeze(1)
+        total += cost.unsqueeze(2)
         nb = min(beam, B * K)
-        cost, flat_idx = torch.topk(total.view(n, B * K), nb, dim=1, largest=False, sorted=True)
+        cost, flat_idx = torch.topk(total.view(n, B * K), nb, dim=1, largest=False, sorted=False)
         parent = torch.div(flat_idx, K, rounding_mode="floor")
-        entry = flat_idx - parent * K
-        codes = torch.cat([torch.gather(codes, 1, parent.unsqueeze(2).expand(n, nb, m)), entry.unsqueeze(2)], dim=2)
-    return codes[:, 0, :].contiguous(), cost[:, 0]
+        codes = torch.gather(codes, 1, parent.unsqueeze(2).expand(n, nb, M))
+        codes[:, :, m] = flat_idx - parent * K
+        B = nb
+    best = torch.argmin(cost, dim=1)
+    return codes[torch.arange(n, device=dev), best]
 
 
 def icm_sweeps(unary: torch.Tensor, tables: CodebookTables, codes: torch.Tensor, sweeps: int) -> torch.Tensor:
@@ -124,20 +131,14 @@ def icm_sweeps(unary: torch.Tensor, tables: CodebookTables, codes: torch.Tensor,
     n, M, K = unary.shape
     for _ in range(sweeps):
         for m in range(M):
-            pair = _pair_sums(tables, m, codes)  # own codebook contributes zero (zeroed block)
-            codes[:, m] = torch.argmin(unary[:, m, :].add(pair, alpha=2.0), dim=1)
+            # the own codebook's block of the table is zero, so all M codes can go in the bag
+            codes[:, m] = torch.argmin(_pair_sums(tables, m, codes).add_(unary[:, m, :]), dim=1)
     return codes
 
 
-def code_costs(unary: torch.Tensor, tables: CodebookTables, codes: torch.Tensor) -> torch.Tensor:
-    """Squared error minus ||x||^2 of ``codes`` [n, M], from the tables (no decoding)."""
-    n, M, K = unary.shape
-    u = torch.gather(unary, 2, codes.unsqueeze(2)).squeeze(2).sum(1)
-    # sum_m pair_m[i_m] counts each unordered pair twice: exactly the factor 2 of the expansion.
-    p = torch.zeros(n, dtype=unary.dtype, device=unary.device)
-    for m in range(M):
-        p += torch.gather(_pair_sums(tables, m, codes), 1, codes[:, m : m + 1]).squeeze(1)
-    return u + p
+def squared_errors(x: torch.Tensor, tables: CodebookTables, codes: torch.Tensor) -> torch.Tensor:
+    """[n] exact ||x - x_hat||^2 of ``codes`` (decoding is cheap next to encoding)."""
+    return ((x - decode_flat(codes, tables)) ** 2).sum(1)
 
 
 def encode_chunk(x: torch.Tensor, tables: CodebookTables, beam: int, sweeps: int,
@@ -145,19 +146,18 @@ def encode_chunk(x: torch.Tensor, tables: CodebookTables, beam: int, sweeps: int
     """Encode one chunk ``x`` [n, D]: beam search (codebook order) then ICM sweeps.
 
     With ``init_codes`` (e.g. the previous training iteration's codes) the ICM also refines those,
-    and each row keeps the better of the two results. Returns (codes [n, M] int64, cost [n]).
+    and each row keeps the better of the two results. Returns (codes [n, M] int64, squared error [n]).
     """
     unary = unary_costs(x, tables)
-    codes, _ = beam_search(unary, tables, beam)
-    codes = icm_sweeps(unary, tables, codes, sweeps)
-    cost = code_costs(unary, tables, codes)
+    codes = icm_sweeps(unary, tables, beam_search(unary, tables, beam), sweeps)
+    err = squared_errors(x, tables, codes)
     if init_codes is not None:
-        warm = icm_sweeps(unary, tables, init_codes.clone(), sweeps)
-        warm_cost = code_costs(unary, tables, warm)
-        better = warm_cost < cost
+        warm = icm_sweeps(unary, tables, init_codes.clone(), max(1, sweeps))
+        warm_err = squared_errors(x, tables, warm)
+        better = warm_err < err
         codes = torch.where(better.unsqueeze(1), warm, codes)
-        cost = torch.where(better, warm_cost, cost)
-    return codes, cost
+        err = torch.where(better, warm_err, err)
+    return codes, err
 
 
 def decode_codes(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -264,27 +264,71 @@ def nearest(x: torch.Tensor, cent: torch.Tensor, chunk: int = 16384) -> torch.Te
 
 
 def residual_kmeans_init(x: torch.Tensor, num_codebooks: int, codebook_size: int, *, niter: int, seed: int,
-                         max_points_per_centroid: int, progressive_steps: int = 0,
+                         max_points_per_centroid: int, progressive_steps: int = 0, beam: int = 1,
+                         chunk: int = 8192,
                          log: Optional[Callable[[str], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codebook c is the k-means of the residual left by codebooks < c (greedy residual VQ).
+    """Codebook c is the k-means of the residuals left by codebooks < c (residual VQ).
 
-    Returns (codebooks [M, K, D], codes [N, M] int64 of the greedy residual assignment).
+    With ``beam`` > 1 every frame keeps the ``beam`` best partial encodings (as faiss'
+    ResidualQuantizer with max_beam_size does) and codebook c is fit on the residuals of all of
+    them: more varied residuals per entry, which fits held-out frames better than greedy
+    residuals. The beam step works on inner products (no residual vectors are kept): only the
+    k-means sample, at most ``max_points_per_centroid * K`` residuals, is materialised.
+
+    Returns (codebooks [M, K, D], codes [N, M] int64 of the best beam).
     """
     n, d = x.shape
-    residual = x.clone()
-    books, codes = [], []
+    K = codebook_size
+    dev = x.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    books: list[torch.Tensor] = []
+    codes = torch.zeros(n, 1, 0, dtype=torch.long, device=dev)  # [n, B, m]
+    cost = torch.zeros(n, 1, dtype=x.dtype, device=dev)  # squared error - ||x||^2, per beam
     for c in range(num_codebooks):
         t0 = time.time()
-        cent = kmeans(residual, codebook_size, niter=niter, seed=seed + 1000 * c,
+        B = codes.shape[1]
+        # k-means sample: residuals of random (frame, beam) pairs
+        limit = max_points_per_centroid * K
+        if n * B > limit:
+            pick = torch.randperm(n * B, generator=gen)[:limit].sort().values.to(dev)
+        else:
+            pick = torch.arange(n * B, device=dev)
+        rows, beams = torch.div(pick, B, rounding_mode="floor"), pick % B
+        residual = x[rows].clone()
+        if c > 0:
+            prev = torch.stack(books).reshape(c * K, d)
+            offsets = torch.arange(c, device=dev) * K
+            for s in range(0, residual.shape[0], chunk):
+                sel = codes[rows[s : s + chunk], beams[s : s + chunk]] + offsets
+                residual[s : s + chunk] -= F.embedding_bag(sel, prev, mode="sum")
+        cent = kmeans(residual, K, niter=niter, seed=seed + 1000 * c,
                       max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_steps)
-        assign = nearest(residual, cent)
-        residual -= cent[assign]
+        del residual
+        # extend every beam by every entry of the new codebook; keep the `beam` best
+        norms = (cent * cent).sum(1)
+        cross = torch.stack(books).reshape(c * K, d) @ cent.T if c > 0 else None  # [c*K, K]
+        new_b = min(beam, B * K)
+        new_codes = torch.empty(n, new_b, c + 1, dtype=torch.long, device=dev)
+        new_cost = torch.empty(n, new_b, dtype=x.dtype, device=dev)
+        for s in range(0, n, chunk):
+            xs = x[s : s + chunk]
+            ns = xs.shape[0]
+            total = cost[s : s + chunk].unsqueeze(2) + (norms - 2.0 * (xs @ cent.T)).unsqueeze(1)  # [ns, B, K]
+            if cross is not None:
+                sel = (codes[s : s + chunk] + torch.arange(c, device=dev) * K).reshape(ns * B, c)
+                total += 2.0 * F.embedding_bag(sel, cross, mode="sum").view(ns, B, K)
+            best, flat_idx = torch.topk(total.view(ns, B * K), new_b, dim=1, largest=False, sorted=True)
+            parent = torch.div(flat_idx, K, rounding_mode="floor")
+            new_codes[s : s + chunk, :, :c] = torch.gather(codes[s : s + chunk], 1,
+                                                           parent.unsqueeze(2).expand(ns, new_b, c))
+            new_codes[s : s + chunk, :, c] = flat_idx - parent * K
+            new_cost[s : s + chunk] = best
+        codes, cost = new_codes, new_cost
         books.append(cent)
-        codes.append(assign)
         if log is not None:
-            log(f"k-means init codebook {c}: residual energy {float((residual ** 2).sum()) / max(1, n):.4f} "
-                f"({time.time() - t0:.1f}s)")
-    return torch.stack(books).contiguous(), torch.stack(codes, dim=1)
+            energy = float(cost[:, 0].sum() + (x.to(torch.float64) ** 2).sum()) / max(1, n)
+            log(f"k-means init codebook {c}: residual energy {energy:.4f} ({time.time() - t0:.1f}s)")
+    return torch.stack(books).contiguous(), codes[:, 0, :].contiguous()
 
 
 def perplexity(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:

@@ -110,7 +110,7 @@ class MultiCodebookQuantizer:
     """
 
     def __init__(self, codebooks: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, *, normalize: bool,
-                 beam_size: int = 4, icm_sweeps: int = 2, metadata: Optional[dict[str, Any]] = None,
+                 beam_size: int = 8, icm_sweeps: int = 0, metadata: Optional[dict[str, Any]] = None,
                  device: Union[str, torch.device, None] = None):
         if codebooks.ndim != 3:
             raise ValueError(f"codebooks must be [num_codebooks, codebook_size, dim], got shape {list(codebooks.shape)}")
@@ -128,8 +128,9 @@ class MultiCodebookQuantizer:
         meta = dict(metadata or {})
         meta.update(format=FORMAT, format_version=FORMAT_VERSION, dim=D, num_codebooks=M, codebook_size=K,
                     normalize=self._normalize, encoder={"beam_size": self._beam_size, "icm_sweeps": self._icm_sweeps})
-        for k in ("teacher_id", "layer", "training_frames", "train_relative_loss", "heldout_frames",
-                  "heldout_relative_loss", "perplexity", "created_at", "fit", "extra"):
+        for k in ("teacher_id", "layer", "training_frames", "validation_frames", "train_relative_loss",
+                  "validation_relative_loss", "heldout_frames", "heldout_relative_loss", "perplexity", "created_at",
+                  "fit", "extra"):
             meta.setdefault(k, None)
         meta["version"] = content_hash(self._codebooks, self._mean, self._std, meta)
         self._meta = meta
@@ -197,9 +198,10 @@ class MultiCodebookQuantizer:
 
     @classmethod
     def fit(cls, x: ArrayLike, num_codebooks: int = 16, codebook_size: int = 256, *, seed: int = 0,
-            normalize: bool = True, refine_iters: int = 6, kmeans_iters: int = 10, progressive_dim_steps: int = 10,
-            max_points_per_centroid: int = 256, train_beam_size: int = 1, train_icm_sweeps: int = 2,
-            beam_size: int = 4, icm_sweeps: int = 2, ridge: float = 1.0, time_budget_s: Optional[float] = None,
+            normalize: bool = True, init_beam_size: int = 4, kmeans_iters: int = 10, progressive_dim_steps: int = 10,
+            max_points_per_centroid: int = 256, refine_iters: int = 4, validation_fraction: float = 0.05,
+            train_beam_size: Optional[int] = None, train_icm_sweeps: int = 1, ridge: float = 1.0,
+            beam_size: int = 8, icm_sweeps: int = 0, time_budget_s: Optional[float] = None,
             heldout: Optional[ArrayLike] = None, heldout_fraction: float = 0.0,
             teacher_id: Optional[str] = None, layer: Optional[int] = None, extra: Optional[dict[str, Any]] = None,
             device: Union[str, torch.device, None] = None, num_threads: Optional[int] = None,
@@ -207,26 +209,38 @@ class MultiCodebookQuantizer:
             log: Optional[Callable[[str], None]] = None) -> "MultiCodebookQuantizer":
         """Fit C codebooks of K entries to the frames ``x`` [N, D].
 
+        Stages: (1) residual k-means initialisation with a beam of partial encodings per frame
+        (``init_beam_size``; faiss k-means); (2) up to ``refine_iters`` joint refinement passes,
+        each an exact least-squares update of all codebooks for the current codes followed by
+        re-encoding the training frames; a pass is kept only if it lowers the loss on a
+        validation split (``validation_fraction`` of ``x``, never used for fitting): with few
+        frames per codebook entry the joint update overfits, with many it helps.
+
         Args:
             x: training frames (torch or numpy, any float dtype), [N, D] with N >= 4 x codebook_size.
             num_codebooks: C, bytes per frame.
             codebook_size: K, a power of two in 2..256 (codes are uint8).
-            seed: fixes the held-out split and the k-means; the same seed and data give
-                bit-identical codebooks on the same machine and thread count.
+            seed: fixes the splits and the k-means; the same seed and data give bit-identical
+                codebooks on the same machine and thread count.
             normalize: per-dimension mean/std normalisation with statistics from ``x``.
-            refine_iters: joint refinement passes (least-squares codebook update + re-encoding).
+            init_beam_size: partial encodings kept per frame during the initialisation (1 = greedy
+                residual k-means; faiss' ResidualQuantizer calls it max_beam_size).
             kmeans_iters, progressive_dim_steps, max_points_per_centroid: the k-means of the
-                initialisation (faiss ``ProgressiveDimClustering`` settings; 0 steps = plain
+                initialisation (faiss ``ProgressiveDimClustering``: PCA dims grow over
+                ``progressive_dim_steps`` steps of ``kmeans_iters`` iterations; 0 steps = plain
                 k-means; each k-means trains on at most max_points_per_centroid x K rows).
-            train_beam_size, train_icm_sweeps: the encoder used on training frames during
-                refinement (it also keeps, row by row, the better of that and the previous codes).
-            beam_size, icm_sweeps: the encoder of the fitted quantiser (:meth:`encode`).
+            refine_iters: joint refinement passes at most (0 = initialisation only).
+            validation_fraction: share of ``x`` held back to accept or reject refinement passes
+                (0 = accept every pass, fit on all rows).
+            train_beam_size, train_icm_sweeps: the encoder of training frames during refinement
+                (default beam: ``beam_size``); each row also keeps its previous codes if better.
             ridge: weight pulling the least-squares update towards the previous codebooks
                 (keeps unused entries and the singular directions in place).
-            time_budget_s: stop refining when the next pass would end after this many seconds
-                from the start (the initialisation always runs).
-            heldout: frames to measure the held-out relative reconstruction loss on; or
-            heldout_fraction: share of ``x`` (seeded random rows) kept out of fitting for it.
+            beam_size, icm_sweeps: the encoder of the fitted quantiser (:meth:`encode`).
+            time_budget_s: skip refinement passes that would end after this many seconds from the
+                start (the initialisation always runs).
+            heldout: frames to measure the held-out relative reconstruction loss on (stored in
+                the metadata); or heldout_fraction: share of ``x`` (seeded random rows) kept for it.
             teacher_id, layer, extra: metadata stored in the artefact (teacher_id and layer also
                 enter the version, so artefacts of different teachers never share one).
             device: where to compute (default: CUDA when available, else CPU).
@@ -239,80 +253,104 @@ class MultiCodebookQuantizer:
         _check_codebook_size(codebook_size)
         if not (1 <= num_codebooks <= 64):
             raise ValueError(f"num_codebooks must be in 1..64, got {num_codebooks}")
+        for name, frac in (("heldout_fraction", heldout_fraction), ("validation_fraction", validation_fraction)):
+            if not (0.0 <= frac < 0.5):
+                raise ValueError(f"{name} must be in [0, 0.5), got {frac}")
         x = _as_tensor(x, "training frames")
         if x.ndim != 2:
             raise ValueError(f"training frames must be a 2-D [N, D] array, got shape {list(x.shape)}")
-        if not (0.0 <= heldout_fraction < 0.5):
-            raise ValueError(f"heldout_fraction must be in [0, 0.5), got {heldout_fraction}")
         _check_finite(x, "training frames")
         dev = _resolve_device(device)
+        gen = torch.Generator().manual_seed(seed)
         if heldout_fraction > 0:
-            gen = torch.Generator().manual_seed(seed)
             perm = torch.randperm(x.shape[0], generator=gen)
             n_held = int(round(heldout_fraction * x.shape[0]))
-            heldout = x[perm[:n_held]]
-            x = x[perm[n_held:]]
-        n, d = x.shape
+            heldout, x = x[perm[:n_held]], x[perm[n_held:]]
         need = MIN_ROWS_PER_ENTRY * codebook_size
-        if n < need:
-            raise ValueError(f"too few training frames: got {n}, need at least {need} "
+        if x.shape[0] < need:
+            raise ValueError(f"too few training frames: got {x.shape[0]}, need at least {need} "
                              f"({MIN_ROWS_PER_ENTRY} x codebook_size={codebook_size})")
+        d = x.shape[1]
         if heldout is not None:
             heldout = _as_tensor(heldout, "held-out frames")
             if heldout.ndim != 2 or heldout.shape[1] != d:
                 raise ValueError(f"held-out frames must be [n, {d}], got shape {list(heldout.shape)}")
             _check_finite(heldout, "held-out frames")
+        train_beam = beam_size if train_beam_size is None else train_beam_size
 
         with _threads(num_threads), torch.no_grad():
+            # Normalisation statistics come from every frame given for fitting.
             x64 = x.to(torch.float64)
             if normalize:
                 mean = x64.mean(0)
                 std = x64.std(0, unbiased=False)
                 # A constant dimension carries nothing: leave it unscaled instead of dividing by ~0.
                 std = torch.where(std > 1e-8 * max(float(std.max()), 1e-30), std, torch.ones_like(std))
+                xn = ((x64 - mean) / std).to(dev, torch.float32).contiguous()
             else:
                 mean, std = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
-            mean32, std32 = mean.to(torch.float32), std.to(torch.float32)
-            xn = ((x64 - mean) / std).to(dev, torch.float32).contiguous() if normalize else x.to(dev, torch.float32)
+                xn = x.to(dev, torch.float32).contiguous()
             del x64
+            mean32, std32 = mean.to(torch.float32), std.to(torch.float32)
+            xval = None
+            n_val = int(round(validation_fraction * xn.shape[0])) if refine_iters > 0 else 0
+            if n_val > 0 and xn.shape[0] - n_val >= need:
+                perm = torch.randperm(xn.shape[0], generator=gen).to(dev)
+                xval, xn = xn[perm[:n_val]], xn[perm[n_val:]]
+            n = xn.shape[0]
 
             books, codes = kernels.residual_kmeans_init(
                 xn, num_codebooks, codebook_size, niter=kmeans_iters, seed=seed,
-                max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_dim_steps, log=log)
+                max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_dim_steps,
+                beam=init_beam_size, log=log)
             total = float(((xn - xn.mean(0)) ** 2).sum())
             say(f"initialised {num_codebooks} x {codebook_size} codebooks in {time.time() - t_start:.1f}s")
-            iters_done, last_iter_s = 0, 0.0
+
+            def val_loss(b: torch.Tensor) -> float:
+                _, e = _encode_rows(xval, kernels.codebook_tables(b), beam_size, icm_sweeps, chunk_size)
+                return e / float(((xval - xval.mean(0)) ** 2).sum())
+
+            best_val = val_loss(books) if xval is not None else None
+            iters_done, last_iter_s, stop = 0, 0.0, "all passes run"
             for it in range(refine_iters):
-                elapsed = time.time() - t_start
-                if time_budget_s is not None and it > 0 and elapsed + last_iter_s > time_budget_s:
-                    say(f"time budget {time_budget_s:.0f}s reached after {it} refinement passes")
+                if time_budget_s is not None and time.time() - t_start + last_iter_s > time_budget_s:
+                    stop = f"time budget {time_budget_s:.0f}s"
                     break
                 t_it = time.time()
-                books = kernels.least_squares_update(xn, codes, books, ridge)
-                tables = kernels.codebook_tables(books)
-                codes, err = _encode_rows(xn, tables, train_beam_size, train_icm_sweeps, chunk_size, init_codes=codes)
+                cand = kernels.least_squares_update(xn, codes, books, ridge)
+                if xval is not None:
+                    v = val_loss(cand)
+                    if v >= best_val:
+                        stop = f"validation loss {v:.4f} >= {best_val:.4f}: pass {it + 1} rejected"
+                        break
+                    best_val = v
+                books = cand
+                codes, err = _encode_rows(xn, kernels.codebook_tables(books), train_beam, train_icm_sweeps,
+                                          chunk_size, init_codes=codes)
                 iters_done += 1
                 last_iter_s = time.time() - t_it
-                say(f"refinement pass {it + 1}/{refine_iters}: train relative loss {float(err) / total:.4f} "
-                    f"({last_iter_s:.1f}s)")
-            if iters_done:
-                # One more codebook update for the final codes (exact for them, cannot hurt).
-                books = kernels.least_squares_update(xn, codes, books, ridge)
+                say(f"refinement pass {it + 1}/{refine_iters}: train loss {err / total:.4f}, validation loss "
+                    f"{best_val if best_val is None else round(best_val, 4)} ({last_iter_s:.1f}s)")
+            if refine_iters:
+                say(f"refinement stopped after {iters_done} accepted passes ({stop})")
             train_codes, train_err = _encode_rows(xn, kernels.codebook_tables(books), beam_size, icm_sweeps,
                                                   chunk_size)
             meta: dict[str, Any] = {
                 "teacher_id": teacher_id, "layer": layer, "extra": extra,
                 "training_frames": n,
-                "train_relative_loss": float(train_err) / total,
+                "validation_frames": 0 if xval is None else int(xval.shape[0]),
+                "train_relative_loss": train_err / total,
+                "validation_relative_loss": best_val,
                 "perplexity": [round(float(p), 3) for p in kernels.perplexity(train_codes, codebook_size)],
                 "heldout_frames": None if heldout is None else int(heldout.shape[0]),
                 "heldout_relative_loss": None,
                 "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "fit": {"seed": seed, "refine_iters": refine_iters, "refine_iters_done": iters_done,
-                        "kmeans_iters": kmeans_iters, "progressive_dim_steps": progressive_dim_steps,
-                        "max_points_per_centroid": max_points_per_centroid, "train_beam_size": train_beam_size,
-                        "train_icm_sweeps": train_icm_sweeps, "ridge": ridge, "device": str(dev),
-                        "seconds": round(time.time() - t_start, 2)},
+                "fit": {"seed": seed, "init_beam_size": init_beam_size, "kmeans_iters": kmeans_iters,
+                        "progressive_dim_steps": progressive_dim_steps,
+                        "max_points_per_centroid": max_points_per_centroid, "refine_iters": refine_iters,
+                        "refine_iters_done": iters_done, "refine_stop": stop if refine_iters else None,
+                        "train_beam_size": train_beam, "train_icm_sweeps": train_icm_sweeps, "ridge": ridge,
+                        "device": str(dev), "seconds": round(time.time() - t_start, 2)},
             }
             q = cls(books, mean32, std32, normalize=normalize, beam_size=beam_size, icm_sweeps=icm_sweeps,
                     metadata=meta, device=dev)
@@ -423,7 +461,7 @@ class MultiCodebookQuantizer:
         tensors, meta = read_artefact(uri, storage=storage)
         enc = meta.get("encoder") or {}
         q = cls(tensors["codebooks"], tensors["mean"], tensors["std"], normalize=bool(meta["normalize"]),
-                beam_size=int(enc.get("beam_size", 4)), icm_sweeps=int(enc.get("icm_sweeps", 2)),
+                beam_size=int(enc.get("beam_size", 8)), icm_sweeps=int(enc.get("icm_sweeps", 0)),
                 metadata=meta, device=device)
         if q.version != meta["version"]:  # the constructor recomputes it from what it now holds
             raise ArtefactError(f"MVQ artefact at {uri}: recomputed version {q.version[:16]}... differs from the "
@@ -477,8 +515,7 @@ def _encode_rows(x: torch.Tensor, tables: kernels.CodebookTables, beam: int, swe
         xs = x[s : s + step]
         xs = transform(xs) if transform is not None else xs.to(dev, torch.float32)
         init = None if init_codes is None else init_codes[s : s + step].to(dev)
-        c, cost = kernels.encode_chunk(xs, tables, beam, sweeps, init_codes=init)
+        c, row_err = kernels.encode_chunk(xs, tables, beam, sweeps, init_codes=init)
         codes[s : s + step] = c
-        # The exact error (decoding is cheap next to encoding), not the cancellation-prone table cost.
-        err += float(((xs - kernels.decode_flat(c, tables)).to(torch.float64) ** 2).sum())
+        err += float(row_err.to(torch.float64).sum())
     return codes, err
