@@ -1,0 +1,469 @@
+"""The evaluation report: a self-contained folder with ``index.html``, PNG plots and ``results.json``.
+
+Layout under the report folder (local path or s3:// prefix; every link is relative, so the
+folder can be copied or served as is)::
+
+    index.html                  overview table, one plot per task, training curves,
+                                codebook usage, corpus summary, models and timings
+    results.json                the evaluation summary (EvaluateSummary.to_dict())
+    overview.png                best score per task and model (heatmap)
+    task_<task>.png             score per layer: student and random_student as lines with
+                                95 % CI bands, teachers and fbank as horizontal lines with
+                                bands, chance as a dotted line
+    train_loss_curve.png        copied from TRAIN_OUTPUT/metrics/loss_curve.png (or drawn
+                                from metrics.csv), when a training output is given
+    codebook_<name>.png         copied from TOKENS/codebooks/<name>/usage.png, when a
+                                tokenize output is given
+
+:func:`format_results_table` renders the same results as plain text for the CLI.
+
+Example::
+
+    from spear.pipeline.report import format_results_table, write_report
+    write_report(summary, "runs/eval", train_output="runs/train", tokens_output="runs/tokens")
+    print(format_results_table(summary))
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+import posixpath
+import re
+import tempfile
+import time
+from typing import Any, Mapping, Optional
+
+from spear.cluster.storage import Storage, join_uri
+
+# Fixed colours so a model looks the same in every plot.
+_COLORS = {"student": "#1f77b4", "random_student": "#7f7f7f", "fbank": "#d62728"}
+_TEACHER_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _as_dict(summary: Any) -> dict[str, Any]:
+    return summary.to_dict() if hasattr(summary, "to_dict") else dict(summary)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "x"
+
+
+def _model_order(models: list[str]) -> list[str]:
+    rank = {"student": 0, "random_student": 1, "fbank": 3}
+    return sorted(models, key=lambda m: (rank.get(m, 2), models.index(m)))
+
+
+def _model_color(model: str, models: list[str]) -> str:
+    if model in _COLORS:
+        return _COLORS[model]
+    teachers = [m for m in models if m not in _COLORS]
+    return _TEACHER_COLORS[teachers.index(model) % len(_TEACHER_COLORS)] if model in teachers else "#000000"
+
+
+def _layer_label(layer: Any) -> str:
+    return "" if layer is None else f"L{layer}"
+
+
+# --------------------------------------------------------------------------- text
+
+
+def format_results_table(summary: Any) -> str:
+    """Plain-text table: one row per task, one column per model; each cell is the best layer's
+    score ± half the 95 % CI width, with the layer (``@L3``) for layered models.
+
+    Example output::
+
+        task             student        random_student  teacher:mfcc  fbank
+        speaker          0.917±0.083@L4 0.750±0.125@L2  0.833±0.104   0.667±0.146
+    """
+    d = _as_dict(summary)
+    best = d.get("best", {})
+    tasks = [t["name"] for t in d.get("tasks", []) if t["name"] in best] or list(best)
+    models = _model_order(list(dict.fromkeys(r["model"] for r in d.get("probes", []))))
+    header = ["task"] + models
+    rows = [header]
+    for t in tasks:
+        row = [t]
+        for m in models:
+            b = best.get(t, {}).get(m)
+            if b is None:
+                row.append("-")
+                continue
+            half = (b["ci"][1] - b["ci"][0]) / 2 if b.get("ci") else 0.0
+            layer = f"@{_layer_label(b['layer'])}" if b["layer"] is not None else ""
+            row.append(f"{b['score']:.3f}±{half:.3f}{layer}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    metric = d["probes"][0]["metric"] if d.get("probes") else "accuracy"
+    lines.append(f"({metric}, mean over seeds {d.get('seeds', [])}; ± half-width of the 95 % bootstrap CI over "
+                 f"test items; @Lk: best layer)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_task(task: str, rows: list[dict[str, Any]], path: str, *, chance: Optional[float] = None,
+              description: str = "") -> None:
+    """Score per layer for one task: layered models as lines with CI bands, single-output
+    models as horizontal lines with CI bands, chance dotted."""
+    plt = _plt()
+    models = _model_order(list(dict.fromkeys(r["model"] for r in rows)))
+    layered = {m: sorted((r for r in rows if r["model"] == m and r["layer"] is not None), key=lambda r: r["layer"])
+               for m in models}
+    max_layer = max([r["layer"] for rs in layered.values() for r in rs] or [1])
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    x_lo, x_hi = 0.6, max(max_layer, 1) + 0.4
+    for m in models:
+        color = _model_color(m, models)
+        if layered[m]:
+            xs = [r["layer"] for r in layered[m]]
+            ys = [r["score"] for r in layered[m]]
+            ax.plot(xs, ys, marker="o", color=color, label=m, lw=2 if m == "student" else 1.5,
+                    ls="-" if m == "student" else "--")
+            ax.fill_between(xs, [r["ci"][0] for r in layered[m]], [r["ci"][1] for r in layered[m]], color=color,
+                            alpha=0.15, lw=0)
+        else:
+            for r in rows:
+                if r["model"] == m and r["layer"] is None:
+                    ax.axhline(r["score"], color=color, lw=1.5, label=m)
+                    ax.axhspan(r["ci"][0], r["ci"][1], color=color, alpha=0.08, lw=0)
+    if chance is not None:
+        ax.axhline(chance, color="black", lw=1, ls=":", label="chance (majority)")
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_xticks(range(1, max_layer + 1))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("student layer")
+    ax.set_ylabel(rows[0]["metric"] if rows else "accuracy")
+    ax.set_title(f"{task}" + (f": {description}" if description else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_overview(best: Mapping[str, Mapping[str, Mapping[str, Any]]], tasks: list[str], models: list[str],
+                  path: str) -> None:
+    """Heatmap of the best score per task (rows) and model (columns)."""
+    import numpy as np
+
+    plt = _plt()
+    grid = np.full((len(tasks), len(models)), np.nan)
+    for i, t in enumerate(tasks):
+        for j, m in enumerate(models):
+            b = best.get(t, {}).get(m)
+            if b is not None:
+                grid[i, j] = b["score"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(models), 0.9 + 0.42 * len(tasks)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    for i in range(len(tasks)):
+        for j in range(len(models)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax.set_title("best layer's score per task and model", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_metrics_csv(text: str, path: str) -> bool:
+    """Loss curves from a training metrics.csv (when its loss_curve.png is missing)."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    keys = [k for k in (rows[0].keys() if rows else []) if k == "loss" or k.endswith("/ce")]
+    if not rows or not keys or "step" not in rows[0]:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    steps = [float(r["step"]) for r in rows]
+    for k in keys:
+        ax.plot(steps, [float(r[k]) if r.get(k) not in (None, "", "nan") else float("nan") for r in rows], label=k)
+    ax.set_xlabel("step")
+    ax.set_title("training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- extras
+
+
+def _training_section(train_output: str, storage: Storage, tmp: str) -> dict[str, Any]:
+    metrics = join_uri(train_output, "metrics")
+    csv_uri, png_uri = join_uri(metrics, "metrics.csv"), join_uri(metrics, "loss_curve.png")
+    out: dict[str, Any] = {"train_output": train_output, "metrics_csv": None, "plot": None}
+    text = storage.read_text(csv_uri) if storage.exists(csv_uri) else None
+    if text is not None:
+        out["metrics_csv"] = csv_uri
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if rows:
+            out["steps"] = int(float(rows[-1].get("step", 0) or 0))
+            if rows[0].get("loss") not in (None, ""):
+                out["first_loss"], out["last_loss"] = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    if storage.exists(png_uri):
+        with open(os.path.join(tmp, "train_loss_curve.png"), "wb") as f:
+            f.write(storage.read_bytes(png_uri))
+        out["plot"] = "train_loss_curve.png"
+    elif text is not None and _plot_metrics_csv(text, os.path.join(tmp, "train_loss_curve.png")):
+        out["plot"] = "train_loss_curve.png"
+    return out
+
+
+def _codebook_section(tokens_output: str, storage: Storage, tmp: str) -> list[dict[str, Any]]:
+    root = join_uri(tokens_output, "codebooks")
+    if not storage.exists(root):  # a tokenize output without codebooks (yet): nothing to show
+        return []
+    out = []
+    for entry in storage.list_files(root, extensions=["png"]):
+        uri = entry.uri
+        if posixpath.basename(uri) != "usage.png":
+            continue
+        name = posixpath.basename(posixpath.dirname(uri.replace(os.sep, "/")))
+        local = f"codebook_{_safe(name)}.png"
+        with open(os.path.join(tmp, local), "wb") as f:
+            f.write(storage.read_bytes(uri))
+        info: dict[str, Any] = {"name": name, "plot": local, "usage_png": uri}
+        meta_uri = join_uri(posixpath.dirname(uri) if "://" in uri else os.path.dirname(uri), "meta.json")
+        if storage.exists(meta_uri):
+            try:
+                meta = json.loads(storage.read_text(meta_uri))
+            except ValueError:
+                meta = {}
+            extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+            for key in ("heldout_relative_loss", "heldout_loss"):
+                value = meta.get(key, extra.get(key))
+                if value is not None:
+                    info["heldout_relative_loss"] = value
+                    break
+            ppl = meta.get("perplexity")
+            if isinstance(ppl, list) and ppl:
+                info["mean_perplexity"] = sum(ppl) / len(ppl)
+        out.append(info)
+    return sorted(out, key=lambda i: i["name"])
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1150px;
+     color:#222;padding:0 16px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
+.best{font-weight:bold;background:#eef6ee}.muted{color:#888}
+img{max-width:100%;border:1px solid #eee}figure{margin:12px 0 24px}figcaption{font-size:13px;color:#555}
+code{background:#f4f4f4;padding:1px 4px}
+"""
+
+# Marks every image as loaded or broken once the page has loaded (data-loaded="1"/"0"),
+# and lists broken ones at the top: a user sees a missing plot at once, and the headless
+# browser test reads the marks from the dumped DOM.
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var broken = [];
+  document.querySelectorAll('img').forEach(function (img) {
+    var ok = img.complete && img.naturalWidth > 0;
+    img.setAttribute('data-loaded', ok ? '1' : '0');
+    if (!ok) broken.push(img.getAttribute('src'));
+  });
+  document.body.setAttribute('data-images-checked', String(document.images.length));
+  if (broken.length) {
+    var p = document.createElement('p');
+    p.id = 'broken-images';
+    p.style.color = '#b00';
+    p.textContent = 'Missing images: ' + broken.join(', ');
+    document.body.insertBefore(p, document.body.firstChild);
+  }
+});
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _fmt_ci(ci: Any) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def _table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(c if raw else f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[dict[str, Any]],
+                 codebooks: list[dict[str, Any]]) -> str:
+    best = d["best"]
+    models = _model_order(list(dict.fromkeys(r["model"] for r in d["probes"])))
+    task_info = {t["name"]: t for t in d["tasks"]}
+    probed = [t["name"] for t in d["tasks"] if t["name"] in best]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>SPEAR evaluation</title>"
+             f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>",
+             "<h1>SPEAR evaluation: linear probes on frozen features</h1>",
+             f"<p>{len(d['probes'])} probes over {len(probed)} tasks and {len(models)} models; "
+             f"seeds {_e(d['seeds'])}; generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} in "
+             f"{d.get('wall_seconds', 0):.0f} s. Score: test accuracy (mean over seeds). CI: 95 % percentile "
+             f"bootstrap over test items (over clips for frame tasks) of the seed-averaged accuracy. "
+             f"Raw data: <a href='results.json'>results.json</a>.</p>"]
+    if any(m.startswith("teacher:") for m in models):
+        parts.append("<p class='muted'><code>fbank</code> is the raw 128-bin Kaldi log-mel fbank (100 Hz) floor; "
+                     "<code>teacher:&lt;kind&gt;</code> are the teachers' embeddings (e.g. <code>teacher:fbank</code>"
+                     " is the audio teacher, log-mel pooled to 25 Hz).</p>")
+
+    # Overview.
+    parts.append("<h2 id='overview'>Overview</h2>")
+    rows = []
+    for t in probed:
+        scores = {m: best[t][m]["score"] for m in models if m in best[t]}
+        top = max(scores.values()) if scores else None
+        cells = [f"<td>{_e(t)}</td>"]
+        for m in models:
+            b = best[t].get(m)
+            if b is None:
+                cells.append("<td class='muted'>-</td>")
+                continue
+            layer = f" @{_layer_label(b['layer'])}" if b["layer"] is not None else ""
+            txt = f"{b['score']:.3f} {_fmt_ci(b['ci'])}{layer}"
+            cls = " class='best'" if b["score"] == top else ""
+            cells.append(f"<td{cls}>{_e(txt)}</td>")
+        rows.append(cells)
+    parts.append(_table(["task"] + models, rows, raw=True))
+    if "overview" in plots:
+        parts.append(f"<figure><img src='{plots['overview']}' alt='overview'></figure>")
+
+    # Per task.
+    parts.append("<h2 id='tasks'>Score per layer, per task</h2>")
+    for t in probed:
+        info = task_info[t]
+        counts = info["class_counts"]
+        n_tr, n_te = sum(counts["train"].values()), sum(counts["test"].values())
+        unit = "frames" if info["level"] == "frame" else "clips"
+        parts.append(f"<h3 id='task-{_e(_safe(t))}'>{_e(t)}</h3><p>{_e(info['description'])} "
+                     f"({info['level']} level; {n_tr} train / {n_te} test {unit}, {len(counts['train'])} classes; "
+                     f"source: {_e(info['source'])})</p>")
+        if t in plots:
+            parts.append(f"<figure><img src='{plots[t]}' alt='{_e(t)} per layer'></figure>")
+        trs = sorted((r for r in d["probes"] if r["task"] == t),
+                     key=lambda r: (models.index(r["model"]), r["layer"] or 0))
+        parts.append(_table(["model", "layer", "score", "95% CI", "macro-F1", "seed scores", "L2 per seed", "chance"],
+                            [[r["model"], "" if r["layer"] is None else str(r["layer"]), f"{r['score']:.3f}",
+                              _fmt_ci(r["ci"]), f"{r['macro_f1']:.3f}", " ".join(f"{s:.3f}" for s in r["seed_scores"]),
+                              " ".join(f"{v:g}" for v in r["l2"]), f"{r['chance']:.3f}"] for r in trs]))
+        cls = sorted(set(counts["train"]) | set(counts["test"]))
+        parts.append("<details><summary>class counts</summary>" + _table(
+            ["class", "train", "test"],
+            [[c, str(counts["train"].get(c, 0)), str(counts["test"].get(c, 0))] for c in cls])
+            + "</details>")
+    for s in d.get("skipped_tasks", []):
+        parts.append(f"<p class='muted'>task {_e(s['task'])} skipped: {_e(s['reason'])}</p>")
+
+    # Training and tokens.
+    parts.append("<h2 id='training'>Training</h2>")
+    if training is None:
+        parts.append("<p class='muted'>no training output given (<code>--train-output</code>).</p>")
+    else:
+        facts = [f"output <code>{_e(training['train_output'])}</code>"]
+        if training.get("steps") is not None:
+            facts.append(f"{training['steps']} steps")
+        if training.get("first_loss") is not None:
+            facts.append(f"loss {training['first_loss']:.3f} &rarr; {training['last_loss']:.3f}")
+        parts.append("<p>" + "; ".join(facts) + "</p>")
+        if training.get("plot"):
+            parts.append(f"<figure><img src='{training['plot']}' alt='training loss'>"
+                         f"<figcaption>loss curves from <code>{_e(training.get('metrics_csv') or '')}</code>"
+                         "</figcaption></figure>")
+        else:
+            parts.append("<p class='muted'>no metrics found under the training output.</p>")
+    parts.append("<h2 id='codebooks'>Codebook usage</h2>")
+    if not codebooks:
+        parts.append("<p class='muted'>no tokenize output given (<code>--tokens</code>) or no codebook usage "
+                     "plots in it.</p>")
+    for cb in codebooks:
+        extra = []
+        if cb.get("heldout_relative_loss") is not None:
+            extra.append(f"held-out relative reconstruction loss {float(cb['heldout_relative_loss']):.4f}")
+        if cb.get("mean_perplexity") is not None:
+            extra.append(f"mean codebook perplexity {float(cb['mean_perplexity']):.1f}")
+        parts.append(f"<figure><img src='{cb['plot']}' alt='codebook usage {_e(cb['name'])}'>"
+                     f"<figcaption>{_e(cb['name'])}{': ' + _e('; '.join(extra)) if extra else ''}"
+                     "</figcaption></figure>")
+
+    # Corpus and models.
+    c = d["corpus"]
+    parts.append(f"<h2 id='corpus'>Corpus</h2><p>{c['files']} files, {c['minutes']:.1f} minutes of audio.</p>")
+    for key, title in (("by_domain", "domain"), ("by_format", "format"), ("by_sample_rate", "sample rate (Hz)"),
+                       ("by_channels", "channels")):
+        parts.append(_table([title, "files", "minutes"],
+                            [[k, str(v["files"]), f"{v['minutes']:.2f}"] for k, v in c.get(key, {}).items()]))
+    for s in d.get("skipped_files", []):
+        parts.append(f"<p class='muted'>skipped {_e(s['uri'])}: {_e(s['reason'])}</p>")
+    parts.append("<h2 id='models'>Models</h2>")
+    parts.append(_table(["model", "frame rate (Hz)", "layers", "dims", "features (s)", "probes (s)"],
+                        [[m["name"], f"{m['frame_rate']:g}",
+                          " ".join("-" if v is None else str(v) for v in m["layers"]),
+                          " ".join(str(v) for v in sorted(set(m["dims"]))),
+                          f"{m['extract_seconds']:.1f}", f"{m['probe_seconds']:.1f}"] for m in d["models"]]))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(summary: Any, output: str, storage: Optional[Storage] = None, *,
+                 train_output: Optional[str] = None, tokens_output: Optional[str] = None) -> str:
+    """Write ``index.html``, the plots and ``results.json`` under ``output``; returns the page's URI.
+
+    ``summary``: an EvaluateSummary (its ``extras`` get the training / codebook sections) or
+    its dict. The folder is built locally, then every file is written through ``storage``.
+    """
+    storage = storage or Storage()
+    d = _as_dict(summary)
+    with tempfile.TemporaryDirectory() as tmp:
+        plots: dict[str, str] = {}
+        task_info = {t["name"]: t for t in d["tasks"]}
+        for t in [t["name"] for t in d["tasks"] if t["name"] in d["best"]]:
+            rows = [r for r in d["probes"] if r["task"] == t]
+            fname = f"task_{_safe(t)}.png"
+            plot_task(t, rows, os.path.join(tmp, fname), chance=rows[0]["chance"] if rows else None,
+                      description=task_info[t]["description"])
+            plots[t] = fname
+        if d["best"]:
+            models = _model_order(list(dict.fromkeys(r["model"] for r in d["probes"])))
+            plot_overview(d["best"], [t["name"] for t in d["tasks"] if t["name"] in d["best"]], models,
+                          os.path.join(tmp, "overview.png"))
+            plots["overview"] = "overview.png"
+        training = _training_section(train_output, storage, tmp) if train_output else None
+        codebooks = _codebook_section(tokens_output, storage, tmp) if tokens_output else []
+        extras = {"training": training, "codebooks": codebooks, "plots": plots}
+        if hasattr(summary, "extras"):
+            summary.extras = extras
+        d["extras"] = extras
+        with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
+            f.write(_render_html(d, plots, training, codebooks))
+        with open(os.path.join(tmp, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=1, default=str)
+        storage.makedirs(output)
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes(join_uri(output, name), f.read())
+    return join_uri(output, "index.html")
