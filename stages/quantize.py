@@ -207,9 +207,13 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
         raise ValueError(f"only {sample.train.shape[0]} frames sampled to fit {codebook_size}-entry codebooks "
                          f"(need at least {4 * codebook_size}): the corpus is too small for mvq.sample_frames")
     heldout = torch.from_numpy(sample.heldout) if sample.heldout.shape[0] else None
+    small = {}
+    if sample.train.shape[0] <= 2 * sample.train.shape[1]:
+        # faiss' progressive-dimension k-means starts with a PCA that needs more frames than dimensions
+        small["progressive_dim_steps"] = 0
     return MultiCodebookQuantizer.fit(torch.from_numpy(sample.train), num_codebooks=num_codebooks,
                                       codebook_size=codebook_size, seed=seed, heldout=heldout, teacher_id=teacher_id,
-                                      layer=layer, extra=extra)
+                                      layer=layer, extra=extra, **small)
 
 
 def codebook_uri(output: str, role: str, teacher_version: str, num_codebooks: int, codebook_size: int) -> str:

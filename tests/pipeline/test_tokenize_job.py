@@ -144,7 +144,7 @@ def test_shards_are_plain_parquet_for_pyarrow_duckdb_polars(ray_cluster, tmp_pat
                 assert "RLE_DICTIONARY" not in col.encodings and "PLAIN_DICTIONARY" not in col.encodings
                 assert col.compression == "UNCOMPRESSED"
     total = sum(pq.read_metadata(f).num_rows for f in files)
-    n_duck = duckdb.sql(f"select count(*) from read_parquet({files!r}) where length(speech_tokens) > 0").fetchone()[0]
+    n_duck = duckdb.sql(f"select count(*) from read_parquet({files!r}) where octet_length(speech_tokens) > 0").fetchall()[0][0]
     n_polars = pl.read_parquet(files).filter(pl.col("speech_tokens").bin.size() > 0).height
     assert n_duck == n_polars == total
     # token bytes on disk vs raw uint8 size: no overhead beyond the Parquet framing
