@@ -266,3 +266,20 @@ def test_manifest_errors_are_clear(tmp_path):
     assert task.name == "d" and task.splits == ["train", "test"] and task.labels == ["a", "b"]
     assert items.uris == [str(tmp_path / "sub" / "clips" / "x.wav"), "/abs/y.wav"]
     assert len(task.items) == 2
+
+
+def test_student_with_the_random_students_weights_scores_the_same(tiny_corpus, tmp_path):
+    """The exported-student path (safetensors export, load_student) and the in-memory random
+    student give the same features for the same weights, so the same probe scores."""
+    from spear.models.student import build_encoder, export_student
+    from spear.pipeline.evaluate_job import RANDOM_STUDENT_SEED
+
+    with torch.random.fork_rng():
+        torch.manual_seed(RANDOM_STUDENT_SEED)
+        export_student(build_encoder("zipformer2", "tiny"), str(tmp_path / "student"))
+    summary = run_evaluate(str(tmp_path / "student"), str(tiny_corpus.root), output=str(tmp_path / "r"), seeds=(0,),
+                           fbank_floor=False, tasks=["speech_vs_audio", "frame_speech"], l2_grid=(1e-2,),
+                           layers=[1, 5], num_threads=1, progress=False)
+    rows = {m: {(r["task"], r["layer"]): r["seed_scores"] for r in summary.probes if r["model"] == m}
+            for m in ("student", "random_student")}
+    assert len(rows["student"]) == 4 and rows["student"] == rows["random_student"]
