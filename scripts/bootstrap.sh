@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${SPEAR_VENV:-.venv}
-APT_PACKAGES="espeak-ng chromium"  # chromium: the report test renders the HTML report headless
+APT_PACKAGES="espeak-ng chromium fonts-dejavu-core"  # chromium + a font: the report test renders the HTML report headless
 
 missing=""
 for pkg in $APT_PACKAGES; do
