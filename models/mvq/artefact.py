@@ -82,11 +82,14 @@ def read_artefact(uri: str, storage: Optional[Storage] = None) -> tuple[dict[str
         raise ArtefactError(f"no MVQ codebook artefact at {uri}: {META_NAME} is missing") from None
     except json.JSONDecodeError as exc:
         raise ArtefactError(f"{meta_uri} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise ArtefactError(f"{meta_uri} is not a JSON object")
+    if meta.get("format") != FORMAT:
         raise ArtefactError(f"{meta_uri} is not an MVQ codebook artefact (format {meta.get('format')!r} "
-                            f"where {FORMAT!r} was expected)" if isinstance(meta, dict) else f"{meta_uri} is not a JSON object")
+                            f"where {FORMAT!r} was expected)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtefactError(f"{uri} has format_version {meta.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+        raise ArtefactError(f"{uri} has format_version {meta.get('format_version')!r}; "
+                            f"this code reads {FORMAT_VERSION}")
     try:
         blob = storage.read_bytes(tensors_uri)
     except FileNotFoundError:

@@ -91,7 +91,7 @@ def unary_costs(x: torch.Tensor, tables: CodebookTables) -> torch.Tensor:
         if xs.shape[0] < blk:
             xs = torch.cat([xs, xs.new_zeros(blk - xs.shape[0], xs.shape[1])])
         ip[s : s + blk] = (xs @ tables.flat.T)[: min(blk, n - s)]
-    return tables.norms.unsqueeze(0) - 2.0 * ip.view(n, M, K)
+    return ip.view(n, M, K).mul_(-2.0).add_(tables.norms)
 
 
 def beam_search(unary: torch.Tensor, tables: CodebookTables, beam: int) -> torch.Tensor:
@@ -265,7 +265,7 @@ def nearest(x: torch.Tensor, cent: torch.Tensor, chunk: int = 16384) -> torch.Te
 
 def residual_kmeans_init(x: torch.Tensor, num_codebooks: int, codebook_size: int, *, niter: int, seed: int,
                          max_points_per_centroid: int, progressive_steps: int = 0, beam: int = 1,
-                         chunk: int = 8192,
+                         beam_tolerance: float = 0.3, chunk: int = 8192,
                          log: Optional[Callable[[str], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codebook c is the k-means of the residuals left by codebooks < c (residual VQ).
 
@@ -284,15 +284,21 @@ def residual_kmeans_init(x: torch.Tensor, num_codebooks: int, codebook_size: int
     books: list[torch.Tensor] = []
     codes = torch.zeros(n, 1, 0, dtype=torch.long, device=dev)  # [n, B, m]
     cost = torch.zeros(n, 1, dtype=x.dtype, device=dev)  # squared error - ||x||^2, per beam
+    xsq = (x * x).sum(1)
     for c in range(num_codebooks):
         t0 = time.time()
         B = codes.shape[1]
-        # k-means sample: residuals of random (frame, beam) pairs
+        # k-means sample: residuals of (frame, beam) pairs whose error is within `beam_tolerance`
+        # (relative) of the frame's best; a random subset when there are too many.
         limit = max_points_per_centroid * K
-        if n * B > limit:
-            pick = torch.randperm(n * B, generator=gen)[:limit].sort().values.to(dev)
+        if B > 1:
+            err = cost + xsq.unsqueeze(1)
+            keep = (err - err.min(1, keepdim=True).values) <= beam_tolerance * err.min(1, keepdim=True).values
+            pick = torch.nonzero(keep.flatten()).flatten()
         else:
-            pick = torch.arange(n * B, device=dev)
+            pick = torch.arange(n, device=dev)
+        if pick.numel() > limit:
+            pick = pick[torch.randperm(pick.numel(), generator=gen)[:limit].sort().values.to(dev)]
         rows, beams = torch.div(pick, B, rounding_mode="floor"), pick % B
         residual = x[rows].clone()
         if c > 0:

@@ -113,7 +113,8 @@ class MultiCodebookQuantizer:
                  beam_size: int = 8, icm_sweeps: int = 0, metadata: Optional[dict[str, Any]] = None,
                  device: Union[str, torch.device, None] = None):
         if codebooks.ndim != 3:
-            raise ValueError(f"codebooks must be [num_codebooks, codebook_size, dim], got shape {list(codebooks.shape)}")
+            raise ValueError(f"codebooks must be [num_codebooks, codebook_size, dim], "
+                             f"got shape {list(codebooks.shape)}")
         M, K, D = codebooks.shape
         _check_codebook_size(K)
         if tuple(mean.shape) != (D,) or tuple(std.shape) != (D,):
@@ -198,7 +199,8 @@ class MultiCodebookQuantizer:
 
     @classmethod
     def fit(cls, x: ArrayLike, num_codebooks: int = 16, codebook_size: int = 256, *, seed: int = 0,
-            normalize: bool = True, init_beam_size: int = 4, kmeans_iters: int = 10, progressive_dim_steps: int = 10,
+            normalize: bool = True, init_beam_size: int = 5, init_beam_tolerance: float = 0.3,
+            kmeans_iters: int = 10, progressive_dim_steps: int = 10,
             max_points_per_centroid: int = 256, refine_iters: int = 4, validation_fraction: float = 0.05,
             train_beam_size: Optional[int] = None, train_icm_sweeps: int = 1, ridge: float = 1.0,
             beam_size: int = 8, icm_sweeps: int = 0, time_budget_s: Optional[float] = None,
@@ -210,9 +212,9 @@ class MultiCodebookQuantizer:
         """Fit C codebooks of K entries to the frames ``x`` [N, D].
 
         Stages: (1) residual k-means initialisation with a beam of partial encodings per frame
-        (``init_beam_size``; faiss k-means); (2) up to ``refine_iters`` joint refinement passes,
-        each an exact least-squares update of all codebooks for the current codes followed by
-        re-encoding the training frames; a pass is kept only if it lowers the loss on a
+        (``init_beam_size``, ``init_beam_tolerance``; faiss k-means); (2) up to ``refine_iters``
+        joint refinement passes, each an exact least-squares update of all codebooks for the
+        current codes followed by re-encoding the training frames; a pass is kept only if it lowers the loss on a
         validation split (``validation_fraction`` of ``x``, never used for fitting): with few
         frames per codebook entry the joint update overfits, with many it helps.
 
@@ -225,6 +227,10 @@ class MultiCodebookQuantizer:
             normalize: per-dimension mean/std normalisation with statistics from ``x``.
             init_beam_size: partial encodings kept per frame during the initialisation (1 = greedy
                 residual k-means; faiss' ResidualQuantizer calls it max_beam_size).
+            init_beam_tolerance: codebook c's k-means trains on the residuals of every kept partial
+                encoding whose error is within this fraction of the frame's best one. On noisy,
+                high-dimensional frames the near-ties act as augmentation and the codebooks fit
+                held-out frames better; clearly worse encodings (clean, clustered data) stay out.
             kmeans_iters, progressive_dim_steps, max_points_per_centroid: the k-means of the
                 initialisation (faiss ``ProgressiveDimClustering``: PCA dims grow over
                 ``progressive_dim_steps`` steps of ``kmeans_iters`` iterations; 0 steps = plain
@@ -302,7 +308,7 @@ class MultiCodebookQuantizer:
             books, codes = kernels.residual_kmeans_init(
                 xn, num_codebooks, codebook_size, niter=kmeans_iters, seed=seed,
                 max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_dim_steps,
-                beam=init_beam_size, log=log)
+                beam=init_beam_size, beam_tolerance=init_beam_tolerance, log=log)
             total = float(((xn - xn.mean(0)) ** 2).sum())
             say(f"initialised {num_codebooks} x {codebook_size} codebooks in {time.time() - t_start:.1f}s")
 
@@ -345,7 +351,8 @@ class MultiCodebookQuantizer:
                 "heldout_frames": None if heldout is None else int(heldout.shape[0]),
                 "heldout_relative_loss": None,
                 "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "fit": {"seed": seed, "init_beam_size": init_beam_size, "kmeans_iters": kmeans_iters,
+                "fit": {"seed": seed, "init_beam_size": init_beam_size, "init_beam_tolerance": init_beam_tolerance,
+                        "kmeans_iters": kmeans_iters,
                         "progressive_dim_steps": progressive_dim_steps,
                         "max_points_per_centroid": max_points_per_centroid, "refine_iters": refine_iters,
                         "refine_iters_done": iters_done, "refine_stop": stop if refine_iters else None,
