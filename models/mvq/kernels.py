@@ -17,7 +17,6 @@ jointly (:func:`least_squares_update`), after a residual k-means initialisation
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -207,48 +206,82 @@ def least_squares_update(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
 
 
 def kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_centroid: int,
-           progressive_steps: int = 0) -> torch.Tensor:
-    """k-means centroids [k, D] of ``x`` [N, D]: faiss (GPU when faiss sees one), else torch Lloyd.
+           progressive_steps: int = 0, backend: Optional[str] = None) -> torch.Tensor:
+    """k-means centroids [k, D] of ``x`` [N, D].
 
-    At most ``max_points_per_centroid * k`` points (a seeded random subset) train each
-    k-means, as faiss does; assignment of all points happens outside.
+    ``backend`` "faiss" (the default when faiss imports; its GPU index when faiss sees a GPU) or
+    "torch" (Lloyd iterations on ``x``'s device: the fallback where no faiss wheel exists).
+    With ``progressive_steps`` > 0 both run progressive-dimension clustering (faiss'
+    ProgressiveDimClustering): k-means on the first 2, ..., D principal components in turn, each
+    stage starting from the previous centroids, which finds far better optima than random
+    initialisation in high dimension. At most ``max_points_per_centroid * k`` points (a seeded
+    random subset) train each k-means; assigning all points happens outside.
     """
-    try:
-        import faiss  # noqa: F401
-    except ImportError:  # e.g. a GPU machine without a faiss wheel: plain torch Lloyd iterations
-        faiss = None
+    if backend is None:
+        try:
+            import faiss  # noqa: F401
+
+            backend = "faiss"
+        except ImportError:
+            backend = "torch"
+    if backend == "torch":
+        return _torch_kmeans(x, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
+                             progressive_steps=progressive_steps)
+    if backend != "faiss":
+        raise ValueError(f"k-means backend must be 'faiss' or 'torch', got {backend!r}")
+    import faiss
+
     n, d = x.shape
-    if faiss is not None:
-        use_gpu = faiss.get_num_gpus() > 0
-        xs = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        if progressive_steps > 0:
-            pc = faiss.ProgressiveDimClustering(d, k)
-            pc.niter, pc.seed, pc.progressive_dim_steps = niter, seed, progressive_steps
-            pc.max_points_per_centroid, pc.min_points_per_centroid = max_points_per_centroid, 1
-            factory = faiss.GpuProgressiveDimIndexFactory(1) if use_gpu else faiss.ProgressiveDimIndexFactory()
-            pc.train(n, faiss.swig_ptr(xs), factory)
-            return torch.from_numpy(faiss.vector_to_array(pc.centroids).reshape(k, d).copy()).to(x.device)
-        km = faiss.Kmeans(d, k, niter=niter, seed=seed, gpu=use_gpu, verbose=False,
-                          max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
-        km.train(xs)
-        return torch.from_numpy(km.centroids.copy()).to(x.device)
-    return _torch_kmeans(x, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid)
+    use_gpu = faiss.get_num_gpus() > 0
+    xs = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    if progressive_steps > 0:
+        pc = faiss.ProgressiveDimClustering(d, k)
+        pc.niter, pc.seed, pc.progressive_dim_steps = niter, seed, progressive_steps
+        pc.max_points_per_centroid, pc.min_points_per_centroid = max_points_per_centroid, 1
+        factory = faiss.GpuProgressiveDimIndexFactory(1) if use_gpu else faiss.ProgressiveDimIndexFactory()
+        pc.train(n, faiss.swig_ptr(xs), factory)
+        return torch.from_numpy(faiss.vector_to_array(pc.centroids).reshape(k, d).copy()).to(x.device)
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, gpu=use_gpu, verbose=False,
+                      max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+    km.train(xs)
+    return torch.from_numpy(km.centroids.copy()).to(x.device)
 
 
-def _torch_kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_centroid: int) -> torch.Tensor:
+def _torch_kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_centroid: int,
+                  progressive_steps: int = 0) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    n = x.shape[0]
+    n, d = x.shape
     if n > k * max_points_per_centroid:
         x = x[torch.randperm(n, generator=gen)[: k * max_points_per_centroid].to(x.device)]
         n = x.shape[0]
-    cent = x[torch.randperm(n, generator=gen)[:k].to(x.device)].clone()
+    x = x.to(torch.float32)
+    if progressive_steps > 0:
+        mean = x.mean(0)
+        xc = x - mean
+        _, vecs = torch.linalg.eigh((xc.T @ xc).to(torch.float64))
+        basis = vecs.flip(1).to(torch.float32)  # principal directions, largest variance first
+        xr = xc @ basis
+        dims = sorted({max(1, min(d, int(d ** ((i + 1) / progressive_steps)))) for i in range(progressive_steps)})
+        dims[-1] = d
+    else:
+        xr, dims = x, [d]
+    cent = xr[torch.randperm(n, generator=gen)[:k].to(x.device), : dims[0]].clone()
+    for di in dims:
+        if cent.shape[1] < di:  # new dimensions start at zero, as in faiss
+            cent = torch.cat([cent, cent.new_zeros(k, di - cent.shape[1])], dim=1)
+        cent = _lloyd(xr[:, :di].contiguous(), cent, niter, gen)
+    return cent @ basis.T + mean if progressive_steps > 0 else cent
+
+
+def _lloyd(x: torch.Tensor, cent: torch.Tensor, niter: int, gen: torch.Generator) -> torch.Tensor:
+    n, k = x.shape[0], cent.shape[0]
     for _ in range(niter):
         assign = nearest(x, cent)
         sums = torch.zeros_like(cent).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k)
         empty = counts == 0
         cent = torch.where(empty.unsqueeze(1), cent, sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype))
-        if bool(empty.any()):  # re-seed empty clusters on random points (as faiss splits large ones)
+        if bool(empty.any()):  # re-seed empty clusters on random points
             pick = torch.randint(0, n, (int(empty.sum()),), generator=gen).to(x.device)
             cent[empty] = x[pick]
     return cent
@@ -265,7 +298,7 @@ def nearest(x: torch.Tensor, cent: torch.Tensor, chunk: int = 16384) -> torch.Te
 
 def residual_kmeans_init(x: torch.Tensor, num_codebooks: int, codebook_size: int, *, niter: int, seed: int,
                          max_points_per_centroid: int, progressive_steps: int = 0, beam: int = 1,
-                         beam_tolerance: float = 0.3, chunk: int = 8192,
+                         beam_tolerance: float = 0.3, kmeans_backend: Optional[str] = None, chunk: int = 8192,
                          log: Optional[Callable[[str], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codebook c is the k-means of the residuals left by codebooks < c (residual VQ).
 
@@ -307,8 +340,8 @@ def residual_kmeans_init(x: torch.Tensor, num_codebooks: int, codebook_size: int
             for s in range(0, residual.shape[0], chunk):
                 sel = codes[rows[s : s + chunk], beams[s : s + chunk]] + offsets
                 residual[s : s + chunk] -= F.embedding_bag(sel, prev, mode="sum")
-        cent = kmeans(residual, K, niter=niter, seed=seed + 1000 * c,
-                      max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_steps)
+        cent = kmeans(residual, K, niter=niter, seed=seed + 1000 * c, max_points_per_centroid=max_points_per_centroid,
+                      progressive_steps=progressive_steps, backend=kmeans_backend)
         del residual
         # extend every beam by every entry of the new codebook; keep the `beam` best
         norms = (cent * cent).sum(1)
@@ -335,15 +368,3 @@ def residual_kmeans_init(x: torch.Tensor, num_codebooks: int, codebook_size: int
             energy = float(cost[:, 0].sum() + (x.to(torch.float64) ** 2).sum()) / max(1, n)
             log(f"k-means init codebook {c}: residual energy {energy:.4f} ({time.time() - t0:.1f}s)")
     return torch.stack(books).contiguous(), codes[:, 0, :].contiguous()
-
-
-def perplexity(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """[M] perplexity (exp entropy) of each codebook's code distribution in ``codes`` [N, M]."""
-    M = codes.shape[1]
-    out = torch.empty(M, dtype=torch.float64)
-    for m in range(M):
-        p = torch.bincount(codes[:, m].long().cpu(), minlength=codebook_size).to(torch.float64)
-        p = p / p.sum().clamp_min(1)
-        nz = p[p > 0]
-        out[m] = math.exp(float(-(nz * nz.log()).sum()))
-    return out

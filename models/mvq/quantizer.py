@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import math
 import time
@@ -41,6 +42,7 @@ import torch
 
 from spear.cluster.storage import Storage
 from spear.models.mvq import kernels
+from spear.models.mvq.usage import codebook_usage
 from spear.models.mvq.artefact import (FORMAT, FORMAT_VERSION, ArtefactError, content_hash, read_artefact,
                                        write_artefact)
 
@@ -62,16 +64,17 @@ def _threads(num_threads: Optional[int]) -> Iterator[None]:
     torch.set_num_threads(num_threads)
     try:
         import faiss
-
-        faiss.omp_set_num_threads(num_threads)
     except ImportError:
         faiss = None
+    old_faiss = faiss.omp_get_max_threads() if faiss is not None else 0
+    if faiss is not None:
+        faiss.omp_set_num_threads(num_threads)
     try:
         yield
     finally:
         torch.set_num_threads(old)
         if faiss is not None:
-            faiss.omp_set_num_threads(old)
+            faiss.omp_set_num_threads(old_faiss)
 
 
 def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
@@ -163,7 +166,7 @@ class MultiCodebookQuantizer:
     @property
     def metadata(self) -> dict[str, Any]:
         """A copy of the artefact metadata (see :mod:`spear.models.mvq.artefact`)."""
-        return dict(self._meta)
+        return copy.deepcopy(self._meta)
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -201,7 +204,8 @@ class MultiCodebookQuantizer:
     def fit(cls, x: ArrayLike, num_codebooks: int = 16, codebook_size: int = 256, *, seed: int = 0,
             normalize: bool = True, init_beam_size: int = 5, init_beam_tolerance: float = 0.3,
             kmeans_iters: int = 10, progressive_dim_steps: int = 10,
-            max_points_per_centroid: int = 256, refine_iters: int = 4, validation_fraction: float = 0.05,
+            max_points_per_centroid: int = 256, kmeans_backend: Optional[str] = None,
+            refine_iters: int = 4, validation_fraction: float = 0.05,
             train_beam_size: Optional[int] = None, train_icm_sweeps: int = 1, ridge: float = 1.0,
             beam_size: int = 8, icm_sweeps: int = 0, time_budget_s: Optional[float] = None,
             heldout: Optional[ArrayLike] = None, heldout_fraction: float = 0.0,
@@ -235,6 +239,8 @@ class MultiCodebookQuantizer:
                 initialisation (faiss ``ProgressiveDimClustering``: PCA dims grow over
                 ``progressive_dim_steps`` steps of ``kmeans_iters`` iterations; 0 steps = plain
                 k-means; each k-means trains on at most max_points_per_centroid x K rows).
+            kmeans_backend: "faiss" (default when installed; faiss-gpu when it sees a GPU) or
+                "torch" (same progressive k-means in torch on ``device``; used without faiss).
             refine_iters: joint refinement passes at most (0 = initialisation only).
             validation_fraction: share of ``x`` held back to accept or reject refinement passes
                 (0 = accept every pass, fit on all rows).
@@ -285,19 +291,27 @@ class MultiCodebookQuantizer:
         train_beam = beam_size if train_beam_size is None else train_beam_size
 
         with _threads(num_threads), torch.no_grad():
-            # Normalisation statistics come from every frame given for fitting.
-            x64 = x.to(torch.float64)
+            # Normalisation statistics come from every frame given for fitting (float64 sums, chunked).
             if normalize:
-                mean = x64.mean(0)
-                std = x64.std(0, unbiased=False)
+                s1 = torch.zeros(d, dtype=torch.float64)
+                s2 = torch.zeros(d, dtype=torch.float64)
+                for s in range(0, x.shape[0], 65536):
+                    xs = x[s : s + 65536].to("cpu", torch.float64)
+                    s1 += xs.sum(0)
+                    s2 += (xs * xs).sum(0)
+                mean = s1 / x.shape[0]
+                std = (s2 / x.shape[0] - mean * mean).clamp_min(0.0).sqrt()
                 # A constant dimension carries nothing: leave it unscaled instead of dividing by ~0.
                 std = torch.where(std > 1e-8 * max(float(std.max()), 1e-30), std, torch.ones_like(std))
-                xn = ((x64 - mean) / std).to(dev, torch.float32).contiguous()
             else:
                 mean, std = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
-                xn = x.to(dev, torch.float32).contiguous()
-            del x64
             mean32, std32 = mean.to(torch.float32), std.to(torch.float32)
+            # Exactly the float32 transform encode() applies.
+            m_dev, s_dev = mean32.to(dev), std32.to(dev)
+            xn = torch.empty(x.shape, dtype=torch.float32, device=dev)
+            for s in range(0, x.shape[0], 65536):
+                xs = x[s : s + 65536].to(dev, torch.float32)
+                xn[s : s + 65536] = (xs - m_dev) / s_dev if normalize else xs
             xval = None
             n_val = int(round(validation_fraction * xn.shape[0])) if refine_iters > 0 else 0
             if n_val > 0 and xn.shape[0] - n_val >= need:
@@ -308,7 +322,7 @@ class MultiCodebookQuantizer:
             books, codes = kernels.residual_kmeans_init(
                 xn, num_codebooks, codebook_size, niter=kmeans_iters, seed=seed,
                 max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_dim_steps,
-                beam=init_beam_size, beam_tolerance=init_beam_tolerance, log=log)
+                beam=init_beam_size, beam_tolerance=init_beam_tolerance, kmeans_backend=kmeans_backend, log=log)
             total = float(((xn - xn.mean(0)) ** 2).sum())
             say(f"initialised {num_codebooks} x {codebook_size} codebooks in {time.time() - t_start:.1f}s")
 
@@ -347,14 +361,15 @@ class MultiCodebookQuantizer:
                 "validation_frames": 0 if xval is None else int(xval.shape[0]),
                 "train_relative_loss": train_err / total,
                 "validation_relative_loss": best_val,
-                "perplexity": [round(float(p), 3) for p in kernels.perplexity(train_codes, codebook_size)],
+                "perplexity": [round(p, 3) for p in codebook_usage(train_codes, codebook_size).perplexity],
                 "heldout_frames": None if heldout is None else int(heldout.shape[0]),
                 "heldout_relative_loss": None,
                 "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "fit": {"seed": seed, "init_beam_size": init_beam_size, "init_beam_tolerance": init_beam_tolerance,
                         "kmeans_iters": kmeans_iters,
                         "progressive_dim_steps": progressive_dim_steps,
-                        "max_points_per_centroid": max_points_per_centroid, "refine_iters": refine_iters,
+                        "max_points_per_centroid": max_points_per_centroid, "kmeans_backend": kmeans_backend,
+                        "refine_iters": refine_iters,
                         "refine_iters_done": iters_done, "refine_stop": stop if refine_iters else None,
                         "train_beam_size": train_beam, "train_icm_sweeps": train_icm_sweeps, "ridge": ridge,
                         "device": str(dev), "seconds": round(time.time() - t_start, 2)},

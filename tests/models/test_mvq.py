@@ -86,6 +86,16 @@ def test_search_and_refinement_beat_greedy_residual(data):
     assert default.metadata["validation_frames"] == 200
 
 
+def test_torch_kmeans_backend_matches_faiss_quality(data):
+    """The torch k-means (used where no faiss wheel exists, e.g. GPU machines) fits as well as faiss."""
+    train, held = data
+    via_faiss = MultiCodebookQuantizer.fit(train, refine_iters=0, kmeans_backend="faiss", **FIT)
+    via_torch = MultiCodebookQuantizer.fit(train, refine_iters=0, kmeans_backend="torch", **FIT)
+    assert via_torch.metadata["fit"]["kmeans_backend"] == "torch"
+    loss_faiss, loss_torch = via_faiss.relative_reconstruction_loss(held), via_torch.relative_reconstruction_loss(held)
+    assert loss_torch < 1.1 * loss_faiss, (loss_torch, loss_faiss)
+
+
 def test_codes_use_every_codebook(fitted, data):
     usage = codebook_usage(fitted.encode(data[1]), codebook_size=16)
     assert usage.counts.shape == (4, 16)
