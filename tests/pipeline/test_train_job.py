@@ -130,7 +130,8 @@ def test_loss_falls_and_masked_accuracy_beats_the_most_frequent_token_on_demo_sh
     _, tokens_uri, tok = demo_tokens
     st = Storage()
     out = str(tmp_path / "student")
-    s = run_train(_cfg(tokens_uri, out, 200, extra=["train.batch_seconds=16", "train.lr=0.003", "train.warmup_steps=20",
+    # 300 steps at lr 0.01: at 200 steps and lr 0.003 the accuracy margin was within run-to-run noise
+    s = run_train(_cfg(tokens_uri, out, 300, extra=["train.batch_seconds=16", "train.lr=0.01", "train.warmup_steps=20",
                                                     "train.checkpoint_every=100", "train.mixing.prob=0.0"]),
                   progress=False)
     rows = list(csv.DictReader(io.StringIO(st.read_text(join_uri(s.checkpoint, "metrics.csv")))))
@@ -142,5 +143,9 @@ def test_loss_falls_and_masked_accuracy_beats_the_most_frequent_token_on_demo_sh
     C = table["speech_num_codebooks"][0].as_py()
     codes = np.concatenate([np.frombuffer(b, np.uint8).reshape(-1, C) for b in table["speech_tokens"].to_pylist()])
     baseline = np.mean([np.bincount(codes[:, c]).max() / len(codes) for c in range(C)])
+    # the best context-free predictor's cross-entropy: the per-codebook unigram entropy
+    probs = [np.bincount(codes[:, c]) / len(codes) for c in range(C)]
+    unigram_ce = np.mean([-(p[p > 0] * np.log(p[p > 0])).sum() for p in probs])
     assert last < 0.8 * first, (first, last)
-    assert acc_masked > baseline, (acc_masked, baseline)
+    assert last < unigram_ce - 0.3, (last, unigram_ce)
+    assert acc_masked > baseline + 0.01, (acc_masked, baseline)
