@@ -118,6 +118,7 @@ def decode_segments(data: bytes, *, target_rate: int = 16000, max_segment_second
         resampler = (soxr.ResampleStream(info.sample_rate, target_rate, 1, dtype="float32", quality="HQ")
                      if info.sample_rate != target_rate else None)
         block = max(1024, int(block_seconds * info.sample_rate))
+        downmix = np.full(info.channels, 1.0 / info.channels, dtype=np.float32)
         pending: list[np.ndarray] = []
         pending_len = 0
         out: list[tuple[int, np.ndarray]] = []
@@ -138,11 +139,13 @@ def decode_segments(data: bytes, *, target_rate: int = 16000, max_segment_second
                 chunk = f.read(block, dtype="float32", always_2d=True)
                 if chunk.shape[0] == 0:
                     break
-                if not np.isfinite(chunk).all():
+                # Downmix as a BLAS mat-vec: numpy's mean over a short inner axis is ~30x slower.
+                mono = chunk @ downmix if info.channels > 1 else chunk[:, 0]
+                # NaN/inf in any channel survives the downmix (inf - inf = NaN), so one check on mono suffices.
+                if not np.isfinite(mono).all():
                     bad = int(np.argmax(~np.isfinite(chunk).all(axis=1))) + frames_read
                     raise AudioDecodeError(f"non-finite (NaN/inf) samples, first at sample {bad}")
                 frames_read += chunk.shape[0]
-                mono = chunk.mean(axis=1, dtype=np.float32) if info.channels > 1 else chunk[:, 0]
                 y = resampler.resample_chunk(mono, last=False) if resampler is not None else mono
                 if y.size:
                     pending.append(np.ascontiguousarray(y, dtype=np.float32))
