@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,8 @@ from spear.schemas.shards import token_shard_schema, token_version
 from spear.stages.catalog import Catalog, build_catalog
 from spear.stages.writer import ObjectTracker, write_batch
 
+# CPU reservation of a shard-writer task (mostly waiting on storage).
+WRITER_CPUS = 0.25
 ROLE_DOMAINS: dict[str, Optional[tuple[str, ...]]] = {"speech": None, "audio": ("audio",)}
 
 
@@ -98,17 +100,50 @@ class TokenizeSummary:
         return "\n".join(lines)
 
 
-def teacher_pool_kwargs(tcfg: TeacherConfig, cluster_cpus: float, pools: int, actors: Optional[int]) -> dict[str, Any]:
-    """``map_batches`` resources of one teacher actor pool when ``pools`` pools run side by side."""
+def teacher_pool_kwargs(tcfg: TeacherConfig, resources: dict[str, float], pools: int,
+                        actors: Optional[int]) -> dict[str, Any]:
+    """``map_batches`` resources of one of ``pools`` teacher actor pools running side by side.
+
+    Each pool is planned over its share of the cluster (``resources`` / ``pools``): two CPU pools
+    planned over the whole cluster would together hold every CPU and starve the decode tasks;
+    two GPU pools on one GPU take half of it each.
+    """
     from spear.stages.teacher import plan_teacher_pool
 
-    plan = plan_teacher_pool(tcfg, actors=actors)
+    share = {k: float(v) / pools for k, v in resources.items() if k in ("CPU", "GPU")}
+    plan = plan_teacher_pool(tcfg, resources=share, actors=actors)
     kwargs = plan.map_batches_kwargs()
     if not plan.num_gpus:
         # CPU actors hold their reservation for the whole run: on a small cluster, whole CPUs for
         # every pool would leave none for the decode tasks feeding them (Ray Data would stall).
-        kwargs["num_cpus"] = min(plan.num_cpus, max(0.1, cluster_cpus / (4 * pools)))
+        kwargs["num_cpus"] = min(plan.num_cpus, max(0.1, share.get("CPU", 1.0) / 4))
     return kwargs
+
+
+def decode_task_cpus(configured: float, cluster_cpus: float, pools: Iterable[dict[str, Any]],
+                     writer_cpus: float) -> float:
+    """CPU reservation of one decode task: the configured one, cut to what the actor pools leave.
+
+    Actors hold their reservation for the whole run; a decode task asking for more than is left
+    would never schedule and the job would stall (a 1-CPU cluster with two CPU teacher pools).
+    """
+    held = writer_cpus + sum(kw.get("num_cpus", 0.0) * kw["compute"].max_size for kw in pools)
+    return min(configured, max(0.1, round(cluster_cpus - held, 3)))
+
+
+def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log) -> tuple[dict[str, dict[str, Any]], Any]:
+    """Teacher pool ``map_batches`` kwargs per role, and the decode config with a reservation that fits beside them."""
+    import ray
+
+    resources = ray.cluster_resources()
+    pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors)
+             for role, tcfg in roles.items()}
+    cpus = float(resources.get("CPU", 1.0))
+    decode_cpus = decode_task_cpus(cfg.decode.num_cpus_per_task, cpus, pools.values(), WRITER_CPUS)
+    if decode_cpus < cfg.decode.num_cpus_per_task:
+        log(f"[tokenize] decode tasks reserve {decode_cpus:g} CPU (of {cfg.decode.num_cpus_per_task:g} configured): "
+            f"the teacher actors hold the rest of {cpus:g}")
+    return pools, cfg.decode.model_copy(update={"num_cpus_per_task": decode_cpus})
 
 
 def _describe_teacher(cfg: TeacherConfig, options: StorageOptions | None) -> dict[str, Any]:
@@ -170,10 +205,11 @@ def _ensure_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: di
         return CodebookInfo(version=q.version, fitted_now=False, heldout_loss=q.metadata.get("heldout_relative_loss"),
                             sample_frames=q.metadata.get("training_frames"), **common)
     log(f"[tokenize] pass 1: fitting {role} codebooks for teacher {desc['name']} ({desc['version'][:12]})")
-    sample = sample_teacher_frames(objects, tcfg, cfg.decode, options, sample_frames=cfg.mvq.sample_frames,
+    pools, decode_cfg = stage_resources(cfg, {role: tcfg}, log)
+    sample = sample_teacher_frames(objects, tcfg, decode_cfg, options, sample_frames=cfg.mvq.sample_frames,
                                    heldout_fraction=cfg.mvq.heldout_fraction, seed=cfg.mvq.seed, dim=int(desc["dim"]),
                                    frame_rate=float(desc["frame_rate"]), domains=ROLE_DOMAINS[role], progress=log,
-                                   pool_kwargs=teacher_pool_kwargs(tcfg, rinfo.cpus, 1, cfg.tokenize.teacher_actors))
+                                   pool_kwargs=pools[role])
     extra = {"teacher": desc["name"], "teacher_kind": tcfg.kind, "frame_rate": float(desc["frame_rate"]), "role": role,
              "sample_segments": sample.segments, "sample_audio_seconds": sample.audio_seconds,
              "sample_sources": sample.sources}
@@ -265,17 +301,18 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
         commits = 0
         if todo.num_rows:
             log(f"[tokenize] pass 2: {todo.num_rows} new or changed objects ({skipped} already committed), run {run_id}")
-            ds = decode_dataset(todo, cfg.decode, options)
+            pools, decode_cfg = stage_resources(cfg, roles, log)
+            ds = decode_dataset(todo, decode_cfg, options)
             for role, tcfg in roles.items():
                 ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={
                     "teacher": tcfg, "column_prefix": role, "storage_options": options,
                     "encode": QuantizerEncoder(codebooks[role].uri, options), "only_domains": ROLE_DOMAINS[role]},
-                    **teacher_pool_kwargs(tcfg, rinfo.cpus, len(roles), cfg.tokenize.teacher_actors))
+                    **pools[role])
             role_meta = {r: {"domains": ROLE_DOMAINS[r], "num_codebooks": cb.num_codebooks, "frame_rate": cb.frame_rate,
                              "codebook": cb.version} for r, cb in codebooks.items()}
             per_row = cfg.decode.max_segment_seconds * cfg.tokenize.flac_bytes_per_second
             rows_per_shard = max(1, int(cfg.tokenize.shard_target_mb * 1e6 / per_row))
-            ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=0.25,
+            ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=WRITER_CPUS,
                                 fn_kwargs={"directory": store.shard_dir(run_id), "storage_options": options,
                                            "schema": token_shard_schema(list(roles)), "prefix": "shard",
                                            "transform": functools.partial(add_token_metadata, run_id=run_id,

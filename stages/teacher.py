@@ -233,7 +233,8 @@ def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None 
                       expected_segment_seconds: float = 10.0) -> TeacherPoolPlan:
     """Size the teacher actor pool from the cluster's resources (default: ``ray.cluster_resources()``).
 
-    GPUs present: one actor per ``cfg.num_gpus`` GPUs, 1 CPU each. No GPU: about one
+    GPUs present: one actor per ``cfg.num_gpus`` GPUs (or per the GPU share given, when that
+    is less), 1 CPU each. No GPU: about one
     single-CPU actor per 2 CPUs, leaving the rest to decoding. ``actors`` overrides the
     count (``tokenize.teacher_actors``). Rows per Ray batch: about eight full teacher
     sub-batches (``8 * batch_seconds / expected_segment_seconds``, at least 16): sorting
@@ -245,9 +246,11 @@ def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None 
 
         resources = ray.cluster_resources()
     gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
-    if gpus > 0 and cfg.num_gpus > 0 and gpus >= cfg.num_gpus:
-        n, num_gpus, num_cpus = int(gpus // cfg.num_gpus), cfg.num_gpus, 1.0
-        reason = f"{gpus:g} GPUs / {cfg.num_gpus:g} per actor"
+    if gpus > 0 and cfg.num_gpus > 0:
+        # Less GPU than one actor asks for (two teachers sharing one GPU): the actor takes the share there is.
+        num_gpus = min(cfg.num_gpus, gpus)
+        n, num_cpus = max(1, int(gpus // num_gpus)), 1.0
+        reason = f"{gpus:g} GPUs / {num_gpus:g} per actor"
     else:
         n, num_gpus, num_cpus = max(1, int(cpus // 2)), 0.0, 1.0
         reason = f"no GPU: {cpus:g} CPUs / 2"

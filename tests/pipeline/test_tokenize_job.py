@@ -165,3 +165,25 @@ def test_speech_only_corpus_gets_speech_tokens_only(ray_cluster, tmp_path):
     assert set(s.codebooks) == {"speech"} and s.new_objects == 3
     rows = TokenStore(cfg.output, s.token_version, st).read_table(["speech_tokens", "domain"])
     assert rows.num_rows == s.segments and set(rows["domain"].to_pylist()) == {"speech"}
+
+
+def test_teacher_pools_and_decode_tasks_share_the_cluster():
+    """Two CPU teacher pools + the writer leave room for a decode task on 1 CPU and half the CPUs on 16;
+    two GPU teachers on one GPU take half of it each instead of falling back to CPU."""
+    from spear.pipeline.config import TeacherConfig
+    from spear.pipeline.tokenize_job import WRITER_CPUS, decode_task_cpus, teacher_pool_kwargs
+
+    teachers = [TeacherConfig(kind="mfcc"), TeacherConfig(kind="fbank")]
+
+    def held(pools):
+        return WRITER_CPUS + sum(kw["num_cpus"] * kw["compute"].max_size for kw in pools)
+
+    one = [teacher_pool_kwargs(t, {"CPU": 1.0}, 2, None) for t in teachers]
+    assert all("num_gpus" not in kw for kw in one)
+    assert 0 < decode_task_cpus(1.0, 1.0, one, WRITER_CPUS) <= 1.0 - held(one) + 1e-9  # schedulable: no stall
+    sixteen = [teacher_pool_kwargs(t, {"CPU": 16.0}, 2, None) for t in teachers]
+    assert held(sixteen) <= 8 + WRITER_CPUS  # half the CPUs stay with decoding
+    assert decode_task_cpus(1.0, 16.0, sixteen, WRITER_CPUS) == 1.0
+    gpu = [teacher_pool_kwargs(TeacherConfig(kind="mfcc", num_gpus=1.0), {"CPU": 16.0, "GPU": 1.0}, 2, None)
+           for _ in range(2)]
+    assert [kw["num_gpus"] for kw in gpu] == [0.5, 0.5] and all(kw["compute"].max_size == 1 for kw in gpu)
