@@ -121,14 +121,18 @@ def teacher_pool_kwargs(tcfg: TeacherConfig, resources: dict[str, float], pools:
 
 
 def decode_task_cpus(configured: float, cluster_cpus: float, pools: Iterable[dict[str, Any]],
-                     writer_cpus: float) -> float:
+                     writer_cpus: float, nodes: int = 1) -> float:
     """CPU reservation of one decode task: the configured one, cut to what the actor pools leave.
 
     Actors hold their reservation for the whole run; a decode task asking for more than is left
     would never schedule and the job would stall (a 1-CPU cluster with two CPU teacher pools).
+    A task runs on one node: over ``nodes`` CPU nodes, whatever the placement of the actors, some
+    node keeps at least the mean of what is left, so that is the most a task may ask for (two
+    1-CPU nodes holding two 0.25-CPU actors and a 0.25-CPU writer keep 0.625 free on some node,
+    never the 1.25 of the sum).
     """
     held = writer_cpus + sum(kw.get("num_cpus", 0.0) * kw["compute"].max_size for kw in pools)
-    return min(configured, max(0.1, round(cluster_cpus - held, 3)))
+    return min(configured, max(0.1, round((cluster_cpus - held) / max(1, nodes), 3)))
 
 
 def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log) -> tuple[dict[str, dict[str, Any]], Any]:
@@ -139,10 +143,11 @@ def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log) -> t
     pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors)
              for role, tcfg in roles.items()}
     cpus = float(resources.get("CPU", 1.0))
-    decode_cpus = decode_task_cpus(cfg.decode.num_cpus_per_task, cpus, pools.values(), WRITER_CPUS)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    decode_cpus = decode_task_cpus(cfg.decode.num_cpus_per_task, cpus, pools.values(), WRITER_CPUS, nodes)
     if decode_cpus < cfg.decode.num_cpus_per_task:
         log(f"[tokenize] decode tasks reserve {decode_cpus:g} CPU (of {cfg.decode.num_cpus_per_task:g} configured): "
-            f"the teacher actors hold the rest of {cpus:g}")
+            f"the teacher actors hold the rest of {cpus:g} on {max(1, nodes)} node(s)")
     return pools, cfg.decode.model_copy(update={"num_cpus_per_task": decode_cpus})
 
 

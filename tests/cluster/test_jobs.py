@@ -8,6 +8,8 @@ SeaweedFS as the object store whose credentials travel only with the job.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
@@ -408,6 +410,65 @@ def test_tokenize_job_on_two_nodes_with_seaweedfs(tokenized, two_nodes, s3_serve
     _no_secret(s3_server, r.stdout, r.stderr, logs.stdout, st.stdout, listing.stdout)
 
 
+TINY_TRAIN = ["train.student.size=tiny", "train.batch_seconds=8", "train.warmup_steps=2", "train.checkpoint_every=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_train_job_on_two_nodes_trains_on_the_tokens_and_checkpoints_to_seaweedfs(tokenized, two_nodes, s3_env,
+                                                                                 s3_server, s3_storage):
+    """`spear train` as a job on the 1-CPU nodes: checkpoints, metrics and summary all come back through S3 / the API."""
+    from spear.pipeline.train_job import checkpoints
+    from spear.stages.train_loop import METRICS_FILE
+
+    assert tokenized["run"].returncode == 0, "the tokenize job failed (see the tokenize test)"
+    (version,) = tokenized["status"].versions
+    out = join_uri(tokenized["out"].rsplit("/", 1)[0], "student")
+    steps = 4
+    r = spear("submit", "--address", two_nodes.address, "--wait", "--json", "--",
+              "spear", "train", "--shards", tokenized["out"], "--output", out, "--max-steps", str(steps),
+              *[a for s in TINY_TRAIN for a in ("--set", s)], env=s3_env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout)
+    assert result["status"] == "SUCCEEDED" and result["address"] == two_nodes.address
+    summary = result["summary"]
+    assert summary["step"] == steps and summary["resumed_from_step"] is None and summary["world_sizes"] == [1]
+    assert summary["token_version"] == version.token_version and summary["output"] == out
+    assert summary["checkpoint"].startswith(join_uri(out, "train") + "/")
+    assert summary["first_loss"] > 0 and summary["last_loss"] > 0
+    assert f"[train] token version {version.token_version}" in r.stderr  # the job's log, streamed
+
+    # On SeaweedFS: checkpoints every 2 steps (the last one is the summary's), one metrics row per step
+    found = checkpoints(out, s3_storage)
+    assert [s for s, _ in found] == [2, 4] and found[-1][1] == summary["checkpoint"]
+    for uri in (join_uri(summary["checkpoint"], METRICS_FILE), summary["metrics"]["csv"]):
+        rows = list(csv.DictReader(io.StringIO(s3_storage.read_text(uri))))
+        assert [int(row["step"]) for row in rows] == list(range(1, steps + 1)), uri
+    assert s3_storage.exists(summary["metrics"]["plot"]) and summary["metrics"]["plot"].startswith("s3://")
+
+    # The training worker was an actor of this job on the cluster, sized to fit a 1-CPU node
+    from ray.util.state import get_placement_group
+
+    (worker,) = _job_actors(two_nodes, result["job_id"], "TrainWorker")
+    group = get_placement_group(worker.placement_group_id, address=two_nodes.address)
+    assert [b["unit_resources"] for b in group.bundles] == [{"CPU": 0.5}], group
+
+    logs = spear("logs", "--address", two_nodes.address, result["job_id"])
+    assert logs.returncode == 0 and f"[train] token version {version.token_version}" in logs.stdout
+    assert last_json_object(logs.stdout) == summary
+    _no_secret(s3_server, r.stdout, r.stderr, logs.stdout)
+
+
+def _job_actors(cluster: LocalRayCluster, submission_id: str, class_part: str) -> list:
+    """The actors (alive or dead) that the submitted job created on the cluster, by class name."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    ray_job = JobSubmissionClient(cluster.address).get_job_info(submission_id).job_id
+    actors = list_actors(address=cluster.address, filters=[("job_id", "=", ray_job)], detail=True, limit=1000)
+    return [a for a in actors if class_part in a.class_name]
+
+
 @pytest.mark.slow
 @pytest.mark.s3
 def test_stopping_a_running_tokenize_job_leaves_only_consistent_commits(tokenized, two_nodes, s3_env, s3_server,
@@ -463,3 +524,68 @@ def _tokenized_uris(out: str, version: str, storage: Storage) -> set[str]:
 
     ledger = TokenStore(out, version, storage).ledger()
     return set(ledger.filter(pc.equal(ledger["status"], "tokenized"))["source_uri"].to_pylist())
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_spear_run_config_runs_unchanged_on_the_cluster(two_nodes, s3_env, s3_server, s3_storage, tmp_path):
+    """`spear run CONFIG` (tokenize -> train -> export -> evaluate) as one job: the config an embedded run takes,
+    with every input and output on SeaweedFS; only `spear submit --address` says where it runs."""
+    from spear.models.student import load_student
+    from support.corpus import write_mixed_corpus
+
+    root = f"s3://{s3_server.bucket}/run-{uuid.uuid4().hex[:8]}"
+    corpus = write_mixed_corpus(s3_storage, join_uri(root, "corpus"), n_speech=4, n_audio=4, seed=11,
+                                seconds=(1.5, 2.5))
+    # labelled data for the evaluation: a manifest on the object store (speech vs audio, 3 + 3 train, 1 + 1 test)
+    manifest = join_uri(root, "labels", "domain.csv")
+    s3_storage.write_text(manifest, "uri,label,split\n" + "".join(
+        f"{uri},{domain},{'test' if i == 3 else 'train'}\n" for domain, uris in corpus.items()
+        for i, uri in enumerate(uris)))
+    out = join_uri(root, "out")
+    config = {"output": out,
+              "corpus": {"sources": [{"uri": join_uri(root, "corpus", d), "domain": d} for d in ("speech", "audio")]},
+              "mvq": SMALL_TOKENIZE["mvq"], "decode": SMALL_TOKENIZE["decode"], "tokenize": SMALL_TOKENIZE["tokenize"],
+              "train": {"max_steps": 4, "batch_seconds": 8, "warmup_steps": 2, "checkpoint_every": 2,
+                        "student": {"size": "tiny"}},
+              "evaluate": {"seeds": [0], "manifests": [manifest]}}
+    cfg = _write_config(tmp_path, config, "run.yaml")
+    r = spear("submit", "--address", two_nodes.address, "--wait", "--json", "--", "spear", "run", cfg, env=s3_env)
+    assert r.returncode == 0, r.stderr[-6000:]
+    result = json.loads(r.stdout)
+    assert result["status"] == "SUCCEEDED" and result["address"] == two_nodes.address
+    assert result["entrypoint"] == "python -m spear.pipeline.cli run --json files/run.yaml"
+    s = result["summary"]
+    assert s["output"] == out and s["evaluate_skipped"] is None
+    for step in ("1/4 tokenize", "2/4 train", "3/4 export", "4/4 evaluate"):
+        assert f"[spear run] {step}" in r.stderr
+    # two teacher pools on two 1-CPU nodes: decode tasks ask for what one node keeps free (a whole CPU never is)
+    assert "the teacher actors hold the rest of 2 on 2 node(s)" in r.stderr
+
+    tok, tr, ex, ev = s["tokenize"], s["train"], s["export"], s["evaluate"]
+    assert tok["output"] == join_uri(out, "tokens") and tok["new_objects"] == 8 and tok["committed_objects"] == 8
+    assert tr["step"] == 4 and tr["token_version"] == tok["token_version"] and tr["output"] == join_uri(out, "student")
+    assert ex["output"] == join_uri(out, "student", "export") and ex["step"] == 4
+    assert ev["output"] == join_uri(out, "evaluation") and ev["seeds"] == [0] and not ev["skipped_files"]
+
+    # Everything is on SeaweedFS: the tokens, the checkpoints, a loadable export, the report
+    from spear.pipeline.train_job import checkpoints
+
+    assert checkpoints(tr["output"], s3_storage)[-1] == (4, tr["checkpoint"])
+    rows = list(csv.DictReader(io.StringIO(s3_storage.read_text(tr["metrics"]["csv"]))))
+    assert len(rows) == 4
+    student = load_student(ex["output"], storage=s3_storage)
+    assert list(student.layer_dims) == ex["layer_dims"]
+    results = json.loads(s3_storage.read_text(ev["results_json"]))
+    assert ev["report"] == join_uri(out, "evaluation", "index.html") and s3_storage.exists(ev["report"])
+    probed = {(p["task"], p["model"]) for p in results["probes"]}
+    assert {m["name"] for m in results["models"]} == {"student", "random_student", "teacher:mfcc", "teacher:fbank",
+                                                      "fbank"}
+    assert {("domain", m["name"]) for m in results["models"]} <= probed
+    assert all(p["num_train"] == 6 and p["num_test"] == 2 for p in results["probes"])
+    assert results["probes"] == ev["probes"]  # the job's --json summary is the report's results.json
+
+    logs = spear("logs", "--address", two_nodes.address, result["job_id"])
+    assert logs.returncode == 0 and "[spear run] 4/4 evaluate" in logs.stdout
+    assert last_json_object(logs.stdout) == s
+    _no_secret(s3_server, r.stdout, r.stderr, logs.stdout)
