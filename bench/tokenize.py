@@ -56,29 +56,38 @@ def single_process_loop(paths, cfg, codebooks) -> float:
 
 
 def ray_run(corpus_dir, out, codebook_dir, cpus, base_sets):
+    """Pass 2 over the corpus, then over a quarter of it (fresh outputs, the same codebooks).
+
+    Returns (summary, wall s) of the full run and (audio s, wall s) of the quarter run: the
+    difference gives the job's steady-state rate apart from its fixed cost per run (catalog,
+    actor start-up with model and codebook loading, the final commit).
+    """
     from spear.cluster.ray_runtime import ray_session
     from spear.pipeline.config import load_config
     from spear.pipeline.tokenize_job import run_tokenize
 
-    shutil.copytree(codebook_dir, os.path.join(out, "codebooks"))
     cfg = load_config(None, base_sets + [f"output={out}", f"ray.num_cpus={cpus}",
                                          f"corpus.sources=[{{uri: {corpus_dir}, domain: audio}}]"])
-    with ray_session(cfg.ray):
-        # warm-up: start workers and import the models once, as a long job would have
-        warm = os.path.join(out, "_warm")
-        wcfg = cfg.model_copy(deep=True)
-        wcfg.output = warm
-        shutil.copytree(codebook_dir, os.path.join(warm, "codebooks"))
-        first = sorted(os.listdir(corpus_dir))[:cpus]
-        wdir = os.path.join(out, "_warm_in")
-        os.makedirs(wdir)
-        for f in first:
-            shutil.copy(os.path.join(corpus_dir, f), wdir)
-        wcfg.corpus.sources[0].uri = wdir
-        run_tokenize(wcfg, progress=False)
+    names = sorted(os.listdir(corpus_dir))
+
+    def run(files, name):
+        src = os.path.join(out, f"_{name}_in")
+        os.makedirs(src)
+        for f in files:
+            os.symlink(os.path.join(corpus_dir, f), os.path.join(src, f))
+        rcfg = cfg.model_copy(deep=True)
+        rcfg.output = os.path.join(out, name)
+        rcfg.corpus.sources[0].uri = src
+        shutil.copytree(codebook_dir, os.path.join(rcfg.output, "codebooks"))
         t0 = time.perf_counter()
-        s = run_tokenize(cfg, progress=False)
+        s = run_tokenize(rcfg, progress=False)
         return s, time.perf_counter() - t0
+
+    with ray_session(cfg.ray):
+        run(names[:cpus], "warm")  # start workers and import the models once, as a long job would have
+        full, wall = run(names, "full")
+        part, part_wall = run(names[: max(cpus, len(names) // 4)], "quarter")
+        return full, wall, part.audio_seconds, part_wall
 
 
 def main() -> None:
@@ -108,10 +117,11 @@ def main() -> None:
         t0 = time.perf_counter()
         loop_seconds = single_process_loop(paths, cfg, fitted.codebooks)
         loop_wall = time.perf_counter() - t0
-        runs = {}
+        runs, steady = {}, {}
         for n in sorted({1, args.cpus}):
-            s, wall = ray_run(corpus_dir, os.path.join(work, f"run{n}"), codebook_dir, n, base)
+            s, wall, part_seconds, part_wall = ray_run(corpus_dir, os.path.join(work, f"run{n}"), codebook_dir, n, base)
             runs[n] = (s, wall)
+            steady[n] = (s.audio_seconds - part_seconds) / max(1e-9, wall - part_wall)
 
         print(f"\ntokenize bench: {len(paths)} files, {loop_seconds / 60:.1f} min of audio, teachers mfcc + fbank, "
               f"{args.cpus} CPUs")
@@ -121,19 +131,25 @@ def main() -> None:
         for n, (s, wall) in runs.items():
             print(f"{'Ray tokenize job (pass 2, shards committed)':44s} {n:4d} {wall:8.2f} "
                   f"{s.audio_seconds / wall:12.1f} {s.audio_seconds / wall / n:14.1f}")
+        for n, rate in steady.items():
+            s, wall = runs[n]
+            print(f"{'  steady state (full run minus a quarter run)':44s} {n:4d} {'':8s} {rate:12.1f} {rate / n:14.1f}"
+                  f"  (fixed cost per run {max(0.0, wall - s.audio_seconds / rate):.1f} s)")
         s1, w1 = runs[1]
         sn, wn = runs[args.cpus]
         loop_rate = loop_seconds / loop_wall
-        print(f"\nRay job on {args.cpus} CPUs / single-process loop: {(sn.audio_seconds / wn) / loop_rate:.2f}x")
+        print(f"\nRay job on {args.cpus} CPUs / single-process loop: {(sn.audio_seconds / wn) / loop_rate:.2f}x end to end, "
+              f"{steady[args.cpus] / loop_rate:.2f}x steady state")
         if args.cpus > 1:
             eff = (sn.audio_seconds / wn) / (args.cpus * s1.audio_seconds / w1)
-            print(f"scaling efficiency 1 -> {args.cpus} CPUs: {eff:.2f}")
+            print(f"scaling efficiency 1 -> {args.cpus} CPUs: {eff:.2f} end to end, "
+                  f"{steady[args.cpus] / (args.cpus * steady[1]):.2f} steady state")
         import pyarrow.compute as pc
 
         from spear.pipeline.ledger import TokenStore
 
         hours = sn.audio_seconds / 3600
-        table = TokenStore(os.path.join(work, f"run{args.cpus}"), sn.token_version).read_table(
+        table = TokenStore(os.path.join(work, f"run{args.cpus}", "full"), sn.token_version).read_table(
             [f"{r}_tokens" for r in sn.codebooks])
         for role, cb in sn.codebooks.items():
             raw = int(pc.sum(pc.binary_length(table[f"{role}_tokens"])).as_py() or 0)  # frames x codebooks bytes
