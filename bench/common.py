@@ -40,3 +40,12 @@ def make_corpus(root: str, minutes: float, file_seconds: float = 40.0, seed: int
                 f.write(x[j:j + rate])
         os.replace(tmp, path)
     return paths
+
+
+def steady_state(full_seconds: float, full_wall: float, part_seconds: float, part_wall: float) -> tuple[float, float]:
+    """(audio s per wall s, fixed wall s per run) from a full run and a shorter run of the same job.
+
+    The difference of the two runs cancels what every run pays once (planning, start-up, commit).
+    """
+    rate = (full_seconds - part_seconds) / max(1e-9, full_wall - part_wall)
+    return rate, max(0.0, full_wall - full_seconds / rate)

@@ -117,8 +117,7 @@ def main() -> None:
     ours_wall = time.perf_counter() - t0
     with ray_session(RayConfig(num_cpus=args.cpus)):
         ray_seconds, ray_wall, part_seconds, part_wall = ray_stage(paths, cfg, args.cpus)
-    steady = (ray_seconds - part_seconds) / max(1e-9, ray_wall - part_wall)
-    fixed = max(0.0, ray_wall - ray_seconds / steady)
+    steady, fixed = _common.steady_state(ray_seconds, ray_wall, part_seconds, part_wall)
 
     rows = [("reference loop (soundfile+soxr, 1 process)", ref_seconds, ref_wall),
             ("spear decode function (1 process)", ours_seconds, ours_wall),

@@ -117,11 +117,11 @@ def main() -> None:
         t0 = time.perf_counter()
         loop_seconds = single_process_loop(paths, cfg, fitted.codebooks)
         loop_wall = time.perf_counter() - t0
-        runs, steady = {}, {}
+        runs, steady, fixed = {}, {}, {}
         for n in sorted({1, args.cpus}):
             s, wall, part_seconds, part_wall = ray_run(corpus_dir, os.path.join(work, f"run{n}"), codebook_dir, n, base)
             runs[n] = (s, wall)
-            steady[n] = (s.audio_seconds - part_seconds) / max(1e-9, wall - part_wall)
+            steady[n], fixed[n] = _common.steady_state(s.audio_seconds, wall, part_seconds, part_wall)
 
         print(f"\ntokenize bench: {len(paths)} files, {loop_seconds / 60:.1f} min of audio, teachers mfcc + fbank, "
               f"{args.cpus} CPUs")
@@ -132,9 +132,8 @@ def main() -> None:
             print(f"{'Ray tokenize job (pass 2, shards committed)':44s} {n:4d} {wall:8.2f} "
                   f"{s.audio_seconds / wall:12.1f} {s.audio_seconds / wall / n:14.1f}")
         for n, rate in steady.items():
-            s, wall = runs[n]
             print(f"{'  steady state (full run minus a quarter run)':44s} {n:4d} {'':8s} {rate:12.1f} {rate / n:14.1f}"
-                  f"  (fixed cost per run {max(0.0, wall - s.audio_seconds / rate):.1f} s)")
+                  f"  (fixed cost per run {fixed[n]:.1f} s)")
         s1, w1 = runs[1]
         sn, wn = runs[args.cpus]
         loop_rate = loop_seconds / loop_wall
