@@ -7,17 +7,20 @@
     alignment (spear.stages.train_data + spear.stages.train_loop.prepare_batch), one process;
 (2) the tiny student's training step rate (forward + backward + AdamW) on the same batches;
     target: loader >= 5x the step rate, so it is never the bottleneck;
-(3) step time and peak memory per model size (GPU memory where a GPU is present, else RSS growth).
+(3) step time and peak memory per model size: GPU memory where a GPU is present, else the peak
+    resident-set growth over the steps (sampled every 2 ms, glibc heap trimmed between models).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import importlib.util
 import os
-import resource
 import sys
 import tempfile
+import threading
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +56,38 @@ def tokenised_shards(cache: str, minutes: float) -> str:
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The resident set now (not the process-lifetime peak, which would hide every model after the largest)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """Peak resident-set growth over a block, sampled in a thread; frees the glibc heap first."""
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed by the previous model back to the OS
+        except OSError:
+            pass
+        self.base = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak - self.base
 
 
 def main() -> None:
@@ -61,7 +95,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=6.0)
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--batch-seconds", type=float, default=40.0)
-    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small", "base"],
+                    help="student sizes (tiny small base spear-large spear-600m)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "spear-bench-train"))
     args = ap.parse_args()
 
@@ -103,31 +138,31 @@ def main() -> None:
     for size in args.sizes:
         for arch in ("zipformer2", "transformer"):
             tcfg = TrainConfig(batch_seconds=args.batch_seconds, student={"architecture": arch, "size": size})
-            model = build_objective(tcfg, plan).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            # targets aligned to this architecture's frame rate (untimed: the loader was measured above)
-            batches = [prepare_batch(b, plan, tcfg, model.encoder, fbank, torch.Generator().manual_seed(0), device)
-                       for b in raw]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            rss0 = rss_mb()
-            n = min(len(batches), 6 if size != "tiny" else len(batches))
-            times = []
-            for masked, feat_lens, targets, _ in batches[:n]:
-                t = time.perf_counter()
-                out = model(masked.feats, feat_lens, targets, frame_mask=masked.frame_mask)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                opt.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
+            with PeakRSS() as rss:  # model, optimiser state, activations and gradients
+                model = build_objective(tcfg, plan).to(device)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                # targets aligned to this architecture's frame rate (untimed: the loader was measured above)
+                n = min(len(raw), {"tiny": len(raw), "small": 6}.get(size, 3))
+                batches = [prepare_batch(b, plan, tcfg, model.encoder, fbank, torch.Generator().manual_seed(0), device)
+                           for b in raw[:n]]
+                times = []
+                for masked, feat_lens, targets, _ in batches:
+                    t = time.perf_counter()
+                    out = model(masked.feats, feat_lens, targets, frame_mask=masked.frame_mask)
+                    opt.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    opt.step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t)
             step = sum(times[1:]) / max(1, len(times) - 1)  # the first step pays one-off allocation
-            mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_mb() - rss0
+            mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss.growth_mb
             params = sum(p.numel() for p in model.parameters())
             print(f"{arch + ' ' + size:24s} {params / 1e6:8.2f}M {step:8.3f} {1 / step:8.2f} {mem:12.0f} "
-                  f"{loader_rate * step:18.1f}x")
-            del model, opt
+                  f"{loader_rate * step:18.1f}x", flush=True)
+            del model, opt, batches, out
     print("\ntarget: loader / step rate >= 5x for the tiny model (the loader is then never the bottleneck)")
 
 
