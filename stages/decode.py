@@ -164,7 +164,8 @@ def decode_dataset(objects: pa.Table, decode_cfg: Any, storage_options: StorageO
 
     if objects.num_rows == 0:
         return ray.data.from_arrow(pa.table(_empty_columns(), schema=DECODED_SCHEMA))
-    slots = ray.cluster_resources().get("CPU", 1.0) / decode_cfg.num_cpus_per_task
+    # A fractional reservation (tokenize shares CPUs with teacher actors) does not add cores.
+    slots = ray.cluster_resources().get("CPU", 1.0) / max(1.0, decode_cfg.num_cpus_per_task)
     blocks = plan_decode_blocks(objects, decode_cfg.objects_per_task, slots)
     ds = ray.data.from_arrow(blocks)
     return ds.map_batches(decode_objects, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,

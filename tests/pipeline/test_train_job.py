@@ -130,14 +130,15 @@ def test_loss_falls_and_masked_accuracy_beats_the_most_frequent_token_on_demo_sh
     _, tokens_uri, tok = demo_tokens
     st = Storage()
     out = str(tmp_path / "student")
-    # 300 steps at lr 0.01: at 200 steps and lr 0.003 the accuracy margin was within run-to-run noise
-    s = run_train(_cfg(tokens_uri, out, 300, extra=["train.batch_seconds=16", "train.lr=0.01", "train.warmup_steps=20",
+    # 500 steps at lr 0.01: masked accuracy crosses the baseline only at about 300 steps (0.226 vs 0.228 over
+    # steps 280-300 in one run, +0.035 by steps 380-400), so 300 steps failed on some token sets
+    s = run_train(_cfg(tokens_uri, out, 500, extra=["train.batch_seconds=16", "train.lr=0.01", "train.warmup_steps=20",
                                                     "train.checkpoint_every=100", "train.mixing.prob=0.0"]),
                   progress=False)
     rows = list(csv.DictReader(io.StringIO(st.read_text(join_uri(s.checkpoint, "metrics.csv")))))
     first = np.mean([float(r["speech/ce"]) for r in rows[:20]])
     last = np.mean([float(r["speech/ce"]) for r in rows[-20:]])
-    acc_masked = np.mean([float(r["speech/acc_masked"]) for r in rows[-20:]])
+    acc_masked = np.mean([float(r["speech/acc_masked"]) for r in rows[-50:]])  # 50 steps: per-step accuracy is noisy
     # the most-frequent-token baseline of the speech targets, averaged over codebooks
     table = TokenStore(tokens_uri, tok.token_version, st).read_table(["speech_tokens", "speech_num_codebooks"])
     C = table["speech_num_codebooks"][0].as_py()
