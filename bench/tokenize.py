@@ -24,7 +24,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # bench/tokenize.py would shadow the standard library's tokenize module (numpy imports it): keep this folder off sys.path
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-import numpy as np
 import torch
 
 _spec = importlib.util.spec_from_file_location("spear_bench_common", os.path.join(_HERE, "common.py"))

@@ -41,20 +41,21 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
 from spear.cluster.ray_runtime import RayConnectionError
+# Credentials (CREDENTIAL_VARS) are forwarded to the job when set in the submitting shell and masked
+# in everything printed, with the project's one masking helper.
+from spear.cluster.storage import CREDENTIAL_VARS, mask, secrets_in
 
-#: Credentials: forwarded to the job when set in the submitting shell, masked in everything printed.
-CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 #: Object-store settings forwarded alongside (not secret).
 SETTING_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 #: ``--set`` keys whose values are credentials: they travel as these variables instead.
-SECRET_SETTINGS = {"storage.access_key_id": "AWS_ACCESS_KEY_ID", "storage.secret_access_key": "AWS_SECRET_ACCESS_KEY"}
+SECRET_SETTINGS = {"storage.access_key_id": "AWS_ACCESS_KEY_ID", "storage.secret_access_key": "AWS_SECRET_ACCESS_KEY",
+                   "storage.session_token": "AWS_SESSION_TOKEN"}
 #: The top-level folders of the package (DESIGN.md, layout), shipped as ``spear.<part>``.
 PACKAGE_PARTS = ("pipeline", "models", "stages", "cluster", "schemas")
 #: Ray stores uploads in the GCS (gRPC messages of at most 512 MiB, a warning from 256 MiB); big
 #: inputs belong on object storage, so a submission stays far below that.
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-MASK = "***"
 
 _SKIP_NAMES = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".git", ".venv", ".ipynb_checkpoints"}
 _SKIP_SUFFIXES = (".pyc", ".pyo", ".egg-info", ".so.tmp")
@@ -79,16 +80,19 @@ def resolve_address(address: Optional[str] = None, env: Mapping[str, str] = os.e
     return found.rstrip("/")
 
 
-def secrets_in(env: Mapping[str, str] = os.environ) -> list[str]:
-    """The credential values set in ``env`` (what :func:`mask` hides)."""
-    return [env[k] for k in CREDENTIAL_VARS if env.get(k)]
-
-
-def mask(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with every secret value replaced by ``***`` (longest first, so no fragment survives)."""
-    for s in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(s, MASK)
-    return text
+def last_error_line(text: str) -> Optional[str]:
+    """The last ``error: ...`` line of a job's log (how a failed spear command says why), with the
+    indented lines that follow it (a config error's fields), or None."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error: "):
+            block = [lines[i].rstrip()]
+            for ln in lines[i + 1:i + 21]:
+                if not ln.startswith("  "):
+                    break
+                block.append(ln.rstrip())
+            return "\n".join(block)
+    return None
 
 
 def last_json_object(text: str) -> Optional[dict]:
@@ -187,7 +191,7 @@ def _check_config_file(path: str) -> None:
     storage = data.get("storage") if isinstance(data, dict) else None
     if not isinstance(storage, dict):
         return
-    bad = [k for k in ("access_key_id", "secret_access_key") if storage.get(k)]
+    bad = [k.split(".", 1)[1] for k in SECRET_SETTINGS if storage.get(k.split(".", 1)[1])]
     if bad:
         names = ", ".join(f"storage.{k}" for k in bad)
         env_names = "/".join(SECRET_SETTINGS[f"storage.{k}"] for k in bad)
@@ -361,6 +365,7 @@ class JobState:
     start_time: Optional[float] = None     # seconds since the epoch
     end_time: Optional[float] = None
     summary: Optional[dict] = None         # the job's own --json summary, once it has finished
+    error: Optional[str] = None            # the failed job's own `error: ...` line (its root cause)
 
     @property
     def terminal(self) -> bool:
@@ -380,7 +385,10 @@ class JobState:
         lines = [f"{self.job_id}: {self.status}{took}"]
         if self.entrypoint:
             lines.append(f"  command: {self.entrypoint}")
-        if self.message:
+        if self.error:  # the job said what went wrong in one line: Ray's message (a log tail) adds nothing
+            lines += ["  " + ln for ln in self.error.splitlines()]
+            lines.append(f"  full log: spear logs --address {shlex.quote(self.address)} {self.job_id}")
+        elif self.message:
             msg = self.message.strip().splitlines()
             lines.append("  message: " + msg[0])
             lines += ["    " + m for m in msg[1:]]
@@ -490,7 +498,9 @@ class JobClient:
         """Status and message of one job; ``summary`` is read from the logs once it has finished."""
         state = self._state(self._call("reading the job status", self._client.get_job_info, job_id), job_id)
         if with_summary and state.terminal:
-            state.summary = last_json_object(self.logs(job_id))
+            text = self.logs(job_id)
+            state.summary = last_json_object(text)
+            state.error = None if state.succeeded else last_error_line(text)
         return state
 
     def list(self) -> JobList:
@@ -545,7 +555,9 @@ class JobClient:
         while True:
             state = self.status(job_id, with_summary=False)
             if state.terminal:
-                state.summary = last_json_object(self.logs(job_id))
+                text = self.logs(job_id)
+                state.summary = last_json_object(text)
+                state.error = None if state.succeeded else last_error_line(text)
                 return state
             if deadline is not None and time.monotonic() > deadline:
                 raise JobError(f"job {job_id} is still {state.status} after {timeout_s:g} s")

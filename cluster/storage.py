@@ -24,7 +24,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
 
 import fsspec
 
@@ -33,6 +33,27 @@ T = TypeVar("T")
 
 class StorageError(RuntimeError):
     """Storage is unreachable, denies access, or a path is wrong; the message says which and where."""
+
+
+#: The AWS credential variables: their values are never printed, logged or echoed in an error.
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+MASK = "***"
+
+
+def secrets_in(env: Mapping[str, str] = os.environ) -> list[str]:
+    """The credential values set in ``env`` (what :func:`mask` hides)."""
+    return [env[k] for k in CREDENTIAL_VARS if env.get(k)]
+
+
+def mask(text: str, secrets: Iterable[Optional[str]]) -> str:
+    """``text`` with every secret value replaced by ``***`` (longest first, so no fragment survives).
+
+    The one masking helper of the project: config errors, run logs, ``config show`` and job output use it.
+    Values under 4 characters are left alone: hiding every "s" would garble the text and protect nothing.
+    """
+    for s in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(s, MASK)
+    return text
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,7 @@ class StorageOptions:
             profile=get("profile") or env.get("AWS_PROFILE"),
             key=secret(get("access_key_id")) or env.get("AWS_ACCESS_KEY_ID"),
             secret=secret(get("secret_access_key")) or env.get("AWS_SECRET_ACCESS_KEY"),
-            token=env.get("AWS_SESSION_TOKEN"),
+            token=secret(get("session_token")) or env.get("AWS_SESSION_TOKEN"),
             anonymous=bool(get("anonymous") or False),
             retries=int(get("retries") if get("retries") is not None else 5),
             connect_timeout_s=float(get("connect_timeout_s") or 5.0),
@@ -82,15 +103,68 @@ class FileEntry:
 
 
 def split_uri(uri: str) -> tuple[str, str]:
-    """('s3', 'bucket/key') or ('file', '/abs/path') for any accepted URI or path."""
+    """('s3', 'bucket/key') or ('file', '/abs/path') for any accepted URI or path.
+
+    Local forms (relative, absolute, ``~``, ``file://``) all become one absolute path here, the
+    entry point every storage call goes through.
+    """
     uri = str(uri)
     if uri.startswith("s3://") or uri.startswith("s3a://"):
         return "s3", uri.split("://", 1)[1]
     if uri.startswith("file://"):
-        return "file", os.path.abspath(uri[len("file://"):])
+        return "file", os.path.abspath(os.path.expanduser(uri[len("file://"):]))
     if "://" in uri:
         raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
-    return "file", os.path.abspath(uri)
+    return "file", os.path.abspath(os.path.expanduser(uri))
+
+
+def normalize_uri(uri: str) -> str:
+    """One spelling per location, independent of the working directory: an absolute local path
+    (``~``, relative and ``file://`` forms resolved; symlinks kept as given) or ``s3://bucket/key``
+    without a trailing slash. Jobs normalise their roots once, so that Ray workers (another
+    working directory) and the records they write name the same place."""
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return path
+    return "s3://" + posixpath.normpath(path).strip("/")
+
+
+def location_key(uri: str) -> str:
+    """What a URI points at, for comparing two spellings: the real path (symlinks resolved) of a
+    local file, the bucket/key of an S3 object."""
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return "file:" + os.path.realpath(path)
+    return "s3:" + posixpath.normpath(path).strip("/")
+
+
+def relative_uri(root: str, uri: str) -> str | None:
+    """``uri`` as a '/'-separated name relative to ``root`` (both any spelling), or None when it is not under it."""
+    r_scheme, r_path = split_uri(root)
+    scheme, path = split_uri(uri)
+    if scheme != r_scheme:
+        return None
+    if scheme == "s3":
+        r_path, path = posixpath.normpath(r_path).strip("/"), posixpath.normpath(path).strip("/")
+        return path[len(r_path) + 1:] if path.startswith(r_path + "/") else None
+    for a, b in ((r_path, path), (os.path.realpath(r_path), os.path.realpath(path))):
+        rel = os.path.relpath(b, a)
+        if rel != os.curdir and not rel.startswith(os.pardir + os.sep) and rel != os.pardir:
+            return rel.replace(os.sep, "/")
+    return None
+
+
+def is_absolute_uri(name: str) -> bool:
+    """True for a URI with a scheme or an absolute (or ``~``) local path; False for a relative name."""
+    name = str(name)
+    return "://" in name or os.path.isabs(name) or name.startswith("~")
+
+
+def resolve_uri(root: str, name: str) -> str:
+    """A name recorded in an output (relative to ``root``; absolute ones are kept) as a URI to read."""
+    if is_absolute_uri(name):
+        return name
+    return join_uri(root, *name.split("/"))
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -132,29 +206,114 @@ def _is_unreachable(exc: BaseException) -> bool:
                                    "ClientConnectorError"))
 
 
+#: S3 endpoints that accepted a connection in this process (Storage objects are made per task).
+_ANSWERED: set[str] = set()
+
+
+def _tcp_probe(host: str, port: int, timeout: float) -> Optional[str]:
+    """None when ``host:port`` accepts a TCP connection, else why not in words; the name lookup and
+    the connection together take at most about ``timeout`` seconds."""
+    import socket
+    import threading
+
+    found: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+
+    def resolve() -> None:
+        try:
+            found["addrs"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            found["error"] = exc
+
+    lookup = threading.Thread(target=resolve, daemon=True)  # getaddrinfo has no timeout of its own
+    lookup.start()
+    lookup.join(timeout)
+    if lookup.is_alive():
+        return f"the name {host} did not resolve within {timeout:g} s"
+    if "error" in found:
+        exc = found["error"]
+        return f"the name {host} does not resolve ({getattr(exc, 'strerror', None) or exc})"
+    last: Optional[OSError] = None
+    for family, kind, proto, _, addr in found["addrs"]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.settimeout(left)
+                s.connect(addr)
+                return None
+        except OSError as exc:
+            last = exc
+    if last is None or isinstance(last, (socket.timeout, TimeoutError)):
+        return f"no answer from {host}:{port} within {timeout:g} s (storage.connect_timeout_s)"
+    if isinstance(last, ConnectionRefusedError):
+        return f"connection refused by {host}:{port} (nothing listens there)"
+    return f"cannot connect to {host}:{port} ({last.strerror or last})"
+
+
 class Storage:
     """Read, write and list objects by URI. Picklable: it carries only :class:`StorageOptions`."""
 
     def __init__(self, options: StorageOptions | None = None):
         self.options = options or StorageOptions.from_config(None)
         self._fs: dict[str, fsspec.AbstractFileSystem] = {}
+        self._answered = False  # the S3 endpoint accepted a connection (in this process or the one that pickled us)
 
     def __getstate__(self) -> dict:
-        return {"options": self.options}
+        return {"options": self.options, "answered": self._answered}
 
     def __setstate__(self, state: dict) -> None:
         self.options = state["options"]
         self._fs = {}
+        self._answered = bool(state.get("answered", False))
 
     # ----------------------------------------------------------------- filesystems
 
     def filesystem(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        """The fsspec filesystem for ``uri`` and the path inside it."""
+        """The fsspec filesystem for ``uri`` and the path inside it.
+
+        The first S3 use checks that the endpoint answers at all (StorageError within about
+        ``connect_timeout_s`` when it does not), so that botocore's and our retries, meant for a
+        storage that has answered before, never spend a minute on a wrong or dead endpoint.
+        """
         scheme, path = split_uri(uri)
+        if scheme == "s3" and not self._answered:
+            if self.endpoint() in _ANSWERED:  # another Storage of this process reached it already
+                self._answered = True
+            else:
+                self._first_contact(uri)
         fs = self._fs.get(scheme)
         if fs is None:
             fs = self._fs[scheme] = self._make_fs(scheme)
         return fs, path
+
+    def endpoint(self) -> str:
+        """The S3 endpoint URL requests go to (the configured one, else AWS's regional one)."""
+        o = self.options
+        if o.endpoint_url:
+            return o.endpoint_url
+        return f"https://s3.{o.region}.amazonaws.com" if o.region else "https://s3.amazonaws.com"
+
+    def _first_contact(self, uri: str) -> None:
+        import urllib.parse
+        import urllib.request
+
+        url = self.endpoint()
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        proxies = urllib.request.getproxies()
+        if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(host):
+            self._answered = True  # requests go through a proxy: only the real call can tell
+            return
+        why = _tcp_probe(host, port, self.options.connect_timeout_s)
+        if why is not None:
+            hint = ("check storage.endpoint_url / AWS_ENDPOINT_URL" if self.options.endpoint_url
+                    else "check the network, storage.region / AWS_REGION, or set storage.endpoint_url")
+            raise StorageError(f"cannot reach storage for {uri} at {url}: {why}; {hint}")
+        self._answered = True
+        _ANSWERED.add(url)
 
     def _make_fs(self, scheme: str) -> fsspec.AbstractFileSystem:
         if scheme == "file":
@@ -170,8 +329,9 @@ class Storage:
         config_kwargs = {
             "connect_timeout": o.connect_timeout_s,
             "read_timeout": max(30.0, o.connect_timeout_s),
-            # botocore's own retries cover throttling (SlowDown) with backoff.
-            "retries": {"max_attempts": max(1, o.retries), "mode": "adaptive"},
+            # botocore's own retries cover throttling (SlowDown) and dropped connections with backoff;
+            # total_max_attempts counts the first try too (botocore's max_attempts would add one to it).
+            "retries": {"total_max_attempts": max(1, o.retries), "mode": "adaptive"},
         }
         return s3fs.S3FileSystem(
             anon=o.anonymous,

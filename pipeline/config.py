@@ -18,11 +18,15 @@ message names the file, the dotted field path and what was expected.
 from __future__ import annotations
 
 import os
+import re
+import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from spear.cluster.storage import MASK, mask
 
 Domain = Literal["speech", "audio"]
 
@@ -37,6 +41,62 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# --------------------------------------------------------------------------- reading values
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers: ``workers: 2:4`` reads as the text
+    '2:4' (a worker range), not as the integer 124."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+# PyYAML's own int and float patterns, less their sexagesimal alternatives ([1-9][0-9_]*(:[0-5]?[0-9])+).
+ConfigLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Config YAML (a file or a ``--set`` value) as plain data, read with :class:`ConfigLoader`."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
+WORKERS_EXPECTED = "a number of workers N (such as 3) or MIN:MAX for an elastic run (such as 2:4 or [2, 4])"
+
+
+def parse_workers(value: Any) -> tuple[int, int]:
+    """Ray Train workers in any accepted form: 3, '3', '2:4', '[2, 4]', [2, 4] or (2, 4) -> (min, max).
+
+    Raises ValueError (worded for the user) for anything else.
+    """
+    v = value
+    if isinstance(v, str):
+        text = v.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1].strip()  # a quoted "2:4" from a command line
+        if text[:1] in "[(" and text:
+            try:
+                v = load_yaml("[" + text[1:-1] + "]")
+            except yaml.YAMLError:
+                v = None
+        else:
+            parts = [p.strip() for p in text.split(":")]
+            v = [int(p) for p in parts] if len(parts) in (1, 2) and all(p.isdigit() for p in parts) else None
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return int(v[0]), int(v[-1])
+    raise ValueError(f"expected {WORKERS_EXPECTED}")
+
+
 # --------------------------------------------------------------------------- storage / ray
 
 
@@ -48,8 +108,9 @@ class StorageConfig(_Section):
     profile: Optional[str] = Field(None, description="AWS profile name (AWS_PROFILE)")
     access_key_id: Optional[SecretStr] = Field(None, description="prefer AWS_ACCESS_KEY_ID in the environment")
     secret_access_key: Optional[SecretStr] = Field(None, description="prefer AWS_SECRET_ACCESS_KEY in the environment")
+    session_token: Optional[SecretStr] = Field(None, description="temporary credentials only; prefer AWS_SESSION_TOKEN in the environment")
     anonymous: bool = Field(False, description="unsigned requests (public buckets)")
-    retries: int = Field(5, ge=0, description="attempts for throttled or failed storage calls")
+    retries: int = Field(5, ge=0, description="attempts for throttled or failed calls to a storage that has answered before (one that never answered is an error at once)")
     connect_timeout_s: float = Field(5.0, gt=0, description="seconds before an unreachable endpoint is an error")
 
 
@@ -167,6 +228,8 @@ class MVQConfig(_Section):
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="sample share kept out of fitting to measure reconstruction loss")
     refine_iters: int = Field(10, ge=0, description="joint refinement passes after k-means initialisation")
     seed: int = Field(0, description="seed of sampling and fitting")
+    min_frames_per_entry: int = Field(4, ge=1, description="fewest sampled frames per codebook entry to fit at all (below 40 the fit is poor and a warning says so)")
+    reuse_codebooks: Optional[str] = Field(None, description="token dataset or codebook folder whose codebooks for the same teacher version and shape are used instead of fitting new ones")
 
     @field_validator("codebook_size")
     @classmethod
@@ -235,14 +298,17 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(0.5, gt=0, description="CPU reservation per worker (fractional leaves room for data loading)")
     max_failures: int = Field(3, ge=0, description="worker failures (and elastic shrinks) retried from the latest checkpoint")
     elastic_monitor_s: float = Field(60.0, ge=0, description="how often Ray Train considers growing the worker group")
+    collective_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for the others (a step, "
+                                        "a checkpoint) before the run ends with an error naming it")
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _workers_order(self) -> "TrainConfig":
-        lo, hi = self.workers
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_forms(cls, v: Any) -> tuple[int, int]:
+        lo, hi = parse_workers(v)
         if lo < 1 or hi < lo:
-            raise ValueError(f"workers must be (min, max) with 1 <= min <= max, got ({lo}, {hi})")
-        return self
+            raise ValueError("expected MIN:MAX with 1 <= MIN <= MAX, such as 2:4")
+        return lo, hi
 
 
 class EvaluateConfig(_Section):
@@ -271,37 +337,129 @@ class SpearConfig(_Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def secret_fields(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Dotted paths of every secret (``SecretStr``) field, e.g. ``storage.secret_access_key``."""
+    model = model or SpearConfig
+    found: list[str] = []
+    for name, field in model.model_fields.items():
+        kinds = [field.annotation, *typing.get_args(field.annotation)]
+        if SecretStr in kinds:
+            found.append(prefix + name)
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found += secret_fields(kind, prefix + name + ".")
+    return found
+
+
+def secret_values(source: Any) -> list[str]:
+    """The secret values held by a config (a :class:`SpearConfig` or its raw mapping), for :func:`mask`."""
+    out: list[str] = []
+    for path in secret_fields():
+        node = source
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, SecretStr):
+            node = node.get_secret_value()
+        if node is not None and not isinstance(node, (dict, list)):
+            out.append(str(node))
+    return out
+
+
+def _secrets_in_yaml_text(text: str) -> list[str]:
+    """Values written after a secret field's name in raw YAML (a file that does not parse)."""
+    names = "|".join(sorted({p.rsplit(".", 1)[-1] for p in secret_fields()}))
+    return [m.group(1) for m in re.finditer(rf"\b(?:{names})\s*[:=]\s*['\"]?([^\s'\"#,}}]+)", text)]
+
+
+def mask_override(override: str) -> str:
+    """An override as error messages show it: the value of a secret field (or of its section) masked."""
+    key, sep, _ = override.partition("=")
+    k = key.strip()
+    if sep and any(p == k or p.startswith(k + ".") for p in secret_fields()):
+        return f"{key}={MASK}"
+    return override
+
+
+_PLAIN = {
+    "int_parsing": "must be a whole number", "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number (no fraction)",
+    "float_parsing": "must be a valid number (such as 30 or 2.5)", "float_type": "must be a valid number (such as 30 or 2.5)",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be text (put it in quotes)", "missing": "is required but missing",
+    "extra_forbidden": "unknown field (check the spelling; `spear config init` lists every field)",
+    "list_type": "must be a list, such as [a, b]", "tuple_type": "must be a list, such as [a, b]",
+    "dict_type": "must be a section of `key: value` fields", "model_type": "must be a section of `key: value` fields",
+    "model_attributes_type": "must be a section of `key: value` fields",
+}
+
+
+def _plain(e: dict[str, Any]) -> str:
+    """One pydantic error in words for someone who has not read pydantic's documentation."""
+    kind, ctx = e["type"], e.get("ctx") or {}
+    if kind in _PLAIN:
+        return _PLAIN[kind]
+    if kind == "greater_than":
+        return f"must be greater than {ctx.get('gt')}"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}"
+    if kind == "less_than":
+        return f"must be less than {ctx.get('lt')}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx.get('le')}"
+    if kind in ("literal_error", "enum"):
+        return f"must be {ctx.get('expected')}"
+    if kind == "too_short":
+        return f"must have at least {ctx.get('min_length')} item(s)"
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} item(s)"
+    msg = str(e["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg.replace("Input should be", "must be", 1)
+
+
+def describe_validation_error(err: ValidationError, source: str, secrets: Iterable[str] = ()) -> str:
+    """A pydantic ValidationError as a config error: one line per field, its dotted path as in the
+    file (and ``--set``), what is expected and what was given; secret values masked."""
+    secret_paths = set(secret_fields())
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `spear config init` lists every field)"
+        path = ".".join(str(p) for p in e["loc"])
+        loc = path or "(top level)"
         got = e.get("input")
-        got_txt = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc}: {msg}{got_txt}")
-    return "\n".join(lines)
+        if e["type"] in ("missing", "extra_forbidden") or isinstance(got, (dict, BaseModel)):
+            given = ""
+        elif path in secret_paths or any(path.startswith(p + ".") for p in secret_paths):
+            given = f" (given: {MASK})"
+        else:
+            given = f" (given: {got!r})"
+        lines.append(f"  {loc}: {_plain(e)}{given}")
+    return mask("\n".join(lines), secrets)
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
+    shown = mask_override(override)
     if "=" not in override:
-        raise ConfigError(f"--set {override!r}: expected section.key=value")
+        raise ConfigError(f"--set {shown!r}: expected section.key=value")
     key, raw = override.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"--set {override!r}: empty key")
+        raise ConfigError(f"--set {shown!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {override!r}: value is not valid YAML ({exc})") from None
+        why = mask(str(exc), [raw.strip()]) if shown != override else str(exc)
+        raise ConfigError(f"--set {shown!r}: value is not valid YAML ({why})") from None
     node = data
     for p in parts[:-1]:
         child = node.get(p)
         if child is None:
             child = node[p] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {override!r}: '{p}' is not a section")
+            raise ConfigError(f"--set {shown!r}: '{p}' is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -329,10 +487,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {source} does not exist")
+        text = p.read_text()
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from None
+            loaded = load_yaml(text)
+        except yaml.YAMLError as exc:  # its context lines may quote a secret
+            raise ConfigError(mask(f"config file {source} is not valid YAML: {exc}", _secrets_in_yaml_text(text))) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -341,12 +500,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     for ov in overrides:
         _apply_override(data, ov)
     if overrides:
-        source += " with --set " + " ".join(overrides)
+        source += " with " + " ".join(f"--set {mask_override(ov)}" for ov in overrides)
+    secrets = secret_values(data)
     data = _merge_defaults(SpearConfig().model_dump(mode="python", exclude_none=False), data)
     try:
         return SpearConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(describe_validation_error(err, source, secrets)) from None
 
 
 def config_to_dict(cfg: BaseModel, *, mask_secrets: bool = True) -> dict[str, Any]:
@@ -357,7 +517,7 @@ def config_to_dict(cfg: BaseModel, *, mask_secrets: bool = True) -> dict[str, An
         for name, value in list(node.items()):
             attr = getattr(model, name, None)
             if isinstance(attr, SecretStr):
-                node[name] = "***" if mask_secrets else attr.get_secret_value()
+                node[name] = MASK if mask_secrets else attr.get_secret_value()
             elif isinstance(attr, BaseModel) and isinstance(value, dict):
                 walk(attr, value)
             elif isinstance(value, tuple):

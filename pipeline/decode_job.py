@@ -4,7 +4,7 @@ Output layout under ``output``::
 
     segments/part-*.parquet   16 kHz FLAC segments (schema: spear.schemas.segments.SEGMENT_SCHEMA)
     quarantine.parquet        objects that were skipped, with the stage and reason
-    decode.json               the commit record: summary and the list of part files
+    decode.json               the commit record: summary and the list of part files (relative to ``output``)
 
 ``decode.json`` is written last: a run that dies leaves no decode.json and readers
 (:func:`read_segments`) see nothing half-done.
@@ -27,12 +27,13 @@ from typing import Any
 import pyarrow as pa
 
 from spear.cluster.ray_runtime import ray_session
-from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri
+from spear.cluster.storage import (Storage, StorageError, StorageOptions, is_absolute_uri, join_uri, normalize_uri,
+                                   relative_uri, resolve_uri)
 from spear.pipeline.config import ConfigError, SpearConfig
 from spear.pipeline.progress import Progress
-from spear.schemas.segments import QUARANTINE_SCHEMA, SEGMENT_SCHEMA, SEGMENTS_SCHEMA_VERSION
+from spear.schemas.segments import DECODE_RECORD_VERSION, QUARANTINE_SCHEMA, SEGMENT_SCHEMA, SEGMENTS_SCHEMA_VERSION
 from spear.stages.catalog import Catalog, build_catalog
-from spear.stages.decode import decode_dataset
+from spear.stages.decode import decode_dataset, is_partial
 from spear.stages.writer import ObjectTracker, parquet_bytes, write_batch
 
 MANIFEST_NAME = "decode.json"
@@ -49,19 +50,62 @@ class DecodeSummary:
     quarantined: list[dict] = field(default_factory=list)  # {"uri", "reason", "stage", ...}
     output: str = ""
     files: list[str] = field(default_factory=list)
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0         # the whole job: listing, Ray start-up, decoding, commit
+    ray_start_seconds: float = 0.0    # starting (or connecting to) Ray
+    decode_seconds: float = 0.0       # from Ray ready to the last segment written
 
     @property
     def realtime_factor(self) -> float:
+        """Audio seconds per wall second of the whole job."""
         return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def decode_realtime_factor(self) -> float:
+        """Audio seconds per wall second of decoding alone (Ray up, listing and commit excluded)."""
+        return self.audio_seconds / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def partial(self) -> list[dict]:
+        """Objects kept in part (truncated or damaged): their segments are in the output."""
+        return [q for q in self.quarantined if is_partial(q)]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("files")
-        d["quarantined"] = [{"uri": q["uri"], "reason": q["reason"], "stage": q["stage"]} for q in self.quarantined]
+        d["quarantined"] = [{"uri": q["uri"], "reason": q["reason"], "stage": q["stage"],
+                             "kept_seconds": q.get("kept_seconds")} for q in self.quarantined]
+        d["partial_objects"] = len(self.partial)
         d["audio_hours"] = self.audio_seconds / 3600
         d["realtime_factor"] = self.realtime_factor
+        d["decode_realtime_factor"] = self.decode_realtime_factor
         return d
+
+    def human(self) -> str:
+        """The summary for people; every figure in it is one of ``to_dict()``'s."""
+        d = self.to_dict()
+        lines = [f"decoded {d['decoded_objects']}/{d['objects']} objects into {d['segments']} segments, "
+                 f"{_audio(d)} of audio in {d['wall_seconds']:.1f} s ({_times(d['realtime_factor'])} real time; "
+                 f"Ray start-up {d['ray_start_seconds']:.1f} s, decoding alone {d['decode_seconds']:.1f} s = "
+                 f"{_times(d['decode_realtime_factor'])} real time)", f"output: {d['output']}"]
+        partial = [q for q in d["quarantined"] if is_partial(q)]
+        dropped = [q for q in d["quarantined"] if not is_partial(q)]
+        if partial:
+            lines.append(f"kept in part {len(partial)} (their decodable part is in the output):")
+            lines += [f"  {q['uri']}: {q['reason']}" for q in partial]
+        if dropped:
+            lines.append(f"quarantined {len(dropped)}:")
+            lines += [f"  {q['uri']}: {q['reason']}" for q in dropped]
+        return "\n".join(lines)
+
+
+def _audio(d: dict[str, Any]) -> str:
+    """Hours once there is an hour of it, else seconds (a short run is not "0.000 h")."""
+    return f"{d['audio_hours']:.3f} h" if d["audio_hours"] >= 1 else f"{d['audio_seconds']:.1f} s"
+
+
+def _times(factor: float) -> str:
+    """A real-time factor as people read it: 0.79x, 3.20x, 41x (never a rounded 0x or 1x)."""
+    return f"{factor:.2f}x" if factor < 10 else f"{factor:.0f}x"
 
 
 def _check_sources(cfg: SpearConfig) -> None:
@@ -80,7 +124,7 @@ def run_decode(cfg: SpearConfig, *, overwrite: bool = False, progress: bool = Tr
     t0 = time.monotonic()
     options = StorageOptions.from_config(cfg.storage)
     storage = Storage(options)
-    out = cfg.output
+    out = normalize_uri(cfg.output)  # workers run in another directory: they get the absolute spelling
     manifest_uri = join_uri(out, MANIFEST_NAME)
     segments_dir = join_uri(out, "segments")
 
@@ -98,10 +142,12 @@ def run_decode(cfg: SpearConfig, *, overwrite: bool = False, progress: bool = Tr
         raise StorageError("no source could be listed: " + "; ".join(f"{u['uri']}: {u['reason']}" for u in catalog.unreadable))
 
     tracker = ObjectTracker()
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, dashboard=False) as rinfo:  # Ray Data only: no dashboard (see ray_runtime)
         import ray
 
-        meter = Progress("decode", enabled=progress)  # after Ray is up: throughput of decoding alone
+        t_ready = time.monotonic()
+        meter = Progress("decode", enabled=progress)
+        meter.start = t0  # the same clock as the summary's realtime_factor: one definition of "x real time"
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = decode_dataset(catalog.objects, cfg.decode, options)
         ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.decode.segments_per_file,
@@ -110,30 +156,67 @@ def run_decode(cfg: SpearConfig, *, overwrite: bool = False, progress: bool = Tr
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 meter.update(audio_seconds=row["audio_seconds"], **tracker.add(row))
-    meter.finish()
+        t_done = time.monotonic()
+    # No closing progress line: the totals are the summary's (printed by the caller, or --json).
 
-    quarantined = list(catalog.unreadable) + tracker.quarantined
+    kept = {o["uri"]: o["audio_seconds"] for o in tracker.completed}
+    quarantined = list(catalog.unreadable) + [dict(q, kept_seconds=kept.get(q["uri"])) if is_partial(q) else q
+                                              for q in tracker.quarantined]
     quarantined.sort(key=lambda q: q["uri"])
     qtable = pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA)
     storage.write_bytes(join_uri(out, "quarantine.parquet"), parquet_bytes(qtable))
     summary = DecodeSummary(objects=catalog.num_objects + len(catalog.unreadable),
                             decoded_objects=tracker.completed_total, segments=tracker.rows,
-                            audio_seconds=tracker.audio_seconds, quarantined=quarantined, output=out,
-                            files=sorted(f["file"] for f in tracker.files), wall_seconds=time.monotonic() - t0)
-    manifest = {"kind": "spear.decode", "schema_version": SEGMENTS_SCHEMA_VERSION, "files": summary.files,
+                            audio_seconds=tracker.audio_seconds, quarantined=quarantined, output=cfg.output,
+                            files=sorted(f["file"] for f in tracker.files), ray_start_seconds=rinfo.start_seconds,
+                            decode_seconds=t_done - t_ready, wall_seconds=time.monotonic() - t0)
+    names = sorted(_relative_name(out, f) for f in summary.files)
+    manifest = {"kind": "spear.decode", "schema_version": SEGMENTS_SCHEMA_VERSION,
+                "record_version": DECODE_RECORD_VERSION, "files": names,
                 "summary": summary.to_dict(), "decode_config": cfg.decode.model_dump(mode="json"),
                 "sources": [s.model_dump(mode="json") for s in cfg.corpus.sources]}
     storage.write_text(manifest_uri, json.dumps(manifest, indent=1))
     return summary
 
 
+def _relative_name(root: str, uri: str) -> str:
+    rel = relative_uri(root, uri)
+    if rel is None:
+        raise StorageError(f"segment file {uri} is not inside the decode output {root}")
+    return rel
+
+
+def read_decode_record(output: str, storage: Storage | None = None) -> dict[str, Any]:
+    """The commit record (``decode.json``) of a decode output, with ``files`` resolved to URIs under ``output``."""
+    storage = storage or Storage()
+    root = normalize_uri(output)
+    manifest_uri = join_uri(root, MANIFEST_NAME)
+    if not storage.exists(manifest_uri):
+        raise StorageError(f"{output} has no committed decode result ({MANIFEST_NAME} missing)")
+    record = json.loads(storage.read_text(manifest_uri))
+    if int(record.get("record_version", 1)) >= 2:
+        record["files"] = [resolve_uri(root, f) for f in record["files"]]
+    else:
+        record["files"] = [_resolve_legacy(root, f, storage) for f in record["files"]]
+    return record
+
+
+def _resolve_legacy(root: str, name: str, storage: Storage) -> str:
+    """A part file named by a version-1 record (absolute, or relative to the writer's working directory)."""
+    tail = "segments/" + name.replace("\\", "/").rsplit("segments/", 1)[1] if "segments/" in name else None
+    if tail and storage.exists(resolve_uri(root, tail)):
+        return resolve_uri(root, tail)
+    if storage.exists(name):
+        return name if is_absolute_uri(name) else normalize_uri(name)
+    raise StorageError(f"{join_uri(root, MANIFEST_NAME)} (written by an older spear) names {name}, found neither "
+                       f"under {root}/segments/ nor at that path: copy the whole decode output folder, or re-run "
+                       "`spear decode --overwrite`")
+
+
 def read_segments(output: str, storage: Storage | None = None, columns: list[str] | None = None) -> pa.Table:
     """All committed segments of a decode output, sorted by segment id."""
     storage = storage or Storage()
-    manifest_uri = join_uri(output, MANIFEST_NAME)
-    if not storage.exists(manifest_uri):
-        raise StorageError(f"{output} has no committed decode result ({MANIFEST_NAME} missing)")
-    manifest = json.loads(storage.read_text(manifest_uri))
+    manifest = read_decode_record(output, storage)
     import pyarrow.parquet as pq
 
     tables = [pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=columns) for f in manifest["files"]]
@@ -150,4 +233,4 @@ def read_quarantine(output: str, storage: Storage | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     storage = storage or Storage()
-    return pq.read_table(pa.BufferReader(storage.read_bytes(join_uri(output, "quarantine.parquet"))))
+    return pq.read_table(pa.BufferReader(storage.read_bytes(join_uri(normalize_uri(output), "quarantine.parquet"))))

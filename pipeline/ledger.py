@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spear.cluster.storage import Storage, StorageError, join_uri
+from spear.cluster.storage import (Storage, StorageError, is_absolute_uri, join_uri, location_key, normalize_uri,
+                                   relative_uri, resolve_uri)
 from spear.schemas.shards import LEDGER_SCHEMA, MANIFEST_VERSION
 from spear.stages.audio import flac_decode
 from spear.stages.writer import parquet_bytes
@@ -39,11 +40,12 @@ from spear.stages.writer import parquet_bytes
 @dataclass
 class Manifest:
     seq: int
-    shards: list[dict]           # {"file", "rows", "bytes", "run_id"}
-    ledger_files: list[str]
+    shards: list[dict]           # {"file", "rows", "bytes", "run_id"}; "file" relative to the token version root
+    ledger_files: list[str]      # relative to the token version root
     created_at: float = 0.0
     run_id: str = ""
     info: dict = field(default_factory=dict)
+    manifest_version: int = MANIFEST_VERSION   # as read: 1 = names as the writing process spelled them
 
     def to_json(self) -> str:
         return json.dumps({"manifest_version": MANIFEST_VERSION, "seq": self.seq, "shards": self.shards,
@@ -54,12 +56,13 @@ class Manifest:
     def from_json(cls, text: str) -> "Manifest":
         d = json.loads(text)
         return cls(seq=d["seq"], shards=d["shards"], ledger_files=d["ledger_files"],
-                   created_at=d.get("created_at", 0.0), run_id=d.get("run_id", ""), info=d.get("info", {}))
+                   created_at=d.get("created_at", 0.0), run_id=d.get("run_id", ""), info=d.get("info", {}),
+                   manifest_version=int(d.get("manifest_version", 1)))
 
 
 def list_token_versions(output: str, storage: Storage) -> list[str]:
     """Token versions present under ``output`` (those with at least a version.json)."""
-    root = join_uri(output, "tokens")
+    root = join_uri(normalize_uri(output), "tokens")
     if not storage.exists(root):
         return []
     fs, path = storage.filesystem(root)
@@ -75,11 +78,13 @@ class TokenStore:
     """Manifests, ledger and live rows of one token version."""
 
     def __init__(self, output: str, version: str, storage: Storage | None = None):
-        self.output = output
+        # one absolute spelling: shard files written by Ray workers (another working directory) land here
+        self.output = normalize_uri(output)
         self.version = version
         self.storage = storage or Storage()
-        self.root = join_uri(output, "tokens", version)
+        self.root = join_uri(self.output, "tokens", version)
         self._manifest_cache: tuple[int, Manifest] | None = None
+        self._resolved_cache: tuple[int, list[str], list[str]] | None = None
 
     # ----------------------------------------------------------------- paths
 
@@ -91,13 +96,25 @@ class TokenStore:
 
     # ----------------------------------------------------------------- version info
 
-    def write_version_info(self, info: dict[str, Any]) -> None:
+    def write_version_info(self, info: dict[str, Any], *, replace: bool = False) -> None:
+        """Write version.json, one object written whole (atomic); an existing one is kept unless ``replace``
+        (tokenize rewrites it when a teacher role gets its codebooks; one writer per version, as for commits)."""
         uri = join_uri(self.root, "version.json")
-        if not self.storage.exists(uri):
+        if replace or not self.storage.exists(uri):
+            info = json.loads(json.dumps(info))
+            for t in (info.get("teachers") or {}).values():  # codebooks inside the output: named relative to it
+                rel = relative_uri(self.output, t["uri"]) if isinstance(t, dict) and isinstance(t.get("uri"), str) else None
+                if rel is not None:
+                    t["uri"] = rel
             self.storage.write_text(uri, json.dumps(info, indent=1, sort_keys=True))
 
     def version_info(self) -> dict[str, Any]:
-        return json.loads(self.storage.read_text(join_uri(self.root, "version.json")))
+        """version.json, with the codebook URIs (recorded relative to the output) resolved against this root."""
+        info = json.loads(self.storage.read_text(join_uri(self.root, "version.json")))
+        for t in (info.get("teachers") or {}).values():
+            if isinstance(t, dict) and isinstance(t.get("uri"), str):
+                t["uri"] = resolve_uri(self.output, t["uri"])
+        return info
 
     # ----------------------------------------------------------------- manifests
 
@@ -135,14 +152,20 @@ class TokenStore:
         seq = (prev.seq + 1) if prev else 1
         if self.storage.exists(self._manifest_uri(seq)):
             raise StorageError(f"another run committed manifest {seq} of {self.version} concurrently; re-run to continue")
-        ledger_files = list(prev.ledger_files) if prev else []
+        # every name relative to the token version root, those carried over from an older manifest too
+        prev_shards, prev_ledger = self._resolved(prev) if prev else ([], [])
+        ledger_files = [self._record_name(u) for u in prev_ledger]
         if ledger_rows:
             table = pa.Table.from_pylist(list(ledger_rows), schema=LEDGER_SCHEMA)
-            ledger_uri = join_uri(self.root, "ledger", f"{seq:08d}-{run_id}.parquet")
-            self.storage.write_bytes(ledger_uri, parquet_bytes(table))
-            ledger_files.append(ledger_uri)
-        shards = list(prev.shards) if prev else []
-        shards += list(new_shards)
+            name = f"ledger/{seq:08d}-{run_id}.parquet"
+            self.storage.write_bytes(resolve_uri(self.root, name), parquet_bytes(table))
+            ledger_files.append(name)
+        shards = [dict(s, file=self._record_name(u)) for s, u in zip(prev.shards, prev_shards)] if prev else []
+        for s in new_shards:  # workers report full URIs; the record names them relative to the root
+            rel = relative_uri(self.root, s["file"])
+            if rel is None:
+                raise StorageError(f"shard {s['file']} is not inside token version {self.root}")
+            shards.append(dict(s, file=rel))
         manifest = Manifest(seq=seq, shards=shards, ledger_files=ledger_files, created_at=time.time(),
                             run_id=run_id, info=info or {})
         self.storage.write_text(self._manifest_uri(seq), manifest.to_json())
@@ -157,7 +180,7 @@ class TokenStore:
         if m is None or not m.ledger_files:
             return LEDGER_SCHEMA.empty_table()
         tables = []
-        for order, uri in enumerate(m.ledger_files):
+        for order, uri in enumerate(self._resolved(m)[1]):
             t = pq.read_table(pa.BufferReader(self.storage.read_bytes(uri)))
             tables.append(t.append_column("_order", pa.array(np.full(t.num_rows, order, np.int64))))
         all_rows = pa.concat_tables(tables)
@@ -171,8 +194,45 @@ class TokenStore:
     # ----------------------------------------------------------------- reading
 
     def shard_files(self) -> list[str]:
+        """URIs of the committed shard files (the manifest's names resolved against this store's root)."""
         m = self.latest_manifest()
-        return [s["file"] for s in m.shards] if m else []
+        return self._resolved(m)[0] if m else []
+
+    def _record_name(self, uri: str) -> str:
+        """``uri`` as a manifest records it: relative to :attr:`root` (absolute only for an old record naming a
+        file outside it)."""
+        rel = relative_uri(self.root, uri)
+        return rel if rel is not None else normalize_uri(uri)
+
+    def _resolved(self, m: Manifest) -> tuple[list[str], list[str]]:
+        """(shard URIs, ledger URIs) that manifest ``m`` names."""
+        if self._resolved_cache and self._resolved_cache[0] == m.seq:
+            return self._resolved_cache[1], self._resolved_cache[2]
+        if m.manifest_version >= 2:
+            shards = [resolve_uri(self.root, s["file"]) for s in m.shards]
+            ledger = [resolve_uri(self.root, f) for f in m.ledger_files]
+        else:
+            shards = [self._resolve_legacy(m, s["file"]) for s in m.shards]
+            ledger = [self._resolve_legacy(m, f) for f in m.ledger_files]
+        self._resolved_cache = (m.seq, shards, ledger)
+        return shards, ledger
+
+    def _resolve_legacy(self, m: Manifest, name: str) -> str:
+        """A name in a version-1 manifest: absolute, or relative to the directory the writer ran in.
+
+        The part after ``tokens/<version>/`` found under this root wins (the folder was moved, copied or
+        uploaded, or is read from another directory); else the recorded path if it still exists.
+        """
+        marker = f"tokens/{self.version}/"
+        tail = name.replace("\\", "/").rsplit(marker, 1)[1] if marker in name else None
+        if tail and self.storage.exists(resolve_uri(self.root, tail)):
+            return resolve_uri(self.root, tail)
+        if self.storage.exists(name):
+            return name if is_absolute_uri(name) else normalize_uri(name)
+        raise StorageError(
+            f"manifest {m.seq} of token version {self.version} (written by an older spear) names {name}, found "
+            f"neither under {self.root} nor at that path: copy the whole tokens/{self.version}/ folder "
+            f"(shards/, ledger/, manifests/) under {self.output}, or re-run `spear tokenize` into a new output")
 
     def read_table(self, columns: Sequence[str] | None = None, *, filters: dict | None = None) -> pa.Table:
         """Live rows of the committed shards (see the module docstring), sorted by segment id."""
@@ -183,8 +243,8 @@ class TokenStore:
         ledger = ledger.filter(pc.equal(ledger["status"], "tokenized"))
         cols = None if columns is None else list(dict.fromkeys(list(columns) + ["source_uri", "run_id", "segment_id"]))
         parts = []
-        for shard in m.shards:
-            t = pq.read_table(pa.BufferReader(self.storage.read_bytes(shard["file"])), columns=cols)
+        for uri in self._resolved(m)[0]:
+            t = pq.read_table(pa.BufferReader(self.storage.read_bytes(uri)), columns=cols)
             parts.append(t)
         if not parts:
             return pa.table({})
@@ -211,25 +271,44 @@ class TokenStore:
 
     # ----------------------------------------------------------------- housekeeping
 
+    def _live_keys(self) -> set[str]:
+        """Every spelling-independent key of the shard files the latest committed manifest names: the resolved
+        location (real path / bucket key) and the name under ``tokens/<version>/`` as recorded."""
+        m = self.latest_manifest()  # lists the manifests again: a commit may have landed since the last read
+        if m is None:
+            return set()
+        keys = {location_key(u) for u in self._resolved(m)[0]}
+        marker = f"tokens/{self.version}/"
+        for s in m.shards:
+            name = str(s["file"]).replace("\\", "/")
+            keys.add("name:" + (name.rsplit(marker, 1)[1] if marker in name else name))
+        return keys
+
+    def _keys_of_present(self, uri: str) -> set[str]:
+        rel = relative_uri(self.root, uri)
+        return {location_key(uri)} | ({"name:" + rel} if rel is not None else set())
+
     def uncommitted_files(self) -> list[str]:
         """Shard files on storage that no committed manifest names (leftovers of interrupted runs)."""
-        live = set(self.shard_files())
+        live = self._live_keys()
         try:
             present = [e.uri for e in self.storage.list_files(join_uri(self.root, "shards"), extensions=["parquet"])]
         except StorageError:
             return []
-        norm = {_norm(f) for f in live}
-        return sorted(f for f in present if _norm(f) not in norm)
+        return sorted(f for f in present if not (self._keys_of_present(f) & live))
 
     def clean_uncommitted(self) -> list[str]:
+        """Delete :meth:`uncommitted_files`; refuses (StorageError, nothing deleted) if any of them is, by any
+        spelling, a file the committed manifest names (read again just before deleting)."""
         files = self.uncommitted_files()
+        live = self._live_keys()
+        overlap = [f for f in files if self._keys_of_present(f) & live]
+        if overlap:
+            raise StorageError(f"refusing to clean {self.root}: {len(overlap)} of the {len(files)} files to remove "
+                               f"(e.g. {overlap[0]}) are named by committed manifest(s); nothing was deleted")
         for f in files:
             self.storage.delete(f)
         return files
-
-
-def _norm(uri: str) -> str:
-    return uri.split("://", 1)[-1]
 
 
 def decode_tokens(data: bytes | None, num_frames: int | None, num_codebooks: int | None) -> np.ndarray | None:

@@ -26,13 +26,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from spear.cluster.ray_runtime import ray_session
-from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, split_uri
+from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri, split_uri
 from spear.pipeline.config import ConfigError, SpearConfig
 from spear.pipeline.ledger import TokenStore, list_token_versions
-from spear.stages.train_data import TrainDataPlan
-from spear.stages.train_loop import METRICS_FILE, STATE_FILE, train_loop_per_worker
+from spear.stages.train_data import TrainDataError, TrainDataPlan
+from spear.stages.train_loop import METRICS_FILE, STATE_FILE, NonRetryableError, first_line, train_loop_per_worker
 
 RUN_NAME = "train"
+
+
+class TrainError(RuntimeError):
+    """`spear train` failed; the message is one line naming the cause (the traceback is in the log)."""
 
 
 @dataclass
@@ -121,15 +125,30 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     if not cfg.train.shards:
         raise ConfigError("no token dataset to train on: give --shards URI (the output of `spear tokenize`) "
                           "or set train.shards")
+    # absolute spellings: Ray Train workers run in their own directory, and what they record must name these
+    cfg = cfg.model_copy(update={"output": normalize_uri(cfg.output), "train": cfg.train.model_copy(
+        update={"shards": normalize_uri(cfg.train.shards)})})
     options = StorageOptions.from_config(cfg.storage)
     storage = Storage(options)
     storage.check_access(cfg.train.shards)
     storage.check_access(cfg.output)
     store = select_token_store(cfg.train.shards, storage, cfg.train.token_version)
-    plan = TrainDataPlan.from_store(store)
-    before = checkpoints(cfg.output, storage)
-    resumed_from = before[-1][0] if before else None
+    try:
+        plan = TrainDataPlan.from_store(store)  # reads every shard's footer: a missing shard fails here, at once
+    except TrainDataError as exc:
+        raise TrainError(str(exc)) from None
     lo, hi = cfg.train.workers
+    most = max((plan.live_rows(d) for d in plan.units), default=0)
+    if most < hi:  # a rank with no rows could not take part in a single step
+        raise ConfigError(f"token version {store.version} has {most} live rows in its largest domain, fewer than "
+                          f"the {hi} workers asked for (train.workers): every worker needs rows; "
+                          f"use at most {max(most, 1)} workers or add data")
+    try:
+        before = checkpoints(cfg.output, storage)
+    except (ValueError, KeyError) as exc:
+        raise TrainError(f"a checkpoint under {join_uri(cfg.output, RUN_NAME)} cannot be read "
+                         f"({first_line(exc)}): delete it, or train into a new output") from None
+    resumed_from = before[-1][0] if before else None
     if progress:
         print(f"[train] token version {store.version}: {len(plan.files)} shards, "
               + ", ".join(f"{s / 3600:.3f} h {d}" for d, s in sorted(plan.seconds_by_domain.items()))
@@ -152,12 +171,20 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                                    "storage_options": options, "max_workers": hi,
                                    "events_uri": join_uri(cfg.output, RUN_NAME, "events")},
                 scaling_config=scaling,
-                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                # the process group's timeout bounds every collective (DDP's all-reduce, the step agreement)
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                         timeout_s=max(1, int(round(cfg.train.collective_timeout_s)))),
                 run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
                                      failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                                     checkpoint_config=CheckpointConfig(num_to_keep=3)),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=3),
+                                     callbacks=[_stop_retries_callback()]),
             )
-            trainer.fit()
+            from ray.train import TrainingFailedError
+
+            try:
+                trainer.fit()
+            except TrainingFailedError as exc:
+                raise TrainError(failure_line(exc, cfg.train.max_failures)) from exc
 
     after = checkpoints(cfg.output, storage)
     if not after:
@@ -173,6 +200,63 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                         resumed_from_step=resumed_from, world_sizes=world_sizes, checkpoint=ckpt_uri,
                         output=cfg.output, token_version=store.version, metrics=metrics,
                         wall_seconds=time.monotonic() - t0)
+
+
+def failure_line(exc: BaseException, max_failures: int) -> str:
+    """One line for a failed Ray Train run: the root cause, not Ray's wrapper around it."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+
+    if isinstance(exc, ControllerError):
+        cause = exc.controller_failure
+        if isinstance(cause, NonRetryableError):
+            return str(cause)
+        return f"Ray Train's controller failed: {first_line(cause)}"
+    if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+        failures = sorted((rank, _worker_failure(err)) for rank, err in exc.worker_failures.items())
+        restarts = f"after {max_failures} restart{'s' if max_failures != 1 else ''} (train.max_failures)"
+        for rank, err in failures:  # a dead worker first: the others' errors (a timed-out collective) follow from it
+            if isinstance(err, RayActorError):
+                return f"training worker rank {rank} died {restarts}: {first_line(err)}"
+        for rank, err in failures:
+            if isinstance(err, NonRetryableError):
+                return str(err)
+        rank, err = failures[0]
+        return f"training worker rank {rank} failed {restarts}: {first_line(err)}"
+    return first_line(exc)
+
+
+def _worker_failure(err: BaseException) -> BaseException:
+    # a killed worker shows as a failed health check whose cause is the ActorDiedError
+    return getattr(err, "health_check_failure", None) or err
+
+
+def _stop_retries_callback():
+    """A Ray Train controller callback that ends the run at the first NonRetryableError of a worker.
+
+    Ray Train retries every worker failure up to ``max_failures`` times, each from the latest
+    checkpoint; a missing shard or an unreadable checkpoint fails the same way every time, so the
+    run would end only minutes later. Raising from the state-update hook makes the controller
+    treat it as a controller error, which it does not retry. A worker that died is retried as
+    before (the others' errors are then collateral), so killed workers and elastic shrinks resume.
+    """
+    from ray.exceptions import RayActorError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class StopOnNonRetryable(ControllerCallback):
+        def after_controller_state_update(self, previous_state, current_state):
+            error = getattr(current_state, "training_failed_error", None)
+            if not isinstance(error, WorkerGroupError):
+                return
+            failures = [_worker_failure(e) for e in error.worker_failures.values()]
+            if any(isinstance(e, RayActorError) for e in failures):
+                return
+            for e in failures:
+                if isinstance(e, NonRetryableError):
+                    raise e
+
+    return StopOnNonRetryable()
 
 
 def _scaling_config(lo: int, hi: int, use_gpu: bool, resources: dict[str, float], monitor_s: float):
@@ -294,7 +378,7 @@ def run_export(checkpoint: str, output: str, storage: Storage | None = None) -> 
     from spear.models.student import export_student
 
     storage = storage or Storage()
-    objective, state = load_checkpoint_objective(checkpoint, storage)
+    objective, state = load_checkpoint_objective(normalize_uri(checkpoint), storage)
     enc = objective.encoder
     export_student(objective, output, storage=storage,
                    metadata={"step": state["step"], "token_version": state.get("token_version"),

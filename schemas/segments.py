@@ -15,6 +15,12 @@ import pyarrow as pa
 
 SEGMENTS_SCHEMA_VERSION = 1
 
+# The decode commit record (OUTPUT/decode.json). Version 2 names its part files relative to OUTPUT
+# ("segments/part-<id>.parquet"), so a decode output reads the same from any working directory and
+# after being moved, copied or uploaded as is; version 1 (older spear) held them as the writing
+# process spelled them, and readers take the part from "segments/" on under the root they are given.
+DECODE_RECORD_VERSION = 2
+
 SEGMENT_FIELDS = [
     pa.field("segment_id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),          # source name from the corpus spec
@@ -42,8 +48,9 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("domain", pa.string(), nullable=False),
     pa.field("etag", pa.string(), nullable=False),
     pa.field("stage", pa.string(), nullable=False),   # "catalog" | "read" | "decode" | ...
-    pa.field("reason", pa.string(), nullable=False),
-], metadata={b"spear.schema": b"quarantine", b"spear.version": b"1"})
+    pa.field("reason", pa.string(), nullable=False),  # "partial: kept ..." when the decodable part was kept
+    pa.field("kept_seconds", pa.float64(), nullable=True),  # seconds kept of a partial object; null when none
+], metadata={b"spear.schema": b"quarantine", b"spear.version": b"2"})
 
 
 def segment_id(source: str, relative_path: str, content_sha256: str, offset: int) -> str:

@@ -9,7 +9,7 @@ tokens (null): the asymmetric loss ignores them.
 
 Layout of a token dataset under OUTPUT::
 
-    codebooks/<teacher>-<teacher_version[:12]>/     MVQ artefacts (one per teacher version)
+    codebooks/<role>-<teacher_version[:16]>-<M>x<K>/  MVQ artefacts (one per teacher version and shape)
     tokens/<token_version>/
         shards/<run_id>/shard-<n>.parquet           written by workers; visible only once committed
         ledger/<seq>-<run_id>.parquet               objects committed by one commit (LEDGER_SCHEMA)
@@ -20,6 +20,14 @@ A commit is a single manifest object written last (atomic on S3 and on local dis
 take the highest-numbered manifest; rows count only if their object's ledger entry names
 their run, so partial objects of a killed run and superseded versions of changed objects
 are never read.
+
+Manifest version 2 names every shard and ledger file relative to ``tokens/<token_version>/``
+(``shards/<run_id>/shard-<n>.parquet``), so a token dataset reads the same from any working
+directory, by any spelling of its root (relative, absolute, ``~``, ``file://``, a symlink) and after
+the whole folder is moved, copied or uploaded to S3 as is. Version 1 manifests (older spear) hold
+the paths as the writing process spelled them (absolute, or relative to its working directory);
+readers take the part after ``tokens/<token_version>/`` under the root they were given, else the
+recorded path, and the next commit rewrites every name in the version 2 form.
 
 Example::
 
@@ -39,7 +47,7 @@ import pyarrow as pa
 from spear.schemas.segments import SEGMENT_FIELDS, SEGMENTS_SCHEMA_VERSION
 
 TOKEN_SHARD_SCHEMA_VERSION = 1
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2   # 2: file names relative to tokens/<token_version>/ (see the module docstring)
 
 TEACHER_ROLES = ("speech", "audio")
 
@@ -81,12 +89,24 @@ LEDGER_SCHEMA = pa.schema([
 ], metadata={b"spear.schema": b"ledger", b"spear.version": b"1"})
 
 
-def token_version(decode_settings: dict[str, Any], teachers: dict[str, dict[str, str]]) -> str:
-    """The id of a token dataset: changes with any teacher version, codebook version or decode setting.
+# 1: keyed by the codebooks of the roles present (forked when a domain arrived); 2: keyed by the
+# configured roles, codebooks fitted lazily per role.
+TOKEN_VERSION_SCHEME = 2
 
-    ``teachers`` maps role -> {"teacher": teacher version, "codebook": codebook version}.
+
+def token_version(decode_settings: dict[str, Any], teachers: dict[str, dict[str, Any]]) -> str:
+    """The id of a token dataset: changes with any decode setting, teacher version or codebook shape.
+
+    ``teachers`` maps every *configured* role, whether or not its domain has data yet, to
+    {"teacher": teacher version, "num_codebooks": M, "codebook_size": K}. A role's codebooks are
+    fitted the first time it has data and then fixed for the version (one artefact per teacher
+    version and shape under ``OUTPUT/codebooks``; ``version.json`` records it), so adding
+    audio-domain data extends the dataset, while a new teacher, layer or codebook shape makes a
+    new version. ``version.json`` holds ``scheme``, ``key`` (this mapping), ``teachers`` (role ->
+    codebooks, for the roles fitted so far) and ``teacher_fingerprints``; it is rewritten whole
+    (atomically) when a role gets its codebooks.
     """
-    payload = {"segments_schema": SEGMENTS_SCHEMA_VERSION, "shard_schema": TOKEN_SHARD_SCHEMA_VERSION,
-               "decode": decode_settings, "teachers": teachers}
+    payload = {"scheme": TOKEN_VERSION_SCHEME, "segments_schema": SEGMENTS_SCHEMA_VERSION,
+               "shard_schema": TOKEN_SHARD_SCHEMA_VERSION, "decode": decode_settings, "teachers": teachers}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"tv-{digest[:16]}"

@@ -18,8 +18,8 @@ Example::
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional
 
 import numpy as np
 import soundfile as sf
@@ -39,6 +39,8 @@ class SourceAudioInfo:
     sample_rate: int
     channels: int
     format: str  # libsndfile's format name, e.g. "FLAC", "OGG", "MPEG", "WAV"
+    partial: Optional[str] = None  # why the object decoded only in part (truncated, damaged); None when whole
+    declared_seconds: Optional[float] = None  # the whole object's length as its header declares it, when known
 
 
 def float_to_pcm16(x: np.ndarray) -> np.ndarray:
@@ -72,19 +74,85 @@ def flac_decode(data: bytes) -> np.ndarray:
     return pcm16_to_float(flac_decode_pcm16(data))
 
 
-def _wav_missing_bytes(data: bytes) -> int:
-    """Bytes a RIFF/WAVE object's data chunk declares beyond what the object holds (0 if whole or not WAV)."""
+def _wav_missing(data: bytes) -> tuple[int, int]:
+    """(bytes the RIFF/WAVE data chunk declares beyond what the object holds, bytes per frame);
+    (0, 0) if whole or not WAV."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        return 0
-    pos = 12
+        return 0, 0
+    pos, block_align = 12, 0
     while pos + 8 <= len(data):
         cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if cid == b"fmt " and pos + 22 <= len(data):
+            block_align = int.from_bytes(data[pos + 20:pos + 22], "little")
         if cid == b"data":
             if size in (0, 0xFFFFFFFF):  # streamed writers leave the size open
-                return 0
-            return max(0, pos + 8 + size - len(data))
+                return 0, 0
+            return max(0, pos + 8 + size - len(data)), block_align
         pos += 8 + size + (size & 1)
-    return 0
+    return 0, 0
+
+
+def _ogg_complete(data: bytes) -> bool:
+    """Whether an Ogg object ends with a whole end-of-stream page (a cut-off one does not).
+
+    libsndfile reads a truncated Ogg without complaint, so this walk over the page headers
+    (27 bytes + segment table each, a few thousand per hour of audio) is the only sign of the cut.
+    """
+    pos, eos = 0, False
+    while pos < len(data):
+        if data[pos:pos + 4] != b"OggS":
+            return eos  # bytes after a whole end-of-stream page (a tag, padding) are not a cut
+        if pos + 27 > len(data):
+            return False
+        nseg = data[pos + 26]
+        if pos + 27 + nseg > len(data):
+            return False
+        end = pos + 27 + nseg + sum(data[pos + 27:pos + 27 + nseg])
+        if end > len(data):
+            return False
+        eos = bool(data[pos + 5] & 4)
+        pos = end
+    return eos
+
+
+# Frames per read when re-reading a damaged stretch: libsndfile drops the whole read that fails,
+# so small reads keep all but the last few ms before the damage.
+_SALVAGE_BLOCK = 1024
+
+
+def _error_text(exc: Exception) -> str:
+    text = getattr(exc, "error_string", None) or str(exc)
+    return text.removeprefix("Error : ").rstrip(".")
+
+
+def _chunks(f: sf.SoundFile, data: bytes, block: int, damage: list[str]) -> Iterator[np.ndarray]:
+    """``f``'s frames in reads of ``block``. A codec error ends the stream with its cause appended to
+    ``damage``, after the failing read is redone in small reads from a fresh handle (a failed read
+    returns nothing, so a truncated FLAC would otherwise lose up to ``block`` good frames)."""
+    pos = 0
+    while True:
+        try:
+            chunk = f.read(block, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            damage.append(_error_text(exc))
+            try:
+                g = sf.SoundFile(io.BytesIO(data))
+                g.seek(pos)
+            except (sf.LibsndfileError, RuntimeError, ValueError, TypeError):
+                return
+            with g:
+                while True:
+                    try:
+                        chunk = g.read(_SALVAGE_BLOCK, dtype="float32", always_2d=True)
+                    except (sf.LibsndfileError, RuntimeError):
+                        return
+                    if chunk.shape[0] == 0:
+                        return
+                    yield chunk
+        if chunk.shape[0] == 0:
+            return
+        pos += chunk.shape[0]
+        yield chunk
 
 
 def _open(data: bytes) -> sf.SoundFile:
@@ -99,7 +167,7 @@ def _open(data: bytes) -> sf.SoundFile:
 
 
 def decode_segments(data: bytes, *, target_rate: int = 16000, max_segment_seconds: float = 30.0,
-                    min_segment_seconds: float = 0.0, block_seconds: float = 10.0
+                    min_segment_seconds: float = 0.0, block_seconds: float = 10.0, keep_partial: bool = False
                     ) -> tuple[SourceAudioInfo, list[tuple[int, np.ndarray]]]:
     """Decode an encoded audio object into consecutive 16 kHz mono int16 segments.
 
@@ -107,6 +175,11 @@ def decode_segments(data: bytes, *, target_rate: int = 16000, max_segment_second
     output samples; the segments tile the resampled signal exactly (each sample once).
     Raises :class:`AudioDecodeError` for anything that is not usable audio: empty,
     unsupported, corrupt or truncated data, zero-length audio, NaN/inf samples.
+
+    With ``keep_partial`` a truncated or damaged object keeps the audio decoded before the
+    damage: ``info.partial`` says what is missing and why, ``info.declared_seconds`` how long
+    the header says the whole is (None when it does not say, e.g. Ogg). It still raises when
+    nothing before the damage decodes.
     """
     f = _open(data)
     with f:
@@ -124,6 +197,7 @@ def decode_segments(data: bytes, *, target_rate: int = 16000, max_segment_second
         out: list[tuple[int, np.ndarray]] = []
         emitted = 0
         frames_read = 0
+        damage: list[str] = []
 
         def emit_full() -> None:
             nonlocal pending, pending_len, emitted
@@ -134,42 +208,49 @@ def decode_segments(data: bytes, *, target_rate: int = 16000, max_segment_second
                 emitted += max_samples
                 pending, pending_len = ([rest] if rest.size else []), rest.size
 
-        try:
-            while True:
-                chunk = f.read(block, dtype="float32", always_2d=True)
-                if chunk.shape[0] == 0:
-                    break
-                # Downmix as a BLAS mat-vec: numpy's mean over a short inner axis is ~30x slower.
-                mono = chunk @ downmix if info.channels > 1 else chunk[:, 0]
-                # NaN/inf in any channel survives the downmix (inf - inf = NaN), so one check on mono suffices.
-                if not np.isfinite(mono).all():
-                    bad = int(np.argmax(~np.isfinite(chunk).all(axis=1))) + frames_read
-                    raise AudioDecodeError(f"non-finite (NaN/inf) samples, first at sample {bad}")
-                frames_read += chunk.shape[0]
-                y = resampler.resample_chunk(mono, last=False) if resampler is not None else mono
-                if y.size:
-                    pending.append(np.ascontiguousarray(y, dtype=np.float32))
-                    pending_len += y.size
-                    emit_full()
-            if resampler is not None:
-                tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
-                if tail.size:
-                    pending.append(tail.astype(np.float32, copy=False))
-                    pending_len += tail.size
-            emit_full()
-        except sf.LibsndfileError as exc:
-            raise AudioDecodeError(f"corrupt audio after {frames_read} frames: {exc.error_string}") from None
-        except RuntimeError as exc:
-            raise AudioDecodeError(f"corrupt audio after {frames_read} frames: {exc}") from None
+        for chunk in _chunks(f, data, block, damage):
+            # Downmix as a BLAS mat-vec: numpy's mean over a short inner axis is ~30x slower.
+            mono = chunk @ downmix if info.channels > 1 else chunk[:, 0]
+            # NaN/inf in any channel survives the downmix (inf - inf = NaN), so one check on mono suffices.
+            if not np.isfinite(mono).all():
+                bad = int(np.argmax(~np.isfinite(chunk).all(axis=1))) + frames_read
+                raise AudioDecodeError(f"non-finite (NaN/inf) samples, first at sample {bad}")
+            frames_read += chunk.shape[0]
+            y = resampler.resample_chunk(mono, last=False) if resampler is not None else mono
+            if y.size:
+                pending.append(np.ascontiguousarray(y, dtype=np.float32))
+                pending_len += y.size
+                emit_full()
+        if resampler is not None:
+            tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            if tail.size:
+                pending.append(tail.astype(np.float32, copy=False))
+                pending_len += tail.size
+        emit_full()
 
+        # What is missing, and how long the whole would be: libsndfile returns short reads for a cut-off
+        # WAV/FLAC/MP3 instead of failing (compare with the header) and reads a cut-off Ogg silently.
+        cause, whole = None, None
+        missing, frame_bytes = _wav_missing(data)
+        if damage:
+            cause = f"corrupt audio after {frames_read} frames: {damage[0]}"
+            whole = declared if declared and declared > frames_read else None
+        elif missing:
+            cause = f"truncated: the WAV data chunk lacks {missing} of its declared bytes"
+            whole = frames_read + missing // frame_bytes if frame_bytes else None
+        elif declared is not None and info.format in ("WAV", "WAVEX", "FLAC", "AIFF", "MP3", "MPEG") \
+                and frames_read < declared - (declared // 100 if info.format in ("MP3", "MPEG") else 0):
+            # (an MP3's length comes from its Xing/LAME header, which some encoders fill in roughly)
+            cause, whole = f"truncated: {frames_read} of {declared} frames present", declared
+        elif info.format == "OGG" and not _ogg_complete(data):
+            cause = "truncated: the Ogg stream ends without its end-of-stream page"
         if frames_read == 0:
-            raise AudioDecodeError("zero-length audio (no samples)")
-        # libsndfile returns short reads for a cut-off wav/flac instead of failing: compare with the header.
-        if declared is not None and info.format in ("WAV", "WAVEX", "FLAC", "AIFF") and frames_read < declared:
-            raise AudioDecodeError(f"truncated: {frames_read} of {declared} frames present")
-        missing = _wav_missing_bytes(data)
-        if missing:
-            raise AudioDecodeError(f"truncated: the WAV data chunk lacks {missing} of its declared bytes")
+            raise AudioDecodeError(cause or "zero-length audio (no samples)")
+        if cause is not None:
+            if not keep_partial:
+                raise AudioDecodeError(cause)
+            info = replace(info, partial=cause,
+                           declared_seconds=whole / info.sample_rate if whole else None)
         if pending_len:
             last = np.concatenate(pending)
             if last.size >= min_segment_seconds * target_rate:

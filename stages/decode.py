@@ -3,7 +3,9 @@
 :func:`decode_objects` is a Ray Data ``map_batches`` function over catalog rows. Each object
 is read whole, hashed, decoded, downmixed, resampled and cut into segments of at most
 ``max_segment_seconds``. An object that cannot be read or decoded becomes a single row
-whose ``quarantine_reason`` says why; its neighbours are unaffected.
+whose ``quarantine_reason`` says why; its neighbours are unaffected. A truncated or damaged
+object keeps the part decoded before the damage (if at least ``min_segment_seconds``): its
+segments plus one quarantine row whose reason starts with ``partial:`` (:func:`is_partial`).
 
 :func:`decode_dataset` wires it into a Ray Dataset; the tokenisation job continues from there.
 
@@ -45,6 +47,24 @@ def _storage(options: StorageOptions | None) -> Storage:
     return st
 
 
+PARTIAL_PREFIX = "partial: "
+
+
+def partial_reason(kept_seconds: float, declared_seconds: float | None, cause: str) -> str:
+    """The quarantine reason of an object whose decodable part was kept.
+
+    >>> partial_reason(3.2, 6.4, "truncated: 51200 of 102400 frames present")
+    'partial: kept 3.2 s of ~6.4 s: truncated: 51200 of 102400 frames present'
+    """
+    whole = f"of ~{declared_seconds:.1f} s" if declared_seconds else "(whole length unknown)"
+    return f"{PARTIAL_PREFIX}kept {kept_seconds:.1f} s {whole}: {cause}"
+
+
+def is_partial(quarantine: dict[str, Any]) -> bool:
+    """Whether a quarantine record notes a partly kept object (its kept segments are committed as usual)."""
+    return quarantine.get("stage") == "decode" and str(quarantine.get("reason") or "").startswith(PARTIAL_PREFIX)
+
+
 def _empty_columns() -> dict[str, list]:
     return {name: [] for name in DECODED_SCHEMA.names}
 
@@ -65,13 +85,18 @@ def decode_object(obj: dict[str, Any], data: bytes, cfg: Any, cols: dict[str, li
     """Append the segments of one object (or its quarantine row) to ``cols``."""
     try:
         info, segments = decode_segments(data, target_rate=cfg.sample_rate, max_segment_seconds=cfg.max_segment_seconds,
-                                         min_segment_seconds=cfg.min_segment_seconds)
+                                         min_segment_seconds=cfg.min_segment_seconds, keep_partial=True)
     except AudioDecodeError as exc:
         _append_quarantine(cols, obj, "decode", exc.reason)
         return
     if not segments:
-        _append_quarantine(cols, obj, "decode", f"shorter than min_segment_seconds={cfg.min_segment_seconds}")
+        short = f"shorter than min_segment_seconds={cfg.min_segment_seconds}"
+        _append_quarantine(cols, obj, "decode", f"{info.partial}; the part before it is {short}" if info.partial else short)
         return
+    if info.partial:
+        # A quarantine note besides the kept segments; object_segments counts the kept ones, so the object completes.
+        kept = sum(pcm.size for _, pcm in segments) / cfg.sample_rate
+        _append_quarantine(cols, obj, "decode", partial_reason(kept, info.declared_seconds, info.partial))
     sha = hashlib.sha256(data).hexdigest()
     for offset, pcm in segments:
         cols["segment_id"].append(segment_id(obj["source"], obj["relative_path"], sha, offset))

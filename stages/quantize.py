@@ -149,7 +149,6 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
                           domains: Sequence[str] | None = None, pool_kwargs: dict | None = None,
                           progress=None) -> FrameSample:
     """Pass 1: decode a balanced sample, run the teacher, keep uniform reservoirs of frames."""
-    import ray
 
     from spear.stages.decode import decode_dataset
     from spear.stages.teacher import TeacherStage, plan_teacher_pool
@@ -196,16 +195,41 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
     return FrameSample(train=train, heldout=heldout, segments=segments, audio_seconds=seconds, sources=sources)
 
 
+# Frames per codebook entry for a sound k-means fit: faiss warns below 39 training points per
+# centroid ("please provide at least 39*k"); we ask for 40.
+SOUND_FRAMES_PER_ENTRY = 40
+
+
+class TooFewFramesError(ValueError):
+    """Fewer sampled frames than ``min_per_entry`` x ``codebook_size``: no fit is attempted."""
+
+    def __init__(self, frames: int, codebook_size: int, min_per_entry: int):
+        self.frames, self.codebook_size, self.min_per_entry = frames, codebook_size, min_per_entry
+        self.needed = min_per_entry * codebook_size
+        super().__init__(f"only {frames} frames sampled to fit {codebook_size}-entry codebooks "
+                         f"(need at least {self.needed}: {min_per_entry} per entry)")
+
+
+def largest_codebook_size(frames: int, per_entry: int) -> int | None:
+    """The largest power-of-two codebook size (2..256) that ``frames`` fit at ``per_entry`` frames per entry."""
+    k = 256
+    while k >= 2 and frames < per_entry * k:
+        k //= 2
+    return k if k >= 2 else None
+
+
 def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int, seed: int, teacher_id: str,
-                  layer: int | None, extra: dict[str, Any]):
-    """Fit MVQ on the sample (GPU when this process has one); the held-out loss is recorded in the artefact."""
+                  layer: int | None, extra: dict[str, Any], min_frames_per_entry: int = 4):
+    """Fit MVQ on the sample (GPU when this process has one); the held-out loss is recorded in the artefact.
+
+    Raises :class:`TooFewFramesError` below ``min_frames_per_entry`` frames per codebook entry.
+    """
     import torch
 
     from spear.models.mvq import MultiCodebookQuantizer
 
-    if sample.train.shape[0] < 4 * codebook_size:
-        raise ValueError(f"only {sample.train.shape[0]} frames sampled to fit {codebook_size}-entry codebooks "
-                         f"(need at least {4 * codebook_size}): the corpus is too small for mvq.sample_frames")
+    if sample.train.shape[0] < min_frames_per_entry * codebook_size:
+        raise TooFewFramesError(int(sample.train.shape[0]), codebook_size, min_frames_per_entry)
     heldout = torch.from_numpy(sample.heldout) if sample.heldout.shape[0] else None
     small = {}
     if sample.train.shape[0] <= 2 * sample.train.shape[1]:

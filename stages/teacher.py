@@ -216,13 +216,25 @@ class TeacherPoolPlan:
     reason: str = field(default="", compare=False)
 
     def map_batches_kwargs(self) -> dict[str, Any]:
-        """``compute``, ``num_gpus``, ``num_cpus`` and ``batch_size`` for ``Dataset.map_batches``."""
+        """``compute``, ``num_gpus``, ``num_cpus``, ``batch_size`` and ``max_restarts`` for ``Dataset.map_batches``.
+
+        ``max_restarts=0``: Ray Data gives every pool actor its UDF and its context as object-store
+        references (ray.put, whatever their size) and by default restarts a dead actor without end
+        (``max_restarts=-1``, ``max_task_retries=-1``); Ray core warns about exactly that pairing on
+        every run ("has constructor arguments in the object store and max_restarts > 0",
+        ray-project/ray#53727, #57733). A teacher actor that dies (killed for memory, a GPU fault)
+        ends the run at once with its cause instead, and the next run resumes from the last commit,
+        where endless restarts would loop on a failure that repeats. (Ray 2.60 takes ``max_restarts``
+        only among ``map_batches``' extra remote args, which it marks deprecated for 2.64: check it
+        there when upgrading Ray.)
+        """
         import ray
 
         kwargs: dict[str, Any] = {
             "compute": ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
             "num_cpus": self.num_cpus,
             "batch_size": self.batch_size,
+            "max_restarts": 0,
         }
         if self.num_gpus:
             kwargs["num_gpus"] = self.num_gpus

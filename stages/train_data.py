@@ -1,12 +1,21 @@
 """Training input: live rows of committed token shards, per rank, resumable to the row.
 
-Each training worker streams the rows assigned to it straight from the shard files: in every
-epoch the files are put in a seeded order and rank r of W reads files r, r+W, ...; a domain
-stream (speech or audio) reads only the row groups whose ``domain`` statistics can hold its
-domain, and keeps only live rows (the ledger's run per object). The stream's position —
-epoch, files finished and rows consumed in the files under way — is small, JSON-serialisable
-state that goes into every checkpoint; a resumed run (at any world size) continues exactly
-after the rows consumed before the checkpoint, so no data is repeated.
+Each training worker streams the rows assigned to it straight from the shard files. The plan
+(:meth:`TrainDataPlan.from_store`) counts the live rows of each domain in every row group of
+every shard file once, on the driver. In every epoch a domain's row groups are put in a seeded
+order, which lines its live rows up as positions ``0 .. N-1``; rank r of W reads the r-th of W
+contiguous, equal parts of the positions not yet consumed. So every rank gets rows whatever the
+number of shard files (one file, one row group: the ranks split its rows), each rank reads only
+the row groups its part touches, and the ranks' epochs have the same length (±1 row).
+
+A domain stream (speech or audio) reads only the row groups that hold its domain and keeps only
+live rows (the ledger's run per object). The stream's position — epoch, the positions consumed
+before the current split and how many rows of its part the rank has consumed — is small,
+JSON-serialisable state that goes into every checkpoint; a resumed run continues exactly after
+the rows consumed before the checkpoint: at the same world size from each rank's own state, at
+another (an elastic resize) from the union of the ranks' consumed positions, split anew over
+the new ranks. No row is repeated either way. A dataset that changed since the checkpoint (new
+shards committed) restarts the checkpoint's epoch.
 
 Ray Data is what produces the shards (``spear tokenize``); training reads them this way because
 Ray Data's streaming split has no fixed order, so it could not resume without repeating rows.
@@ -14,7 +23,8 @@ Ray Data's streaming split has no fixed order, so it could not resume without re
 Batches are formed by duration (``batch_seconds`` of padded audio, length-sorted within a
 buffer), mixing the speech and audio streams by weight: an item comes from the audio stream
 with probability ``w * S_audio / (w * S_audio + S_speech)`` (S = hours committed per domain;
-SPEAR boosts audio by w = 3).
+SPEAR boosts audio by w = 3). A domain with fewer live rows than ranks is read by the first
+ranks only; the others draw from the other domain.
 
 Example::
 
@@ -44,9 +54,17 @@ from spear.stages.decode import _storage
 IGNORE_INDEX = -100
 
 
+class TrainDataError(RuntimeError):
+    """A shard file that is missing or cannot be read as a token shard (one line; retrying cannot help)."""
+
+
+Unit = tuple[str, int, int]   # (shard file, row group, live rows of the domain in it)
+
+
 @dataclass(frozen=True)
 class TrainDataPlan:
-    """What a training run reads: shard files with row counts, live (source_uri, run_id) keys, hours per domain."""
+    """What a training run reads: shard files, live (source_uri, run_id) keys, hours per domain, and per
+    domain the row groups that hold its live rows with their counts (``units``)."""
 
     files: tuple[str, ...]
     live_keys: frozenset[str]
@@ -55,10 +73,15 @@ class TrainDataPlan:
     codebooks: dict[str, int]          # role -> num_codebooks
     frame_rates: dict[str, float]      # role -> teacher frame rate
     token_version: str = ""
+    units: dict[str, tuple[Unit, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_store(cls, store, roles: Sequence[str] = ("speech", "audio")) -> "TrainDataPlan":
-        """From a :class:`~spear.pipeline.ledger.TokenStore` (one token version: a run never mixes versions)."""
+        """From a :class:`~spear.pipeline.ledger.TokenStore` (one token version: a run never mixes versions).
+
+        Reads the footer and the three key columns of every shard file (not the audio): a missing or
+        unreadable file is a :class:`TrainDataError` here, before any worker starts.
+        """
         ledger = store.ledger()
         ledger = ledger.filter(pc.equal(ledger["status"], "tokenized"))
         keys = frozenset(f"{u}\x00{r}" for u, r in zip(ledger["source_uri"].to_pylist(), ledger["run_id"].to_pylist()))
@@ -68,45 +91,153 @@ class TrainDataPlan:
         info = store.version_info()
         teachers = info.get("teachers", {})
         roles = tuple(r for r in roles if r in teachers)
-        return cls(files=tuple(store.shard_files()), live_keys=keys, seconds_by_domain=seconds, roles=roles,
+        files = tuple(store.shard_files())
+        return cls(files=files, live_keys=keys, seconds_by_domain=seconds, roles=roles,
                    codebooks={r: int(teachers[r]["num_codebooks"]) for r in roles},
-                   frame_rates={r: float(teachers[r]["frame_rate"]) for r in roles}, token_version=store.version)
+                   frame_rates={r: float(teachers[r]["frame_rate"]) for r in roles}, token_version=store.version,
+                   units=count_live_rows(files, keys, store.storage.options, store.version))
+
+    def live_rows(self, domain: str) -> int:
+        return sum(n for _, _, n in self.units.get(domain, ()))
+
+
+def _open_parquet(storage_options: Optional[StorageOptions], f: str, token_version: str = "") -> pq.ParquetFile:
+    """A shard file for ranged reads (footer, then only the row groups and columns asked for)."""
+    where = f" of token version {token_version}" if token_version else ""
+    try:
+        fs, path = _storage(storage_options).filesystem(f)
+        # no read-ahead cache: s3fs would fetch 50 MB blocks where the footer and three columns are wanted
+        return pq.ParquetFile(fs.open(path, "rb", cache_type="none"))
+    except FileNotFoundError:
+        raise TrainDataError(f"shard file {f}{where} is missing: the committed manifest names it, "
+                             "so the dataset was changed or copied incompletely") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TrainDataError(f"shard file {f}{where} cannot be read as a token shard "
+                             f"({type(exc).__name__}: {first})") from None
+
+
+def count_live_rows(files: Sequence[str], live_keys: frozenset[str], storage_options: Optional[StorageOptions],
+                    token_version: str = "") -> dict[str, tuple[Unit, ...]]:
+    """domain -> ((file, row group, live rows of that domain), ...) in file order, empty groups left out."""
+    value_set = pa.array(list(live_keys), pa.string())
+    units: dict[str, list[Unit]] = {}
+    for f in files:
+        pf = _open_parquet(storage_options, f, token_version)
+        for g in range(pf.metadata.num_row_groups):
+            t = pf.read_row_group(g, columns=["source_uri", "run_id", "domain"])
+            keys = pc.binary_join_element_wise(t["source_uri"], t["run_id"], "\x00")
+            t = t.filter(pc.is_in(keys, value_set=value_set))
+            for d, n in zip(*[c.to_pylist() for c in pc.value_counts(t["domain"]).flatten()]):
+                units.setdefault(d, []).append((f, g, int(n)))
+    return {d: tuple(u) for d, u in units.items()}
+
+
+# ----------------------------------------------------------------------------- positions
+# A set of positions of one epoch is a sorted list of disjoint half-open [start, end) intervals.
+
+
+def _union(intervals: Sequence[Sequence[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in intervals if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _complement(consumed: Sequence[Sequence[int]], total: int) -> list[list[int]]:
+    out, at = [], 0
+    for a, b in _union(consumed):
+        if a > at:
+            out.append([at, a])
+        at = max(at, b)
+    if at < total:
+        out.append([at, total])
+    return out
+
+
+def _take(intervals: Sequence[Sequence[int]], start: int, stop: int) -> list[list[int]]:
+    """The positions with index start..stop-1 within ``intervals`` (counting along them)."""
+    out, seen = [], 0
+    for a, b in intervals:
+        lo, hi = max(a, a + start - seen), min(b, a + stop - seen)
+        if lo < hi:
+            out.append([lo, hi])
+        seen += b - a
+    return out
+
+
+def _count(intervals: Sequence[Sequence[int]]) -> int:
+    return sum(b - a for a, b in intervals)
+
+
+def rank_part(consumed: Sequence[Sequence[int]], total: int, rank: int, world_size: int) -> list[list[int]]:
+    """Rank ``rank``'s part of an epoch: the r-th of ``world_size`` equal contiguous slices of what is left
+    (the first ``n % world_size`` ranks get one row more, so with fewer rows than ranks the first ranks read)."""
+    left = _complement(consumed, total)
+    n = _count(left)
+    size, extra = divmod(n, world_size)
+    lo = rank * size + min(rank, extra)
+    return _take(left, lo, lo + size + (1 if rank < extra else 0))
 
 
 @dataclass
 class StreamState:
-    """Position of one domain stream: JSON-serialisable, merged across ranks at checkpoints."""
+    """Position of one domain stream: JSON-serialisable, merged across ranks at an elastic resize.
+
+    ``base``: positions of ``epoch`` consumed before the current split (the same on every rank);
+    ``pos``: rows of this rank's part consumed; ``rank``/``world_size``: the split; ``total`` and
+    ``units_crc``: the epoch's size and a fingerprint of the row groups it was computed on.
+    """
 
     epoch: int = 0
-    done_files: list[str] = field(default_factory=list)
-    partial: dict[str, int] = field(default_factory=dict)   # file -> rows (of this domain) consumed
+    base: list[list[int]] = field(default_factory=list)
+    pos: int = 0
+    rank: int = 0
+    world_size: int = 1
+    total: int = 0
+    units_crc: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "done_files": list(self.done_files), "partial": dict(self.partial)}
+        return {"epoch": self.epoch, "base": [list(x) for x in self.base], "pos": self.pos, "rank": self.rank,
+                "world_size": self.world_size, "total": self.total, "units_crc": self.units_crc}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StreamState":
-        return cls(epoch=int(d["epoch"]), done_files=list(d["done_files"]), partial={k: int(v) for k, v in d["partial"].items()})
+        if "base" not in d:  # a checkpoint of the file-per-rank reader: its epoch starts again
+            return cls(epoch=int(d.get("epoch", 0)))
+        return cls(epoch=int(d["epoch"]), base=_union(d["base"]), pos=int(d["pos"]), rank=int(d["rank"]),
+                   world_size=int(d["world_size"]), total=int(d["total"]), units_crc=int(d["units_crc"]))
+
+    def part(self) -> list[list[int]]:
+        return rank_part(self.base, self.total, self.rank, self.world_size)
+
+    def consumed(self) -> list[list[int]]:
+        return _union(self.base + _take(self.part(), 0, self.pos))
 
 
 def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One state from every rank's: files any rank finished are done; partial offsets are per file.
+    """One state from every rank's: the union of the positions they consumed, to be split anew.
 
-    Ranks read disjoint files, so the union is exact. A rank that already wrapped into a later
-    epoch is rewound to the earliest epoch (its rows of the new epoch are read again: documented).
+    Ranks read disjoint parts, so the union is exact. Ranks compare at the earliest epoch any of
+    them is in: a rank that already wrapped into a later epoch finished its part of that epoch,
+    and its rows of the later epoch are read again (at most a buffer's worth: they wrap together).
     """
     if not states:
         return StreamState().to_dict()
-    epoch = min(int(s["epoch"]) for s in states)
-    done: set[str] = set()
-    partial: dict[str, int] = {}
-    for s in states:
-        if int(s["epoch"]) != epoch:
-            continue
-        done.update(s["done_files"])
-        for f, n in s["partial"].items():
-            partial[f] = max(partial.get(f, 0), int(n))
-    return StreamState(epoch=epoch, done_files=sorted(done), partial={f: n for f, n in partial.items() if f not in done}).to_dict()
+    ss = [StreamState.from_dict(s) for s in states]
+    epoch = min(s.epoch for s in ss)
+    first = next(s for s in ss if s.epoch == epoch)
+    consumed: list[list[int]] = list(first.base)
+    for s in ss:
+        if s.epoch == epoch:
+            if (s.total, s.units_crc) == (first.total, first.units_crc):
+                consumed += s.consumed()
+        else:
+            consumed += rank_part(first.base, first.total, s.rank, s.world_size)
+    return StreamState(epoch=epoch, base=_union(consumed), total=first.total, units_crc=first.units_crc).to_dict()
 
 
 def resume_state(rank_states: Sequence[dict[str, Any]], rank: int, world_size: int) -> Optional[dict[str, Any]]:
@@ -126,7 +257,10 @@ def resume_state(rank_states: Sequence[dict[str, Any]], rank: int, world_size: i
 
 
 class DomainStream:
-    """Endless iterator over the live rows of one domain for one rank, from a state."""
+    """Endless iterator over the live rows of one domain for one rank, from a state.
+
+    Ends only when a fresh epoch gives this rank nothing: the domain has fewer live rows than ranks.
+    """
 
     COLUMNS_BASE = ["segment_id", "source_uri", "run_id", "domain", "duration", "num_samples", "audio"]
 
@@ -136,54 +270,62 @@ class DomainStream:
         self.domain = domain
         self.storage_options = storage_options
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.state = StreamState.from_dict(state) if state else StreamState()
         self.columns = self.COLUMNS_BASE + [c for r in plan.roles for c in (f"{r}_tokens", f"{r}_num_frames")]
-        self._meta_cache: dict[str, pq.FileMetaData] = {}
+        self.units = plan.units.get(domain, ())
+        self.total = sum(n for _, _, n in self.units)
+        # the files' last two path parts: the fingerprint survives a moved or re-spelled dataset
+        self.units_crc = zlib.crc32(repr([("/".join(f.rstrip("/").split("/")[-2:]), g, n)
+                                          for f, g, n in self.units]).encode())
+        st = StreamState.from_dict(state) if state else StreamState()
+        if (st.total, st.units_crc) != (self.total, self.units_crc):
+            st = StreamState(epoch=st.epoch)  # other data than at the checkpoint: positions mean nothing
+        elif (st.rank, st.world_size) != (rank, world_size):
+            st = StreamState(epoch=st.epoch, base=st.consumed())  # a merged state (pos 0) or another split
+        st.rank, st.world_size, st.total, st.units_crc = rank, world_size, self.total, self.units_crc
+        self.state = st
+        self._cache: tuple[Optional[Unit], list[dict[str, Any]]] = (None, [])
 
-    def _my_files(self) -> list[str]:
+    def _epoch_units(self, epoch: int) -> list[tuple[int, Unit]]:
+        """(first position, unit) in this epoch's order."""
         # zlib.crc32, not hash(): str hashes are salted per process and the order must be the same everywhere
-        order = np.random.default_rng([self.seed, self.state.epoch, zlib.crc32(self.domain.encode())]).permutation(
-            len(self.plan.files))
-        remaining = [self.plan.files[i] for i in order if self.plan.files[i] not in set(self.state.done_files)]
-        return remaining[self.rank::self.world_size]
+        order = np.random.default_rng([self.seed, epoch, zlib.crc32(self.domain.encode())]).permutation(len(self.units))
+        out, at = [], 0
+        for i in order:
+            out.append((at, self.units[i]))
+            at += self.units[i][2]
+        return out
 
-    def _row_groups(self, f: str, meta: pq.FileMetaData) -> list[int]:
-        idx = meta.schema.to_arrow_schema().get_field_index("domain")
-        groups = []
-        for g in range(meta.num_row_groups):
-            st = meta.row_group(g).column(idx).statistics
-            if st is None or not st.has_min_max or (st.min <= self.domain <= st.max):
-                groups.append(g)
-        return groups
-
-    def _read_file(self, f: str) -> pa.Table:
-        pf = pq.ParquetFile(pa.BufferReader(_storage(self.storage_options).read_bytes(f)))
-        groups = self._row_groups(f, pf.metadata)
-        if not groups:
-            return pa.table({c: [] for c in self.columns})
-        t = pf.read_row_groups(groups, columns=[c for c in self.columns if c in pf.schema_arrow.names])
-        keys = pc.binary_join_element_wise(t["source_uri"], t["run_id"], "\x00")
-        live = pc.is_in(keys, value_set=pa.array(list(self.plan.live_keys), pa.string()))
-        return t.filter(pc.and_(live, pc.equal(t["domain"], self.domain)))
+    def _rows(self, unit: Unit) -> list[dict[str, Any]]:
+        if self._cache[0] != unit:
+            f, g, n = unit
+            pf = _open_parquet(self.storage_options, f, self.plan.token_version)
+            t = pf.read_row_group(g, columns=[c for c in self.columns if c in pf.schema_arrow.names])
+            keys = pc.binary_join_element_wise(t["source_uri"], t["run_id"], "\x00")
+            live = pc.is_in(keys, value_set=pa.array(list(self.plan.live_keys), pa.string()))
+            rows = t.filter(pc.and_(live, pc.equal(t["domain"], self.domain))).to_pylist()
+            if len(rows) != n:
+                raise TrainDataError(f"shard file {f} changed since training started: row group {g} holds "
+                                     f"{len(rows)} live {self.domain} rows, the plan counted {n}")
+            self._cache = (unit, rows)
+        return self._cache[1]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        empty_epochs = 0
         while True:
-            files = self._my_files()
-            produced = False
-            for f in files:
-                table = self._read_file(f)
-                start = self.state.partial.get(f, 0)
-                for row in table.slice(start).to_pylist():
-                    self.state.partial[f] = self.state.partial.get(f, 0) + 1
-                    produced = True
-                    yield row
-                self.state.partial.pop(f, None)
-                self.state.done_files.append(f)
-            empty_epochs = 0 if produced else empty_epochs + 1
-            if empty_epochs >= 2:
-                return  # this rank has nothing of this domain
-            self.state = StreamState(epoch=self.state.epoch + 1)
+            part = self.state.part()
+            if not part and not self.state.base:
+                return  # a whole epoch has nothing for this rank: fewer live rows than ranks
+            units = self._epoch_units(self.state.epoch)
+            for a, b in _take(part, self.state.pos, _count(part)):
+                for start, unit in units:
+                    lo, hi = max(a, start), min(b, start + unit[2])
+                    if lo >= hi:
+                        continue
+                    rows = self._rows(unit)
+                    for i in range(lo, hi):
+                        self.state.pos += 1
+                        yield rows[i - start]
+            self.state = StreamState(epoch=self.state.epoch + 1, rank=self.rank, world_size=self.world_size,
+                                     total=self.total, units_crc=self.units_crc)
 
 
 def collate(rows: list[dict[str, Any]], roles: Sequence[str], codebooks: dict[str, int]) -> dict[str, np.ndarray]:

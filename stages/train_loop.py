@@ -11,6 +11,14 @@ after a resize each rank's data position comes from the merged positions
 (:func:`~spear.stages.train_data.resume_state`) and the learning rate is scaled linearly with the
 world size: ``lr = train.lr * world_size / max_workers`` (each worker keeps its own
 ``batch_seconds``, so the effective batch grows with the world size).
+
+Ending together: before every step the ranks exchange whether each has a batch (one small
+all-reduce), so a rank that runs out of rows stops every rank at the same step with an error
+that names it, instead of leaving the others in DDP's gradient all-reduce forever. A collective
+that waits longer than ``train.collective_timeout_s`` (the process group's timeout) ends the run
+with one line naming the rank. Failures that a retry cannot fix (a missing or corrupt shard, an
+unreadable checkpoint, a bad config) raise :class:`NonRetryableError`; the training job stops
+Ray Train's retries on it (:mod:`spear.pipeline.train_job`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,42 @@ METRICS_FILE = "metrics.csv"
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optim.pt"
+
+
+class NonRetryableError(RuntimeError):
+    """A training failure that a restart from the latest checkpoint cannot fix; the message is one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (tracebacks and multi-line library messages go to the log)."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    name = type(exc).__name__
+    if name.islower():  # struct.error, zlib.error: the bare name says nothing
+        name = f"{type(exc).__module__}.{name}"
+    return f"{name}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    # gloo: "Timed out waiting 30000ms for recv operation"; NCCL/c10d: "... timeout ..."
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def agree_have_batch(have: bool, rank: int, world: int, device, step: int, timeout_s: float) -> list[int]:
+    """Every rank's "has no batch" flag (0 = has one), by one all-reduce; the same list on every rank."""
+    if world == 1:
+        return [0 if have else 1]
+    flags = torch.zeros(world, dtype=torch.int64, device=device)
+    flags[rank] = 0 if have else 1
+    try:
+        torch.distributed.all_reduce(flags)
+    except RuntimeError as exc:
+        if is_collective_timeout(exc):
+            raise NonRetryableError(f"rank {rank} of {world} waited more than {timeout_s:g} s "
+                                    f"(train.collective_timeout_s) for the other workers before step {step + 1}: "
+                                    f"{first_line(exc)}") from None
+        raise
+    return [int(x) for x in flags.tolist()]
 
 
 def lr_lambda(warmup: int, max_steps: int):
@@ -108,16 +152,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from spear.models.frontend import KaldiFbank
     from spear.pipeline.config import TrainConfig
-    from spear.stages.train_data import TrainBatches, resume_state
+    from spear.stages.audio import AudioDecodeError
+    from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 
-    cfg = TrainConfig.model_validate(config["train"])
-    plan = config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan = config["plan"]
+    try:  # the same config on every rank: all fail alike, none waits for another
+        cfg = TrainConfig.model_validate(config["train"])
+        objective = build_objective(cfg, plan)
+    except ValueError as exc:
+        raise NonRetryableError(f"bad training config: {first_line(exc)}") from None
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    objective = build_objective(cfg, plan)
     lr = cfg.lr * world / max(1, int(config["max_workers"]))
     optimizer = torch.optim.AdamW(objective.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
@@ -125,18 +173,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, rank_states, world_sizes, metrics_rows, resumed_from = 0, None, [], [], None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = json.load(open(os.path.join(d, STATE_FILE)))
-            objective.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
-            opt_state = torch.load(os.path.join(d, OPTIM_FILE), map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(opt_state["optimizer"])
-            scheduler.load_state_dict(opt_state["scheduler"])
-            for g in optimizer.param_groups:  # the world size may have changed: rescale the peak lr
-                g["initial_lr"] = lr
-            step, rank_states, world_sizes = state["step"], state["data_states"], state["world_sizes"]
-            resumed_from = step
-            with open(os.path.join(d, METRICS_FILE)) as f:
-                metrics_rows = list(csv.DictReader(f))
+        try:  # a checkpoint that does not load now never will: every restart would resume from it
+            with ckpt.as_directory() as d:
+                state = json.load(open(os.path.join(d, STATE_FILE)))
+                objective.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu",
+                                                     weights_only=True))
+                opt_state = torch.load(os.path.join(d, OPTIM_FILE), map_location="cpu", weights_only=True)
+                optimizer.load_state_dict(opt_state["optimizer"])
+                scheduler.load_state_dict(opt_state["scheduler"])
+                for g in optimizer.param_groups:  # the world size may have changed: rescale the peak lr
+                    g["initial_lr"] = lr
+                step, rank_states, world_sizes = state["step"], state["data_states"], state["world_sizes"]
+                resumed_from = step
+                with open(os.path.join(d, METRICS_FILE)) as f:
+                    metrics_rows = list(csv.DictReader(f))
+        except Exception as exc:  # noqa: BLE001 - any failure to read it is the same for the user
+            raise NonRetryableError(f"checkpoint {ckpt.path} cannot be read ({first_line(exc)}): delete that "
+                                    "folder to resume from the one before, or train into a new output") from None
     if not world_sizes or world_sizes[-1] != world:
         world_sizes = world_sizes + [world]
     if rank == 0 and config.get("events_uri"):
@@ -144,7 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from spear.cluster.storage import join_uri
         from spear.stages.decode import _storage
 
-        event = {"time": time.time(), "world_size": world, "resumed_from_step": resumed_from}
+        event = {"time": time.time(), "world_size": world, "resumed_from_step": resumed_from, "pid": os.getpid()}
         _storage(config.get("storage_options")).write_text(
             join_uri(config["events_uri"], f"{time.time_ns()}-start.json"), json.dumps(event))
 
@@ -158,13 +211,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_last = time.monotonic()
     audio_seconds = 0.0
     model.train()
-    for batch in loader:
-        if step >= cfg.max_steps:
-            break
+    batches = iter(loader)
+    while step < cfg.max_steps:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batch = None
+        except (TrainDataError, AudioDecodeError) as exc:
+            raise NonRetryableError(f"rank {rank}: {exc}") from None
+        # all ranks step together or stop together: DDP's all-reduce needs every rank
+        empty = [r for r, flag in enumerate(agree_have_batch(batch is not None, rank, world, device, step,
+                                                             cfg.collective_timeout_s)) if flag]
+        if empty:
+            rows = ", ".join(f"{plan.live_rows(d)} {d}" for d in ("speech", "audio") if d in plan.units)
+            raise NonRetryableError(f"rank{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of {world} "
+                                    f"ran out of rows at step {step + 1}: the token dataset has {rows} live rows, "
+                                    f"fewer than the {world} workers; train with fewer workers")
         masked, feat_lens, targets, secs = prepare_batch(batch, plan, cfg, encoder, fbank, generator, device)
         out = model(masked.feats, feat_lens, targets, frame_mask=masked.frame_mask)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        try:
+            out.loss.backward()
+        except RuntimeError as exc:
+            if is_collective_timeout(exc):
+                raise NonRetryableError(f"rank {rank} of {world} waited more than {cfg.collective_timeout_s:g} s "
+                                        f"(train.collective_timeout_s) in the gradient all-reduce of step {step + 1}: "
+                                        f"{first_line(exc)}") from None
+            raise
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
@@ -181,7 +254,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             data_state = loader.state()
             all_states = [None] * world
             if world > 1:
-                torch.distributed.all_gather_object(all_states, data_state)
+                try:
+                    torch.distributed.all_gather_object(all_states, data_state)
+                except RuntimeError as exc:
+                    if is_collective_timeout(exc):
+                        raise NonRetryableError(f"rank {rank} of {world} waited more than {cfg.collective_timeout_s:g}"
+                                                f" s (train.collective_timeout_s) for the data positions at the "
+                                                f"checkpoint of step {step}: {first_line(exc)}") from None
+                    raise
             else:
                 all_states = [data_state]
             if rank == 0:
@@ -199,8 +279,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:
                 ray.train.report({"step": step, "loss": m["loss"], "world_size": world}, checkpoint=None)
             audio_seconds, t_last = 0.0, time.monotonic()
-        if step >= cfg.max_steps:
-            break
 
 
 def _write_metrics(rows: list[dict[str, Any]], path: str) -> None:

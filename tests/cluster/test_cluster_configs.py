@@ -14,7 +14,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 import ray
 import yaml
 

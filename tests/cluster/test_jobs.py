@@ -60,7 +60,7 @@ def test_submission_runs_the_module_entrypoint_with_json_and_uploads_named_files
     assert sub.args[:2] == ["decode", "--json"]
     assert sub.uploads == {str(cfg): "files/run.yaml", str(labels): "files/2-run.yaml"}
     assert sub.args[2] == "files/run.yaml" and "--output=s3://b/out" in sub.args
-    assert f"teachers.speech.path=files/2-run.yaml" in sub.args
+    assert "teachers.speech.path=files/2-run.yaml" in sub.args
     assert sub.entrypoint.startswith("python -m spear.pipeline.cli decode --json files/run.yaml --input speech ")
     assert any("speech is a directory on this machine" in n for n in sub.notes)
 
@@ -334,7 +334,7 @@ def test_invalid_config_job_fails_and_status_shows_the_validation_message(two_no
     assert st.returncode == 0, st.stderr
     assert f"{result['job_id']}: FAILED" in st.stdout
     assert "invalid config files/bad.yaml" in st.stdout
-    assert "decode.max_segment_seconds: Input should be a valid number" in st.stdout
+    assert "decode.max_segment_seconds: must be a valid number" in st.stdout
     _no_secret(s3_server, r.stdout, r.stderr, st.stdout, st.stderr)
 
 

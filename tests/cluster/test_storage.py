@@ -60,3 +60,58 @@ def test_unreachable_endpoint_fails_fast():
 def test_missing_bucket(s3_storage):
     with pytest.raises(StorageError, match="does not exist"):
         s3_storage.check_access("s3://no-such-bucket/x")
+
+
+@pytest.mark.parametrize("endpoint, why", [("closed", "connection refused"),
+                                           ("http://no-such-host.invalid:8333", "does not resolve")])
+def test_an_endpoint_that_never_answered_is_reported_at_once_with_default_retries(endpoint, why):
+    """Connection refused or an unknown name on first contact: no retries (the defaults are 5 attempts,
+    connect_timeout_s 5), one StorageError naming the endpoint and the reason."""
+    import time
+
+    from support.configs import closed_port
+
+    with closed_port() as port:
+        url = f"http://127.0.0.1:{port}" if endpoint == "closed" else endpoint
+        st = Storage(StorageOptions(endpoint_url=url, key="k", secret="s"))
+        assert st.options.retries == 5 and st.options.connect_timeout_s == 5.0
+        start = time.monotonic()
+        for call in (lambda: st.check_access("s3://bucket/prefix"), lambda: st.read_bytes("s3://bucket/a"),
+                     lambda: st.list_files("s3://bucket/prefix")):
+            with pytest.raises(StorageError, match=f"cannot reach storage for s3://bucket/.* at {url}: .*{why}"):
+                call()
+        assert time.monotonic() - start < 30  # a guard against minutes of retries, not a benchmark
+
+
+@pytest.mark.s3
+def test_a_storage_that_answered_before_rides_out_an_outage():
+    """Retries with backoff are for a storage that has answered: a read while it restarts succeeds."""
+    import dataclasses
+    import threading
+
+    from spear.cluster.local_s3 import LocalS3Server
+
+    server = LocalS3Server(bucket="spear").start()
+    try:
+        st = Storage(dataclasses.replace(server.storage_options(), retries=6))
+        st.write_bytes("s3://spear/outage/x", b"kept")
+        server.stop()
+        failed: list[BaseException] = []
+
+        def come_back() -> None:
+            try:
+                server.start()  # the same ports and data
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                failed.append(exc)
+
+        back = threading.Timer(1.0, come_back)
+        back.start()
+        try:
+            data = st.read_bytes("s3://spear/outage/x")
+        except StorageError as exc:
+            pytest.fail(f"{exc} (the restart: {failed or 'done'})")
+        finally:
+            back.join()
+        assert data == b"kept"
+    finally:
+        server.close()

@@ -70,6 +70,7 @@ def test_decode_json_prints_only_the_summary_object(ray_cluster, tmp_path):
     summary = json.loads(r.stdout)  # the whole of stdout is one JSON object
     assert summary["objects"] == 2 and summary["segments"] == 1
     assert summary["audio_seconds"] == pytest.approx(3.0, abs=1e-3)
-    assert summary["quarantined"] == [{"uri": str(src / "b.wav"), "reason": "empty object (0 bytes)", "stage": "decode"}]
+    assert summary["quarantined"] == [{"uri": str(src / "b.wav"), "reason": "empty object (0 bytes)", "stage": "decode",
+                                     "kept_seconds": None}]
     assert summary["output"] == str(tmp_path / "out")
     assert "[decode]" in r.stderr  # progress went to stderr

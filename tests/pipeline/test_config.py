@@ -67,3 +67,66 @@ def test_commented_default_config_round_trips():
     assert "# S3 endpoint" in text
     data = yaml.safe_load(text)
     assert SpearConfig.model_validate(data) == SpearConfig()
+
+
+@pytest.mark.parametrize("text, expected", [("2:4", (2, 4)), ('"2:4"', (2, 4)), ("[2, 4]", (2, 4)), ("3", (3, 3)),
+                                            ("'1:1'", (1, 1)), ("[2]", (2, 2))])
+def test_workers_forms_in_a_file_and_in_set(tmp_path, text, expected):
+    """YAML 1.1 reads 2:4 as the base-60 integer 124; the config loader does not."""
+    p = tmp_path / "w.yaml"
+    p.write_text(f"train:\n  workers: {text}\n")
+    assert load_config(p).train.workers == expected
+    assert load_config(None, [f"train.workers={text}"]).train.workers == expected
+
+
+@pytest.mark.parametrize("text", ["two", "2:x", "4:2", "0", "[1, 2, 3]", "yes", "1.5"])
+def test_bad_workers_say_what_is_expected(text):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, [f"train.workers={text}"])
+    msg = str(ei.value)
+    assert "train.workers: expected" in msg and "MIN:MAX" in msg and "2:4" in msg
+
+
+def test_config_loader_drops_only_base_60_numbers():
+    from spear.pipeline.config import load_yaml
+
+    assert load_yaml("a: 1:30\nb: 190\nc: 1.5\nd: 0x10\ne: .inf\nf: 1_000\ng: true\nh: ~\ni: 2:4.5\n") == {
+        "a": "1:30", "b": 190, "c": 1.5, "d": 16, "e": float("inf"), "f": 1000, "g": True, "h": None, "i": "2:4.5"}
+    assert yaml.safe_load("a: 1:30")["a"] == 90  # what PyYAML alone does
+
+
+@pytest.mark.parametrize("override, line", [
+    ("storage.retries=x", "storage.retries: must be a whole number (given: 'x')"),
+    ("storage.retries=-1", "storage.retries: must be at least 0 (given: -1)"),
+    ("decode.max_segment_seconds=lots", "decode.max_segment_seconds: must be a valid number (such as 30 or 2.5) "
+                                        "(given: 'lots')"),
+    ("decode.max_segment_seconds=1:30", "decode.max_segment_seconds: must be a valid number"),
+    ("storage.anonymous=maybe", "storage.anonymous: must be true or false (given: 'maybe')"),
+    ("teachers.speech.kind=bert", "teachers.speech.kind: must be 'mfcc', 'fbank', 'wavlm', 'hubert', 'dasheng' or "
+                                  "'student' (given: 'bert')"),
+    ("train.mixing.speech_snr_db=5", "train.mixing.speech_snr_db: must be a list, such as [a, b] (given: 5)"),
+    ("decode=3", "decode: must be a section of `key: value` fields (given: 3)"),
+    ("corpus.sources=[{uri: /x}]", "corpus.sources.0.domain: is required but missing"),
+    ("decode.min_segment_seconds=40", "decode: min_segment_seconds must be below max_segment_seconds"),
+])
+def test_config_errors_are_worded_without_pydantic(override, line):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, [override])
+    msg = str(ei.value)
+    assert line in msg
+    assert "Input should" not in msg and "Value error" not in msg and "pydantic" not in msg
+
+
+def test_secret_values_never_appear_in_config_errors(tmp_path):
+    secrets = {"access_key_id": "AKIA-example-0042", "secret_access_key": "s3cr3t-example-0042",
+               "session_token": "tok-example-0042"}
+    sets = [f"storage.{k}={v}" for k, v in secrets.items()]
+    cases = [(None, sets + ["storage.retries=x"]), (None, [f"storage.{k}=[{v}, 1]" for k, v in secrets.items()]),
+             (None, ["storage.session_token=[tok-example-0042"])]
+    p = tmp_path / "c.yaml"
+    p.write_text("storage:\n" + "".join(f"  {k}: {v}\n" for k, v in secrets.items()) + "  retries: [oops\n")
+    cases.append((p, []))
+    for path, overrides in cases:
+        with pytest.raises(ConfigError) as ei:
+            load_config(path, overrides)
+        assert not [v for v in secrets.values() if v in str(ei.value)], str(ei.value)

@@ -41,6 +41,7 @@ BAD = {  # relative path -> (bytes, expected reason substring)
     "bad/nan.wav": (lambda: _wav_bytes(np.full((8000, 1), np.nan, np.float32), "FLOAT"), "non-finite"),
     "bad/vanishes.flac": (lambda: encode(make_signal(16000, 1, 1.0), 16000, "flac"), "vanished"),
 }
+PARTIAL = {"bad/cut.flac", "bad/cut.wav"}  # cut off: their decodable part is kept, and noted in the quarantine table
 
 
 def _write_corpus(st, root):
@@ -71,7 +72,7 @@ def test_bad_input_is_quarantined_and_every_good_object_comes_through(ray_cluste
     summary = run_decode(cfg, catalog=catalog, progress=False)
 
     assert summary.objects == len(GOOD) + len(BAD) + 1  # + the unreadable prefix
-    assert summary.decoded_objects == len(GOOD)
+    assert summary.decoded_objects == len(GOOD) + len(PARTIAL)
     reasons = {q["uri"].rsplit("/in/", 1)[-1]: q["reason"] for q in summary.quarantined}
     for rel, (_, expected) in BAD.items():
         assert expected in reasons[rel], (rel, reasons.get(rel))
@@ -82,7 +83,7 @@ def test_bad_input_is_quarantined_and_every_good_object_comes_through(ray_cluste
     by_obj = {}
     for row in segs.select(["relative_path", "offset", "num_samples", "duration", "audio"]).to_pylist():
         by_obj.setdefault(row["relative_path"], []).append(row)
-    assert set(by_obj) == set(GOOD)
+    assert set(by_obj) == set(GOOD) | PARTIAL
     for rel, (codec, rate, ch, sec) in GOOD.items():
         rows = sorted(by_obj[rel], key=lambda r: r["offset"])
         total = sum(r["num_samples"] for r in rows)
@@ -95,6 +96,9 @@ def test_bad_input_is_quarantined_and_every_good_object_comes_through(ray_cluste
 
     q = read_quarantine(cfg.output, st)
     assert q.num_rows == len(summary.quarantined)
+    kept = {u.rsplit("/in/", 1)[-1]: k for u, k in zip(q["uri"].to_pylist(), q["kept_seconds"].to_pylist()) if k is not None}
+    assert set(kept) == PARTIAL and all(reasons[rel].startswith(f"partial: kept {kept[rel]:.1f} s of ~") for rel in PARTIAL)
+    assert all(kept[rel] == pytest.approx(sum(r["duration"] for r in by_obj[rel])) for rel in PARTIAL)
     assert set(q.column_names) >= {"uri", "stage", "reason"}
     manifest = json.loads(st.read_text(join_uri(cfg.output, "decode.json")))
     assert manifest["summary"]["segments"] == summary.segments

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from spear.cluster.storage import join_uri
-from spear.pipeline.config import SourceConfig, load_config
 from spear.pipeline.ledger import TokenStore
 from spear.pipeline.tokenize_job import run_tokenize
 
@@ -26,7 +25,6 @@ def live_tokens(st, out, version, roles=("speech", "audio")):
 def test_tokenize_mixed_corpus_end_to_end(ray_cluster, storage_root):
     from spear.models.mvq import MultiCodebookQuantizer
     from spear.models.teachers import load_teacher
-    from spear.stages.audio import flac_decode
 
     st, root = storage_root
     files = write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=6, n_audio=4)

@@ -91,3 +91,71 @@ def _wav(x, rate=16000, subtype="PCM_16"):
 def test_bad_audio_is_rejected_with_its_reason(make, reason):
     with pytest.raises(AudioDecodeError, match=reason):
         decode_segments(make())
+
+
+CUT_CASES = [("wav", 16000, 1), ("wav", 44100, 2), ("flac", 44100, 2), ("flac", 16000, 1),
+             ("vorbis", 44100, 2), ("opus", 48000, 1), ("mp3", 16000, 1), ("mp3", 48000, 2)]
+
+
+@pytest.mark.parametrize("codec, rate, channels", CUT_CASES)
+def test_an_object_cut_half_way_keeps_its_decodable_part(codec, rate, channels):
+    whole_bytes = encode(make_signal(rate, channels, 6.4), rate, codec)
+    cut = whole_bytes[: len(whole_bytes) // 2]
+    with pytest.raises(AudioDecodeError, match="truncated|corrupt audio"):
+        decode_segments(cut, max_segment_seconds=2.0)  # strict by default (e.g. evaluation clips)
+
+    info, parts = decode_segments(cut, max_segment_seconds=2.0, keep_partial=True)
+    assert info.partial and ("truncated" in info.partial or "corrupt audio" in info.partial), info.partial
+    kept = np.concatenate([p for _, p in parts])
+    assert [o for o, _ in parts] == list(np.cumsum([0] + [p.size for _, p in parts[:-1]]))
+    assert all(p.size <= 2 * 16000 for _, p in parts)
+    # About half of it, give or take the codec's framing (Ogg pages hold up to a few seconds here).
+    assert 1.0 * 16000 < kept.size <= 3.3 * 16000, kept.size
+    if codec == "vorbis" or codec == "opus":
+        assert info.declared_seconds is None  # an Ogg stream does not say how long it was meant to be
+    else:
+        assert info.declared_seconds == pytest.approx(6.4, abs=0.01)
+    if codec in LOSSLESS:
+        # the kept samples are the whole object's, but for the resampler's flush at the new end
+        _, whole = decode_segments(whole_bytes, max_segment_seconds=2.0)
+        full = np.concatenate([p for _, p in whole])
+        n = kept.size - 1000
+        assert np.array_equal(kept[:n], full[:n])
+
+
+def test_nothing_decodable_before_the_cut_is_still_an_error():
+    data = encode(make_signal(44100, 2, 3.0), 44100, "flac")[:3000]
+    with pytest.raises(AudioDecodeError, match="corrupt audio|truncated"):
+        decode_segments(data, keep_partial=True)
+
+
+def test_the_decode_stage_keeps_a_partial_object_and_notes_it():
+    from spear.pipeline.config import DecodeConfig
+    from spear.stages.decode import _empty_columns, decode_object, is_partial
+
+    obj = {"uri": "/x/cut.flac", "source": "s", "relative_path": "cut.flac", "etag": "e", "size": 1,
+           "domain": "speech"}
+    data = encode(make_signal(44100, 1, 6.4), 44100, "flac")
+    data = data[: len(data) // 2]
+    cols = _empty_columns()
+    decode_object(obj, data, DecodeConfig(max_segment_seconds=2.0, min_segment_seconds=0.5), cols)
+    rows = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+    notes = [r for r in rows if r["quarantine_reason"] is not None]
+    segs = [r for r in rows if r["quarantine_reason"] is None]
+    assert len(notes) == 1 and is_partial({"stage": notes[0]["quarantine_stage"], "reason": notes[0]["quarantine_reason"]})
+    kept = sum(r["num_samples"] for r in segs) / 16000
+    assert notes[0]["quarantine_reason"].startswith(f"partial: kept {kept:.1f} s of ~6.4 s: corrupt audio")
+    # every kept segment says how many the object has, so writers can tell when it is complete
+    assert {r["object_segments"] for r in segs} == {len(segs)} and len(segs) == 2
+
+    cols = _empty_columns()  # a kept part shorter than min_segment_seconds: the whole object is quarantined
+    decode_object(obj, data, DecodeConfig(max_segment_seconds=30.0, min_segment_seconds=5.0), cols)
+    assert cols["segment_id"] == [""] and "shorter than min_segment_seconds=5.0" in cols["quarantine_reason"][0]
+    assert "corrupt audio" in cols["quarantine_reason"][0] and not is_partial(
+        {"stage": "decode", "reason": cols["quarantine_reason"][0]})
+
+
+def test_bytes_after_a_whole_ogg_stream_are_not_a_cut():
+    data = encode(make_signal(44100, 2, 2.0), 44100, "vorbis") + b"TAG" + bytes(125)
+    info, parts = decode_segments(data, keep_partial=True)
+    assert info.partial is None and sum(p.size for _, p in parts) == pytest.approx(32000, abs=160)

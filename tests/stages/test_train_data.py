@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from spear.cluster.storage import Storage
-from spear.stages.train_data import IGNORE_INDEX, TrainBatches, TrainDataPlan, resume_state
+from spear.stages.train_data import (IGNORE_INDEX, DomainStream, StreamState, TrainBatches, TrainDataError,
+                                     TrainDataPlan, merge_states, resume_state)
 
 from support.shards import CODEBOOKS, make_token_store
 
@@ -32,7 +33,7 @@ def test_batches_respect_duration_and_pad_targets(plan):
     loader = TrainBatches(plan, None, rank=0, world_size=1, batch_seconds=6.0, audio_weight=3.0, seed=0)
     for b in _take(loader, 12):
         B, S = b["wavs"].shape
-        assert B * S / 16000 <= 6.0 + 1e-6 or B == 1
+        assert B * S / 16000 <= 6.0 + 1e-6  # every utterance is at most 3 s, so no batch may exceed 6 s
         assert (b["wav_lens"] <= S).all()
         for role, C in CODEBOOKS.items():
             tok = b[f"{role}_tokens"]
@@ -91,8 +92,89 @@ def test_resize_merges_positions_without_losing_rows(plan):
     assert resume_state(states, 1, 2) == states[1]  # same world size: each rank's own state
     merged = resume_state(states, rank=0, world_size=1)  # 2 -> 1: the union of both ranks' positions
     for d in ("speech", "audio"):
-        done = set(merged["streams"][d]["done_files"])
+        done = StreamState.from_dict(merged["streams"][d]).consumed()
         for s in states:
-            assert set(s["streams"][d]["done_files"]) <= done
+            for a, b in StreamState.from_dict(s["streams"][d]).consumed():
+                assert any(x <= a and b <= y for x, y in done)
     assert _take(TrainBatches(plan, None, rank=0, world_size=1, batch_seconds=5.0, audio_weight=3.0, seed=3,
                               state=merged), 3)
+
+
+# ----------------------------------------------------------------------------- more ranks than shard files
+
+
+@pytest.fixture(scope="module")
+def one_file_plan(tmp_path_factory):
+    """Every row in one shard file (one row group): the case where whole-file sharding starved ranks."""
+    store = make_token_store(Storage(), str(tmp_path_factory.mktemp("one-file")), n_speech=9, n_audio=7,
+                             rows_per_shard=100, seed=4)
+    return TrainDataPlan.from_store(store)
+
+
+def _epoch_rows(stream):
+    ids = []
+    for row in stream:
+        if stream.state.epoch > 0:
+            break
+        ids.append(row["segment_id"])
+    return ids
+
+
+def test_one_shard_file_is_split_over_every_rank(one_file_plan):
+    assert len(one_file_plan.files) == 1
+    for world in (2, 3, 7):
+        for domain, n in (("speech", 9), ("audio", 7)):
+            parts = [_epoch_rows(DomainStream(one_file_plan, domain, None, r, world, seed=0)) for r in range(world)]
+            assert all(parts), (world, domain, [len(p) for p in parts])
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            flat = [i for p in parts for i in p]
+            assert len(flat) == len(set(flat)) == n
+
+
+def test_a_domain_with_fewer_rows_than_ranks_leaves_the_other_ranks_the_other_domain(tmp_path):
+    store = make_token_store(Storage(), str(tmp_path / "t"), n_speech=6, n_audio=1, rows_per_shard=100, seed=6)
+    plan = TrainDataPlan.from_store(store)
+    assert plan.live_rows("audio") == 1
+    assert list(DomainStream(plan, "audio", None, 1, 2, seed=0)) == []  # ends: nothing, ever, for rank 1
+    for rank, has_audio in ((0, True), (1, False)):
+        doms = np.concatenate([b["domains"] for b in _take(TrainBatches(plan, None, rank=rank, world_size=2,
+                                                                        batch_seconds=5.0, audio_weight=3.0,
+                                                                        seed=0), 8)])
+        assert len(doms) and bool(doms.any()) == has_audio and (doms == 0).any()
+
+
+def test_two_ranks_resume_exactly_from_their_own_states(one_file_plan):
+    kw = dict(batch_seconds=4.0, audio_weight=3.0, seed=5)
+    for rank in range(2):
+        full = _take(TrainBatches(one_file_plan, None, rank=rank, world_size=2, **kw), 12)
+        loader = TrainBatches(one_file_plan, None, rank=rank, world_size=2, **kw)
+        first = _take(loader, 5)
+        resumed = _take(TrainBatches(one_file_plan, None, rank=rank, world_size=2, state=loader.state(), **kw), 7)
+        assert _ids(first + resumed) == _ids(full)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_a_resize_mid_epoch_reads_every_row_once(plan, before, after):
+    """Rows the old ranks consumed plus the rows the new ranks read to the end of the epoch: each row once."""
+    for domain in ("speech", "audio"):
+        seen = []
+        old = [DomainStream(plan, domain, None, r, before, seed=7) for r in range(before)]
+        for r, stream in enumerate(old):
+            it = iter(stream)
+            seen += [next(it)["segment_id"] for _ in range(r + 1)]  # ranks at different positions
+        merged = merge_states([s.state.to_dict() for s in old])
+        for r in range(after):
+            seen += _epoch_rows(DomainStream(plan, domain, None, r, after, seed=7, state=merged))
+        assert len(seen) == len(set(seen)) == plan.live_rows(domain), (domain, len(seen), len(set(seen)))
+
+
+def test_a_missing_shard_file_is_one_line_naming_it(tmp_path):
+    import os
+
+    store = make_token_store(Storage(), str(tmp_path / "t"), n_speech=4, n_audio=2, rows_per_shard=3)
+    gone = store.shard_files()[0]
+    os.remove(gone)
+    with pytest.raises(TrainDataError) as err:
+        TrainDataPlan.from_store(store)
+    msg = str(err.value)
+    assert "\n" not in msg and gone in msg and "missing" in msg
