@@ -302,10 +302,13 @@ def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], 
 @click.argument("output", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object on stdout.")
 @click.option("--clean", is_flag=True, help="Remove uncommitted shard files left by interrupted runs.")
+@click.option("--min-age", "min_age", type=click.FloatRange(min=0), default=3600.0, show_default=True, metavar="SECONDS",
+              help="--clean keeps leftovers younger than this: a run writing now has not committed them yet.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
 @click.option("--address", default=None, metavar="http://HEAD:8265",
               help="Show submitted Ray jobs of this cluster instead: OUTPUT is then a job id (none: list the jobs).")
-def status(output: Optional[str], as_json: bool, clean: bool, sets: tuple[str, ...], address: Optional[str]) -> None:
+def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, sets: tuple[str, ...],
+           address: Optional[str]) -> None:
     """Show token versions, committed sources, hours per domain, quarantine and leftovers of OUTPUT.
 
     With --address (or a `raysubmit_...` job id, the address then from RAY_API_SERVER_ADDRESS/RAY_ADDRESS):
@@ -321,8 +324,11 @@ def status(output: Optional[str], as_json: bool, clean: bool, sets: tuple[str, .
 
     def job():
         if clean:
-            removed = clean_uncommitted(output, storage)
+            removed, recent = clean_uncommitted(output, storage, min_age_s=min_age)
             print(f"removed {len(removed)} uncommitted files", file=sys.stderr)
+            if recent:
+                print(f"kept {len(recent)} uncommitted files younger than {min_age:g} s (a running job may still "
+                      f"commit them); --min-age 0 removes them too", file=sys.stderr)
         return output_status(output, storage)
 
     _run_job(as_json, job, lambda s: s.human())

@@ -290,17 +290,27 @@ class TokenStore:
 
     def uncommitted_files(self) -> list[str]:
         """Shard files on storage that no committed manifest names (leftovers of interrupted runs)."""
+        return [e.uri for e in self._uncommitted_entries()]
+
+    def _uncommitted_entries(self) -> list:
         live = self._live_keys()
         try:
-            present = [e.uri for e in self.storage.list_files(join_uri(self.root, "shards"), extensions=["parquet"])]
+            present = self.storage.list_files(join_uri(self.root, "shards"), extensions=["parquet"])
         except StorageError:
             return []
-        return sorted(f for f in present if not (self._keys_of_present(f) & live))
+        return sorted((e for e in present if not (self._keys_of_present(e.uri) & live)), key=lambda e: e.uri)
 
-    def clean_uncommitted(self) -> list[str]:
-        """Delete :meth:`uncommitted_files`; refuses (StorageError, nothing deleted) if any of them is, by any
-        spelling, a file the committed manifest names (read again just before deleting)."""
-        files = self.uncommitted_files()
+    def clean_uncommitted(self, min_age_s: float = 0.0) -> tuple[list[str], list[str]]:
+        """Delete :meth:`uncommitted_files` older than ``min_age_s``; returns (removed, kept as too recent).
+
+        Younger files may belong to a run that is writing now and has not committed yet. Refuses
+        (StorageError, nothing deleted) if any file to remove is, by any spelling, a file the committed
+        manifest names (read again just before deleting).
+        """
+        entries = self._uncommitted_entries()
+        now = time.time()
+        files = [e.uri for e in entries if now - e.mtime >= min_age_s]
+        recent = [e.uri for e in entries if now - e.mtime < min_age_s]
         live = self._live_keys()
         overlap = [f for f in files if self._keys_of_present(f) & live]
         if overlap:
@@ -308,7 +318,7 @@ class TokenStore:
                                f"(e.g. {overlap[0]}) are named by committed manifest(s); nothing was deleted")
         for f in files:
             self.storage.delete(f)
-        return files
+        return files, recent
 
 
 def decode_tokens(data: bytes | None, num_frames: int | None, num_codebooks: int | None) -> np.ndarray | None:

@@ -176,14 +176,18 @@ def _other_kind(output: str, root: str, storage: Storage) -> Optional[OutputStat
     return None
 
 
-def clean_uncommitted(output: str, storage: Storage | None = None) -> list[str]:
-    """Remove shard files that no committed manifest names, in every token version; never one a committed
-    manifest names, by any spelling (:meth:`TokenStore.clean_uncommitted` refuses then)."""
+def clean_uncommitted(output: str, storage: Storage | None = None,
+                      min_age_s: float = 0.0) -> tuple[list[str], list[str]]:
+    """Remove shard files that no committed manifest names and are older than ``min_age_s``, in every token
+    version; never one a committed manifest names, by any spelling (:meth:`TokenStore.clean_uncommitted`
+    refuses then). Returns (removed, kept because younger than ``min_age_s``: a running job may own them)."""
     storage = storage or Storage()
     _existing_root(output, storage)
     if not list_token_versions(output, storage):
         output_status(output, storage)  # no spear output: the one-line error before anything is said
-    removed = []
+    removed, recent = [], []
     for version in list_token_versions(output, storage):
-        removed += TokenStore(output, version, storage).clean_uncommitted()
-    return removed
+        r, k = TokenStore(output, version, storage).clean_uncommitted(min_age_s)
+        removed += r
+        recent += k
+    return removed, recent

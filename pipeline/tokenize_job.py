@@ -80,6 +80,8 @@ class TokenizeSummary:
     - ``new_objects``: objects tokenised and committed by this run;
     - ``skipped_objects``: objects already in the ledger (tokenised or quarantined) and unchanged, not read;
     - ``quarantined``: objects this run set aside (unlistable, undecodable, teacher failure), with reasons;
+    - ``partial``: objects kept in part (damaged after a decodable start): tokenised, so counted in
+      ``new_objects``, not in ``quarantined``; each with the reason and what was kept;
     - ``segments`` / ``audio_seconds``: segments and audio seconds tokenised by this run;
     - ``committed_objects`` / ``committed_segments``: live objects and their segments in the token version
       after the run (earlier runs' too); ``commits``: manifests this run wrote;
@@ -109,6 +111,7 @@ class TokenizeSummary:
     ray_started: bool = False
     ray_start_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    partial: list[dict] = field(default_factory=list)
 
     @property
     def realtime_factor(self) -> float:
@@ -117,6 +120,8 @@ class TokenizeSummary:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["quarantined"] = [{"uri": q["uri"], "reason": q["reason"], "stage": q["stage"]} for q in self.quarantined]
+        d["partial"] = [{"uri": q["uri"], "reason": q["reason"], "stage": q["stage"]} for q in self.partial]
+        d["partial_objects"] = len(self.partial)
         d["audio_hours"] = self.audio_seconds / 3600
         d["realtime_factor"] = self.realtime_factor
         return d
@@ -127,8 +132,8 @@ class TokenizeSummary:
 
     def done_line(self) -> str:
         return (f"[tokenize] done: {self.new_objects} of {self.pending_objects} new or changed objects tokenised "
-                f"({self.segments} segments, {self.audio_seconds / 3600:.3f} h), {len(self.quarantined)} quarantined, "
-                f"{self.skipped_objects} already committed; {self.wall_seconds:.1f} s, "
+                f"({self.segments} segments, {self.audio_seconds / 3600:.3f} h; {len(self.partial)} of them kept in part), "
+                f"{len(self.quarantined)} quarantined, {self.skipped_objects} already committed; {self.wall_seconds:.1f} s, "
                 f"{self.realtime_factor:.2f}x real time over the whole run")
 
     def human(self) -> str:
@@ -143,6 +148,9 @@ class TokenizeSummary:
             frames = f", fitted on {cb.sample_frames} frames" if cb.sample_frames is not None else ""
             lines.append(f"{role} teacher {cb.teacher} ({cb.frame_rate:g} Hz, {cb.dim}-d): codebooks {cb.version[:12]} "
                          f"x{cb.num_codebooks} ({how}{frames}{loss})")
+        if self.partial:
+            lines.append(f"kept in part {len(self.partial)} (their decodable part is tokenised):")
+            lines += [f"  {q['uri']}: {q['reason']}" for q in self.partial]
         if self.quarantined:
             lines.append(f"quarantined {len(self.quarantined)}:")
             lines += [f"  {q['uri']}: {q['reason']}" for q in self.quarantined]
@@ -698,7 +706,8 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                     summary.token_bytes[role] = summary.token_bytes.get(role, 0) + col.total_compressed_size
     if not summary.codebooks and info:
         summary.codebooks = _recorded_codebooks(info, out)
-    summary.quarantined = list(catalog.unreadable) + tracker.quarantined
+    summary.quarantined = list(catalog.unreadable) + [q for q in tracker.quarantined if not is_partial(q)]
+    summary.partial = [q for q in tracker.quarantined if is_partial(q)]
     summary.new_objects, summary.segments, summary.audio_seconds = tracker.completed_total, tracker.rows, tracker.audio_seconds
     summary.committed_segments = int(pc.sum(live["segments"]).as_py() or 0) if live.num_rows else 0
     summary.committed_objects, summary.commits = live.num_rows, commits

@@ -79,7 +79,10 @@ def test_a_partial_object_is_tokenized_and_noted(ray_cluster, tmp_path):
     s = run_tokenize(cfg, progress=False)
 
     assert s.new_objects == 4 and s.committed_objects == 4
-    assert [q["uri"] for q in s.quarantined] == [cut_uri] and s.quarantined[0]["reason"].startswith("partial: kept 2.5 s")
+    # kept in part: tokenised (counted in new_objects), listed as partial, not as quarantined
+    assert s.quarantined == [] and [q["uri"] for q in s.partial] == [cut_uri]
+    assert s.partial[0]["reason"].startswith("partial: kept 2.5 s") and s.to_dict()["partial_objects"] == 1
+    assert "kept in part 1" in s.human() and "quarantined" not in s.human()
     store = TokenStore(cfg.output, s.token_version, st)
     ledger = store.ledger().to_pylist()
     entry = next(e for e in ledger if e["source_uri"] == cut_uri)

@@ -152,7 +152,7 @@ def test_moved_output_reads_and_training_resumes_from_it(readme_run, tmp_path, m
     store = TokenStore("out/tokens", version, st)
     assert all(f.startswith(str(moved)) for f in store.shard_files())
     assert store.read_table(["segment_id"]).num_rows > 0
-    assert clean_uncommitted("out/tokens", st) == []
+    assert clean_uncommitted("out/tokens", st) == ([], [])
     # the moved training output resumes on the moved tokens (checkpoints name shards relative to the dataset)
     r = spear(tmp_path / "elsewhere", "train", "--shards", "out/tokens", "--output", "out/student", "--max-steps", "4",
               "--json", *sets(TINY_TRAIN), env=readme_run["env"])
@@ -210,7 +210,7 @@ def test_legacy_manifests_with_absolute_or_cwd_relative_paths_still_read(readme_
     shutil.move(str(old), str(tmp_path / "new"))
     moved = TokenStore(str(tmp_path / "new"), version, st)
     assert moved.read_table(["segment_id"]).equals(want)
-    assert moved.uncommitted_files() == [] and clean_uncommitted(str(tmp_path / "new"), st) == []
+    assert moved.uncommitted_files() == [] and clean_uncommitted(str(tmp_path / "new"), st) == ([], [])
     # the next commit (nothing new: a run that only re-commits) rewrites every name in the version 2 form
     m = moved.commit("run-next", [], [])
     record = json.loads((tmp_path / "new" / "tokens" / version / "manifests" / f"{m.seq:08d}.json").read_text())
@@ -263,7 +263,10 @@ def test_clean_never_deletes_a_committed_file_however_the_manifest_spells_it(rea
     for root in (str(real), str(tmp_path / "via-link"), "file://" + str(real)):
         status = output_status(root, st)
         assert [os.path.basename(u) for u in status.versions[0].uncommitted] == ["shard-leftover.parquet"], root
-    removed = clean_uncommitted(str(tmp_path / "via-link"), st)
-    assert [os.path.basename(u) for u in removed] == ["shard-leftover.parquet"]
+    # a leftover written just now may be a running job's: kept unless --min-age allows it
+    assert clean_uncommitted(str(tmp_path / "via-link"), st, min_age_s=3600)[0] == []
+    assert (leftover_dir / "shard-leftover.parquet").exists()
+    removed, recent = clean_uncommitted(str(tmp_path / "via-link"), st)
+    assert [os.path.basename(u) for u in removed] == ["shard-leftover.parquet"] and recent == []
     assert sorted(str(p) for p in real.rglob("*.parquet")) == committed
     assert pq.read_table(shard).num_rows > 0
