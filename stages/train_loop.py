@@ -23,6 +23,7 @@ Ray Train's retries on it (:mod:`spear.pipeline.train_job`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -30,7 +31,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -60,20 +61,27 @@ def is_collective_timeout(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
+@contextlib.contextmanager
+def collective_timeout_ends_run(rank: int, world: int, timeout_s: float, waiting_for: str) -> Iterator[None]:
+    """A collective inside the block that times out ends the run (no restart can help) with one line
+    naming the rank and what it waited for."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if is_collective_timeout(exc):
+            raise NonRetryableError(f"rank {rank} of {world} waited more than {timeout_s:g} s "
+                                    f"(train.collective_timeout_s) {waiting_for}: {first_line(exc)}") from None
+        raise
+
+
 def agree_have_batch(have: bool, rank: int, world: int, device, step: int, timeout_s: float) -> list[int]:
     """Every rank's "has no batch" flag (0 = has one), by one all-reduce; the same list on every rank."""
     if world == 1:
         return [0 if have else 1]
     flags = torch.zeros(world, dtype=torch.int64, device=device)
     flags[rank] = 0 if have else 1
-    try:
+    with collective_timeout_ends_run(rank, world, timeout_s, f"for the other workers before step {step + 1}"):
         torch.distributed.all_reduce(flags)
-    except RuntimeError as exc:
-        if is_collective_timeout(exc):
-            raise NonRetryableError(f"rank {rank} of {world} waited more than {timeout_s:g} s "
-                                    f"(train.collective_timeout_s) for the other workers before step {step + 1}: "
-                                    f"{first_line(exc)}") from None
-        raise
     return [int(x) for x in flags.tolist()]
 
 
@@ -230,14 +238,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         masked, feat_lens, targets, secs = prepare_batch(batch, plan, cfg, encoder, fbank, generator, device)
         out = model(masked.feats, feat_lens, targets, frame_mask=masked.frame_mask)
         optimizer.zero_grad(set_to_none=True)
-        try:
+        with collective_timeout_ends_run(rank, world, cfg.collective_timeout_s,
+                                         f"in the gradient all-reduce of step {step + 1}"):
             out.loss.backward()
-        except RuntimeError as exc:
-            if is_collective_timeout(exc):
-                raise NonRetryableError(f"rank {rank} of {world} waited more than {cfg.collective_timeout_s:g} s "
-                                        f"(train.collective_timeout_s) in the gradient all-reduce of step {step + 1}: "
-                                        f"{first_line(exc)}") from None
-            raise
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
@@ -254,14 +257,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             data_state = loader.state()
             all_states = [None] * world
             if world > 1:
-                try:
+                with collective_timeout_ends_run(rank, world, cfg.collective_timeout_s,
+                                                 f"for the data positions at the checkpoint of step {step}"):
                     torch.distributed.all_gather_object(all_states, data_state)
-                except RuntimeError as exc:
-                    if is_collective_timeout(exc):
-                        raise NonRetryableError(f"rank {rank} of {world} waited more than {cfg.collective_timeout_s:g}"
-                                                f" s (train.collective_timeout_s) for the data positions at the "
-                                                f"checkpoint of step {step}: {first_line(exc)}") from None
-                    raise
             else:
                 all_states = [data_state]
             if rank == 0:
