@@ -610,5 +610,34 @@ def s3_serve(data_dir: str, port: Optional[int], bucket: str, access_key: Option
     raise SystemExit(code)
 
 
+def entry() -> None:
+    """The `spear` executable: run the command, flush, and leave without interpreter finalisation.
+
+    A process that has read Parquet can abort while the interpreter tears down Arrow's thread pools
+    ("terminate called without an active exception", exit -6, after the work and its output are done;
+    apache/arrow#34314). Jobs clean up in their own context managers (Ray, temp dirs, servers), so
+    nothing is left for finalisation to do but that race.
+    """
+    import logging
+
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

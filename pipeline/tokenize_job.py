@@ -131,8 +131,9 @@ class TokenizeSummary:
                 f"({self.skipped_objects} already committed)")
 
     def done_line(self) -> str:
+        kept = f"; {len(self.partial)} of them kept in part" if self.partial else ""
         return (f"[tokenize] done: {self.new_objects} of {self.pending_objects} new or changed objects tokenised "
-                f"({self.segments} segments, {self.audio_seconds / 3600:.3f} h; {len(self.partial)} of them kept in part), "
+                f"({self.segments} segments, {self.audio_seconds / 3600:.3f} h{kept}), "
                 f"{len(self.quarantined)} quarantined, {self.skipped_objects} already committed; {self.wall_seconds:.1f} s, "
                 f"{self.realtime_factor:.2f}x real time over the whole run")
 

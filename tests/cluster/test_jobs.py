@@ -31,7 +31,7 @@ import yaml
 from spear.cluster.jobs import (CREDENTIAL_VARS, MAX_UPLOAD_BYTES, JobClient, JobError, build_submission,
                                 last_json_object, mask, resolve_address, stage_runtime_env)
 from spear.cluster.local_s3 import free_port
-from spear.cluster.storage import Storage, join_uri
+from spear.cluster.storage import Storage, join_uri, resolve_uri
 from spear.pipeline.cli import main as cli
 
 SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE123", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-example-secret",
@@ -507,7 +507,7 @@ def test_stopping_a_running_tokenize_job_leaves_only_consistent_commits(tokenize
     for seq in range(1, store.latest_manifest().seq + 1):
         m = Manifest.from_json(s3_storage.read_text(join_uri(store.root, "manifests", f"{seq:08d}.json")))
         for f in [s["file"] for s in m.shards] + m.ledger_files:
-            assert s3_storage.exists(f), f"manifest {seq} names a missing file {f}"
+            assert s3_storage.exists(resolve_uri(store.root, f)), f"manifest {seq} names a missing file {f}"
     done = _tokenized_uris(out, version, s3_storage)
     rows = store.read_table(["segment_id", "source_uri"])
     assert set(rows["source_uri"].to_pylist()) == done  # live rows are exactly the committed objects'
