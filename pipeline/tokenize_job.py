@@ -195,17 +195,17 @@ def decode_task_cpus(configured: float, cluster_cpus: float, pools: Iterable[dic
 
 
 def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log,
-                    multi_node: bool = False) -> tuple[dict[str, dict[str, Any]], Any]:
+                    embedded: bool = True) -> tuple[dict[str, dict[str, Any]], Any]:
     """Teacher pool ``map_batches`` kwargs per role, and the decode config with a reservation that fits beside them."""
     import ray
 
     resources = ray.cluster_resources()
     pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors)
              for role, tcfg in roles.items()}
-    if multi_node:
-        # On a multi-node cluster a teacher actor dies mostly with its node (preemption, scale-down): let
-        # Ray Data restart it elsewhere and the run go on. On one node a death repeats (memory, a bad
-        # checkpoint), so it ends the run at once (see TeacherPoolPlan.map_batches_kwargs).
+    if not embedded:
+        # On a cluster a teacher actor dies mostly with its node (preemption, scale-down): let Ray Data
+        # restart it and the run go on. Embedded, a death repeats (memory, a bad checkpoint), so it ends
+        # the run at once (see TeacherPoolPlan.map_batches_kwargs).
         for kwargs in pools.values():
             kwargs.pop("max_restarts", None)
     cpus = float(resources.get("CPU", 1.0))
@@ -442,7 +442,7 @@ def _fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[
 
     num_codebooks, size = _codebook_shape(cfg, role)
     log(f"[tokenize] pass 1: fitting {role} codebooks for teacher {desc['name']} ({desc['version'][:12]})")
-    pools, decode_cfg = stage_resources(cfg, {role: tcfg}, log, rinfo.nodes > 1)
+    pools, decode_cfg = stage_resources(cfg, {role: tcfg}, log, rinfo.embedded)
     sample = sample_teacher_frames(objects, tcfg, decode_cfg, options, sample_frames=cfg.mvq.sample_frames,
                                    heldout_fraction=cfg.mvq.heldout_fraction, seed=cfg.mvq.seed, dim=int(desc["dim"]),
                                    frame_rate=float(desc["frame_rate"]), domains=ROLE_DOMAINS[role], progress=log,
@@ -630,7 +630,7 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                 log(f"{summary.pass2_line()}, run {run_id}")
                 # only the teachers whose domains have rows in this run
                 active = {r: t for r, t in roles.items() if r in codebooks and _role_has_data(todo, r)}
-                pools, decode_cfg = stage_resources(cfg, active, log, rinfo.nodes > 1)
+                pools, decode_cfg = stage_resources(cfg, active, log, rinfo.embedded)
                 ds = decode_dataset(todo, decode_cfg, options)
                 for role, tcfg in active.items():
                     ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={
