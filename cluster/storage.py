@@ -167,6 +167,20 @@ def resolve_uri(root: str, name: str) -> str:
     return join_uri(root, *name.split("/"))
 
 
+def find_recorded(storage: "Storage", root: str, name: str, marker: str) -> Optional[str]:
+    """Where a file named by an older record (absolute, or relative to the writer's working directory) is now.
+
+    The part of ``name`` after ``marker`` found under ``root`` wins (the folder was moved, copied or
+    uploaded, or is read from another directory); else the recorded path if it still exists; else None.
+    """
+    tail = name.replace("\\", "/").rsplit(marker, 1)[1] if marker in name else None
+    if tail and storage.exists(resolve_uri(root, tail)):
+        return resolve_uri(root, tail)
+    if storage.exists(name):
+        return name if is_absolute_uri(name) else normalize_uri(name)
+    return None
+
+
 def join_uri(base: str, *parts: str) -> str:
     """Join path components onto a URI or path, keeping its scheme."""
     base = str(base)

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from spear.cluster.ray_runtime import ray_session
-from spear.cluster.storage import (Storage, StorageError, StorageOptions, is_absolute_uri, join_uri, normalize_uri,
+from spear.cluster.storage import (Storage, StorageError, StorageOptions, find_recorded, join_uri, normalize_uri,
                                    relative_uri, resolve_uri)
 from spear.pipeline.config import ConfigError, SpearConfig
 from spear.pipeline.progress import Progress
@@ -203,11 +203,9 @@ def read_decode_record(output: str, storage: Storage | None = None) -> dict[str,
 
 def _resolve_legacy(root: str, name: str, storage: Storage) -> str:
     """A part file named by a version-1 record (absolute, or relative to the writer's working directory)."""
-    tail = "segments/" + name.replace("\\", "/").rsplit("segments/", 1)[1] if "segments/" in name else None
-    if tail and storage.exists(resolve_uri(root, tail)):
-        return resolve_uri(root, tail)
-    if storage.exists(name):
-        return name if is_absolute_uri(name) else normalize_uri(name)
+    found = find_recorded(storage, join_uri(root, "segments"), name, "segments/")
+    if found is not None:
+        return found
     raise StorageError(f"{join_uri(root, MANIFEST_NAME)} (written by an older spear) names {name}, found neither "
                        f"under {root}/segments/ nor at that path: copy the whole decode output folder, or re-run "
                        "`spear decode --overwrite`")

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spear.cluster.storage import (Storage, StorageError, is_absolute_uri, join_uri, location_key, normalize_uri,
+from spear.cluster.storage import (Storage, StorageError, find_recorded, join_uri, location_key, normalize_uri,
                                    relative_uri, resolve_uri)
 from spear.schemas.shards import LEDGER_SCHEMA, MANIFEST_VERSION
 from spear.stages.audio import flac_decode
@@ -223,12 +223,9 @@ class TokenStore:
         The part after ``tokens/<version>/`` found under this root wins (the folder was moved, copied or
         uploaded, or is read from another directory); else the recorded path if it still exists.
         """
-        marker = f"tokens/{self.version}/"
-        tail = name.replace("\\", "/").rsplit(marker, 1)[1] if marker in name else None
-        if tail and self.storage.exists(resolve_uri(self.root, tail)):
-            return resolve_uri(self.root, tail)
-        if self.storage.exists(name):
-            return name if is_absolute_uri(name) else normalize_uri(name)
+        found = find_recorded(self.storage, self.root, name, f"tokens/{self.version}/")
+        if found is not None:
+            return found
         raise StorageError(
             f"manifest {m.seq} of token version {self.version} (written by an older spear) names {name}, found "
             f"neither under {self.root} nor at that path: copy the whole tokens/{self.version}/ folder "
