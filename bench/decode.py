@@ -71,7 +71,7 @@ def ray_stage(paths: list[str], cfg, cpus: int) -> tuple[float, float, float, fl
     """
     import ray
 
-    from spear.pipeline.config import SourceConfig
+    from spear.config import SourceConfig
     from spear.stages.catalog import build_catalog
     from spear.stages.decode import decode_dataset
 
@@ -102,7 +102,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from spear.cluster.ray_runtime import ray_session
-    from spear.pipeline.config import DecodeConfig, RayConfig
+    from spear.config import DecodeConfig, RayConfig
 
     paths = make_corpus(os.path.join(args.cache, f"m{args.minutes:g}"), args.minutes)
     cfg = DecodeConfig(objects_per_task=args.objects_per_task)

@@ -77,7 +77,7 @@ def child(variant: str, cpus: int, system_config: str | None) -> None:
         session = None
     else:
         from spear.cluster import ray_runtime
-        from spear.pipeline.config import RayConfig
+        from spear.config import RayConfig
 
         if system_config:
             ray_runtime.EMBEDDED_SYSTEM_CONFIG.update(json.loads(system_config))

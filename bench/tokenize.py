@@ -62,7 +62,7 @@ def ray_run(corpus_dir, out, codebook_dir, cpus, base_sets):
     actor start-up with model and codebook loading, the final commit).
     """
     from spear.cluster.ray_runtime import ray_session
-    from spear.pipeline.config import load_config
+    from spear.config import load_config
     from spear.pipeline.tokenize_job import run_tokenize
 
     cfg = load_config(None, base_sets + [f"output={out}", f"ray.num_cpus={cpus}",
@@ -97,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from spear.cluster.ray_runtime import ray_session
-    from spear.pipeline.config import load_config
+    from spear.config import load_config
     from spear.pipeline.tokenize_job import run_tokenize
 
     corpus_dir = os.path.join(args.cache, f"corpus-{args.minutes:g}")

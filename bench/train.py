@@ -38,7 +38,7 @@ make_corpus = _common.make_corpus
 def tokenised_shards(cache: str, minutes: float) -> str:
     """Token shards of a cached bench corpus (weight-free teachers), built once."""
     from spear.cluster.ray_runtime import ray_session
-    from spear.pipeline.config import load_config
+    from spear.config import load_config
     from spear.pipeline.ledger import list_token_versions
     from spear.cluster.storage import Storage
     from spear.pipeline.tokenize_job import run_tokenize
@@ -102,7 +102,7 @@ def main() -> None:
 
     from spear.cluster.storage import Storage
     from spear.models.frontend import KaldiFbank
-    from spear.pipeline.config import TrainConfig
+    from spear.config import TrainConfig
     from spear.pipeline.ledger import TokenStore, list_token_versions
     from spear.stages.train_data import TrainBatches, TrainDataPlan
     from spear.stages.train_loop import build_objective, prepare_batch

@@ -12,7 +12,7 @@ in the config, ``--address`` or ``RAY_ADDRESS``) connects to a running cluster i
 Example::
 
     from spear.cluster.ray_runtime import ray_session
-    from spear.pipeline.config import RayConfig
+    from spear.config import RayConfig
     with ray_session(RayConfig(num_cpus=2)) as info:
         print(info.cpus, info.gpus, info.embedded)
 """

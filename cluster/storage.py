@@ -72,7 +72,7 @@ class StorageOptions:
 
     @classmethod
     def from_config(cls, cfg: Any = None) -> "StorageOptions":
-        """From a :class:`~spear.pipeline.config.StorageConfig` (or None), filled from the AWS environment."""
+        """From a :class:`~spear.config.StorageConfig` (or None), filled from the AWS environment."""
         env = os.environ
 
         def secret(v: Any) -> Optional[str]:

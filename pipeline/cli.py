@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import click
 
-from spear.pipeline.config import ConfigError, SpearConfig, commented_default_config, dump_config, load_config
+from spear.config import ConfigError, SpearConfig, commented_default_config, dump_config, load_config
 
 
 class SpearCLIError(click.ClickException):
@@ -71,7 +71,7 @@ def _run_job(as_json: bool, job: Callable[[], Any], human: Callable[[Any], str])
     prints the traceback too.
     """
     from spear.cluster.storage import CREDENTIAL_VARS, mask
-    from spear.pipeline.config import mask_override
+    from spear.config import mask_override
     from spear.pipeline.run_log import RunLog
 
     def shown(v: Any) -> Any:  # an option value for the log: `--set storage.secret_access_key=...`, `--env AWS_...=`
@@ -121,7 +121,7 @@ def verbose_option(f: Callable) -> Callable:
 
 
 def _remember_secrets(cfg: SpearConfig) -> SpearConfig:
-    from spear.pipeline.config import secret_values
+    from spear.config import secret_values
 
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
@@ -259,7 +259,7 @@ def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str
 
 def _workers(value: str) -> str:
     """--workers N, MIN:MAX or [MIN, MAX] as a train.workers override (the config's own parser)."""
-    from spear.pipeline.config import parse_workers
+    from spear.config import parse_workers
 
     try:
         lo, hi = parse_workers(value)

@@ -11,7 +11,7 @@ Output layout under ``output``::
 
 Example::
 
-    from spear.pipeline.config import load_config
+    from spear.config import load_config
     cfg = load_config(None, ["output=/tmp/out", "corpus.sources=[{uri: /data/wavs, domain: speech}]"])
     summary = run_decode(cfg)
     print(summary.segments, summary.audio_seconds)
@@ -29,7 +29,7 @@ import pyarrow as pa
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import (Storage, StorageError, StorageOptions, find_recorded, join_uri, normalize_uri,
                                    relative_uri, resolve_uri)
-from spear.pipeline.config import ConfigError, SpearConfig
+from spear.config import ConfigError, SpearConfig
 from spear.pipeline.progress import Progress
 from spear.schemas.segments import DECODE_RECORD_VERSION, QUARANTINE_SCHEMA, SEGMENT_SCHEMA, SEGMENTS_SCHEMA_VERSION
 from spear.stages.catalog import Catalog, build_catalog

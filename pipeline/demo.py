@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional
 
-from spear.pipeline.config import SourceConfig, SpearConfig, TeacherConfig, load_config
+from spear.config import SourceConfig, SpearConfig, TeacherConfig, load_config
 
 DEMO_CONFIG = "demo.yaml"
 

@@ -47,7 +47,7 @@ and ``results.json`` (= :meth:`EvaluateSummary.to_dict`), see :mod:`spear.pipeli
 
 Example::
 
-    from spear.pipeline.config import TeacherConfig
+    from spear.config import TeacherConfig
     from spear.pipeline.evaluate_job import run_evaluate
     summary = run_evaluate("runs/student", "spear-demo/corpus", output="runs/eval",
                            teachers=[TeacherConfig(kind="mfcc"), TeacherConfig(kind="fbank")])
@@ -677,7 +677,7 @@ def _run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, tea
         specs.append(("random_student", load_random))
     teacher_cfgs = []
     if teachers:
-        from spear.pipeline.config import TeacherConfig
+        from spear.config import TeacherConfig
 
         teacher_cfgs = [t if isinstance(t, TeacherConfig) else TeacherConfig.model_validate(dict(t)) for t in teachers]
     for name, tcfg in zip(_teacher_names(teacher_cfgs), teacher_cfgs):

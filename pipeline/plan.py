@@ -25,7 +25,7 @@ share comes from the sources' ``domain`` (or ``speech_share``).
 
 Example::
 
-    >>> from spear.pipeline.config import load_config
+    >>> from spear.config import load_config
     >>> p = make_plan(load_config(None), hours=1000, speech_share=0.7, gpus=8, cpus=64)
     >>> round(p.figures["tokens_bytes"].rate / 1e9, 2)    # mfcc 16 x 50 Hz + fbank 8 x 25 Hz
     3.1
@@ -41,7 +41,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from spear.pipeline.config import ConfigError, SpearConfig, TeacherConfig
+from spear.config import ConfigError, SpearConfig, TeacherConfig
 
 # --------------------------------------------------------------------------- the rate table
 

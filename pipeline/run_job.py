@@ -16,7 +16,7 @@ either it is skipped (``evaluate`` is null and ``evaluate_skipped`` says why).
 
 Example::
 
-    from spear.pipeline.config import load_config
+    from spear.config import load_config
     from spear.pipeline.run_job import run_all
     summary = run_all(load_config("spear.yaml"))
     print(summary.to_dict()["train"]["last_loss"])
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from spear.cluster.storage import Storage, StorageOptions, join_uri, split_uri
-from spear.pipeline.config import SpearConfig
+from spear.config import SpearConfig
 
 TOKENS_DIR, STUDENT_DIR, EXPORT_DIR, EVALUATION_DIR = "tokens", "student", "export", "evaluation"
 

@@ -113,7 +113,7 @@ def describe_failure(exc: BaseException, secrets: Iterable[str] = ()) -> tuple[s
     from spear.cluster.jobs import JobError
     from spear.cluster.ray_runtime import RayConnectionError
     from spear.cluster.storage import StorageError
-    from spear.pipeline.config import ConfigError, describe_validation_error
+    from spear.config import ConfigError, describe_validation_error
 
     root, rank = root_cause(exc)
     if isinstance(root, ConfigError):

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageOptions, join_uri, normalize_uri, relative_uri, resolve_uri
-from spear.pipeline.config import ConfigError, SpearConfig, TeacherConfig
+from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.progress import Progress
 from spear.schemas.shards import TOKEN_VERSION_SCHEME, token_columns, token_shard_schema, token_version

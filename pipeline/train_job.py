@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri, split_uri
-from spear.pipeline.config import ConfigError, SpearConfig
+from spear.config import ConfigError, SpearConfig
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.stages.train_data import TrainDataError, TrainDataPlan
 from spear.stages.train_loop import METRICS_FILE, STATE_FILE, NonRetryableError, first_line, train_loop_per_worker
@@ -352,7 +352,7 @@ def load_checkpoint_objective(checkpoint: str, storage: Storage):
     """(SpearObjective with the checkpoint's weights, its train state) from a checkpoint URI or a training output."""
     import torch
 
-    from spear.pipeline.config import TrainConfig
+    from spear.config import TrainConfig
     from spear.stages.train_loop import MODEL_FILE, build_objective
 
     if not storage.exists(join_uri(checkpoint, STATE_FILE)):

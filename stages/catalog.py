@@ -6,7 +6,7 @@ be read is not fatal: it becomes a quarantine record and the other sources go on
 
 Example::
 
-    >>> from spear.pipeline.config import SourceConfig
+    >>> from spear.config import SourceConfig
     >>> cat = build_catalog([SourceConfig(uri="/data/speech", domain="speech")])   # doctest: +SKIP
     >>> cat.objects.column_names
     ['uri', 'source', 'relative_path', 'domain', 'size', 'etag', 'mtime']
@@ -87,7 +87,7 @@ def _relative(root: str, uri: str) -> str:
 
 
 def build_catalog(sources: Sequence, storage: Storage | None = None) -> Catalog:
-    """List all sources (each a :class:`~spear.pipeline.config.SourceConfig`).
+    """List all sources (each a :class:`~spear.config.SourceConfig`).
 
     Raises :class:`StorageError` when storage is unreachable or denies access (fail fast);
     a prefix that does not exist or cannot be read is recorded in ``Catalog.unreadable``.

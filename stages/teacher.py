@@ -20,7 +20,7 @@ GPU + ``cfg.dtype`` autocast when CUDA is present; CPU float32 otherwise.
 Example::
 
     import ray
-    from spear.pipeline.config import TeacherConfig
+    from spear.config import TeacherConfig
     from spear.stages.teacher import TeacherStage, plan_teacher_pool
 
     cfg = TeacherConfig(kind="mfcc")
@@ -41,7 +41,7 @@ import torch
 
 from spear.cluster.storage import Storage, StorageOptions
 from spear.models.teachers import Teacher, load_teacher
-from spear.pipeline.config import TeacherConfig
+from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode
 
 log = logging.getLogger(__name__)

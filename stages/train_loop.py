@@ -159,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from spear.models.frontend import KaldiFbank
-    from spear.pipeline.config import TrainConfig
+    from spear.config import TrainConfig
     from spear.stages.audio import AudioDecodeError
     from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 

@@ -26,7 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def ray_cluster():
     from spear.cluster.ray_runtime import ray_session
-    from spear.pipeline.config import RayConfig
+    from spear.config import RayConfig
 
     with ray_session(RayConfig(num_cpus=2, object_store_memory_mb=1024)) as info:
         yield info
@@ -64,7 +64,7 @@ def demo_tokens(ray_cluster, tmp_path_factory):
 
     Returns (DemoCorpus, token output URI, TokenizeSummary).
     """
-    from spear.pipeline.config import SourceConfig, load_config
+    from spear.config import SourceConfig, load_config
     from spear.pipeline.demo_corpus import generate_demo_corpus
     from spear.pipeline.tokenize_job import run_tokenize
 

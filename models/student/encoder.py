@@ -200,7 +200,7 @@ def build_encoder(architecture: Any = "zipformer2", size: str = "tiny", num_mel_
 
     ``architecture`` may be an architecture name (then ``size``, ``num_mel_bins`` and
     ``overrides`` apply), a :class:`ZipformerConfig` / :class:`TransformerConfig`, or a
-    :class:`spear.pipeline.config.StudentConfig` (its architecture, size and num_mel_bins).
+    :class:`spear.config.StudentConfig` (its architecture, size and num_mel_bins).
 
     >>> build_encoder("transformer", "tiny", num_mel_bins=40).frame_rate
     50.0

@@ -107,7 +107,7 @@ def mask_features(feats: torch.Tensor, lengths: torch.Tensor, cfg: Any = None,
                   generator: Optional[torch.Generator] = None) -> MaskedFeatures:
     """Draw span and channel masks for fbank ``feats`` [B, T, F] and apply the channel mask.
 
-    ``cfg`` is a :class:`spear.pipeline.config.MaskingConfig` (or anything with its fields;
+    ``cfg`` is a :class:`spear.config.MaskingConfig` (or anything with its fields;
     None = SPEAR's defaults). The span mask is returned, not applied: the encoder replaces
     those frames with its learned embedding (which then covers the masked channels too).
 
@@ -118,7 +118,7 @@ def mask_features(feats: torch.Tensor, lengths: torch.Tensor, cfg: Any = None,
     (torch.Size([2, 400]), torch.Size([2, 80]))
     """
     if cfg is None:
-        from spear.pipeline.config import MaskingConfig
+        from spear.config import MaskingConfig
 
         cfg = MaskingConfig()
     B, T, C = feats.shape

@@ -29,7 +29,7 @@ Example::
 
     >>> import torch
     >>> from spear.models.student.mixing import mix_batch
-    >>> from spear.pipeline.config import MixingConfig
+    >>> from spear.config import MixingConfig
     >>> wavs = torch.randn(2, 16000) * 0.1
     >>> targets = {"speech": torch.zeros(2, 49, 16, dtype=torch.long)}
     >>> targets["speech"][1] = 1
@@ -97,12 +97,12 @@ def mix_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor, targets: Mapping[st
     -100 where there is no target; ``target_lengths[name]`` [B] (optional) marks frames at or
     past an utterance's length as having no target too, for targets padded with anything else
     (0 for an utterance without this teacher's tokens); ``domains[b]`` is "speech" or "audio"; ``cfg`` a
-    :class:`spear.pipeline.config.MixingConfig` (None = defaults). ``generator`` (a CPU
+    :class:`spear.config.MixingConfig` (None = defaults). ``generator`` (a CPU
     ``torch.Generator``) makes the draws reproducible. Returns the mixed waveforms (a new
     tensor), new int64 targets and a :class:`MixInfo`.
     """
     if cfg is None:
-        from spear.pipeline.config import MixingConfig
+        from spear.config import MixingConfig
 
         cfg = MixingConfig()
     if wavs.dim() != 2:

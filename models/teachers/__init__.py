@@ -13,7 +13,7 @@ Example::
 
     >>> import torch
     >>> from spear.models.teachers import load_teacher
-    >>> from spear.pipeline.config import TeacherConfig
+    >>> from spear.config import TeacherConfig
     >>> teacher = load_teacher(TeacherConfig(kind="mfcc"), device="cpu")
     >>> out = teacher(torch.randn(2, 16000) * 0.1, torch.tensor([16000, 8000]))
     >>> out.embeddings.shape, out.num_frames.tolist()

@@ -1,9 +1,9 @@
-"""``load_teacher``: a :class:`~spear.pipeline.config.TeacherConfig` in, a ready frozen teacher out.
+"""``load_teacher``: a :class:`~spear.config.TeacherConfig` in, a ready frozen teacher out.
 
 Example::
 
     >>> from spear.models.teachers import load_teacher
-    >>> from spear.pipeline.config import TeacherConfig
+    >>> from spear.config import TeacherConfig
     >>> t = load_teacher(TeacherConfig(kind="fbank"), device="cpu")
     >>> t.name, t.frame_rate, t.dim
     ('fbank', 25.0, 128)
@@ -43,7 +43,7 @@ def load_teacher(cfg: Any, storage: Storage | None = None, device: str | torch.d
     layer, FileNotFoundError / StorageError when the checkpoint cannot be read.
     """
     if isinstance(cfg, Mapping):
-        from spear.pipeline.config import TeacherConfig
+        from spear.config import TeacherConfig
 
         cfg = TeacherConfig.model_validate(dict(cfg))
     kind = cfg.kind

@@ -19,7 +19,7 @@ import yaml
 
 from spear.cluster.jobs import CREDENTIAL_VARS, build_submission
 from spear.pipeline.cli import main as cli
-from spear.pipeline.config import load_config
+from spear.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "cluster" / "configs"
 

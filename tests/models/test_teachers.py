@@ -14,7 +14,7 @@ import torch
 
 from spear.models.teachers import (DashengConfig, DashengEncoder, Teacher, load_dasheng_checkpoint, load_teacher,
                                    save_dasheng_checkpoint)
-from spear.pipeline.config import TeacherConfig
+from spear.config import TeacherConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -180,7 +180,7 @@ def test_version_ids(ckpts):
     assert _teacher("mfcc", ckpts).version != _teacher("fbank", ckpts).version
     assert len(v[1]) == 64 and int(v[1], 16) >= 0
     # the same ids in a fresh process (weights hashed from tensors for Dasheng, from files for HF)
-    code = ("import sys; from spear.models.teachers import load_teacher; from spear.pipeline.config import TeacherConfig;"
+    code = ("import sys; from spear.models.teachers import load_teacher; from spear.config import TeacherConfig;"
             "print(load_teacher(TeacherConfig(kind='dasheng', path=sys.argv[1], layer=3), device='cpu').version);"
             "print(load_teacher(TeacherConfig(kind='mfcc'), device='cpu').version)")
     res = subprocess.run([sys.executable, "-c", code, str(ckpts["dasheng"])], capture_output=True, text=True, check=True)

@@ -17,7 +17,7 @@ import yaml
 
 from spear.cluster.jobs import SECRET_SETTINGS, build_submission
 from spear.pipeline.cli import main as cli
-from spear.pipeline.config import secret_fields
+from spear.config import secret_fields
 from support.configs import closed_port
 
 SECRET_FIELDS = ["storage.access_key_id", "storage.secret_access_key", "storage.session_token"]

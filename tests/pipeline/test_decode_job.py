@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from spear.cluster.storage import join_uri
-from spear.pipeline.config import SourceConfig, load_config
+from spear.config import SourceConfig, load_config
 from spear.pipeline.decode_job import read_quarantine, read_segments, run_decode
 from spear.stages.audio import flac_decode
 from spear.stages.catalog import build_catalog

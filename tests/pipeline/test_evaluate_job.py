@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spear.models.probes import bootstrap_ci, fit_probe, macro_f1, run_probe, validation_carve
-from spear.pipeline.config import TeacherConfig
+from spear.config import TeacherConfig
 from spear.pipeline.evaluate_job import (
     BUILTIN_TASKS,
     EvaluateSummary,

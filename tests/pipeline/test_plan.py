@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from spear.pipeline.config import ConfigError, load_config
+from spear.config import ConfigError, load_config
 from spear.pipeline.plan import (TEACHER_ARCHS, fmt_value, make_plan, parse_teacher, sig, student_params,
                                  teacher_gflop_parts, teacher_params, zipformer_rate_factor)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spear.cluster.storage import Storage, join_uri
-from spear.pipeline.config import TeacherConfig
+from spear.config import TeacherConfig
 from spear.pipeline.evaluate_job import run_evaluate
 from spear.pipeline.report import format_results_table, write_report
 

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 from spear.cluster.storage import Storage
-from spear.pipeline.config import ConfigError, SourceConfig, load_config
+from spear.config import ConfigError, SourceConfig, load_config
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.tokenize_job import run_tokenize
 
@@ -194,7 +194,7 @@ def test_audio_first_then_speech_is_one_version_and_codebooks_reuse(ray_cluster,
 
 
 def test_teacher_fingerprint_follows_the_checkpoint_bytes(tmp_path):
-    from spear.pipeline.config import TeacherConfig
+    from spear.config import TeacherConfig
     from spear.pipeline.tokenize_job import teacher_fingerprint
 
     ckpt = tmp_path / "ckpt"

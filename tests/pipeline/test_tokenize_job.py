@@ -168,7 +168,7 @@ def test_speech_only_corpus_gets_speech_tokens_only(ray_cluster, tmp_path):
 def test_teacher_pools_and_decode_tasks_share_the_cluster():
     """Two CPU teacher pools + the writer leave room for a decode task on 1 CPU and half the CPUs on 16;
     two GPU teachers on one GPU take half of it each instead of falling back to CPU."""
-    from spear.pipeline.config import TeacherConfig
+    from spear.config import TeacherConfig
     from spear.pipeline.tokenize_job import WRITER_CPUS, decode_task_cpus, teacher_pool_kwargs
 
     teachers = [TeacherConfig(kind="mfcc"), TeacherConfig(kind="fbank")]

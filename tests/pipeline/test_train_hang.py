@@ -9,7 +9,7 @@ import os
 import pytest
 
 from spear.cluster.storage import Storage, join_uri
-from spear.pipeline.config import ConfigError, load_config
+from spear.config import ConfigError, load_config
 from spear.pipeline.train_job import TrainError, checkpoints, run_train
 from spear.stages.train_data import StreamState
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spear.cluster.storage import Storage, join_uri
-from spear.pipeline.config import load_config
+from spear.config import load_config
 from spear.pipeline.train_job import checkpoints, load_checkpoint_objective, run_export, run_train
 
 from support.configs import storage_sets

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spear.models.teachers import load_teacher
-from spear.pipeline.config import TeacherConfig
+from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode, flac_encode, float_to_pcm16
 from spear.stages.teacher import TeacherStage, TeacherStats, plan_subbatches, plan_teacher_pool
 

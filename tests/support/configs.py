@@ -7,7 +7,7 @@ import socket
 from typing import Iterator
 
 from spear.cluster.storage import join_uri
-from spear.pipeline.config import SourceConfig, load_config
+from spear.config import SourceConfig, load_config
 
 SMALL = ["mvq.speech_codebooks=4", "mvq.audio_codebooks=2", "mvq.codebook_size=16", "mvq.sample_frames=1000",
          "mvq.heldout_fraction=0.1", "decode.max_segment_seconds=2", "tokenize.shard_target_mb=0.2",

@@ -24,7 +24,7 @@ def main(shards: str, output: str) -> None:
 
     from spear.cluster.local_s3 import free_port
     from spear.cluster.storage import Storage
-    from spear.pipeline.config import load_config
+    from spear.config import load_config
     from spear.pipeline.train_job import checkpoints, run_train, worker_group_starts
 
     temp = tempfile.mkdtemp(prefix="spear-elastic-")

@@ -17,7 +17,7 @@ from spear.models.student.zipformer import (
     swoosh_l,
     swoosh_r,
 )
-from spear.pipeline.config import StudentConfig
+from spear.config import StudentConfig
 
 VARIANTS = [  # (architecture, overrides, expected frame rate)
     ("zipformer2", {}, 50.0),

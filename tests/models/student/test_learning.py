@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from spear.models.student import SpearObjective, align_targets, build_encoder, mask_features, student_codebooks
-from spear.pipeline.config import MaskingConfig
+from spear.config import MaskingConfig
 
 BINS, BANDS, LEVELS, PROTOS = 32, 4, 8, 12
 TEACHER_RATE = 50.0

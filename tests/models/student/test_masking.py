@@ -7,7 +7,7 @@ import math
 import torch
 
 from spear.models.student.masking import channel_mask, mask_features, span_mask
-from spear.pipeline.config import MaskingConfig
+from spear.config import MaskingConfig
 
 
 def _runs(row: torch.Tensor) -> list[tuple[int, int]]:

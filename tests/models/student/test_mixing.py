@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spear.models.student.mixing import mix_batch
-from spear.pipeline.config import MixingConfig
+from spear.config import MixingConfig
 
 SR = 16000
 RATES = {"speech": 50.0, "audio": 25.0}

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from spear.pipeline.config import ConfigError, SpearConfig, commented_default_config, dump_config, load_config
+from spear.config import ConfigError, SpearConfig, commented_default_config, dump_config, load_config
 
 
 def test_defaults_need_no_file():
@@ -88,7 +88,7 @@ def test_bad_workers_say_what_is_expected(text):
 
 
 def test_config_loader_drops_only_base_60_numbers():
-    from spear.pipeline.config import load_yaml
+    from spear.config import load_yaml
 
     assert load_yaml("a: 1:30\nb: 190\nc: 1.5\nd: 0x10\ne: .inf\nf: 1_000\ng: true\nh: ~\ni: 2:4.5\n") == {
         "a": "1:30", "b": 190, "c": 1.5, "d": 16, "e": float("inf"), "f": 1000, "g": True, "h": None, "i": "2:4.5"}

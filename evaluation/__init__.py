@@ -1,0 +1,1 @@
+"""Evaluation: probe tasks, feature extraction, probes, the report and the HEAR API."""

@@ -1,0 +1,1 @@
+"""Synthetic corpora: the demo corpus generator (espeak-ng speech, synthesised sound events)."""
