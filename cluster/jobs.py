@@ -1,6 +1,7 @@
 """Run `spear` commands on a Ray cluster as Ray Jobs (the Jobs API on the head's dashboard port, 8265).
 
-A submission carries everything the command needs that is not already on the cluster:
+A :class:`Submission` (built from a ``spear`` command line by :mod:`spear.pipeline.submission`)
+carries everything the command needs that is not already on the cluster:
 
 - this package, as a ``py_modules`` entry (a staged ``spear/`` folder with the package folders only:
   no ``.venv``, ``.git``, tests or caches), so the job runs the code that submitted it even where an
@@ -14,13 +15,16 @@ A submission carries everything the command needs that is not already on the clu
 
 The entrypoint is ``python -m spear.pipeline.cli <command> --json ...``: it needs no ``spear`` script on
 the cluster's PATH, and the job's own JSON summary is the last log line that parses as a JSON object.
+The job's process runs the CLI module by name: this module never imports it (cluster sits below pipeline).
 
 Example::
 
     from spear.cluster.jobs import JobClient
+    from spear.pipeline.cli import main
+    from spear.pipeline.submission import build_submission
     client = JobClient("http://head:8265")
-    job = client.submit(["spear", "tokenize", "--input", "s3://b/speech", "--domain", "speech",
-                         "--output", "s3://b/tokens"])
+    job = client.submit(build_submission(["spear", "tokenize", "--input", "s3://b/speech", "--domain", "speech",
+                                          "--output", "s3://b/tokens"], cli=main))
     final = client.wait(job.job_id, log_stream=sys.stderr)
     print(final.status, final.summary)
 """
@@ -41,17 +45,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
 from spear.cluster.ray_runtime import RayConnectionError
-# Credentials (CREDENTIAL_VARS) are forwarded to the job when set in the submitting shell and masked
-# in everything printed, with the project's one masking helper.
-from spear.cluster.storage import CREDENTIAL_VARS, mask, secrets_in
+# Credentials are masked in everything printed, with the project's one masking helper.
+from spear.cluster.storage import mask, secrets_in
 
-#: Object-store settings forwarded alongside (not secret).
-SETTING_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
-#: ``--set`` keys whose values are credentials: they travel as these variables instead.
-SECRET_SETTINGS = {"storage.access_key_id": "AWS_ACCESS_KEY_ID", "storage.secret_access_key": "AWS_SECRET_ACCESS_KEY",
-                   "storage.session_token": "AWS_SESSION_TOKEN"}
-#: The top-level folders of the package (DESIGN.md, layout), shipped as ``spear.<part>``.
-PACKAGE_PARTS = ("pipeline", "models", "stages", "cluster", "schemas")
+#: The module a job's entrypoint runs (``python -m``), named here and imported only in the job's process.
+CLI_MODULE = "spear.pipeline.cli"
+#: The top-level folders of the package (pyproject's ``spear.*`` packages), shipped as ``spear.<part>``.
+PACKAGE_PARTS = ("pipeline", "evaluation", "synthetic", "stages", "config", "cluster", "models", "schemas")
 #: Ray stores uploads in the GCS (gRPC messages of at most 512 MiB, a warning from 256 MiB); big
 #: inputs belong on object storage, so a submission stays far below that.
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
@@ -114,7 +114,8 @@ def last_json_object(text: str) -> Optional[dict]:
 
 @dataclass
 class Submission:
-    """What will be submitted for one command line (built without touching the cluster).
+    """What will be submitted for one command line (built without touching the cluster, by
+    :func:`spear.pipeline.submission.build_submission`).
 
     ``args`` are the arguments after ``python -m spear.pipeline.cli`` as the job sees them;
     ``uploads`` maps local files to their path inside the job's working dir; ``env_vars`` hold
@@ -131,7 +132,7 @@ class Submission:
 
     @property
     def entrypoint(self) -> str:
-        return shlex.join([self.python, "-m", "spear.pipeline.cli", *self.args])
+        return shlex.join([self.python, "-m", CLI_MODULE, *self.args])
 
     @property
     def display_entrypoint(self) -> str:
@@ -141,160 +142,6 @@ class Submission:
         """Printable description: entrypoint, uploads, and the *names* of the forwarded variables."""
         return {"command": [mask(a, self.secrets) for a in self.command], "entrypoint": self.display_entrypoint, "uploads": dict(self.uploads),
                 "env_vars": sorted(self.env_vars), "notes": list(self.notes)}
-
-
-def _strip_prefix(command: Sequence[str]) -> list[str]:
-    cmd = list(command)
-    if cmd and os.path.basename(cmd[0]) == "spear":
-        return cmd[1:]
-    for i in range(min(len(cmd), 3)):
-        if cmd[i:i + 2] == ["-m", "spear.pipeline.cli"]:
-            return cmd[i + 2:]
-    return cmd
-
-
-def _resolve_command(cli: Any, args: list[str]) -> tuple[list[str], Any, list[str]]:
-    """(subcommand path, click command, remaining args), following nested groups (``config show``)."""
-    import click
-
-    path: list[str] = []
-    cmd = cli
-    rest = list(args)
-    while isinstance(cmd, click.Group):
-        if not rest or rest[0].startswith("-"):
-            raise JobError("no spear command to submit: give one after `--`, e.g. "
-                           "spear submit --address http://HEAD:8265 -- spear tokenize ...")
-        name = rest.pop(0)
-        sub = cmd.get_command(click.Context(cmd), name)
-        if sub is None:
-            raise JobError(f"`spear {' '.join(path + [name])}` is not a spear command "
-                           f"(see `spear --help`)")
-        path.append(name)
-        cmd = sub
-    return path, cmd, rest
-
-
-def _takes_json(cmd: Any) -> bool:
-    return any("--json" in getattr(p, "opts", ()) for p in cmd.params)
-
-
-def _check_config_file(path: str) -> None:
-    """Refuse to upload a spear config that holds credentials (they travel as job env vars instead)."""
-    if not path.endswith((".yaml", ".yml")):
-        return
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError):
-        return  # not ours to judge: the job's own validation reports it
-    storage = data.get("storage") if isinstance(data, dict) else None
-    if not isinstance(storage, dict):
-        return
-    bad = [k.split(".", 1)[1] for k in SECRET_SETTINGS if storage.get(k.split(".", 1)[1])]
-    if bad:
-        names = ", ".join(f"storage.{k}" for k in bad)
-        env_names = "/".join(SECRET_SETTINGS[f"storage.{k}"] for k in bad)
-        raise JobError(f"{path} holds {names}: a submitted job must not carry credentials in files. Remove "
-                       f"{'it' if len(bad) == 1 else 'them'} and set {env_names} in this shell (spear submit "
-                       f"forwards them as job environment variables), or give the cluster an IAM role")
-
-
-def build_submission(command: Sequence[str], *, env: Mapping[str, str] = os.environ, forward_credentials: bool = True,
-                     extra_env: Optional[Mapping[str, str]] = None, python: str = "python", cli: Any = None) -> Submission:
-    """Check a ``spear ...`` command line against the real CLI and work out what the job needs.
-
-    ``command`` may start with ``spear`` (or ``python -m spear.pipeline.cli``). ``--json`` is added
-    when the command takes it. Raises :class:`JobError` for a command the CLI would reject.
-
-    Example::
-
-        sub = build_submission(["spear", "decode", "my.yaml", "--output", "s3://b/out"])
-        sub.uploads        # {'/abs/my.yaml': 'files/my.yaml'}
-        sub.entrypoint     # python -m spear.pipeline.cli decode --json files/my.yaml --output s3://b/out
-    """
-    import click
-
-    if cli is None:
-        from spear.pipeline.cli import main as cli
-    raw = [str(a) for a in command]
-    path, cmd, rest = _resolve_command(cli, _strip_prefix(raw))
-    if path[0] == "submit":
-        raise JobError("`spear submit` cannot be submitted as a job")
-    if not ({"-h", "--help"} & set(rest)):
-        try:
-            cmd.make_context(" ".join(["spear", *path]), list(rest), resilient_parsing=False)
-        except click.exceptions.Exit:
-            pass
-        except click.ClickException as exc:
-            raise JobError(f"spear {' '.join(path)}: {exc.format_message()}") from None
-
-    sub = Submission(command=raw, args=[], python=python)
-    if forward_credentials:
-        sub.env_vars.update({k: env[k] for k in CREDENTIAL_VARS + SETTING_VARS if env.get(k)})
-    sub.env_vars.update(extra_env or {})
-    used_names: set[str] = set()
-
-    def upload(local: str) -> str:
-        local = os.path.abspath(local)
-        if local in sub.uploads:
-            return sub.uploads[local]
-        _check_config_file(local)
-        name = os.path.basename(local)
-        n = 1
-        while name in used_names:
-            n += 1
-            name = f"{n}-{os.path.basename(local)}"
-        used_names.add(name)
-        sub.uploads[local] = f"files/{name}"
-        return sub.uploads[local]
-
-    def value(v: str) -> str:
-        if os.path.isfile(v):
-            return upload(v)
-        if os.path.isdir(v):
-            sub.notes.append(f"{v} is a directory on this machine: the job sees the cluster nodes' disks "
-                             "(use s3:// or a filesystem every node mounts)")
-        return v
-
-    def setting(kv: str) -> Optional[str]:
-        """A ``--set key=value``: credentials move to env vars (None: drop the pair), file values upload."""
-        key, sep, val = kv.partition("=")
-        if sep and key.strip() in SECRET_SETTINGS:
-            sub.env_vars[SECRET_SETTINGS[key.strip()]] = val
-            return None
-        if sep and os.path.isfile(val):
-            return f"{key}={upload(val)}"
-        return kv
-
-    out: list[str] = []
-    i = 0
-    while i < len(rest):
-        tok = rest[i]
-        if tok == "--set" and i + 1 < len(rest):
-            kv = setting(rest[i + 1])
-            if kv is not None:
-                out += ["--set", kv]
-            i += 2
-            continue
-        if tok.startswith("--set="):
-            kv = setting(tok[len("--set="):])
-            if kv is not None:
-                out.append(f"--set={kv}")
-        elif tok.startswith("--") and "=" in tok:
-            opt, _, v = tok.partition("=")
-            out.append(f"{opt}={value(v)}")
-        elif tok.startswith("-") and tok != "-":
-            out.append(tok)
-        else:
-            out.append(value(tok))
-        i += 1
-
-    if _takes_json(cmd) and "--json" not in out:
-        out.insert(0, "--json")
-    sub.args = path + out
-    sub.secrets = [v for k, v in sub.env_vars.items() if k in CREDENTIAL_VARS and v] + secrets_in(env)
-    return sub
 
 
 def package_dirs() -> dict[str, str]:
@@ -411,7 +258,7 @@ class JobList:
         rows = [("JOB", "STATUS", "STARTED", "COMMAND")]
         for j in self.jobs:
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time)) if j.start_time else "-"
-            command = j.entrypoint.replace("python -m spear.pipeline.cli", "spear", 1)
+            command = j.entrypoint.replace(f"python -m {CLI_MODULE}", "spear", 1)
             rows.append((j.job_id, j.status, started, command if len(command) <= 100 else command[:97] + "..."))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)
@@ -470,13 +317,10 @@ class JobClient:
 
     # ----------------------------------------------------------------- submit
 
-    def submit(self, command: Sequence[str], *, job_id: Optional[str] = None, forward_credentials: bool = True,
-               extra_env: Optional[Mapping[str, str]] = None, ship_package: bool = True, python: str = "python",
+    def submit(self, sub: Submission, *, job_id: Optional[str] = None, ship_package: bool = True,
                entrypoint_num_cpus: Optional[float] = None, entrypoint_num_gpus: Optional[float] = None,
-               cli: Any = None, notes: Optional[TextIO] = None) -> JobState:
-        """Submit one ``spear ...`` command line; returns at once (PENDING). See :func:`build_submission`."""
-        sub = build_submission(command, forward_credentials=forward_credentials, extra_env=extra_env,
-                               python=python, cli=cli)
+               notes: Optional[TextIO] = None) -> JobState:
+        """Stage and submit one command (:func:`spear.pipeline.submission.build_submission`); returns at once (PENDING)."""
         self.secrets = sorted(set(self.secrets) | set(sub.secrets))
         for note in sub.notes:
             print(f"note: {note}", file=notes or sys.stderr)

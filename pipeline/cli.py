@@ -7,72 +7,45 @@ final summary as one JSON object on stdout and nothing else there (logs go to st
     spear config init > spear.yaml
     spear decode --input data/speech --domain speech --output out/decoded
     spear demo
+
+The command functions import their jobs inside their bodies: `spear --help` and every other command
+start without loading torch, Ray or pyarrow (start-up is measured by bench/startup.py). Failures end
+as one ``error:`` line (spear.pipeline.cli_errors); ``--json`` keeps stdout for the summary
+(spear.pipeline.stdout).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import sys
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import click
 
-from spear.config import ConfigError, SpearConfig, commented_default_config, dump_config, load_config
-
-
-class SpearCLIError(click.ClickException):
-    exit_code = 2
-
-    def show(self, file=None) -> None:  # one clear line (or block), no traceback
-        click.echo(f"error: {self.message}", err=True)
-
-
-@contextlib.contextmanager
-def _stdout_reserved(enabled: bool) -> Iterator[Any]:
-    """While a --json job runs, file descriptor 1 points at stderr (Ray workers, libraries, prints).
-
-    Yields the real stdout as a text stream for the final JSON object.
-    """
-    if not enabled:
-        yield sys.stdout
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    real = os.fdopen(os.dup(saved), "w")
-    old_stdout = sys.stdout
-    sys.stdout = sys.stderr
-    try:
-        yield real
-    finally:
-        sys.stdout.flush()
-        sys.stdout = old_stdout
-        os.dup2(saved, 1)
-        os.close(saved)
-        real.flush()
-        real.close()
+from spear.cluster.storage import CREDENTIAL_VARS, Storage, StorageOptions, mask, secrets_in
+from spear.config import (ConfigError, SpearConfig, commented_default_config, dump_config, load_config, mask_override,
+                          parse_workers, secret_values)
+from spear.pipeline.cli_errors import SpearCLIError, failure_error, job_request_errors
+from spear.pipeline.stdout import reserve_stdout
 
 
 def _secrets() -> list[str]:
     """The secret values this command knows of (its config's and the AWS environment's), to mask."""
-    from spear.cluster.storage import secrets_in
-
     ctx = click.get_current_context(silent=True)
     return list(ctx.meta.get(_SECRETS, []) if ctx else []) + secrets_in()
 
 
-def _run_job(as_json: bool, job: Callable[[], Any], human: Callable[[Any], str]) -> None:
-    """Run a job with its run log (spear.pipeline.run_log); print JSON or a human summary.
+def _run_job(as_json: bool, job: Callable[[], Any]) -> None:
+    """Run a job with its run log (spear.pipeline.run_log); print its summary: ``to_dict()`` as JSON,
+    or ``human()``.
 
     A failure ends as one ``error:`` line: the root cause under Ray's wrappers, and for an unexpected
     one the path of the log holding the traceback (exit 1); config errors exit 2. ``--verbose``
     prints the traceback too.
     """
-    from spear.cluster.storage import CREDENTIAL_VARS, mask
-    from spear.config import mask_override
-    from spear.pipeline.run_log import RunLog
+    from spear.pipeline.run_log import RunLog  # start-up: loaded when a job runs, not for --help
 
     def shown(v: Any) -> Any:  # an option value for the log: `--set storage.secret_access_key=...`, `--env AWS_...=`
         if isinstance(v, (tuple, list)):
@@ -87,20 +60,17 @@ def _run_job(as_json: bool, job: Callable[[], Any], human: Callable[[Any], str])
     secrets = _secrets()
     options = {k: shown(val) for k, val in (ctx.params if ctx else {}).items()}
     with RunLog(ctx.info_name if ctx else "job", options, secrets, verbose=_verbose(ctx)) as run_log:
-        with _stdout_reserved(as_json) as out:
+        with reserve_stdout(as_json) as out:
             try:
                 result = job()
             except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure ends as one line, the traceback in the log
-                failure = run_log.failure(exc)
-                err = SpearCLIError(failure.line)
-                err.exit_code = 2 if failure.kind == "config" else 1
-                raise err from None
+                raise failure_error(run_log.failure(exc)) from None
             if as_json:
                 out.write(mask(json.dumps(result.to_dict(), default=str), secrets) + "\n")
     if not as_json:
-        click.echo(mask(human(result), secrets))
+        click.echo(mask(result.human(), secrets))
 
 
 _SECRETS, _VERBOSE = "spear.secrets", "spear.verbose"
@@ -121,8 +91,6 @@ def verbose_option(f: Callable) -> Callable:
 
 
 def _remember_secrets(cfg: SpearConfig) -> SpearConfig:
-    from spear.config import secret_values
-
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         ctx.meta[_SECRETS] = list(ctx.meta.get(_SECRETS, [])) + secret_values(cfg)
@@ -197,6 +165,7 @@ def config_show(config: Optional[str], sets: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------- jobs
+# Each command imports its job (and the job's torch/Ray/pyarrow) in its body: start-up stays that of --help.
 
 
 @main.command()
@@ -211,7 +180,7 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
     cfg = _load(config, sets, _job_overrides(inputs, domain, output, address))
     from spear.pipeline.decode_job import run_decode
 
-    _run_job(as_json, lambda: run_decode(cfg, overwrite=overwrite, progress=True), lambda s: s.human())
+    _run_job(as_json, lambda: run_decode(cfg, overwrite=overwrite, progress=True))
 
 
 @main.command()
@@ -235,7 +204,7 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
         cfg = _remember_secrets(demo_config(config, tuple(sets) + tuple(extra)))
     except ConfigError as exc:
         raise SpearCLIError(str(exc)) from None
-    _run_job(as_json, lambda: run_demo(cfg, workdir=workdir, size=size, iteration=iteration), lambda s: s.human())
+    _run_job(as_json, lambda: run_demo(cfg, workdir=workdir, size=size, iteration=iteration))
 
 
 @main.command()
@@ -254,13 +223,11 @@ def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     cfg = _load(config, sets, _job_overrides(inputs, domain, output, address))
     from spear.pipeline.tokenize_job import run_tokenize
 
-    _run_job(as_json, lambda: run_tokenize(cfg), lambda s: s.human())
+    _run_job(as_json, lambda: run_tokenize(cfg))
 
 
 def _workers(value: str) -> str:
     """--workers N, MIN:MAX or [MIN, MAX] as a train.workers override (the config's own parser)."""
-    from spear.config import parse_workers
-
     try:
         lo, hi = parse_workers(value)
     except ValueError as exc:
@@ -294,7 +261,7 @@ def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], 
     cfg = _load(config, sets, extra)
     from spear.pipeline.train_job import run_train
 
-    _run_job(as_json, lambda: run_train(cfg), lambda s: s.human())
+    _run_job(as_json, lambda: run_train(cfg))
 
 
 @main.command()
@@ -317,7 +284,6 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
     if address or output is None or output.startswith("raysubmit_"):
         return _job_status(address, output, as_json)
     cfg = _load(None, sets, [])
-    from spear.cluster.storage import Storage, StorageOptions
     from spear.pipeline.status import clean_uncommitted, output_status
 
     storage = Storage(StorageOptions.from_config(cfg.storage))
@@ -331,7 +297,7 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
                       f"commit them); --min-age 0 removes them too", file=sys.stderr)
         return output_status(output, storage)
 
-    _run_job(as_json, job, lambda s: s.human())
+    _run_job(as_json, job)
 
 
 @main.command()
@@ -352,14 +318,13 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     cfg = _load(config, sets, [])
     if not corpus and not manifests and not cfg.evaluate.manifests:
         raise SpearCLIError("nothing to evaluate on: give --corpus (a demo corpus) and/or --manifest")
-    from spear.cluster.storage import Storage, StorageOptions
     from spear.pipeline.evaluate_job import run_evaluate
 
     teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
     _run_job(as_json, lambda: run_evaluate(
         student, corpus, teachers=teachers, output=output, seeds=cfg.evaluate.seeds,
         manifests=list(cfg.evaluate.manifests) + list(manifests), train_output=train_output,
-        tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage))), lambda s: s.human())
+        tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage))))
 
 
 @main.command()
@@ -375,11 +340,10 @@ def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -
     gives every layer's frame features.
     """
     cfg = _load(None, sets, [])
-    from spear.cluster.storage import Storage, StorageOptions
     from spear.pipeline.train_job import run_export
 
     storage = Storage(StorageOptions.from_config(cfg.storage))
-    _run_job(as_json, lambda: run_export(checkpoint, output, storage), lambda s: s.human())
+    _run_job(as_json, lambda: run_export(checkpoint, output, storage))
 
 
 # --------------------------------------------------------------------------- cluster jobs (Ray Jobs API)
@@ -393,20 +357,16 @@ def _address_option(f: Callable) -> Callable:
                         help="Ray Jobs API of the cluster (default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS).")(f)
 
 
-def _jobs(as_json: bool, work: Callable[[], Any], human: Callable[[Any], str]) -> Any:
+def _jobs(as_json: bool, work: Callable[[], Any]) -> Any:
     """`_run_job` for job requests: JobError becomes one clear line; returns the result."""
-    from spear.cluster.jobs import JobError
-
     box: list[Any] = []
 
     def job() -> Any:
-        try:
+        with job_request_errors():
             box.append(work())
-        except JobError as exc:
-            raise SpearCLIError(str(exc)) from None
         return box[0]
 
-    _run_job(as_json, job, human)
+    _run_job(as_json, job)
     return box[0]
 
 
@@ -414,15 +374,6 @@ def _client(address: Optional[str]):
     from spear.cluster.jobs import JobClient
 
     return JobClient(address)
-
-
-def _hints(state) -> str:
-    import shlex
-
-    a = shlex.quote(state.address)
-    return (f"  follow: spear logs --address {a} --follow {state.job_id}\n"
-            f"  status: spear status --address {a} {state.job_id}\n"
-            f"  stop:   spear stop --address {a} {state.job_id}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -449,6 +400,8 @@ def submit(address: Optional[str], wait: bool, as_json: bool, job_id: Optional[s
         spear submit --address http://head:8265 --wait -- \\
             spear tokenize --input s3://b/speech --domain speech --output s3://b/tokens
     """
+    from spear.pipeline.submission import SubmittedJob, build_submission, follow_hints
+
     extra_env = {}
     for kv in env:
         key, sep, value = kv.partition("=")
@@ -458,21 +411,21 @@ def submit(address: Optional[str], wait: bool, as_json: bool, job_id: Optional[s
 
     def work():
         client = _client(address)
-        state = client.submit(list(command), job_id=job_id, forward_credentials=not no_credentials,
-                              extra_env=extra_env, ship_package=not no_package, python=python,
-                              entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
-                              cli=main)
+        sub = build_submission(list(command), cli=main, forward_credentials=not no_credentials, extra_env=extra_env,
+                               python=python)
+        state = client.submit(sub, job_id=job_id, ship_package=not no_package,
+                              entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
         print(f"submitted {state.job_id} to {state.address}", file=sys.stderr)
         if not wait:
-            return state
+            return SubmittedJob(state)
         try:
-            return client.wait(state.job_id, log_stream=sys.stderr)
+            return SubmittedJob(client.wait(state.job_id, log_stream=sys.stderr))
         except KeyboardInterrupt:
-            print(f"\ninterrupted: {state.job_id} keeps running on the cluster\n{_hints(state)}", file=sys.stderr)
+            print(f"\ninterrupted: {state.job_id} keeps running on the cluster\n{follow_hints(state)}", file=sys.stderr)
             raise SystemExit(130) from None
 
-    state = _jobs(as_json, work, lambda s: s.human() + ("" if s.terminal else "\n" + _hints(s)))
-    if wait and not state.succeeded:
+    submitted = _jobs(as_json, work)
+    if wait and not submitted.succeeded:
         raise SystemExit(1)
 
 
@@ -482,9 +435,9 @@ def _job_status(address: Optional[str], job: Optional[str], as_json: bool) -> No
         if job is None:
             raise SpearCLIError("missing OUTPUT (a token dataset), or --address http://HEAD:8265 to list cluster jobs")
     if job is None:
-        _jobs(as_json, lambda: _client(address).list(), lambda s: s.human())
+        _jobs(as_json, lambda: _client(address).list())
     else:
-        _jobs(as_json, lambda: _client(address).status(job), lambda s: s.human())
+        _jobs(as_json, lambda: _client(address).status(job))
 
 
 @main.command()
@@ -493,22 +446,18 @@ def _job_status(address: Optional[str], job: Optional[str], as_json: bool) -> No
 @click.argument("job")
 def logs(address: Optional[str], follow: bool, job: str) -> None:
     """Print the log of job JOB (its driver's stdout and stderr; credentials masked)."""
-    from spear.cluster.jobs import JobError
     from spear.cluster.ray_runtime import RayConnectionError
 
     try:
-        client = _client(address)
-        if follow:
-            client.follow(job, sys.stdout)
-        else:
-            text = client.logs(job)
-            click.echo(text, nl=not text.endswith("\n"))
-    except JobError as exc:
-        raise SpearCLIError(str(exc)) from None
+        with job_request_errors():
+            client = _client(address)
+            if follow:
+                client.follow(job, sys.stdout)
+            else:
+                text = client.logs(job)
+                click.echo(text, nl=not text.endswith("\n"))
     except RayConnectionError as exc:
-        err = SpearCLIError(str(exc))
-        err.exit_code = 1
-        raise err from None
+        raise SpearCLIError(str(exc), exit_code=1) from None
 
 
 @main.command()
@@ -519,7 +468,7 @@ def logs(address: Optional[str], follow: bool, job: str) -> None:
 @click.argument("job")
 def stop(address: Optional[str], as_json: bool, no_wait: bool, job: str) -> None:
     """Stop job JOB (its driver gets SIGTERM, then SIGKILL); committed output stays consistent."""
-    _jobs(as_json, lambda: _client(address).stop(job, wait=not no_wait), lambda s: s.human())
+    _jobs(as_json, lambda: _client(address).stop(job, wait=not no_wait))
 
 
 # --------------------------------------------------------------------------- plan and run (the whole pipeline)
@@ -554,8 +503,7 @@ def plan(config: Optional[str], sets: tuple[str, ...], hours: Optional[float], s
 
     _run_job(as_json, lambda: make_plan(cfg, hours=hours, speech_share=speech_share, gpus=gpus, cpus=cpus,
                                         gpu_type=gpu_type, audio_in_shards=not no_audio_in_shards,
-                                        speech_teacher=speech_teacher, audio_teacher=audio_teacher),
-             lambda p: p.human())
+                                        speech_teacher=speech_teacher, audio_teacher=audio_teacher))
 
 
 @main.command(name="run")
@@ -571,7 +519,7 @@ def run_pipeline(config: Optional[str], sets: tuple[str, ...], address: Optional
     cfg = _load(config, sets, extra)
     from spear.pipeline.run_job import run_all
 
-    _run_job(as_json, lambda: run_all(cfg), lambda s: s.human())
+    _run_job(as_json, lambda: run_all(cfg))
 
 
 # --------------------------------------------------------------------------- a local S3 server
@@ -604,9 +552,7 @@ def s3_serve(data_dir: str, port: Optional[int], bucket: str, access_key: Option
     try:
         code = serve(data_dir, port=port, bucket=bucket, access_key=access_key, secret_key=secret_key)
     except (ValueError, OSError, RuntimeError) as exc:   # bad name or port, port taken, server failed to start
-        err = SpearCLIError(str(exc).splitlines()[0])
-        err.exit_code = 1 if not isinstance(exc, ValueError) else 2
-        raise err from None
+        raise SpearCLIError(str(exc).splitlines()[0], exit_code=2 if isinstance(exc, ValueError) else 1) from None
     raise SystemExit(code)
 
 
@@ -618,8 +564,6 @@ def entry() -> None:
     apache/arrow#34314). Jobs clean up in their own context managers (Ray, temp dirs, servers), so
     nothing is left for finalisation to do but that race.
     """
-    import logging
-
     try:
         main()
         code: Any = 0

@@ -17,9 +17,10 @@ from pathlib import Path
 import ray
 import yaml
 
-from spear.cluster.jobs import CREDENTIAL_VARS, build_submission
-from spear.pipeline.cli import main as cli
+from spear.cluster.storage import CREDENTIAL_VARS
 from spear.config import load_config
+from spear.pipeline.cli import main as cli
+from spear.pipeline.submission import build_submission
 
 CONFIGS = Path(__file__).resolve().parents[2] / "cluster" / "configs"
 

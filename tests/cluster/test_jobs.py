@@ -28,11 +28,12 @@ import pyarrow.compute as pc
 import pytest
 import yaml
 
-from spear.cluster.jobs import (CREDENTIAL_VARS, MAX_UPLOAD_BYTES, JobClient, JobError, build_submission,
-                                last_json_object, mask, resolve_address, stage_runtime_env)
+from spear.cluster.jobs import (MAX_UPLOAD_BYTES, JobClient, JobError, last_json_object, resolve_address,
+                                stage_runtime_env)
 from spear.cluster.local_s3 import free_port
-from spear.cluster.storage import Storage, join_uri, resolve_uri
+from spear.cluster.storage import CREDENTIAL_VARS, Storage, join_uri, mask, resolve_uri
 from spear.pipeline.cli import main as cli
+from spear.pipeline.submission import build_submission
 
 SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE123", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-example-secret",
               "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1"}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spear.cluster.jobs import SECRET_SETTINGS, build_submission
-from spear.pipeline.cli import main as cli
 from spear.config import secret_fields
+from spear.pipeline.cli import main as cli
+from spear.pipeline.submission import SECRET_SETTINGS, build_submission
 from support.configs import closed_port
 
 SECRET_FIELDS = ["storage.access_key_id", "storage.secret_access_key", "storage.session_token"]
