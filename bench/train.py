@@ -104,13 +104,14 @@ def main() -> None:
     from spear.models.frontend import KaldiFbank
     from spear.config import TrainConfig
     from spear.pipeline.ledger import TokenStore, list_token_versions
-    from spear.stages.train_data import TrainBatches, TrainDataPlan
+    from spear.pipeline.train_job import plan_training_data
+    from spear.stages.train_data import TrainBatches
     from spear.stages.train_loop import build_objective, prepare_batch
 
     shards = tokenised_shards(args.cache, args.minutes)
     st = Storage()
     store = TokenStore(shards, list_token_versions(shards, st)[0], st)
-    plan = TrainDataPlan.from_store(store)
+    plan = plan_training_data(store)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(batch_seconds=args.batch_seconds)
 

@@ -25,47 +25,29 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 import time
+import sys
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from spear.cluster.ray_runtime import ray_session
-from spear.cluster.storage import Storage, StorageOptions, join_uri, normalize_uri, relative_uri, resolve_uri
+from spear.cluster.storage import Storage, StorageError, StorageOptions, normalize_uri, relative_uri
 from spear.config import ConfigError, SpearConfig, TeacherConfig
+from spear.pipeline.codebooks import ROLE_DOMAINS, CodebookInfo, codebook_shape, recorded_codebooks, role_codebooks, role_has_data
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.progress import Progress
+from spear.schemas.ledger import quarantined_entry, tokenized_entry
+from spear.schemas.quarantine import is_partial
 from spear.schemas.shards import TOKEN_VERSION_SCHEME, token_columns, token_shard_schema, token_version
 from spear.stages.catalog import Catalog, build_catalog
-from spear.stages.writer import ObjectTracker, write_batch
-
-# CPU reservation of a shard-writer task (mostly waiting on storage).
-WRITER_CPUS = 0.25
-ROLE_DOMAINS: dict[str, Optional[tuple[str, ...]]] = {"speech": None, "audio": ("audio",)}
-
-
-@dataclass
-class CodebookInfo:
-    """The codebooks one teacher role uses in a token version."""
-
-    uri: str
-    version: str
-    teacher: str
-    teacher_version: str
-    num_codebooks: int
-    frame_rate: float
-    dim: int
-    fitted_now: bool                       # fitted (pass 1) by this run
-    heldout_loss: Optional[float] = None
-    sample_frames: Optional[int] = None    # frames the codebooks were fitted on
-    heldout_frames: Optional[int] = None
-    reused_from: Optional[str] = None      # the mvq.reuse_codebooks artefact they were copied from
+from spear.stages.decode import decode_dataset
+from spear.stages.quantize import QuantizerEncoder
+from spear.stages.writer import WRITER_CPUS, ObjectTracker, WriterStage
 
 
 @dataclass
@@ -266,17 +248,6 @@ def diff_catalog(objects: pa.Table, ledger: pa.Table) -> tuple[pa.Table, int]:
     return objects.filter(mask), int(len(keep) - sum(keep))
 
 
-def _role_has_data(objects: pa.Table, role: str) -> bool:
-    domains = ROLE_DOMAINS[role]
-    if objects.num_rows == 0 or domains is None:
-        return objects.num_rows > 0
-    return bool(pc.any(pc.is_in(objects["domain"], value_set=pa.array(list(domains)))).as_py())
-
-
-def _codebook_shape(cfg: SpearConfig, role: str) -> tuple[int, int]:
-    return (cfg.mvq.speech_codebooks if role == "speech" else cfg.mvq.audio_codebooks), cfg.mvq.codebook_size
-
-
 def teacher_fingerprint(tcfg: TeacherConfig, storage: Storage) -> dict[str, Any]:
     """What identifies a teacher's version without loading it: kind, layer, our implementation version
     and, for a checkpoint, the names, sizes and etags of its files (a rewritten checkpoint changes it)."""
@@ -322,179 +293,10 @@ def resolve_teachers(roles: dict[str, TeacherConfig], out: str, storage: Storage
     return descs, fps, missing, legacy
 
 
-def _ways_on(role: str, frames: int, codebook_size: int, per_entry: int, capped: bool, cfg: SpearConfig) -> list[str]:
-    from spear.stages.quantize import largest_codebook_size
-
-    ways = []
-    if capped:
-        ways.append(f"sample more frames (--set mvq.sample_frames={4 * cfg.mvq.sample_frames}; now {cfg.mvq.sample_frames})")
-    ways.append(f"add {'audio-domain ' if ROLE_DOMAINS[role] else ''}data")
-    k = largest_codebook_size(frames, per_entry)
-    if k and k < codebook_size:
-        ways.append(f"choose smaller codebooks (--set mvq.codebook_size={k}: a new token version)")
-    return ways
-
-
-def _too_few_frames(role: str, desc: dict[str, Any], sample, codebook_size: int, cfg: SpearConfig) -> ConfigError:
-    from spear.stages.quantize import SOUND_FRAMES_PER_ENTRY
-
-    n, per = int(sample.train.shape[0]), cfg.mvq.min_frames_per_entry
-    ways = _ways_on(role, n, codebook_size, per, n >= cfg.mvq.sample_frames, cfg)
-    if n // codebook_size >= 1:
-        ways.append(f"lower the minimum (--set mvq.min_frames_per_entry={n // codebook_size}: poorer codebooks, "
-                    f"with a warning)")
-    ways.append("reuse codebooks fitted elsewhere for the same teacher version "
-                "(--set mvq.reuse_codebooks=URI of a token dataset or codebook folder)")
-    return ConfigError(
-        f"too little data to fit the {role} teacher's codebooks ({desc['name']} {desc['version'][:12]}): "
-        f"{n} frames sampled from {sample.segments} segments ({sample.audio_seconds:.0f} s of audio), and "
-        f"{codebook_size}-entry codebooks need at least {per * codebook_size} ({per} per entry; "
-        f"{SOUND_FRAMES_PER_ENTRY * codebook_size} for a sound fit). Ways on: " + "; ".join(ways))
-
-
-def _few_frames_warning(role: str, cb: CodebookInfo, codebook_size: int, capped: bool, cfg: SpearConfig) -> Optional[str]:
-    """A warning when ``cb`` was fitted on fewer than SOUND_FRAMES_PER_ENTRY frames per codebook entry."""
-    from spear.stages.quantize import SOUND_FRAMES_PER_ENTRY
-
-    if cb.sample_frames is None or cb.sample_frames >= SOUND_FRAMES_PER_ENTRY * codebook_size:
-        return None
-    # a token version keeps its codebooks: better ones go to a new --output
-    ways = [w + " and tokenise into a new --output" if w.startswith("add") else w
-            for w in _ways_on(role, cb.sample_frames, codebook_size, SOUND_FRAMES_PER_ENTRY, capped, cfg)]
-    ways.append("reuse codebooks fitted on more data (--set mvq.reuse_codebooks=URI)")
-    return (f"{role} codebooks {cb.version[:12]} ({cb.num_codebooks}x{codebook_size}) were fitted on {cb.sample_frames} "
-            f"frames; a sound fit needs at least {SOUND_FRAMES_PER_ENTRY * codebook_size} ({SOUND_FRAMES_PER_ENTRY} per "
-            f"entry, as faiss' k-means asks for 39 or more per centroid), so the tokens may be poor. To do better: "
-            + "; ".join(ways))
-
-
-def _load_codebooks(role: str, uri: str, desc: dict[str, Any], shape: tuple[int, int], storage: Storage,
-                    recorded: Optional[dict[str, Any]], version: str) -> Optional[CodebookInfo]:
-    """The codebooks stored at ``uri`` (None when there are none), checked against the teacher and
-    against the codebooks ``version.json`` recorded for the role (a token version never changes them)."""
-    from spear.models.mvq import MultiCodebookQuantizer
-    from spear.models.mvq.artefact import META_NAME
-
-    if not storage.exists(join_uri(uri, META_NAME)):
-        if recorded:
-            raise ConfigError(f"token version {version} was tokenised with {role} codebooks {recorded['version'][:12]}, "
-                              f"which are no longer at {uri}: restore them, or tokenise into a new --output")
-        return None
-    try:
-        q = MultiCodebookQuantizer.load(uri, storage=storage)
-        q.check_compatible(teacher_id=desc["version"], dim=int(desc["dim"]), num_codebooks=shape[0],
-                           codebook_size=shape[1])
-    except ValueError as exc:
-        raise ConfigError(f"{role} codebooks at {uri}: {exc}") from None
-    if recorded and recorded["version"] != q.version:
-        raise ConfigError(f"{uri} holds {role} codebooks {q.version[:12]}, but token version {version} was tokenised "
-                          f"with {recorded['version'][:12]}: restore those, or tokenise into a new --output")
-    meta = q.metadata
-    loss = meta.get("heldout_relative_loss")
-    return CodebookInfo(uri=uri, version=q.version, teacher=desc["name"], teacher_version=desc["version"],
-                        num_codebooks=shape[0], frame_rate=float(desc["frame_rate"]), dim=int(desc["dim"]),
-                        fitted_now=False, heldout_loss=loss if loss is not None else meta.get("train_relative_loss"),
-                        sample_frames=meta.get("training_frames"), heldout_frames=meta.get("heldout_frames"),
-                        reused_from=(recorded or {}).get("reused_from"))
-
-
-def _reuse_codebooks(role: str, source: str, uri: str, desc: dict[str, Any], shape: tuple[int, int],
-                     storage: Storage, version: str) -> CodebookInfo:
-    """Copy the artefact of ``source`` (a codebook folder, or a folder / token dataset holding several)
-    that fits this teacher version and shape to ``uri``, so the dataset stays self-contained."""
-    from spear.cluster.storage import StorageError
-    from spear.models.mvq.artefact import META_NAME, TENSORS_NAME
-
-    source = normalize_uri(source)
-    try:
-        if storage.exists(join_uri(source, META_NAME)):
-            metas = [join_uri(source, META_NAME)]
-        else:
-            base = join_uri(source, "codebooks") if storage.exists(join_uri(source, "codebooks")) else source
-            metas = [e.uri for e in storage.list_files(base, extensions=["json"]) if e.uri.endswith("/" + META_NAME)]
-    except StorageError as exc:
-        raise ConfigError(f"mvq.reuse_codebooks {source}: {exc}") from None
-    seen = []
-    for m in metas:
-        try:
-            meta = json.loads(storage.read_text(m))
-        except (FileNotFoundError, ValueError):
-            continue
-        seen.append(f"{str(meta.get('teacher_id'))[:12]} {meta.get('num_codebooks')}x{meta.get('codebook_size')}")
-        if (meta.get("teacher_id"), meta.get("num_codebooks"), meta.get("codebook_size"), meta.get("dim")) != \
-                (desc["version"], shape[0], shape[1], int(desc["dim"])):
-            continue
-        folder = m[: -len(META_NAME)].rstrip("/")
-        for name in (TENSORS_NAME, META_NAME):  # metadata last: its presence marks a complete artefact
-            storage.write_bytes(join_uri(uri, name), storage.read_bytes(join_uri(folder, name)))
-        cb = _load_codebooks(role, uri, desc, shape, storage, None, version)
-        cb.reused_from = folder
-        return cb
-    raise ConfigError(f"mvq.reuse_codebooks {source} has no {role} codebooks for teacher {desc['name']} "
-                      f"{desc['version'][:12]} with {shape[0]}x{shape[1]} (it holds: {'; '.join(seen) or 'none'}): "
-                      f"codebooks are reusable only for the same teacher version and shape")
-
-
-def _fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[str, Any], objects: pa.Table,
-                   uri: str, storage: Storage, options: StorageOptions, rinfo, log) -> tuple[CodebookInfo, bool]:
-    """Pass 1 for one role: (codebooks fitted and saved at ``uri``, whether the sample hit mvq.sample_frames)."""
-    from spear.stages.quantize import fit_quantizer, sample_teacher_frames
-
-    num_codebooks, size = _codebook_shape(cfg, role)
-    log(f"[tokenize] pass 1: fitting {role} codebooks for teacher {desc['name']} ({desc['version'][:12]})")
-    pools, decode_cfg = stage_resources(cfg, {role: tcfg}, log, rinfo.embedded)
-    sample = sample_teacher_frames(objects, tcfg, decode_cfg, options, sample_frames=cfg.mvq.sample_frames,
-                                   heldout_fraction=cfg.mvq.heldout_fraction, seed=cfg.mvq.seed, dim=int(desc["dim"]),
-                                   frame_rate=float(desc["frame_rate"]), domains=ROLE_DOMAINS[role], progress=log,
-                                   pool_kwargs=pools[role])
-    if sample.train.shape[0] < cfg.mvq.min_frames_per_entry * size:  # checked here: a GPU task would wrap the error
-        raise _too_few_frames(role, desc, sample, size, cfg)
-    extra = {"teacher": desc["name"], "teacher_kind": tcfg.kind, "frame_rate": float(desc["frame_rate"]), "role": role,
-             "sample_segments": sample.segments, "sample_audio_seconds": sample.audio_seconds,
-             "sample_sources": sample.sources}
-    fit_kwargs = dict(num_codebooks=num_codebooks, codebook_size=size, seed=cfg.mvq.seed,
-                      teacher_id=desc["version"], layer=tcfg.layer, extra=extra,
-                      min_frames_per_entry=cfg.mvq.min_frames_per_entry)
-    if rinfo.gpus > 0:  # fit where the GPU is
-        import ray
-
-        q = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer).remote(sample, **fit_kwargs))
-    else:
-        q = fit_quantizer(sample, **fit_kwargs)
-    loss = q.metadata.get("heldout_relative_loss")
-    if loss is None:
-        loss = q.metadata.get("train_relative_loss")
-    q.save(uri, storage=storage)
-    _save_usage_plot(q, sample.heldout if sample.heldout.shape[0] else sample.train, uri, storage)
-    cb = CodebookInfo(uri=uri, version=q.version, teacher=desc["name"], teacher_version=desc["version"],
-                      num_codebooks=num_codebooks, frame_rate=float(desc["frame_rate"]), dim=int(desc["dim"]),
-                      fitted_now=True, heldout_loss=loss,
-                      # the frames k-means saw (the sample less the fit's own validation share), as the artefact says
-                      sample_frames=int(q.metadata.get("training_frames") or sample.train.shape[0]),
-                      heldout_frames=int(q.metadata.get("heldout_frames") or sample.heldout.shape[0]))
-    log(f"[tokenize] {role} codebooks {cb.version[:12]}: relative reconstruction loss {cb.heldout_loss:.4f} "
-        f"on {cb.heldout_frames} held-out frames ({cb.sample_frames} fitted)")
-    return cb, sample.train.shape[0] >= cfg.mvq.sample_frames
-
-
-def _save_usage_plot(q, frames: np.ndarray, uri: str, storage: Storage) -> None:
-    import torch
-
-    from spear.models.mvq import plot_codebook_usage
-
-    codes = q.encode(torch.from_numpy(frames))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "usage.png")
-        plot_codebook_usage(codes, path, codebook_size=q.codebook_size,
-                            title=f"{q.metadata.get('extra', {}).get('teacher', '')} codebook usage (held-out frames)")
-        with open(path, "rb") as f:
-            storage.write_bytes(join_uri(uri, "usage.png"), f.read())
-
-
 def _open_version(out: str, storage: Storage, cfg: SpearConfig, decode_settings: dict[str, Any],
-                  roles: dict[str, TeacherConfig], descs: dict[str, dict[str, Any]], objects: pa.Table):
-    """(key, token version, its store, its version.json or None, objects to tokenise, objects already done)."""
-    key = {r: dict(zip(("teacher", "num_codebooks", "codebook_size"), (descs[r]["version"], *_codebook_shape(cfg, r))))
+                  roles: dict[str, TeacherConfig], descs: dict[str, dict[str, Any]], objects: pa.Table) -> "OpenedVersion":
+    """The token version ``descs`` and the settings key, and what of ``objects`` it still lacks."""
+    key = {r: dict(zip(("teacher", "num_codebooks", "codebook_size"), (descs[r]["version"], *codebook_shape(cfg, r))))
            for r in roles}
     version = token_version(decode_settings, key)
     store = TokenStore(out, version, storage)
@@ -503,39 +305,7 @@ def _open_version(out: str, storage: Storage, cfg: SpearConfig, decode_settings:
     except FileNotFoundError:
         info = None
     todo, skipped = diff_catalog(objects, store.ledger())
-    return key, version, store, info, todo, skipped
-
-
-def _role_codebooks(cfg: SpearConfig, roles: dict[str, TeacherConfig], descs: dict[str, dict[str, Any]], todo: pa.Table,
-                    objects: pa.Table, out: str, version: str, info: Optional[dict[str, Any]], storage: Storage,
-                    options: StorageOptions, rinfo, log, warnings: list[str]) -> dict[str, CodebookInfo]:
-    """The codebooks of every role that has them: stored ones, and for a role whose domain has data
-    in ``todo`` for the first time, reused (mvq.reuse_codebooks) or fitted (pass 1) now."""
-    from spear.stages.quantize import codebook_uri
-
-    recorded = (info or {}).get("teachers") or {}
-    codebooks: dict[str, CodebookInfo] = {}
-    for role, tcfg in roles.items():
-        has_data = _role_has_data(todo, role)
-        if role not in recorded and not has_data:
-            continue  # no data for this role yet: no codebooks in the version (training skips its head)
-        shape = _codebook_shape(cfg, role)
-        uri = codebook_uri(out, role, descs[role]["version"], *shape)
-        cb = _load_codebooks(role, uri, descs[role], shape, storage, recorded.get(role), version)
-        if cb is None and has_data:
-            capped = False
-            if cfg.mvq.reuse_codebooks:
-                cb = _reuse_codebooks(role, cfg.mvq.reuse_codebooks, uri, descs[role], shape, storage, version)
-                log(f"[tokenize] {role} codebooks {cb.version[:12]} reused from {cb.reused_from}")
-            else:
-                cb, capped = _fit_codebooks(cfg, role, tcfg, descs[role], objects, uri, storage, options, rinfo, log)
-            warning = _few_frames_warning(role, cb, shape[1], capped, cfg)
-            if warning:
-                warnings.append(warning)
-                log(f"[tokenize] warning: {warning}")
-        if cb is not None:
-            codebooks[role] = cb
-    return codebooks
+    return OpenedVersion(key=key, version=version, store=store, info=info, todo=todo, skipped=skipped)
 
 
 def _version_info(version: str, decode_settings: dict[str, Any], key: dict[str, Any], roles: dict[str, TeacherConfig],
@@ -550,27 +320,8 @@ def _version_info(version: str, decode_settings: dict[str, Any], key: dict[str, 
             "teacher_fingerprints": {r: {"fingerprint": fingerprints[r], "describe": descs[r]} for r in roles}}
 
 
-def _recorded_codebooks(info: dict[str, Any], out: str) -> dict[str, CodebookInfo]:
-    """The codebooks version.json records, without loading them (a run with nothing to do)."""
-    names = {f.name for f in fields(CodebookInfo)}
-    codebooks = {}
-    for role, t in (info.get("teachers") or {}).items():
-        try:
-            codebooks[role] = CodebookInfo(**{**{k: v for k, v in t.items() if k in names},
-                                              "uri": resolve_uri(out, t.get("uri") or ""), "fitted_now": False})
-        except TypeError:  # a version.json without the full record (another writer's): nothing to show
-            continue
-    return codebooks
-
-
 def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | None = None) -> TokenizeSummary:
     """Run the tokenisation job described by ``cfg``; see the module docstring."""
-    import sys
-
-    from spear.stages.decode import decode_dataset, is_partial
-    from spear.stages.quantize import QuantizerEncoder
-    from spear.stages.teacher import TeacherStage
-
     if not cfg.corpus.sources and catalog is None:
         raise ConfigError("no corpus sources: give --input URI[,URI...] --domain speech|audio, "
                           "or list corpus.sources in the config")
@@ -583,8 +334,6 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
     if catalog is None:
         catalog = build_catalog(cfg.corpus.sources, storage)
     if catalog.num_objects == 0 and catalog.unreadable:
-        from spear.cluster.storage import StorageError
-
         raise StorageError("no source could be listed: " + "; ".join(f"{u['uri']}: {u['reason']}" for u in catalog.unreadable))
     summary = TokenizeSummary(objects=catalog.num_objects + len(catalog.unreadable), output=out)
 
@@ -598,11 +347,9 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
     # What there is to do is decided before Ray starts: a run with nothing new never starts it.
     descs, fingerprints, missing, legacy = resolve_teachers(roles, out, storage, options)
     opened = None if missing else _open_version(out, storage, cfg, decode_settings, roles, descs, catalog.objects)
-    tracker = ObjectTracker()
-    commits = 0
-    if opened is not None and opened[4].num_rows == 0:
-        key, version, store, info, todo, skipped = opened
-        log(f"[tokenize] nothing new: all {skipped} objects are committed under {version}")
+    committer: Optional[ShardCommitter] = None
+    if opened is not None and opened.todo.num_rows == 0:
+        log(f"[tokenize] nothing new: all {opened.skipped} objects are committed under {opened.version}")
     else:
         import ray
 
@@ -614,89 +361,121 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                 describe = ray.remote(num_cpus=0.5)(_describe_teacher)
                 descs.update(zip(missing, ray.get([describe.remote(roles[r], options) for r in missing])))
                 opened = _open_version(out, storage, cfg, decode_settings, roles, descs, catalog.objects)
-            key, version, store, info, todo, skipped = opened
-            if todo.num_rows == 0:
-                log(f"[tokenize] nothing new: all {skipped} objects are committed under {version}")
+            if opened.todo.num_rows == 0:
+                log(f"[tokenize] nothing new: all {opened.skipped} objects are committed under {opened.version}")
             else:
-                summary.codebooks = _role_codebooks(cfg, roles, descs, todo, catalog.objects, out, version, info,
-                                                    storage, options, rinfo, log, summary.warnings)
-                new_info = _version_info(version, decode_settings, key, roles, summary.codebooks, descs, fingerprints)
+                def plan_stages(active: dict[str, TeacherConfig]):
+                    return stage_resources(cfg, active, log, rinfo.embedded)
+
+                summary.codebooks = role_codebooks(cfg, roles, descs, opened.todo, catalog.objects, out, opened.version,
+                                                   opened.info, storage, options, rinfo, log, summary.warnings,
+                                                   plan_stages)
+                new_info = _version_info(opened.version, decode_settings, opened.key, roles, summary.codebooks, descs,
+                                         fingerprints)
+                info = opened.info
                 if info is None or set(info.get("teachers") or {}) != set(new_info["teachers"]) \
                         or info.get("teacher_fingerprints") != new_info["teacher_fingerprints"]:
-                    store.write_version_info(new_info, replace=True)
-                codebooks = summary.codebooks
+                    opened.store.write_version_info(new_info, replace=True)
                 run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-                summary.pending_objects, summary.skipped_objects = todo.num_rows, skipped
+                summary.pending_objects, summary.skipped_objects = opened.todo.num_rows, opened.skipped
                 log(f"{summary.pass2_line()}, run {run_id}")
-                # only the teachers whose domains have rows in this run
-                active = {r: t for r, t in roles.items() if r in codebooks and _role_has_data(todo, r)}
-                pools, decode_cfg = stage_resources(cfg, active, log, rinfo.embedded)
-                ds = decode_dataset(todo, decode_cfg, options)
-                for role, tcfg in active.items():
-                    ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={
-                        "teacher": tcfg, "column_prefix": role, "storage_options": options,
-                        "encode": QuantizerEncoder(codebooks[role].uri, options), "only_domains": ROLE_DOMAINS[role]},
-                        **pools[role])
-                role_meta = {r: ({"domains": ROLE_DOMAINS[r], "num_codebooks": codebooks[r].num_codebooks,
-                                  "frame_rate": codebooks[r].frame_rate, "codebook": codebooks[r].version}
-                                 if r in active else None) for r in roles}
-                per_row = cfg.decode.max_segment_seconds * cfg.tokenize.flac_bytes_per_second
-                rows_per_shard = max(1, int(cfg.tokenize.shard_target_mb * 1e6 / per_row))
-                ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=WRITER_CPUS,
-                                    fn_kwargs={"directory": store.shard_dir(run_id), "storage_options": options,
-                                               "schema": token_shard_schema(list(roles)), "prefix": "shard",
-                                               "transform": functools.partial(add_token_metadata, run_id=run_id,
-                                                                              roles=role_meta)})
+                ds = _pass2_dataset(cfg, roles, summary.codebooks, opened, run_id, options, plan_stages)
+                committer = ShardCommitter(opened.store, run_id)
                 meter = Progress("tokenize", enabled=progress)
-                committed_files = committed_quarantine = 0
-                last_commit = time.monotonic()
-
-                partial_notes: dict[str, str] = {}
-
-                def commit(final: bool) -> None:
-                    nonlocal committed_files, committed_quarantine, last_commit, commits
-                    new_files = tracker.files[committed_files:]
-                    done = tracker.take_completed()
-                    bad = tracker.quarantined[committed_quarantine:]
-                    committed_quarantine = len(tracker.quarantined)
-                    # An object kept in part is tokenized (a "quarantined" entry would hide its rows): its note
-                    # becomes the reason of its "tokenized" entry.
-                    partial_notes.update({q["uri"]: f"{q['stage']}: {q['reason']}" for q in bad if is_partial(q)})
-                    bad = [q for q in bad if not is_partial(q)]
-                    if not (new_files or done or bad):
-                        return
-                    ledger_rows = [{"source_uri": o["uri"], "source": o["source"], "domain": o["domain"], "etag": o["etag"],
-                                    "size": o["size"], "run_id": run_id, "status": "tokenized", "segments": o["segments"],
-                                    "audio_seconds": o["audio_seconds"], "reason": partial_notes.get(o["uri"])} for o in done]
-                    ledger_rows += [{"source_uri": q["uri"], "source": q["source"], "domain": q["domain"], "etag": q["etag"],
-                                     "size": q["size"], "run_id": run_id, "status": "quarantined", "segments": 0,
-                                     "audio_seconds": 0.0, "reason": f"{q['stage']}: {q['reason']}"} for q in bad]
-                    store.commit(run_id, [dict(f, run_id=run_id) for f in new_files], ledger_rows,
-                                 info={"final": final, "objects_committed": len(ledger_rows)})
-                    committed_files = len(tracker.files)
-                    last_commit = time.monotonic()
-                    commits += 1
-
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in batch.to_pylist():
-                        meter.update(audio_seconds=row["audio_seconds"], **tracker.add(row))
-                    if time.monotonic() - last_commit >= cfg.tokenize.commit_interval_s:
-                        commit(final=False)
-                commit(final=True)
+                        meter.update(audio_seconds=row["audio_seconds"], **committer.tracker.add(row))
+                    if time.monotonic() - committer.last_commit >= cfg.tokenize.commit_interval_s:
+                        committer.commit(final=False)
+                committer.commit(final=True)
 
-    summary.token_version = version
-    summary.skipped_objects = skipped
-    if legacy:
-        summary.warnings.append(
-            f"{out} also holds token versions written before a version covered every teacher role "
-            f"({', '.join(legacy)}); this run's rows are in {version}. `spear train` reads one version: set "
-            f"train.token_version, or tokenise the whole corpus into a new --output to have it in one")
-        log(f"[tokenize] warning: {summary.warnings[-1]}")
-    ledger = store.ledger()
-    live = ledger.filter(pc.equal(ledger["status"], "tokenized")) if ledger.num_rows else ledger
-    for f in tracker.files:
-        import pyarrow.parquet as pq
+    _finish_summary(summary, opened, committer, catalog, legacy, out, storage, log)
+    summary.wall_seconds = time.monotonic() - t0
+    log(summary.done_line())
+    return summary
 
+
+@dataclass
+class OpenedVersion:
+    """The token version a run writes into, and what of the catalog it still has to tokenise."""
+
+    key: dict[str, Any]
+    version: str
+    store: TokenStore
+    info: Optional[dict[str, Any]]   # its version.json (None before the first commit)
+    todo: pa.Table                   # objects new or changed since the ledger
+    skipped: int                     # objects already committed and unchanged
+
+
+def _pass2_dataset(cfg: SpearConfig, roles: dict[str, TeacherConfig], codebooks: dict[str, CodebookInfo],
+                   opened: OpenedVersion, run_id: str, options: StorageOptions, plan_stages):
+    """Pass 2 on Ray Data: decode -> each active role's teacher + MVQ (one actor each) -> shard writer."""
+    # Imports of torch-loading modules stay inside functions throughout this job: a run with nothing
+    # new (the common incremental case) then finishes without loading torch (bench/startup.py).
+    from spear.stages.teacher import TeacherStage
+
+    # only the teachers whose domains have rows in this run
+    active = {r: t for r, t in roles.items() if r in codebooks and role_has_data(opened.todo, r)}
+    pools, decode_cfg = plan_stages(active)
+    ds = decode_dataset(opened.todo, decode_cfg, options)
+    for role, tcfg in active.items():
+        ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={
+            "teacher": tcfg, "column_prefix": role, "storage_options": options,
+            "encode": QuantizerEncoder(codebooks[role].uri, options), "only_domains": ROLE_DOMAINS[role]},
+            **pools[role])
+    role_meta = {r: ({"domains": ROLE_DOMAINS[r], "num_codebooks": codebooks[r].num_codebooks,
+                      "frame_rate": codebooks[r].frame_rate, "codebook": codebooks[r].version}
+                     if r in active else None) for r in roles}
+    per_row = cfg.decode.max_segment_seconds * cfg.tokenize.flac_bytes_per_second
+    rows_per_shard = max(1, int(cfg.tokenize.shard_target_mb * 1e6 / per_row))
+    writer = WriterStage(opened.store.shard_dir(run_id), token_shard_schema(list(roles)), options, prefix="shard",
+                         transform=functools.partial(add_token_metadata, run_id=run_id, roles=role_meta))
+    return ds.map_batches(writer, batch_format="pyarrow", batch_size=rows_per_shard, num_cpus=WRITER_CPUS)
+
+
+class ShardCommitter:
+    """Commits what pass 2 finished to the token version's ledger, one manifest per commit.
+
+    The driver feeds every writer row to ``tracker`` and calls :meth:`commit` every
+    ``tokenize.commit_interval_s`` and at the end; each commit names the shard files written since
+    the last one and the objects whose segments are all in them (a crash loses at most one interval).
+    An object kept in part is committed as tokenised, with its note as the reason.
+    """
+
+    def __init__(self, store: TokenStore, run_id: str):
+        self.store, self.run_id = store, run_id
+        self.tracker = ObjectTracker()
+        self.commits = 0
+        self.last_commit = time.monotonic()
+        self._files_done = self._quarantine_done = 0
+        self._partial_notes: dict[str, str] = {}
+
+    def commit(self, final: bool) -> None:
+        tracker = self.tracker
+        new_files = tracker.files[self._files_done:]
+        done = tracker.take_completed()
+        bad = tracker.quarantined[self._quarantine_done:]
+        self._quarantine_done = len(tracker.quarantined)
+        # An object kept in part is tokenized (a "quarantined" entry would hide its rows): its note
+        # becomes the reason of its "tokenized" entry.
+        self._partial_notes.update({q["uri"]: f"{q['stage']}: {q['reason']}" for q in bad if is_partial(q)})
+        bad = [q for q in bad if not is_partial(q)]
+        if not (new_files or done or bad):
+            return
+        run_id = self.run_id
+        ledger_rows = [tokenized_entry(o, run_id, self._partial_notes.get(o["uri"])) for o in done]
+        ledger_rows += [quarantined_entry(q, run_id) for q in bad]
+        self.store.commit(run_id, [dict(f, run_id=run_id) for f in new_files], ledger_rows,
+                          info={"final": final, "objects_committed": len(ledger_rows)})
+        self._files_done = len(tracker.files)
+        self.last_commit = time.monotonic()
+        self.commits += 1
+
+
+def _token_bytes_written(files: list[dict[str, Any]], storage: Storage) -> dict[str, int]:
+    """Compressed bytes of each role's token column in the shard files a run wrote (their Parquet footers)."""
+    totals: dict[str, int] = {}
+    for f in files:
         meta = pq.read_metadata(pa.BufferReader(storage.read_bytes(f["file"])))
         for rg in range(meta.num_row_groups):
             g = meta.row_group(rg)
@@ -704,14 +483,30 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                 col = g.column(c)
                 if col.path_in_schema.endswith("_tokens"):
                     role = col.path_in_schema[: -len("_tokens")]
-                    summary.token_bytes[role] = summary.token_bytes.get(role, 0) + col.total_compressed_size
-    if not summary.codebooks and info:
-        summary.codebooks = _recorded_codebooks(info, out)
+                    totals[role] = totals.get(role, 0) + col.total_compressed_size
+    return totals
+
+
+def _finish_summary(summary: TokenizeSummary, opened: OpenedVersion, committer: Optional[ShardCommitter],
+                    catalog: Catalog, legacy: list[str], out: str, storage: Storage, log) -> None:
+    """Fill the summary's counts from what was committed (the ledger) and what this run did (the committer)."""
+    summary.token_version = opened.version
+    summary.skipped_objects = opened.skipped
+    if legacy:
+        summary.warnings.append(
+            f"{out} also holds token versions written before a version covered every teacher role "
+            f"({', '.join(legacy)}); this run's rows are in {opened.version}. `spear train` reads one version: set "
+            f"train.token_version, or tokenise the whole corpus into a new --output to have it in one")
+        log(f"[tokenize] warning: {summary.warnings[-1]}")
+    ledger = opened.store.ledger()
+    live = ledger.filter(pc.equal(ledger["status"], "tokenized")) if ledger.num_rows else ledger
+    tracker = committer.tracker if committer is not None else ObjectTracker()
+    summary.token_bytes.update(_token_bytes_written(tracker.files, storage))
+    if not summary.codebooks and opened.info:
+        summary.codebooks = recorded_codebooks(opened.info, out)
     summary.quarantined = list(catalog.unreadable) + [q for q in tracker.quarantined if not is_partial(q)]
     summary.partial = [q for q in tracker.quarantined if is_partial(q)]
     summary.new_objects, summary.segments, summary.audio_seconds = tracker.completed_total, tracker.rows, tracker.audio_seconds
     summary.committed_segments = int(pc.sum(live["segments"]).as_py() or 0) if live.num_rows else 0
-    summary.committed_objects, summary.commits = live.num_rows, commits
-    summary.wall_seconds = time.monotonic() - t0
-    log(summary.done_line())
-    return summary
+    summary.committed_objects = live.num_rows
+    summary.commits = committer.commits if committer is not None else 0

@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri, split_uri
@@ -62,6 +62,20 @@ class TrainSummary:
         return (f"trained to step {self.step} ({res}) on token version {self.token_version}, world sizes {self.world_sizes}\n"
                 f"loss {self.first_loss:.3f} -> {self.last_loss:.3f}\ncheckpoint: {self.checkpoint}\n"
                 f"metrics: {self.metrics.get('csv')}  plot: {self.metrics.get('plot')}")
+
+
+def plan_training_data(store: TokenStore, roles: Sequence[str] = ("speech", "audio")) -> TrainDataPlan:
+    """The :class:`~spear.stages.train_data.TrainDataPlan` of one committed token version.
+
+    Example::
+
+        store = select_token_store("out/tokens", Storage(), None)
+        plan = plan_training_data(store)
+        plan.live_rows("speech")
+    """
+    return TrainDataPlan.from_committed(ledger=store.ledger(), version_info=store.version_info(),
+                                       files=store.shard_files(), token_version=store.version,
+                                       storage_options=store.storage.options, roles=roles)
 
 
 def select_token_store(shards: str, storage: Storage, version: Optional[str] = None) -> TokenStore:
@@ -134,7 +148,7 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     storage.check_access(cfg.output)
     store = select_token_store(cfg.train.shards, storage, cfg.train.token_version)
     try:
-        plan = TrainDataPlan.from_store(store)  # reads every shard's footer: a missing shard fails here, at once
+        plan = plan_training_data(store)  # reads every shard's footer: a missing shard fails here, at once
     except TrainDataError as exc:
         raise TrainError(str(exc)) from None
     lo, hi = cfg.train.workers

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -142,57 +141,6 @@ class FrameSample:
     segments: int
     audio_seconds: float
     sources: dict[str, int]
-
-
-def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, storage_options: StorageOptions | None,
-                          *, sample_frames: int, heldout_fraction: float, seed: int, dim: int, frame_rate: float,
-                          domains: Sequence[str] | None = None, pool_kwargs: dict | None = None,
-                          progress=None) -> FrameSample:
-    """Pass 1: decode a balanced sample, run the teacher, keep uniform reservoirs of frames."""
-
-    from spear.stages.decode import decode_dataset
-    from spear.stages.teacher import TeacherStage, plan_teacher_pool
-
-    ordered = balanced_sample(objects, seed, domains)
-    if ordered.num_rows == 0:
-        raise ValueError(f"no objects{' of domain ' + '/'.join(domains) if domains else ''} to fit codebooks on")
-    # Read objects until about 2x the needed frames went through the reservoir (bounded by the corpus).
-    heldout_cap = max(1, int(sample_frames * heldout_fraction))
-    train_res = FrameReservoir(sample_frames, dim, seed)
-    held_res = FrameReservoir(heldout_cap, dim, seed + 1)
-    want_seen = 2 * (sample_frames + heldout_cap)
-    plan = pool_kwargs or plan_teacher_pool(teacher_cfg).map_batches_kwargs()
-    segments, seconds, sources = 0, 0.0, {}
-    prefix = "fit"
-    # Feed the objects in slices so a large corpus is only read as far as needed.
-    step = max(8, int(decode_cfg.objects_per_task) * 8)
-    t0 = time.monotonic()
-    for start in range(0, ordered.num_rows, step):
-        chunk = ordered.slice(start, step)
-        ds = decode_dataset(chunk, decode_cfg, storage_options)
-        ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={"teacher": teacher_cfg, "column_prefix": prefix,
-                                                                 "storage_options": storage_options}, **plan)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for sid, src, dur, emb, nf in zip(batch["segment_id"], batch["source"], batch["duration"],
-                                              batch[f"{prefix}_emb"], batch[f"{prefix}_num_frames"]):
-                if not nf:  # quarantined objects and segments shorter than one frame
-                    continue
-                frames = np.asarray(emb, dtype=np.float32).reshape(int(nf), dim)
-                (held_res if is_heldout(str(sid), heldout_fraction) else train_res).add(frames, str(sid))
-                segments += 1
-                seconds += float(dur)
-                sources[str(src)] = sources.get(str(src), 0) + 1
-        if progress:
-            progress(f"pass 1 ({teacher_cfg.kind}): {segments} segments, {seconds / 3600:.3f} h, "
-                     f"{train_res.seen + held_res.seen} frames seen in {time.monotonic() - t0:.0f} s")
-        if train_res.seen + held_res.seen >= want_seen:
-            break
-    train, heldout = train_res.sample(), held_res.sample()
-    if heldout.shape[0] == 0 and train.shape[0] > 1:
-        # few segments: the segment split left none out; hold out a key-ordered (random) slice of frames instead
-        n = max(1, int(round(train.shape[0] * heldout_fraction)))
-        train, heldout = train[:-n], train[-n:]
-    return FrameSample(train=train, heldout=heldout, segments=segments, audio_seconds=seconds, sources=sources)
 
 
 # Frames per codebook entry for a sound k-means fit: faiss warns below 39 training points per

@@ -1,7 +1,7 @@
 """Training input: live rows of committed token shards, per rank, resumable to the row.
 
 Each training worker streams the rows assigned to it straight from the shard files. The plan
-(:meth:`TrainDataPlan.from_store`) counts the live rows of each domain in every row group of
+(:meth:`TrainDataPlan.from_committed`) counts the live rows of each domain in every row group of
 every shard file once, on the driver. In every epoch a domain's row groups are put in a seeded
 order, which lines its live rows up as positions ``0 .. N-1``; rank r of W reads the r-th of W
 contiguous, equal parts of the positions not yet consumed. So every rank gets rows whatever the
@@ -28,7 +28,7 @@ ranks only; the others draw from the other domain.
 
 Example::
 
-    plan = TrainDataPlan.from_store(store, roles=("speech", "audio"))
+    plan = plan_training_data(store)      # spear.pipeline.train_job: a TokenStore's committed rows
     loader = TrainBatches(plan, storage_options, rank=0, world_size=1, batch_seconds=60, audio_weight=3, seed=0)
     for batch in loader:                  # dict of numpy arrays, see collate()
         ...
@@ -76,26 +76,27 @@ class TrainDataPlan:
     units: dict[str, tuple[Unit, ...]] = field(default_factory=dict)
 
     @classmethod
-    def from_store(cls, store, roles: Sequence[str] = ("speech", "audio")) -> "TrainDataPlan":
-        """From a :class:`~spear.pipeline.ledger.TokenStore` (one token version: a run never mixes versions).
+    def from_committed(cls, *, ledger: pa.Table, version_info: dict, files: Sequence[str], token_version: str,
+                       storage_options: Optional[StorageOptions], roles: Sequence[str] = ("speech", "audio")
+                       ) -> "TrainDataPlan":
+        """From what a token version committed: its ledger, its version.json and its live shard files
+        (one token version: a run never mixes versions; the training job reads them from its TokenStore).
 
         Reads the footer and the three key columns of every shard file (not the audio): a missing or
         unreadable file is a :class:`TrainDataError` here, before any worker starts.
         """
-        ledger = store.ledger()
         ledger = ledger.filter(pc.equal(ledger["status"], "tokenized"))
         keys = frozenset(f"{u}\x00{r}" for u, r in zip(ledger["source_uri"].to_pylist(), ledger["run_id"].to_pylist()))
         seconds: dict[str, float] = {}
         for d, s in zip(ledger["domain"].to_pylist(), ledger["audio_seconds"].to_pylist()):
             seconds[d] = seconds.get(d, 0.0) + s
-        info = store.version_info()
-        teachers = info.get("teachers", {})
+        teachers = version_info.get("teachers", {})
         roles = tuple(r for r in roles if r in teachers)
-        files = tuple(store.shard_files())
+        files = tuple(files)
         return cls(files=files, live_keys=keys, seconds_by_domain=seconds, roles=roles,
                    codebooks={r: int(teachers[r]["num_codebooks"]) for r in roles},
-                   frame_rates={r: float(teachers[r]["frame_rate"]) for r in roles}, token_version=store.version,
-                   units=count_live_rows(files, keys, store.storage.options, store.version))
+                   frame_rates={r: float(teachers[r]["frame_rate"]) for r in roles}, token_version=token_version,
+                   units=count_live_rows(files, keys, storage_options, token_version))
 
     def live_rows(self, domain: str) -> int:
         return sum(n for _, _, n in self.units.get(domain, ()))

@@ -31,10 +31,17 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+
+from spear.cluster.storage import join_uri
+from spear.config import TrainConfig
+from spear.models.frontend import KaldiFbank
+from spear.stages.audio import AudioDecodeError
+from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 
 METRICS_FILE = "metrics.csv"
 STATE_FILE = "train_state.json"
@@ -123,10 +130,11 @@ def prepare_batch(batch: dict[str, np.ndarray], plan, train_cfg, encoder, fbank,
     targets = {r: torch.from_numpy(batch[f"{r}_tokens"]) for r in plan.roles}
     domains = ["audio" if d else "speech" for d in batch["domains"].tolist()]
     if train_cfg.mixing.prob > 0 and wavs.shape[0] > 1:
-        wavs, targets, _ = mix_batch(wavs, wav_lens, targets, plan.frame_rates, domains, train_cfg.mixing, generator,
-                                     target_lengths={r: torch.from_numpy(batch[f"{r}_lens"]) for r in plan.roles})
+        wavs, targets, _ = mix_batch(wavs, wav_lens, targets, plan.frame_rates, domains, generator,
+                                     target_lengths={r: torch.from_numpy(batch[f"{r}_lens"]) for r in plan.roles},
+                                     **train_cfg.mixing.model_dump())
     feats, feat_lens = fbank(wavs.to(device), wav_lens.to(device))
-    masked = mask_features(feats, feat_lens, train_cfg.masking, generator=generator)
+    masked = mask_features(feats, feat_lens, generator=generator, **train_cfg.masking.model_dump())
     student_lens = encoder.output_lengths(feat_lens).cpu()
     aligned = {r: align_role_targets(targets[r], torch.from_numpy(batch[f"{r}_lens"]), plan.frame_rates[r],
                                      encoder.frame_rate, student_lens).to(device) for r in plan.roles}
@@ -151,17 +159,83 @@ def align_role_targets(tokens: torch.Tensor, token_lens: torch.Tensor, teacher_r
     return out
 
 
+@dataclass
+class ResumePoint:
+    """Where a worker group starts: from step 0, or from what the latest checkpoint holds."""
+
+    step: int = 0
+    rank_states: Optional[list] = None        # every rank's data position at the checkpoint
+    world_sizes: list[int] = field(default_factory=list)
+    metrics_rows: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: Optional[int] = None
+
+
+def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float) -> ResumePoint:
+    """Load model, optimiser and scheduler state from a Ray Train checkpoint (None: a fresh start).
+
+    A checkpoint that does not load now never will (every restart would resume from it), so any
+    failure is a :class:`NonRetryableError` naming the folder.
+    """
+    if ckpt is None:
+        return ResumePoint()
+    try:
+        with ckpt.as_directory() as d:
+            state = json.load(open(os.path.join(d, STATE_FILE)))
+            objective.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu",
+                                                 weights_only=True))
+            opt_state = torch.load(os.path.join(d, OPTIM_FILE), map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(opt_state["optimizer"])
+            scheduler.load_state_dict(opt_state["scheduler"])
+            for g in optimizer.param_groups:  # the world size may have changed: rescale the peak lr
+                g["initial_lr"] = lr
+            with open(os.path.join(d, METRICS_FILE)) as f:
+                metrics_rows = list(csv.DictReader(f))
+            return ResumePoint(step=state["step"], rank_states=state["data_states"], world_sizes=state["world_sizes"],
+                               metrics_rows=metrics_rows, resumed_from=state["step"])
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the same for the user
+        raise NonRetryableError(f"checkpoint {ckpt.path} cannot be read ({first_line(exc)}): delete that "
+                                "folder to resume from the one before, or train into a new output") from None
+
+
+def record_group_start(config: dict[str, Any], world: int, resumed_from: Optional[int]) -> None:
+    """One object per worker-group start (rank 0): the sizes a run went through, whichever checkpoint it resumed from."""
+    if config.get("events_uri"):
+        from spear.stages.decode import _storage
+
+        event = {"time": time.time(), "world_size": world, "resumed_from_step": resumed_from, "pid": os.getpid()}
+        _storage(config.get("storage_options")).write_text(
+            join_uri(config["events_uri"], f"{time.time_ns()}-start.json"), json.dumps(event))
+
+
+def gather_data_states(loader, rank: int, world: int, step: int, timeout_s: float) -> list:
+    """Every rank's data position at a checkpoint (an all-gather when there are several ranks)."""
+    data_state = loader.state()
+    if world == 1:
+        return [data_state]
+    all_states = [None] * world
+    with collective_timeout_ends_run(rank, world, timeout_s, f"for the data positions at the checkpoint of step {step}"):
+        torch.distributed.all_gather_object(all_states, data_state)
+    return all_states
+
+
+def save_checkpoint(directory: str, *, objective, optimizer, scheduler, state: dict[str, Any],
+                    metrics_rows: list[dict[str, Any]]) -> None:
+    """Write one checkpoint's files into ``directory`` (rank 0, before reporting it to Ray Train)."""
+    torch.save(objective.state_dict(), os.path.join(directory, MODEL_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, OPTIM_FILE))
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump(state, f)
+    _write_metrics(metrics_rows, os.path.join(directory, METRICS_FILE))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` = {"train": TrainConfig dict, "plan": TrainDataPlan, "storage_options",
-    "max_workers", "metrics_uri"}."""
+    "max_workers", "metrics_uri", "events_uri"}."""
+    # Ray Train is imported inside the worker only: the driver imports this module before Ray starts.
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
-
-    from spear.models.frontend import KaldiFbank
-    from spear.config import TrainConfig
-    from spear.stages.audio import AudioDecodeError
-    from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -177,44 +251,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     lr = cfg.lr * world / max(1, int(config["max_workers"]))
     optimizer = torch.optim.AdamW(objective.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
-
-    step, rank_states, world_sizes, metrics_rows, resumed_from = 0, None, [], [], None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        try:  # a checkpoint that does not load now never will: every restart would resume from it
-            with ckpt.as_directory() as d:
-                state = json.load(open(os.path.join(d, STATE_FILE)))
-                objective.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu",
-                                                     weights_only=True))
-                opt_state = torch.load(os.path.join(d, OPTIM_FILE), map_location="cpu", weights_only=True)
-                optimizer.load_state_dict(opt_state["optimizer"])
-                scheduler.load_state_dict(opt_state["scheduler"])
-                for g in optimizer.param_groups:  # the world size may have changed: rescale the peak lr
-                    g["initial_lr"] = lr
-                step, rank_states, world_sizes = state["step"], state["data_states"], state["world_sizes"]
-                resumed_from = step
-                with open(os.path.join(d, METRICS_FILE)) as f:
-                    metrics_rows = list(csv.DictReader(f))
-        except Exception as exc:  # noqa: BLE001 - any failure to read it is the same for the user
-            raise NonRetryableError(f"checkpoint {ckpt.path} cannot be read ({first_line(exc)}): delete that "
-                                    "folder to resume from the one before, or train into a new output") from None
-    if not world_sizes or world_sizes[-1] != world:
-        world_sizes = world_sizes + [world]
-    if rank == 0 and config.get("events_uri"):
-        # one object per worker-group start: the sizes a run went through, whichever checkpoint it resumed from
-        from spear.cluster.storage import join_uri
-        from spear.stages.decode import _storage
-
-        event = {"time": time.time(), "world_size": world, "resumed_from_step": resumed_from, "pid": os.getpid()}
-        _storage(config.get("storage_options")).write_text(
-            join_uri(config["events_uri"], f"{time.time_ns()}-start.json"), json.dumps(event))
+    start = restore_checkpoint(ray.train.get_checkpoint(), objective, optimizer, scheduler, lr)
+    step, metrics_rows = start.step, start.metrics_rows
+    world_sizes = start.world_sizes if start.world_sizes and start.world_sizes[-1] == world else start.world_sizes + [world]
+    if rank == 0:
+        record_group_start(config, world, start.resumed_from)
 
     model = ray.train.torch.prepare_model(objective)
     encoder = objective.encoder
     fbank = KaldiFbank(num_mel_bins=cfg.student.num_mel_bins).to(device)
     loader = TrainBatches(plan, config.get("storage_options"), rank=rank, world_size=world,
                           batch_seconds=cfg.batch_seconds, audio_weight=cfg.audio_weight, seed=cfg.seed,
-                          state=resume_state(rank_states or [], rank, world))
+                          state=resume_state(start.rank_states or [], rank, world))
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
     t_last = time.monotonic()
     audio_seconds = 0.0
@@ -248,34 +296,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         audio_seconds += secs
         m = out.metrics()
         now = time.monotonic()
-        row = {"step": step, "world_size": world, "lr": scheduler.get_last_lr()[0],
-               "audio_seconds_per_s": audio_seconds / max(now - t_last, 1e-9),
-               # which rows this step trained on (rank 0's batch): audits resume and reproducibility
-               "batch_digest": hashlib.sha1("|".join(batch["segment_ids"].tolist()).encode()).hexdigest()[:16], **m}
-        metrics_rows.append({k: v for k, v in row.items()})
+        metrics_rows.append({
+            "step": step, "world_size": world, "lr": scheduler.get_last_lr()[0],
+            "audio_seconds_per_s": audio_seconds / max(now - t_last, 1e-9),
+            # which rows this step trained on (rank 0's batch): audits resume and reproducibility
+            "batch_digest": hashlib.sha1("|".join(batch["segment_ids"].tolist()).encode()).hexdigest()[:16], **m})
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
-            data_state = loader.state()
-            all_states = [None] * world
-            if world > 1:
-                with collective_timeout_ends_run(rank, world, cfg.collective_timeout_s,
-                                                 f"for the data positions at the checkpoint of step {step}"):
-                    torch.distributed.all_gather_object(all_states, data_state)
-            else:
-                all_states = [data_state]
+            all_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s)
+            metrics = {"step": step, "loss": m["loss"], "world_size": world}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
-                    torch.save(objective.state_dict(), os.path.join(d, MODEL_FILE))
-                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                               os.path.join(d, OPTIM_FILE))
-                    json.dump({"step": step, "data_states": all_states, "world_sizes": world_sizes,
-                               "resumed_from": resumed_from, "token_version": plan.token_version,
-                               "heads": heads_info(plan), "train": config["train"]},
-                              open(os.path.join(d, STATE_FILE), "w"))
-                    _write_metrics(metrics_rows, os.path.join(d, METRICS_FILE))
-                    ray.train.report({"step": step, "loss": m["loss"], "world_size": world},
-                                     checkpoint=Checkpoint.from_directory(d))
+                    save_checkpoint(d, objective=objective, optimizer=optimizer, scheduler=scheduler,
+                                    metrics_rows=metrics_rows,
+                                    state={"step": step, "data_states": all_states, "world_sizes": world_sizes,
+                                           "resumed_from": start.resumed_from, "token_version": plan.token_version,
+                                           "heads": heads_info(plan), "train": config["train"]})
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             else:
-                ray.train.report({"step": step, "loss": m["loss"], "world_size": world}, checkpoint=None)
+                ray.train.report(metrics, checkpoint=None)
             audio_seconds, t_last = 0.0, time.monotonic()
 
 

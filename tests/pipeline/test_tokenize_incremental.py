@@ -68,9 +68,9 @@ def check_one_whole_version(out, version, speech_objects, audio_objects):
     speech = t.filter(pc.equal(t["domain"], "speech"))
     assert pc.all(pc.is_valid(audio["audio_tokens"])).as_py() and speech["audio_tokens"].null_count == speech.num_rows
     # training reads the version whole: both teachers' heads
-    from spear.stages.train_data import TrainDataPlan
+    from spear.pipeline.train_job import plan_training_data
 
-    plan = TrainDataPlan.from_store(store)
+    plan = plan_training_data(store)
     assert plan.roles == ("speech", "audio") and set(plan.seconds_by_domain) == {"speech", "audio"}
     return store
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from spear.cluster.storage import Storage
+from spear.pipeline.train_job import plan_training_data
 from spear.stages.train_data import (IGNORE_INDEX, DomainStream, StreamState, TrainBatches, TrainDataError,
-                                     TrainDataPlan, merge_states, resume_state)
+                                     merge_states, resume_state)
 
 from support.shards import CODEBOOKS, make_token_store
 
@@ -13,7 +14,7 @@ from support.shards import CODEBOOKS, make_token_store
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
     store = make_token_store(Storage(), str(tmp_path_factory.mktemp("shards")), n_speech=12, n_audio=10)
-    return TrainDataPlan.from_store(store)
+    return plan_training_data(store)
 
 
 def _ids(batches):
@@ -108,7 +109,7 @@ def one_file_plan(tmp_path_factory):
     """Every row in one shard file (one row group): the case where whole-file sharding starved ranks."""
     store = make_token_store(Storage(), str(tmp_path_factory.mktemp("one-file")), n_speech=9, n_audio=7,
                              rows_per_shard=100, seed=4)
-    return TrainDataPlan.from_store(store)
+    return plan_training_data(store)
 
 
 def _epoch_rows(stream):
@@ -133,7 +134,7 @@ def test_one_shard_file_is_split_over_every_rank(one_file_plan):
 
 def test_a_domain_with_fewer_rows_than_ranks_leaves_the_other_ranks_the_other_domain(tmp_path):
     store = make_token_store(Storage(), str(tmp_path / "t"), n_speech=6, n_audio=1, rows_per_shard=100, seed=6)
-    plan = TrainDataPlan.from_store(store)
+    plan = plan_training_data(store)
     assert plan.live_rows("audio") == 1
     assert list(DomainStream(plan, "audio", None, 1, 2, seed=0)) == []  # ends: nothing, ever, for rank 1
     for rank, has_audio in ((0, True), (1, False)):
@@ -175,6 +176,6 @@ def test_a_missing_shard_file_is_one_line_naming_it(tmp_path):
     gone = store.shard_files()[0]
     os.remove(gone)
     with pytest.raises(TrainDataError) as err:
-        TrainDataPlan.from_store(store)
+        plan_training_data(store)
     msg = str(err.value)
     assert "\n" not in msg and gone in msg and "missing" in msg

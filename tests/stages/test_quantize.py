@@ -1,0 +1,99 @@
+"""Pass-1 building blocks of the quantise stage: the frame reservoir, the held-out split, the
+source-balanced order and the codebook-size arithmetic (the codebook fit itself is tested in
+tests/models/test_mvq.py, and pass 1 end to end in tests/pipeline/test_tokenize_job.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from spear.stages.quantize import (FrameReservoir, TooFewFramesError, balanced_sample, is_heldout,
+                                   largest_codebook_size)
+
+
+def _segments(n_segments: int, dim: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(f"seg-{i}", rng.standard_normal((int(rng.integers(1, 40)), dim)).astype(np.float32))
+            for i in range(n_segments)]
+
+
+def _fill(segments, order, capacity, dim, seed=0) -> FrameReservoir:
+    res = FrameReservoir(capacity, dim, seed)
+    for i in order:
+        sid, frames = segments[i]
+        res.add(frames, sid)
+    return res
+
+
+def test_reservoir_sample_does_not_depend_on_arrival_order():
+    segs = _segments(300, dim=4)
+    total = sum(f.shape[0] for _, f in segs)
+    capacity = total // 5
+    a = _fill(segs, range(len(segs)), capacity, 4).sample()
+    b = _fill(segs, np.random.default_rng(7).permutation(len(segs)), capacity, 4).sample()
+    assert a.shape == (capacity, 4)
+    np.testing.assert_array_equal(a, b)  # same frames, same (key) order
+
+
+def test_reservoir_sample_changes_with_its_seed_and_keeps_frames_intact():
+    segs = _segments(200, dim=3)
+    capacity = 500
+    a = _fill(segs, range(len(segs)), capacity, 3, seed=0).sample()
+    c = _fill(segs, range(len(segs)), capacity, 3, seed=1).sample()
+    assert not np.array_equal(a, c)
+    every_frame = {tuple(r) for _, f in segs for r in f}
+    assert all(tuple(r) in every_frame for r in a)  # whole frames, never mixed rows
+    assert len({tuple(r) for r in a}) == capacity   # no frame twice
+
+
+def test_reservoir_below_capacity_keeps_everything_and_counts_what_it_saw():
+    segs = _segments(10, dim=2)
+    total = sum(f.shape[0] for _, f in segs)
+    res = _fill(segs, range(len(segs)), total + 100, 2)
+    assert res.seen == total
+    assert res.sample().shape == (total, 2)
+    res.add(np.zeros((0, 2), np.float32), "empty")  # an empty segment changes nothing
+    assert res.seen == total
+
+
+def test_reservoir_is_uniform_over_segments():
+    # 100 segments x 50 frames, keep 10 %: each segment's share should be near 5 frames
+    dim, per = 1, 50
+    res = FrameReservoir(500, dim, seed=3)
+    for i in range(100):
+        res.add(np.full((per, dim), i, np.float32), f"s{i}")
+    counts = np.bincount(res.sample()[:, 0].astype(int), minlength=100)
+    assert counts.sum() == 500
+    assert counts.max() <= 16 and (counts > 0).sum() >= 90
+
+
+def test_heldout_split_is_fixed_and_near_its_fraction():
+    ids = [f"segment-{i}" for i in range(4000)]
+    held = [is_heldout(s, 0.1) for s in ids]
+    assert held == [is_heldout(s, 0.1) for s in ids]
+    assert 0.08 < sum(held) / len(ids) < 0.12
+    assert not any(is_heldout(s, 0.0) for s in ids)
+
+
+def test_balanced_sample_interleaves_sources_and_filters_domains():
+    objects = pa.table({"uri": [f"u{i}" for i in range(9)],
+                        "source": ["a"] * 6 + ["b"] * 2 + ["c"],
+                        "domain": ["speech"] * 6 + ["audio"] * 3})
+    ordered = balanced_sample(objects, seed=0)
+    first = ordered["source"].to_pylist()[:3]
+    assert sorted(first) == ["a", "b", "c"]  # one of each source before any second
+    assert sorted(ordered["uri"].to_pylist()) == sorted(objects["uri"].to_pylist())
+    assert ordered.to_pylist() == balanced_sample(objects, seed=0).to_pylist()
+    audio = balanced_sample(objects, seed=0, domains=["audio"])
+    assert set(audio["domain"].to_pylist()) == {"audio"} and audio.num_rows == 3
+
+
+@pytest.mark.parametrize("frames,per_entry,expected", [(10_240, 40, 256), (10_239, 40, 128), (80, 40, 2), (79, 40, None)])
+def test_largest_codebook_size(frames, per_entry, expected):
+    assert largest_codebook_size(frames, per_entry) == expected
+
+
+def test_too_few_frames_error_says_what_is_needed():
+    err = TooFewFramesError(frames=100, codebook_size=256, min_per_entry=4)
+    assert err.needed == 1024 and "need at least 1024" in str(err)
