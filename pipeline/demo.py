@@ -15,11 +15,14 @@ Layout under ``workdir``::
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional
 
 from spear.config import SourceConfig, SpearConfig, TeacherConfig, load_config
+from spear.pipeline.run_job import EXPORT_DIR, STUDENT_DIR, RunSummary, run_all
+from spear.synthetic.corpus import generate_demo_corpus
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -37,7 +40,7 @@ class DemoSummary:
     workdir: str
     iteration: int
     corpus: dict[str, Any]
-    run: Any  # spear.pipeline.run_job.RunSummary
+    run: RunSummary
 
     def to_dict(self) -> dict[str, Any]:
         d = {"workdir": self.workdir, "iteration": self.iteration, "corpus": self.corpus, **self.run.to_dict()}
@@ -54,11 +57,6 @@ class DemoSummary:
 def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo", iteration: int = 1,
              progress: bool = True) -> DemoSummary:
     """Generate the demo corpus under ``workdir`` and run the whole pipeline on it (:func:`run_all`)."""
-    import sys
-
-    from spear.pipeline.demo_corpus import generate_demo_corpus
-    from spear.pipeline.run_job import EXPORT_DIR, STUDENT_DIR, run_all
-
     if iteration not in (1, 2):
         raise ValueError("iteration must be 1 or 2")
     workdir = os.path.abspath(workdir)

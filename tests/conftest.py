@@ -65,7 +65,7 @@ def demo_tokens(ray_cluster, tmp_path_factory):
     Returns (DemoCorpus, token output URI, TokenizeSummary).
     """
     from spear.config import SourceConfig, load_config
-    from spear.pipeline.demo_corpus import generate_demo_corpus
+    from spear.synthetic.corpus import generate_demo_corpus
     from spear.pipeline.tokenize_job import run_tokenize
 
     root = tmp_path_factory.mktemp("demo-tokens")

@@ -29,7 +29,7 @@ SETS = ["mvq.speech_codebooks=4", "mvq.audio_codebooks=2", "mvq.codebook_size=16
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """The tiny demo corpus split in halves per domain: {"speech": [first, second], "audio": [first, second]}."""
-    from spear.pipeline.demo_corpus import generate_demo_corpus
+    from spear.synthetic.corpus import generate_demo_corpus
 
     root = tmp_path_factory.mktemp("incremental")
     corpus = generate_demo_corpus(str(root / "demo"), size="tiny", seed=0)

@@ -11,19 +11,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from spear.pipeline.demo_corpus import (
-    EVENT_CLASSES,
-    FORMATS,
-    LOSSLESS_FORMATS,
-    SAMPLE_RATES,
-    SPEAKERS,
-    WORDS,
-    DemoCorpus,
-    EspeakNotFoundError,
-    _plan_corpus,
-    generate_demo_corpus,
-    synth_event,
-)
+from spear.synthetic.corpus import DemoCorpus, generate_demo_corpus
+from spear.synthetic.events import EVENT_CLASSES, synth_event
+from spear.synthetic.formats import FORMATS, LOSSLESS_FORMATS, SAMPLE_RATES
+from spear.synthetic.plan import plan_corpus
+from spear.synthetic.speech import SPEAKERS, WORDS, EspeakNotFoundError
 
 # What soundfile reports for each of our format names: (format, subtype).
 SF_FORMAT = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
@@ -119,7 +111,7 @@ def test_speech_and_event_labels(tiny):
 
 
 def test_splits():
-    plans = _plan_corpus("demo", 0)
+    plans = plan_corpus("demo", 0)
     assert {p.split for p in plans} == {"train", "test"}
     assert 0.15 < sum(p.split == "test" for p in plans) / len(plans) < 0.25
     # Stratified: every word has clips in both splits.
@@ -128,8 +120,8 @@ def test_splits():
         if p.kind == "word":
             by_word.setdefault(p.word, set()).add(p.split)
     assert len(by_word) == len(WORDS) and all(s == {"train", "test"} for s in by_word.values())
-    assert [p.split for p in _plan_corpus("demo", 0)] == [p.split for p in plans]
-    assert [p.split for p in _plan_corpus("demo", 1)] != [p.split for p in plans]
+    assert [p.split for p in plan_corpus("demo", 0)] == [p.split for p in plans]
+    assert [p.split for p in plan_corpus("demo", 1)] != [p.split for p in plans]
 
 
 def test_deterministic_cached_and_forced(tiny, tmp_path):

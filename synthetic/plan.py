@@ -1,0 +1,193 @@
+"""The plan of the demo corpus: what every clip holds, decided up front from the seed.
+
+Every decision that shapes the labels (speaker, text, speed and pitch of each utterance, event
+classes and levels, clip length, background, file format, rate and channels, train/test split) is
+made here, in one process, from the seed; rendering a clip (:mod:`spear.synthetic.render`) then
+depends only on its plan, so a worker pool changes nothing.
+
+Example::
+
+    >>> plans = plan_corpus("tiny", seed=0)
+    >>> len(plans), plans[0].kind, plans[0].relpath
+    (25, 'word', 'speech/word_0000.ogg')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spear.synthetic.events import EVENT_CLASSES
+from spear.synthetic.formats import FORMATS, SAMPLE_RATES
+from spear.synthetic.speech import SENTENCES, SPEAKERS, WORDS, Speaker
+
+
+@dataclass
+class ClipPlan:
+    """One clip of the corpus as planned: everything :func:`spear.synthetic.render.render_clip` needs."""
+
+    index: int
+    kind: str  # word | sentence | long_speech | events | mixed | long_audio
+    relpath: str
+    fmt: str
+    sample_rate: int
+    channels: int
+    seed: int
+    speaker: Speaker | None = None
+    utterances: list[tuple[str, int, int]] = field(default_factory=list)  # (text, speed, pitch)
+    word: str | None = None
+    events: list[tuple[str, float]] = field(default_factory=list)  # (class, level dB rel. primary)
+    clip_seconds: float = 0.0  # target length for event clips (speech clips follow their speech)
+    background: str | None = None
+    snr_db: float | None = None
+    speech_gain_db: float = 0.0
+    split: str = "train"
+
+    @property
+    def domain(self) -> str:
+        return "speech" if self.kind in ("word", "sentence", "long_speech") else "audio"
+
+    @property
+    def group(self) -> str:
+        """The stratum the train/test split balances over."""
+        if self.kind == "word":
+            return f"word:{self.word}"
+        if self.kind in ("sentence", "long_speech"):
+            return f"speaker:{self.speaker.voice}"
+        return f"event:{self.events[0][0]}"
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """How many clips of each kind a corpus size has, and their lengths."""
+
+    speakers: int
+    words: int
+    word_clips: int | None  # None: every word by every speaker
+    sentence_clips: int
+    event_clips: int
+    mixed_clips: int
+    long_speech: int
+    long_audio: int
+    event_seconds: tuple[float, float]
+    long_seconds: tuple[float, float]
+    stereo_prob: float
+
+
+#: The corpus sizes: "tiny" for tests, "demo" for `spear demo`.
+SIZES: dict[str, SizeSpec] = {
+    "tiny": SizeSpec(speakers=3, words=6, word_clips=8, sentence_clips=3, event_clips=10, mixed_clips=4,
+                      long_speech=0, long_audio=0, event_seconds=(1.0, 2.5), long_seconds=(60, 120),
+                      stereo_prob=0.4),
+    "demo": SizeSpec(speakers=len(SPEAKERS), words=len(WORDS), word_clips=None, sentence_clips=100,
+                      event_clips=320, mixed_clips=60, long_speech=2, long_audio=2,
+                      event_seconds=(1.5, 4.0), long_seconds=(60, 120), stereo_prob=0.35),
+}
+
+
+def _coverage_combos(rng: np.random.Generator) -> list[tuple[str, int, int]]:
+    """(format, rate, channels) combos covering every format in mono and stereo and every sample rate."""
+    combos: list[tuple[str, int, int]] = []
+    rates_left = list(SAMPLE_RATES)
+    for fmt, (_, _, _, rates) in FORMATS.items():
+        for ch in (1, 2):
+            wanted = [r for r in rates_left if r in rates]
+            rate = wanted[0] if wanted else int(rng.choice(rates))
+            if rate in rates_left:
+                rates_left.remove(rate)
+            combos.append((fmt, rate, ch))
+    assert not rates_left, rates_left
+    return combos
+
+
+def plan_corpus(size: str, seed: int) -> list[ClipPlan]:
+    """The plans of every clip of a corpus of ``size`` (a key of :data:`SIZES`), in index order."""
+    spec = SIZES[size]
+    rng = np.random.default_rng([seed, 0])
+    speakers = SPEAKERS[: spec.speakers]
+    words = WORDS[: spec.words]
+
+    def utterance(spk: Speaker, text: str) -> tuple[str, int, int]:
+        speed = int(np.clip(spk.speed + rng.integers(-20, 21), 80, 450))
+        pitch = int(np.clip(spk.pitch + rng.integers(-8, 9), 0, 99))
+        return (text, speed, pitch)
+
+    def random_events(count_range: tuple[int, int], primary: str | None = None) -> list[tuple[str, float]]:
+        count = int(rng.integers(count_range[0], count_range[1] + 1))
+        first = primary if primary is not None else str(rng.choice(EVENT_CLASSES))
+        # The primary event is the loudest by construction: the others sit 3-12 dB below it.
+        return [(first, 0.0)] + [(str(rng.choice(EVENT_CLASSES)), float(rng.uniform(-12, -3)))
+                                 for _ in range(count - 1)]
+
+    plans: list[ClipPlan] = []
+
+    def add(kind: str, **kw: Any) -> ClipPlan:
+        p = ClipPlan(index=len(plans), kind=kind, relpath="", fmt="", sample_rate=0, channels=0,
+                  seed=int(rng.integers(0, 2**31)), **kw)
+        plans.append(p)
+        return p
+
+    # Speech: single words (each word across several voices), then short sentences.
+    if spec.word_clips is None:
+        pairs = [(w, s) for w in words for s in speakers]
+    else:
+        pairs = [(words[i % len(words)], speakers[(i + i // len(words)) % len(speakers)])
+                 for i in range(spec.word_clips)]
+    for w, s in pairs:
+        add("word", speaker=s, utterances=[utterance(s, w)], word=w)
+    for i in range(spec.sentence_clips):
+        s = speakers[i % len(speakers)]
+        add("sentence", speaker=s, utterances=[utterance(s, SENTENCES[int(rng.integers(len(SENTENCES)))])])
+    for i in range(spec.long_speech):
+        s = speakers[i % len(speakers)]
+        target = rng.uniform(*spec.long_seconds)
+        # A sentence per 1.5 s of target is more text than needed (each takes ~2-3 s with its pause);
+        # the renderer stops once the target is reached.
+        texts = [SENTENCES[int(j)] for j in rng.integers(len(SENTENCES), size=int(target / 1.5) + 4)]
+        add("long_speech", speaker=s, utterances=[utterance(s, t) for t in texts], clip_seconds=target)
+
+    # General audio: the primary class cycles so every class is (nearly) equally primary.
+    for i in range(spec.event_clips):
+        p = add("events", events=random_events((1, 5), EVENT_CLASSES[i % len(EVENT_CLASSES)]),
+                clip_seconds=float(rng.uniform(*spec.event_seconds)))
+        if rng.random() < 0.5:
+            p.background, p.snr_db = str(rng.choice(["pink", "brown"])), float(rng.uniform(5, 25))
+    for i in range(spec.mixed_clips):
+        s = speakers[int(rng.integers(len(speakers)))]
+        if rng.random() < 0.5:
+            w = words[int(rng.integers(len(words)))]
+            utt, word = utterance(s, w), w
+        else:
+            utt, word = utterance(s, SENTENCES[int(rng.integers(len(SENTENCES)))]), None
+        p = add("mixed", speaker=s, utterances=[utt], word=word,
+                events=random_events((1, 3), EVENT_CLASSES[(i * 3) % len(EVENT_CLASSES)]),
+                clip_seconds=float(rng.uniform(2.0, 5.0)), speech_gain_db=float(rng.uniform(-6, 6)))
+        if rng.random() < 0.5:
+            p.background, p.snr_db = str(rng.choice(["pink", "brown"])), float(rng.uniform(5, 25))
+    for i in range(spec.long_audio):
+        add("long_audio", events=random_events((3, 5)), clip_seconds=float(rng.uniform(*spec.long_seconds)),
+            background=str(rng.choice(["pink", "brown"])), snr_db=float(rng.uniform(10, 25)))
+
+    # Formats: the coverage combos first, the rest at random; then shuffled over all files.
+    assign = _coverage_combos(rng)
+    fmts = list(FORMATS)
+    while len(assign) < len(plans):
+        fmt = fmts[int(rng.integers(len(fmts)))]
+        rates = FORMATS[fmt][3]
+        assign.append((fmt, int(rates[int(rng.integers(len(rates)))]), 2 if rng.random() < spec.stereo_prob else 1))
+    order = rng.permutation(len(assign))
+    for p, k in zip(plans, order):
+        p.fmt, p.sample_rate, p.channels = assign[int(k)]
+        prefix = {"word": "word", "sentence": "sent", "long_speech": "long", "events": "events",
+                  "mixed": "mixed", "long_audio": "long"}[p.kind]
+        p.relpath = f"{p.domain}/{prefix}_{p.index:04d}{FORMATS[p.fmt][2]}"
+
+    # Split: stratified systematic sampling, every 5th file of each stratum (random order) is test.
+    keyed = sorted(plans, key=lambda p: (p.group, float(rng.random())))
+    offset = int(rng.integers(5))
+    for pos, p in enumerate(keyed):
+        p.split = "test" if (pos + offset) % 5 == 0 else "train"
+    return plans
+
