@@ -503,3 +503,23 @@ class Storage:
                 out.append(FileEntry(p, size, f"{size}-{int(mtime_f * 1e9)}", mtime_f))
         out.sort(key=lambda e: e.uri)
         return out
+
+
+_CACHED: dict[StorageOptions, Storage] = {}
+
+
+def cached_storage(options: StorageOptions | None = None) -> Storage:
+    """The one :class:`Storage` of this process for ``options`` (None: the default ``StorageOptions()``),
+    made on first use.
+
+    Stages call it on Ray workers, per batch: an S3 client costs more to make than a batch takes
+    to decode, so each worker process keeps one per set of options.
+
+    >>> cached_storage() is cached_storage()
+    True
+    """
+    options = options or StorageOptions()
+    st = _CACHED.get(options)
+    if st is None:
+        st = _CACHED[options] = Storage(options)
+    return st

@@ -1,6 +1,6 @@
 """The decode job (`spear decode`): catalog -> decode -> Parquet segment files + quarantine table.
 
-Output layout under ``output``::
+Output layout under ``output`` (:mod:`spear.schemas.decode_record`)::
 
     segments/part-*.parquet   16 kHz FLAC segments (schema: spear.schemas.segments.SEGMENT_SCHEMA)
     quarantine.parquet        objects that were skipped, with the stage and reason
@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,12 +30,12 @@ from spear.cluster.storage import (Storage, StorageError, StorageOptions, find_r
                                    relative_uri, resolve_uri)
 from spear.config import ConfigError, SpearConfig
 from spear.pipeline.progress import Progress
-from spear.schemas.segments import DECODE_RECORD_VERSION, QUARANTINE_SCHEMA, SEGMENT_SCHEMA, SEGMENTS_SCHEMA_VERSION
+from spear.schemas.decode_record import DECODE_RECORD_NAME, QUARANTINE_NAME, SEGMENTS_DIR, DecodeRecord
+from spear.schemas.quarantine import QuarantineRecord, is_partial, quarantine_table
+from spear.schemas.segments import SEGMENT_SCHEMA
 from spear.stages.catalog import Catalog, build_catalog
-from spear.stages.decode import decode_dataset, is_partial
-from spear.stages.writer import ObjectTracker, parquet_bytes, write_batch
-
-MANIFEST_NAME = "decode.json"
+from spear.stages.decode import decode_dataset
+from spear.stages.writer import WRITER_CPUS, ObjectTracker, WriterStage, parquet_bytes
 
 
 @dataclass
@@ -47,7 +46,7 @@ class DecodeSummary:
     decoded_objects: int
     segments: int
     audio_seconds: float
-    quarantined: list[dict] = field(default_factory=list)  # {"uri", "reason", "stage", ...}
+    quarantined: list[QuarantineRecord] = field(default_factory=list)
     output: str = ""
     files: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0         # the whole job: listing, Ray start-up, decoding, commit
@@ -65,7 +64,7 @@ class DecodeSummary:
         return self.audio_seconds / self.decode_seconds if self.decode_seconds else 0.0
 
     @property
-    def partial(self) -> list[dict]:
+    def partial(self) -> list[QuarantineRecord]:
         """Objects kept in part (truncated or damaged): their segments are in the output."""
         return [q for q in self.quarantined if is_partial(q)]
 
@@ -125,15 +124,15 @@ def run_decode(cfg: SpearConfig, *, overwrite: bool = False, progress: bool = Tr
     options = StorageOptions.from_config(cfg.storage)
     storage = Storage(options)
     out = normalize_uri(cfg.output)  # workers run in another directory: they get the absolute spelling
-    manifest_uri = join_uri(out, MANIFEST_NAME)
-    segments_dir = join_uri(out, "segments")
+    record_uri = join_uri(out, DECODE_RECORD_NAME)
+    segments_dir = join_uri(out, SEGMENTS_DIR)
 
     storage.check_access(out)  # unreachable storage or bad credentials: fail before any work
-    if storage.exists(manifest_uri):
+    if storage.exists(record_uri):
         if not overwrite:
-            raise StorageError(f"{out} already holds a decode result ({MANIFEST_NAME}); "
+            raise StorageError(f"{out} already holds a decode result ({DECODE_RECORD_NAME}); "
                                "use --overwrite or another --output")
-        storage.delete(manifest_uri)
+        storage.delete(record_uri)
     storage.delete(segments_dir, recursive=True)  # leftovers of an earlier, uncommitted run
 
     if catalog is None:
@@ -150,9 +149,8 @@ def run_decode(cfg: SpearConfig, *, overwrite: bool = False, progress: bool = Tr
         meter.start = t0  # the same clock as the summary's realtime_factor: one definition of "x real time"
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = decode_dataset(catalog.objects, cfg.decode, options)
-        ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.decode.segments_per_file,
-                            fn_kwargs={"directory": segments_dir, "storage_options": options, "schema": SEGMENT_SCHEMA},
-                            num_cpus=0.25)
+        ds = ds.map_batches(WriterStage(segments_dir, SEGMENT_SCHEMA, options), batch_format="pyarrow",
+                            batch_size=cfg.decode.segments_per_file, num_cpus=WRITER_CPUS)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 meter.update(audio_seconds=row["audio_seconds"], **tracker.add(row))
@@ -163,19 +161,16 @@ def run_decode(cfg: SpearConfig, *, overwrite: bool = False, progress: bool = Tr
     quarantined = list(catalog.unreadable) + [dict(q, kept_seconds=kept.get(q["uri"])) if is_partial(q) else q
                                               for q in tracker.quarantined]
     quarantined.sort(key=lambda q: q["uri"])
-    qtable = pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA)
-    storage.write_bytes(join_uri(out, "quarantine.parquet"), parquet_bytes(qtable))
+    storage.write_bytes(join_uri(out, QUARANTINE_NAME), parquet_bytes(quarantine_table(quarantined)))
     summary = DecodeSummary(objects=catalog.num_objects + len(catalog.unreadable),
                             decoded_objects=tracker.completed_total, segments=tracker.rows,
                             audio_seconds=tracker.audio_seconds, quarantined=quarantined, output=cfg.output,
                             files=sorted(f["file"] for f in tracker.files), ray_start_seconds=rinfo.start_seconds,
                             decode_seconds=t_done - t_ready, wall_seconds=time.monotonic() - t0)
     names = sorted(_relative_name(out, f) for f in summary.files)
-    manifest = {"kind": "spear.decode", "schema_version": SEGMENTS_SCHEMA_VERSION,
-                "record_version": DECODE_RECORD_VERSION, "files": names,
-                "summary": summary.to_dict(), "decode_config": cfg.decode.model_dump(mode="json"),
-                "sources": [s.model_dump(mode="json") for s in cfg.corpus.sources]}
-    storage.write_text(manifest_uri, json.dumps(manifest, indent=1))
+    record = DecodeRecord(files=names, summary=summary.to_dict(), decode_config=cfg.decode.model_dump(mode="json"),
+                          sources=[s.model_dump(mode="json") for s in cfg.corpus.sources])
+    storage.write_text(record_uri, record.to_json())
     return summary
 
 
@@ -186,27 +181,27 @@ def _relative_name(root: str, uri: str) -> str:
     return rel
 
 
-def read_decode_record(output: str, storage: Storage | None = None) -> dict[str, Any]:
+def read_decode_record(output: str, storage: Storage | None = None) -> DecodeRecord:
     """The commit record (``decode.json``) of a decode output, with ``files`` resolved to URIs under ``output``."""
     storage = storage or Storage()
     root = normalize_uri(output)
-    manifest_uri = join_uri(root, MANIFEST_NAME)
-    if not storage.exists(manifest_uri):
-        raise StorageError(f"{output} has no committed decode result ({MANIFEST_NAME} missing)")
-    record = json.loads(storage.read_text(manifest_uri))
-    if int(record.get("record_version", 1)) >= 2:
-        record["files"] = [resolve_uri(root, f) for f in record["files"]]
+    record_uri = join_uri(root, DECODE_RECORD_NAME)
+    if not storage.exists(record_uri):
+        raise StorageError(f"{output} has no committed decode result ({DECODE_RECORD_NAME} missing)")
+    record = DecodeRecord.from_json(storage.read_text(record_uri), where=record_uri)
+    if record.record_version >= 2:
+        record.files = [resolve_uri(root, f) for f in record.files]
     else:
-        record["files"] = [_resolve_legacy(root, f, storage) for f in record["files"]]
+        record.files = [_resolve_legacy(root, f, storage) for f in record.files]
     return record
 
 
 def _resolve_legacy(root: str, name: str, storage: Storage) -> str:
     """A part file named by a version-1 record (absolute, or relative to the writer's working directory)."""
-    found = find_recorded(storage, join_uri(root, "segments"), name, "segments/")
+    found = find_recorded(storage, join_uri(root, SEGMENTS_DIR), name, f"{SEGMENTS_DIR}/")
     if found is not None:
         return found
-    raise StorageError(f"{join_uri(root, MANIFEST_NAME)} (written by an older spear) names {name}, found neither "
+    raise StorageError(f"{join_uri(root, DECODE_RECORD_NAME)} (written by an older spear) names {name}, found neither "
                        f"under {root}/segments/ nor at that path: copy the whole decode output folder, or re-run "
                        "`spear decode --overwrite`")
 
@@ -214,10 +209,10 @@ def _resolve_legacy(root: str, name: str, storage: Storage) -> str:
 def read_segments(output: str, storage: Storage | None = None, columns: list[str] | None = None) -> pa.Table:
     """All committed segments of a decode output, sorted by segment id."""
     storage = storage or Storage()
-    manifest = read_decode_record(output, storage)
+    record = read_decode_record(output, storage)
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=columns) for f in manifest["files"]]
+    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=columns) for f in record.files]
     if not tables:
         schema = SEGMENT_SCHEMA if columns is None else pa.schema([SEGMENT_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
@@ -231,4 +226,4 @@ def read_quarantine(output: str, storage: Storage | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     storage = storage or Storage()
-    return pq.read_table(pa.BufferReader(storage.read_bytes(join_uri(normalize_uri(output), "quarantine.parquet"))))
+    return pq.read_table(pa.BufferReader(storage.read_bytes(join_uri(normalize_uri(output), QUARANTINE_NAME))))

@@ -1,7 +1,7 @@
 """The ledger of a token dataset: which source objects are tokenised, in which shards, committed how.
 
 One :class:`TokenStore` per token version (``OUTPUT/tokens/<token_version>/``, layout in
-:mod:`spear.schemas.shards`). Workers write shard files; only the driver commits, by writing
+:mod:`spear.schemas.shards`, records in :mod:`spear.schemas.ledger`). Workers write shard files; only the driver commits, by writing
 the next numbered manifest, which names every live shard and ledger file. The manifest is
 one object written whole, so a crash at any moment leaves either the previous commit or the
 new one, never a mix; files not named by the latest manifest are leftovers of an
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -32,32 +31,11 @@ import pyarrow.parquet as pq
 
 from spear.cluster.storage import (Storage, StorageError, find_recorded, join_uri, location_key, normalize_uri,
                                    relative_uri, resolve_uri)
-from spear.schemas.shards import LEDGER_SCHEMA, MANIFEST_VERSION
+from spear.schemas.ledger import (LEDGER_SCHEMA, MANIFESTS_DIR, SHARDS_DIR, VERSION_INFO_NAME, LedgerEntry, Manifest,
+                                  ledger_name, manifest_name)
+from spear.schemas.shards import decode_tokens
 from spear.stages.audio import flac_decode
 from spear.stages.writer import parquet_bytes
-
-
-@dataclass
-class Manifest:
-    seq: int
-    shards: list[dict]           # {"file", "rows", "bytes", "run_id"}; "file" relative to the token version root
-    ledger_files: list[str]      # relative to the token version root
-    created_at: float = 0.0
-    run_id: str = ""
-    info: dict = field(default_factory=dict)
-    manifest_version: int = MANIFEST_VERSION   # as read: 1 = names as the writing process spelled them
-
-    def to_json(self) -> str:
-        return json.dumps({"manifest_version": MANIFEST_VERSION, "seq": self.seq, "shards": self.shards,
-                           "ledger_files": self.ledger_files, "created_at": self.created_at, "run_id": self.run_id,
-                           "info": self.info}, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        d = json.loads(text)
-        return cls(seq=d["seq"], shards=d["shards"], ledger_files=d["ledger_files"],
-                   created_at=d.get("created_at", 0.0), run_id=d.get("run_id", ""), info=d.get("info", {}),
-                   manifest_version=int(d.get("manifest_version", 1)))
 
 
 def list_token_versions(output: str, storage: Storage) -> list[str]:
@@ -69,7 +47,7 @@ def list_token_versions(output: str, storage: Storage) -> list[str]:
     versions = []
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if storage.exists(join_uri(root, name, "version.json")):
+        if storage.exists(join_uri(root, name, VERSION_INFO_NAME)):
             versions.append(name)
     return sorted(versions)
 
@@ -89,17 +67,17 @@ class TokenStore:
     # ----------------------------------------------------------------- paths
 
     def shard_dir(self, run_id: str) -> str:
-        return join_uri(self.root, "shards", run_id)
+        return join_uri(self.root, SHARDS_DIR, run_id)
 
     def _manifest_uri(self, seq: int) -> str:
-        return join_uri(self.root, "manifests", f"{seq:08d}.json")
+        return resolve_uri(self.root, manifest_name(seq))
 
     # ----------------------------------------------------------------- version info
 
     def write_version_info(self, info: dict[str, Any], *, replace: bool = False) -> None:
         """Write version.json, one object written whole (atomic); an existing one is kept unless ``replace``
         (tokenize rewrites it when a teacher role gets its codebooks; one writer per version, as for commits)."""
-        uri = join_uri(self.root, "version.json")
+        uri = join_uri(self.root, VERSION_INFO_NAME)
         if replace or not self.storage.exists(uri):
             info = json.loads(json.dumps(info))
             for t in (info.get("teachers") or {}).values():  # codebooks inside the output: named relative to it
@@ -110,7 +88,7 @@ class TokenStore:
 
     def version_info(self) -> dict[str, Any]:
         """version.json, with the codebook URIs (recorded relative to the output) resolved against this root."""
-        info = json.loads(self.storage.read_text(join_uri(self.root, "version.json")))
+        info = json.loads(self.storage.read_text(join_uri(self.root, VERSION_INFO_NAME)))
         for t in (info.get("teachers") or {}).values():
             if isinstance(t, dict) and isinstance(t.get("uri"), str):
                 t["uri"] = resolve_uri(self.output, t["uri"])
@@ -119,7 +97,7 @@ class TokenStore:
     # ----------------------------------------------------------------- manifests
 
     def _manifest_seqs(self) -> list[int]:
-        uri = join_uri(self.root, "manifests")
+        uri = join_uri(self.root, MANIFESTS_DIR)
         try:
             entries = self.storage.list_files(uri, extensions=["json"])
         except StorageError:
@@ -137,13 +115,15 @@ class TokenStore:
             return None
         if self._manifest_cache and self._manifest_cache[0] == seqs[-1]:
             return self._manifest_cache[1]
-        m = Manifest.from_json(self.storage.read_text(self._manifest_uri(seqs[-1])))
+        uri = self._manifest_uri(seqs[-1])
+        m = Manifest.from_json(self.storage.read_text(uri), where=uri)
         self._manifest_cache = (seqs[-1], m)
         return m
 
-    def commit(self, run_id: str, new_shards: Sequence[dict], ledger_rows: Sequence[dict],
+    def commit(self, run_id: str, new_shards: Sequence[dict], ledger_rows: Sequence[LedgerEntry],
                info: dict | None = None) -> Manifest:
-        """Make ``new_shards`` and the ``ledger_rows`` (LEDGER_SCHEMA dicts) visible in one atomic step.
+        """Make ``new_shards`` (``{"file": URI, "rows", "bytes", "run_id"}``) and the ``ledger_rows`` visible in one
+        atomic step.
 
         Writes the ledger delta first, then the next manifest naming everything live. Not safe
         against two drivers committing to the same token version at once (one writer per version).
@@ -157,7 +137,7 @@ class TokenStore:
         ledger_files = [self._record_name(u) for u in prev_ledger]
         if ledger_rows:
             table = pa.Table.from_pylist(list(ledger_rows), schema=LEDGER_SCHEMA)
-            name = f"ledger/{seq:08d}-{run_id}.parquet"
+            name = ledger_name(seq, run_id)
             self.storage.write_bytes(resolve_uri(self.root, name), parquet_bytes(table))
             ledger_files.append(name)
         shards = [dict(s, file=self._record_name(u)) for s, u in zip(prev.shards, prev_shards)] if prev else []
@@ -292,7 +272,7 @@ class TokenStore:
     def _uncommitted_entries(self) -> list:
         live = self._live_keys()
         try:
-            present = self.storage.list_files(join_uri(self.root, "shards"), extensions=["parquet"])
+            present = self.storage.list_files(join_uri(self.root, SHARDS_DIR), extensions=["parquet"])
         except StorageError:
             return []
         return sorted((e for e in present if not (self._keys_of_present(e.uri) & live)), key=lambda e: e.uri)
@@ -317,18 +297,3 @@ class TokenStore:
             self.storage.delete(f)
         return files, recent
 
-
-def decode_tokens(data: bytes | None, num_frames: int | None, num_codebooks: int | None) -> np.ndarray | None:
-    """Raw token bytes of one segment -> uint8 [frames, codebooks] (None if absent)."""
-    if data is None or num_frames is None or num_codebooks is None:
-        return None
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if arr.size != int(num_frames) * int(num_codebooks):
-        raise ValueError(f"token bytes ({arr.size}) != frames x codebooks ({num_frames} x {num_codebooks})")
-    return arr.reshape(int(num_frames), int(num_codebooks))
-
-
-def token_bytes_of(table: pa.Table, role: str) -> int:
-    """Total raw token bytes of ``role`` in a table (for the bytes-per-hour figure)."""
-    col = table[f"{role}_tokens"]
-    return int(pc.sum(pc.binary_length(col)).as_py() or 0)

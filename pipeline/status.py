@@ -135,13 +135,13 @@ def _other_kind(output: str, root: str, storage: Storage) -> Optional[OutputStat
         from spear.pipeline.decode_job import read_decode_record
 
         record = read_decode_record(root, storage)
-        s = record.get("summary", {})
+        s = record.summary
         q = s.get("quarantined", [])
         return OutputStatus(output=output, versions=[], kind="decode", decode={
             "objects": s.get("objects", 0), "decoded_objects": s.get("decoded_objects", 0),
             "segments": s.get("segments", 0), "audio_seconds": s.get("audio_seconds", 0.0),
             "audio_hours": s.get("audio_seconds", 0.0) / 3600, "quarantined": len(q) if isinstance(q, list) else int(q),
-            "files": len(record["files"])})
+            "files": len(record.files)})
     if storage.exists(join_uri(root, "train")):
         from spear.pipeline.train_job import checkpoints
 

@@ -1,10 +1,26 @@
-"""Decoded segments and quarantine records: the rows the decode stage emits.
+"""Decoded segments: the rows the decode stage emits and the segment part files store.
 
 A *segment* is a piece of at most ``decode.max_segment_seconds`` of one source object,
-resampled to 16 kHz mono and stored as FLAC (PCM 16) bytes, so the teacher stage and the
-token shards see exactly the same samples. Its id is stable across runs and storages:
-a hash of the source name, the object's path relative to the source root, the object's
-content hash and the offset.
+resampled to :data:`SAMPLE_RATE` (16 kHz) mono and stored as FLAC (PCM 16) bytes, so the
+teacher stage and the token shards see exactly the same samples. Its id is stable across runs
+and storages: a hash of the source name, the object's path relative to the source root, the
+object's content hash and the offset.
+
+Two tables share the segment columns:
+
+- :data:`SEGMENT_SCHEMA`: a stored segment (``OUTPUT/segments/part-*.parquet`` of `spear decode`,
+  layout in :mod:`spear.schemas.decode_record`; token shards carry most of its columns);
+- :data:`DECODED_SCHEMA`: what the decode stage hands to the next stage (never stored as such):
+  the segment columns plus ``object_segments`` and the quarantine verdict, so one Arrow batch
+  carries good segments and the objects that failed side by side (a failed object is one row
+  with ``quarantine_reason`` set and no audio).
+
+Example::
+
+    >>> SEGMENT_SCHEMA.field("audio").type
+    DataType(binary)
+    >>> segment_id("speech", "a/b.wav", "0" * 64, 0)
+    'd89403848091b609bf499fd14a14771b'
 """
 
 from __future__ import annotations
@@ -15,11 +31,8 @@ import pyarrow as pa
 
 SEGMENTS_SCHEMA_VERSION = 1
 
-# The decode commit record (OUTPUT/decode.json). Version 2 names its part files relative to OUTPUT
-# ("segments/part-<id>.parquet"), so a decode output reads the same from any working directory and
-# after being moved, copied or uploaded as is; version 1 (older spear) held them as the writing
-# process spelled them, and readers take the part from "segments/" on under the root they are given.
-DECODE_RECORD_VERSION = 2
+#: The rate segments are decoded to (``decode.sample_rate``'s default): the teachers and the student expect it.
+SAMPLE_RATE = 16000
 
 SEGMENT_FIELDS = [
     pa.field("segment_id", pa.string(), nullable=False),
@@ -42,15 +55,12 @@ SEGMENT_FIELDS = [
 
 SEGMENT_SCHEMA = pa.schema(SEGMENT_FIELDS, metadata={b"spear.schema": b"segments", b"spear.version": str(SEGMENTS_SCHEMA_VERSION).encode()})
 
-QUARANTINE_SCHEMA = pa.schema([
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("domain", pa.string(), nullable=False),
-    pa.field("etag", pa.string(), nullable=False),
-    pa.field("stage", pa.string(), nullable=False),   # "catalog" | "read" | "decode" | ...
-    pa.field("reason", pa.string(), nullable=False),  # "partial: kept ..." when the decodable part was kept
-    pa.field("kept_seconds", pa.float64(), nullable=True),  # seconds kept of a partial object; null when none
-], metadata={b"spear.schema": b"quarantine", b"spear.version": b"2"})
+# The decode stage's output: segment columns plus the quarantine verdict (null for good rows).
+DECODED_SCHEMA = pa.schema(
+    [f.with_nullable(True) if f.name == "audio" else f for f in SEGMENT_FIELDS]
+    + [pa.field("object_segments", pa.int32()),  # segments of the whole object: lets writers tell when it is complete
+       pa.field("quarantine_stage", pa.string()), pa.field("quarantine_reason", pa.string())]
+)
 
 
 def segment_id(source: str, relative_path: str, content_sha256: str, offset: int) -> str:

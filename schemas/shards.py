@@ -1,4 +1,4 @@
-"""Token shards, token versions and the commit records (manifests + ledger).
+"""Token shards and token versions: what `spear tokenize` writes and training reads.
 
 A token shard is a Parquet file, one row per segment: the segment's identity and 16 kHz
 FLAC audio (so training reads one sequential stream) and, per teacher, its MVQ tokens as
@@ -9,25 +9,18 @@ tokens (null): the asymmetric loss ignores them.
 
 Layout of a token dataset under OUTPUT::
 
-    codebooks/<role>-<teacher_version[:16]>-<M>x<K>/  MVQ artefacts (one per teacher version and shape)
+    codebooks/<role>-<teacher_version[:16]>-<M>x<K>/   one MVQ artefact per teacher role, version and shape
+        codebooks.safetensors, meta.json           the artefact (meta.json written last marks it complete)
+        usage.png                                  codebook usage on held-out frames (codebooks fitted by tokenize)
     tokens/<token_version>/
-        shards/<run_id>/shard-<n>.parquet           written by workers; visible only once committed
-        ledger/<seq>-<run_id>.parquet               objects committed by one commit (LEDGER_SCHEMA)
-        manifests/<seq>.json                        one commit: every live shard + ledger file
-        version.json                                what this token version is (teachers, codebooks)
+        shards/<run_id>/shard-<id>.parquet         written by workers; visible only once committed
+        ledger/<seq>-<run_id>.parquet              objects committed by one commit (LEDGER_SCHEMA)
+        manifests/<seq>.json                       one commit: every live shard + ledger file
+        version.json                               what this token version is (teachers, codebooks)
 
-A commit is a single manifest object written last (atomic on S3 and on local disk). Readers
-take the highest-numbered manifest; rows count only if their object's ledger entry names
-their run, so partial objects of a killed run and superseded versions of changed objects
-are never read.
-
-Manifest version 2 names every shard and ledger file relative to ``tokens/<token_version>/``
-(``shards/<run_id>/shard-<n>.parquet``), so a token dataset reads the same from any working
-directory, by any spelling of its root (relative, absolute, ``~``, ``file://``, a symlink) and after
-the whole folder is moved, copied or uploaded to S3 as is. Version 1 manifests (older spear) hold
-the paths as the writing process spelled them (absolute, or relative to its working directory);
-readers take the part after ``tokens/<token_version>/`` under the root they were given, else the
-recorded path, and the next commit rewrites every name in the version 2 form.
+``<seq>`` is the commit number in 8 digits, ``<id>`` 16 random hex digits. The commit records
+(ledger entries, manifests, ``version.json``) and how readers find the live rows are in
+:mod:`spear.schemas.ledger`.
 
 Example::
 
@@ -42,12 +35,12 @@ import hashlib
 import json
 from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from spear.schemas.segments import SEGMENT_FIELDS, SEGMENTS_SCHEMA_VERSION
 
 TOKEN_SHARD_SCHEMA_VERSION = 1
-MANIFEST_VERSION = 2   # 2: file names relative to tokens/<token_version>/ (see the module docstring)
 
 TEACHER_ROLES = ("speech", "audio")
 
@@ -75,20 +68,6 @@ def token_shard_schema(roles: Sequence[str] = TEACHER_ROLES) -> pa.Schema:
                                        b"spear.version": str(TOKEN_SHARD_SCHEMA_VERSION).encode()})
 
 
-LEDGER_SCHEMA = pa.schema([
-    pa.field("source_uri", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("domain", pa.string(), nullable=False),
-    pa.field("etag", pa.string(), nullable=False),
-    pa.field("size", pa.int64(), nullable=False),
-    pa.field("run_id", pa.string(), nullable=False),     # the run whose rows are the object's live rows
-    pa.field("status", pa.string(), nullable=False),     # "tokenized" | "quarantined"
-    pa.field("segments", pa.int64(), nullable=False),
-    pa.field("audio_seconds", pa.float64(), nullable=False),
-    pa.field("reason", pa.string()),                     # for quarantined objects
-], metadata={b"spear.schema": b"ledger", b"spear.version": b"1"})
-
-
 # 1: keyed by the codebooks of the roles present (forked when a domain arrived); 2: keyed by the
 # configured roles, codebooks fitted lazily per role.
 TOKEN_VERSION_SCHEME = 2
@@ -110,3 +89,13 @@ def token_version(decode_settings: dict[str, Any], teachers: dict[str, dict[str,
                "shard_schema": TOKEN_SHARD_SCHEMA_VERSION, "decode": decode_settings, "teachers": teachers}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"tv-{digest[:16]}"
+
+
+def decode_tokens(data: bytes | None, num_frames: int | None, num_codebooks: int | None) -> np.ndarray | None:
+    """Raw token bytes of one segment -> uint8 [frames, codebooks] (None if absent)."""
+    if data is None or num_frames is None or num_codebooks is None:
+        return None
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if arr.size != int(num_frames) * int(num_codebooks):
+        raise ValueError(f"token bytes ({arr.size}) != frames x codebooks ({num_frames} x {num_codebooks})")
+    return arr.reshape(int(num_frames), int(num_codebooks))

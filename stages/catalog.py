@@ -1,8 +1,9 @@
 """Catalog stage: list every audio object of the corpus sources into one Arrow table.
 
-Each row is one object: its URI, source name and domain, path relative to the source
-root, size, etag (S3 ETag, or size+mtime on local disk) and mtime. A prefix that cannot
-be read is not fatal: it becomes a quarantine record and the other sources go on.
+Each row is one object (:data:`~spear.schemas.catalog.CATALOG_SCHEMA`): its URI, source name
+and domain, path relative to the source root, size, etag (S3 ETag, or size+mtime on local
+disk) and mtime. A prefix that cannot be read is not fatal: it becomes a quarantine record
+and the other sources go on.
 
 Example::
 
@@ -21,24 +22,15 @@ from typing import Sequence
 import pyarrow as pa
 
 from spear.cluster.storage import FileEntry, Storage, StorageError, split_uri
-
-CATALOG_SCHEMA = pa.schema([
-    pa.field("uri", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("relative_path", pa.string(), nullable=False),
-    pa.field("domain", pa.string(), nullable=False),
-    pa.field("size", pa.int64(), nullable=False),
-    pa.field("etag", pa.string(), nullable=False),
-    pa.field("mtime", pa.float64(), nullable=False),
-])
-
+from spear.schemas.catalog import CATALOG_SCHEMA
+from spear.schemas.quarantine import QuarantineRecord, quarantine_record
 
 @dataclass
 class Catalog:
-    """Listed objects plus the prefixes that could not be listed (uri, source, domain, reason)."""
+    """Listed objects (CATALOG_SCHEMA) plus the prefixes that could not be listed (stage ``catalog``)."""
 
     objects: pa.Table
-    unreadable: list[dict] = field(default_factory=list)
+    unreadable: list[QuarantineRecord] = field(default_factory=list)
 
     @property
     def num_objects(self) -> int:
@@ -94,7 +86,7 @@ def build_catalog(sources: Sequence, storage: Storage | None = None) -> Catalog:
     """
     storage = storage or Storage()
     rows: dict[str, list] = {name: [] for name in CATALOG_SCHEMA.names}
-    unreadable: list[dict] = []
+    unreadable: list[QuarantineRecord] = []
     seen: set[str] = set()
     for src in sources:
         exts = {e.lower() for e in src.extensions}
@@ -110,8 +102,8 @@ def build_catalog(sources: Sequence, storage: Storage | None = None) -> Catalog:
             except StorageError as exc:
                 entries, errors = [], [(src.uri, f"unreadable prefix: {exc}")]
         for uri, reason in errors:
-            unreadable.append({"uri": uri, "source": src.source_name, "domain": src.domain, "etag": "",
-                               "stage": "catalog", "reason": reason})
+            unreadable.append(quarantine_record({"uri": uri, "source": src.source_name, "domain": src.domain,
+                                                 "etag": ""}, "catalog", reason))
         for e in entries:
             if e.uri in seen:  # overlapping sources: the first one wins
                 continue

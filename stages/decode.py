@@ -1,13 +1,14 @@
 """Decode stage: catalog rows in, 16 kHz mono FLAC segments (or quarantine records) out.
 
-:func:`decode_objects` is a Ray Data ``map_batches`` function over catalog rows. Each object
-is read whole, hashed, decoded, downmixed, resampled and cut into segments of at most
-``max_segment_seconds``. An object that cannot be read or decoded becomes a single row
-whose ``quarantine_reason`` says why; its neighbours are unaffected. A truncated or damaged
-object keeps the part decoded before the damage (if at least ``min_segment_seconds``): its
-segments plus one quarantine row whose reason starts with ``partial:`` (:func:`is_partial`).
+:class:`DecodeStage` maps a batch of catalog rows (:data:`~spear.schemas.catalog.CATALOG_SCHEMA`)
+to decoded rows (:data:`~spear.schemas.segments.DECODED_SCHEMA`). Each object is read whole,
+hashed, decoded, downmixed, resampled and cut into segments of at most ``max_segment_seconds``.
+An object that cannot be read or decoded becomes a single row whose ``quarantine_reason`` says
+why; its neighbours are unaffected. A truncated or damaged object keeps the part decoded before
+the damage (if at least ``min_segment_seconds``): its segments plus one quarantine row whose
+reason starts with ``partial:`` (:func:`~spear.schemas.quarantine.is_partial`).
 
-:func:`decode_dataset` wires it into a Ray Dataset; the tokenisation job continues from there.
+:func:`decode_dataset` wires it into a Ray Dataset; the jobs continue from there.
 
 Example::
 
@@ -19,57 +20,24 @@ Example::
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 
-from spear.cluster.storage import Storage, StorageError, StorageOptions
-from spear.schemas.segments import SEGMENT_FIELDS, segment_id
+from spear.cluster.storage import StorageError, StorageOptions, cached_storage
+from spear.config import DecodeConfig
+from spear.schemas.catalog import CatalogObject
+from spear.schemas.quarantine import partial_reason
+from spear.schemas.segments import DECODED_SCHEMA, segment_id
 from spear.stages.audio import AudioDecodeError, decode_segments, flac_encode
-
-# The decode stage's output: segment columns plus the quarantine verdict (null for good rows).
-DECODED_SCHEMA = pa.schema(
-    [f.with_nullable(True) if f.name == "audio" else f for f in SEGMENT_FIELDS]
-    + [pa.field("object_segments", pa.int32()),  # segments of the whole object: lets writers tell when it is complete
-       pa.field("quarantine_stage", pa.string()), pa.field("quarantine_reason", pa.string())]
-)
-
-_STORAGE_CACHE: dict[StorageOptions, Storage] = {}
-
-
-def _storage(options: StorageOptions | None) -> Storage:
-    # One client per worker process: creating an S3 client per batch costs more than decoding.
-    options = options or StorageOptions()
-    st = _STORAGE_CACHE.get(options)
-    if st is None:
-        st = _STORAGE_CACHE[options] = Storage(options)
-    return st
-
-
-PARTIAL_PREFIX = "partial: "
-
-
-def partial_reason(kept_seconds: float, declared_seconds: float | None, cause: str) -> str:
-    """The quarantine reason of an object whose decodable part was kept.
-
-    >>> partial_reason(3.2, 6.4, "truncated: 51200 of 102400 frames present")
-    'partial: kept 3.2 s of ~6.4 s: truncated: 51200 of 102400 frames present'
-    """
-    whole = f"of ~{declared_seconds:.1f} s" if declared_seconds else "(whole length unknown)"
-    return f"{PARTIAL_PREFIX}kept {kept_seconds:.1f} s {whole}: {cause}"
-
-
-def is_partial(quarantine: dict[str, Any]) -> bool:
-    """Whether a quarantine record notes a partly kept object (its kept segments are committed as usual)."""
-    return quarantine.get("stage") == "decode" and str(quarantine.get("reason") or "").startswith(PARTIAL_PREFIX)
 
 
 def _empty_columns() -> dict[str, list]:
     return {name: [] for name in DECODED_SCHEMA.names}
 
 
-def _append_quarantine(cols: dict[str, list], obj: dict[str, Any], stage: str, reason: str) -> None:
+def _append_quarantine(cols: dict[str, list], obj: Mapping[str, Any], stage: str, reason: str) -> None:
     for name in DECODED_SCHEMA.names:
         cols[name].append(None)
     row = {"segment_id": "", "source": obj["source"], "source_uri": obj["uri"], "relative_path": obj["relative_path"],
@@ -81,8 +49,8 @@ def _append_quarantine(cols: dict[str, list], obj: dict[str, Any], stage: str, r
         cols[k][-1] = v
 
 
-def decode_object(obj: dict[str, Any], data: bytes, cfg: Any, cols: dict[str, list]) -> None:
-    """Append the segments of one object (or its quarantine row) to ``cols``."""
+def decode_object(obj: CatalogObject, data: bytes, cfg: DecodeConfig, cols: dict[str, list]) -> None:
+    """Append the segments of one object (or its quarantine row) to ``cols`` (DECODED_SCHEMA columns)."""
     try:
         info, segments = decode_segments(data, target_rate=cfg.sample_rate, max_segment_seconds=cfg.max_segment_seconds,
                                          min_segment_seconds=cfg.min_segment_seconds, keep_partial=True)
@@ -120,21 +88,42 @@ def decode_object(obj: dict[str, Any], data: bytes, cfg: Any, cols: dict[str, li
         cols["quarantine_reason"].append(None)
 
 
-def decode_objects(batch: pa.Table, *, decode_cfg: Any, storage_options: StorageOptions | None = None) -> pa.Table:
-    """Ray Data batch function: catalog rows -> decoded segment rows (DECODED_SCHEMA)."""
-    storage = _storage(storage_options)
-    cols = _empty_columns()
-    for obj in batch.to_pylist():
-        try:
-            data = storage.read_bytes(obj["uri"])
-        except FileNotFoundError:
-            _append_quarantine(cols, obj, "read", "object vanished between listing and reading")
-            continue
-        except (StorageError, OSError) as exc:
-            _append_quarantine(cols, obj, "read", f"read failed: {exc}")
-            continue
-        decode_object(obj, data, decode_cfg, cols)
-    return pa.table(cols, schema=DECODED_SCHEMA)
+class DecodeStage:
+    """Ray Data batch callable: catalog rows (Arrow) in, decoded segment rows (DECODED_SCHEMA) out.
+
+    Args:
+        decode: the decode settings (sample rate, segment lengths, FLAC level).
+        storage_options: where the objects are read from (None: local disk / the AWS environment).
+
+    The jobs map an *instance* (``ds.map_batches(DecodeStage(cfg, options), ...)``), which Ray Data
+    runs as tasks, not actors: decoding holds nothing worth keeping between batches but the
+    storage client (one per worker process, :func:`~spear.cluster.storage.cached_storage`), and a
+    task gives its CPUs back to the teacher actors as soon as its batch is done.
+
+    Example::
+
+        stage = DecodeStage(DecodeConfig())
+        decoded = stage(catalog.objects)          # a pa.Table in DECODED_SCHEMA, one batch
+    """
+
+    def __init__(self, decode: DecodeConfig, storage_options: StorageOptions | None = None):
+        self.cfg = decode
+        self.storage_options = storage_options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        storage = cached_storage(self.storage_options)
+        cols = _empty_columns()
+        for obj in batch.to_pylist():
+            try:
+                data = storage.read_bytes(obj["uri"])
+            except FileNotFoundError:
+                _append_quarantine(cols, obj, "read", "object vanished between listing and reading")
+                continue
+            except (StorageError, OSError) as exc:
+                _append_quarantine(cols, obj, "read", f"read failed: {exc}")
+                continue
+            decode_object(obj, data, self.cfg, cols)
+        return pa.table(cols, schema=DECODED_SCHEMA)
 
 
 # Decode tasks per concurrent slot: enough that the run's tail is short, few enough that the
@@ -173,7 +162,7 @@ def plan_decode_blocks(objects: pa.Table, objects_per_task: int, slots: float) -
     return [objects.take(pa.array(members[b])) for b in sorted(range(num_blocks), key=lambda b: (-totals[b], b))]
 
 
-def decode_dataset(objects: pa.Table, decode_cfg: Any, storage_options: StorageOptions | None = None):
+def decode_dataset(objects: pa.Table, decode_cfg: DecodeConfig, storage_options: StorageOptions | None = None):
     """A Ray Dataset of decoded segments (and quarantine rows) over the catalog table ``objects``.
 
     Objects go to decode tasks of about equal bytes (:func:`plan_decode_blocks`), at most
@@ -187,6 +176,5 @@ def decode_dataset(objects: pa.Table, decode_cfg: Any, storage_options: StorageO
     slots = ray.cluster_resources().get("CPU", 1.0) / max(1.0, decode_cfg.num_cpus_per_task)
     blocks = plan_decode_blocks(objects, decode_cfg.objects_per_task, slots)
     ds = ray.data.from_arrow(blocks)
-    return ds.map_batches(decode_objects, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                          fn_kwargs={"decode_cfg": decode_cfg, "storage_options": storage_options},
-                          num_cpus=decode_cfg.num_cpus_per_task)
+    return ds.map_batches(DecodeStage(decode_cfg, storage_options), batch_format="pyarrow", batch_size=None,
+                          zero_copy_batch=True, num_cpus=decode_cfg.num_cpus_per_task)

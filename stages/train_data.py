@@ -47,9 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spear.cluster.storage import StorageOptions
+from spear.cluster.storage import StorageOptions, cached_storage
 from spear.stages.audio import flac_decode
-from spear.stages.decode import _storage
 
 IGNORE_INDEX = -100
 
@@ -106,7 +105,7 @@ def _open_parquet(storage_options: Optional[StorageOptions], f: str, token_versi
     """A shard file for ranged reads (footer, then only the row groups and columns asked for)."""
     where = f" of token version {token_version}" if token_version else ""
     try:
-        fs, path = _storage(storage_options).filesystem(f)
+        fs, path = cached_storage(storage_options).filesystem(f)
         # no read-ahead cache: s3fs would fetch 50 MB blocks where the footer and three columns are wanted
         return pq.ParquetFile(fs.open(path, "rb", cache_type="none"))
     except FileNotFoundError:

@@ -37,9 +37,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from spear.cluster.storage import join_uri
+from spear.cluster.storage import cached_storage, join_uri
 from spear.config import TrainConfig
 from spear.models.frontend import KaldiFbank
+from spear.schemas.segments import SAMPLE_RATE
 from spear.stages.audio import AudioDecodeError
 from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 
@@ -138,7 +139,7 @@ def prepare_batch(batch: dict[str, np.ndarray], plan, train_cfg, encoder, fbank,
     student_lens = encoder.output_lengths(feat_lens).cpu()
     aligned = {r: align_role_targets(targets[r], torch.from_numpy(batch[f"{r}_lens"]), plan.frame_rates[r],
                                      encoder.frame_rate, student_lens).to(device) for r in plan.roles}
-    return masked, feat_lens, aligned, float(batch["wav_lens"].sum()) / 16000.0
+    return masked, feat_lens, aligned, float(batch["wav_lens"].sum()) / SAMPLE_RATE
 
 
 def align_role_targets(tokens: torch.Tensor, token_lens: torch.Tensor, teacher_rate: float, student_rate: float,
@@ -200,10 +201,8 @@ def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float) -> Resu
 def record_group_start(config: dict[str, Any], world: int, resumed_from: Optional[int]) -> None:
     """One object per worker-group start (rank 0): the sizes a run went through, whichever checkpoint it resumed from."""
     if config.get("events_uri"):
-        from spear.stages.decode import _storage
-
         event = {"time": time.time(), "world_size": world, "resumed_from_step": resumed_from, "pid": os.getpid()}
-        _storage(config.get("storage_options")).write_text(
+        cached_storage(config.get("storage_options")).write_text(
             join_uri(config["events_uri"], f"{time.time_ns()}-start.json"), json.dumps(event))
 
 

@@ -475,7 +475,8 @@ def _job_actors(cluster: LocalRayCluster, submission_id: str, class_part: str) -
 def test_stopping_a_running_tokenize_job_leaves_only_consistent_commits(tokenized, two_nodes, s3_env, s3_server,
                                                                        s3_storage):
     """The corpus grows; the incremental re-run is stopped mid-pass-2: earlier commits stay whole, nothing half-done shows."""
-    from spear.pipeline.ledger import Manifest, TokenStore, list_token_versions
+    from spear.pipeline.ledger import TokenStore, list_token_versions
+    from spear.schemas.ledger import Manifest
     from spear.pipeline.status import output_status
     from support.corpus import write_mixed_corpus
 

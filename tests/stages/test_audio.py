@@ -131,7 +131,8 @@ def test_nothing_decodable_before_the_cut_is_still_an_error():
 
 def test_the_decode_stage_keeps_a_partial_object_and_notes_it():
     from spear.config import DecodeConfig
-    from spear.stages.decode import _empty_columns, decode_object, is_partial
+    from spear.schemas.quarantine import is_partial
+    from spear.stages.decode import _empty_columns, decode_object
 
     obj = {"uri": "/x/cut.flac", "source": "s", "relative_path": "cut.flac", "etag": "e", "size": 1,
            "domain": "speech"}

@@ -12,7 +12,7 @@ from spear.pipeline.tokenize_job import add_token_metadata
 from spear.schemas.segments import segment_id
 from spear.schemas.shards import token_shard_schema
 from spear.stages.audio import flac_encode, float_to_pcm16
-from spear.stages.writer import ObjectTracker, write_batch
+from spear.stages.writer import ObjectTracker, WriterStage
 
 RATES = {"speech": 50.0, "audio": 25.0}
 CODEBOOKS = {"speech": 4, "audio": 2}
@@ -49,9 +49,8 @@ def make_token_store(storage: Storage, output: str, *, n_speech: int = 8, n_audi
     tracker = ObjectTracker()
     for start in range(0, len(rows), rows_per_shard):
         batch = pa.Table.from_pylist(rows[start:start + rows_per_shard])
-        summary = write_batch(batch, directory=store.shard_dir(run_id), storage_options=storage.options,
-                              schema=token_shard_schema(list(RATES)), prefix="shard",
-                              transform=lambda t: add_token_metadata(t, run_id=run_id, roles=meta))
+        summary = WriterStage(store.shard_dir(run_id), token_shard_schema(list(RATES)), storage.options, prefix="shard",
+                              transform=lambda t: add_token_metadata(t, run_id=run_id, roles=meta))(batch)
         tracker.add(summary.to_pylist()[0])
     ledger = [{"source_uri": o["uri"], "source": o["source"], "domain": o["domain"], "etag": o["etag"], "size": o["size"],
                "run_id": run_id, "status": "tokenized", "segments": o["segments"], "audio_seconds": o["audio_seconds"],

@@ -1,0 +1,44 @@
+"""Format versions: the one check every reader of a versioned record makes, and its error.
+
+A reader takes every version from the first up to the one it writes (older outputs stay
+readable); a newer version, or a record of another kind, is a :class:`FormatError` whose
+one-line message names the record and what to do.
+
+Example::
+
+    >>> check_version("decode record /out/decode.json", 2, supported=2)
+    2
+    >>> check_version("decode record /out/decode.json", 3, supported=2)
+    Traceback (most recent call last):
+    ...
+    spear.schemas.versioning.FormatError: decode record /out/decode.json is version 3, newer than this spear reads (1 to 2): upgrade spear
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FormatError(ValueError):
+    """A stored record is not in a format or version this spear reads (the message says which)."""
+
+
+def check_version(what: str, found: Any, supported: int, *, oldest: int = 1) -> int:
+    """``found`` as an int when ``oldest <= found <= supported``, else :class:`FormatError`."""
+    try:
+        version = int(found)
+    except (TypeError, ValueError):
+        raise FormatError(f"{what} has no readable version ({found!r})") from None
+    if version > supported:
+        raise FormatError(f"{what} is version {version}, newer than this spear reads ({oldest} to {supported}): "
+                          "upgrade spear")
+    if version < oldest:
+        raise FormatError(f"{what} is version {version}, older than this spear reads ({oldest} to {supported}): "
+                          "re-create it with this spear")
+    return version
+
+
+def check_kind(what: str, found: Any, expected: str) -> None:
+    """FormatError unless a record's ``kind`` field is ``expected`` (another tool's file under the same name)."""
+    if found != expected:
+        raise FormatError(f"{what} is not a {expected} record (kind {found!r})")
