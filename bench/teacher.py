@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from spear.models.teachers import (DashengConfig, DashengEncoder, Teacher, load_teacher,  # noqa: E402
                                    save_dasheng_checkpoint)
 from spear.config import TeacherConfig  # noqa: E402
-from spear.stages.teacher import plan_subbatches  # noqa: E402
+from spear.stages.batching import plan_subbatches  # noqa: E402
 
 SR = 16000
 

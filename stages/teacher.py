@@ -43,26 +43,13 @@ from spear.cluster.storage import Storage, StorageOptions
 from spear.models.teachers import Teacher, load_teacher
 from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode
+from spear.stages.batching import plan_subbatches
 
 log = logging.getLogger(__name__)
 
 # The encode hook: frames [N, D] float32 on the teacher's device (several segments' valid frames
 # concatenated, one call per sub-batch) -> tokens [N, C] uint8 (tensor or array).
 EncodeFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
-
-
-def plan_subbatches(lengths: np.ndarray, max_samples: int) -> list[np.ndarray]:
-    """Indices of ``lengths`` grouped into sub-batches: longest first, each with
-    count x longest <= ``max_samples`` (a longer segment runs alone)."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        size = max(1, min(len(order) - start, max_samples // longest))
-        batches.append(order[start: start + size])
-        start += size
-    return batches
 
 
 @dataclass

@@ -10,7 +10,8 @@ import torch
 from spear.models.teachers import load_teacher
 from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode, flac_encode, float_to_pcm16
-from spear.stages.teacher import TeacherStage, TeacherStats, plan_subbatches, plan_teacher_pool
+from spear.stages.batching import plan_subbatches
+from spear.stages.teacher import TeacherStage, TeacherStats, plan_teacher_pool
 
 LENGTHS = [16000, 4000, 9000, 300, 23456, 12000, 7000]
 
