@@ -1,5 +1,10 @@
 """The cluster configs in cluster/configs/ stay valid: for `ray up`, for KubeRay, and for spear itself.
 
+The checks are of behaviour, not of the values written in the files: each file loads through the
+tool that reads it (spear's config loader and planner, Ray's `ray up` checks, KubeRay's CRD fields),
+and the values that must agree do (GPUs per instance and per teacher, the Secret and ConfigMap the
+manifests document creating and the ones they mount, the package extras the setup installs).
+
 `ray up` runs ``prepare_config`` + ``validate_config`` (Ray's JSON schema and its own checks) before it
 talks to AWS; the same two run here. KubeRay's CRDs are structural schemas: unknown fields are pruned
 silently, so a misspelt field would simply vanish; the required fields and known field names below
@@ -17,12 +22,15 @@ from pathlib import Path
 import ray
 import yaml
 
+from spear.cluster.jobs import CLI_MODULE
 from spear.cluster.storage import CREDENTIAL_VARS
-from spear.config import load_config
+from spear.config import ConfigError, load_config
 from spear.pipeline.cli import main as cli
+from spear.pipeline.plan import make_plan
 from spear.pipeline.submission import build_submission
 
 CONFIGS = Path(__file__).resolve().parents[2] / "cluster" / "configs"
+PYPROJECT = CONFIGS.parents[1] / "pyproject.toml"
 
 # GPUs per instance of the types the configs use (AWS instance type specifications).
 GPUS_PER_INSTANCE = {"g6e.xlarge": 1, "g6e.4xlarge": 1, "g6e.12xlarge": 4, "g6e.48xlarge": 8, "p4d.24xlarge": 8,
@@ -47,6 +55,27 @@ def _load(name: str):
     return yaml.safe_load((CONFIGS / name).read_text())
 
 
+def _kind(name: str) -> str:
+    """What reads the file: "ray up", a KubeRay kind ("RayCluster", "RayJob") or "spear" (spear's config loader)."""
+    doc = _load(name)
+    if isinstance(doc, dict) and "provider" in doc and "available_node_types" in doc:
+        return "ray up"
+    if isinstance(doc, dict) and doc.get("apiVersion") == "ray.io/v1":
+        return doc["kind"]
+    try:
+        load_config(CONFIGS / name)
+    except ConfigError as exc:
+        raise AssertionError(f"{name}: neither a ray up config, a KubeRay manifest nor a valid spear config: {exc}")
+    return "spear"
+
+
+def _documented(name: str, pattern: str) -> list[re.Match]:
+    """Matches of ``pattern`` in the comment lines of a file (the commands it tells the user to run)."""
+    comments = " ".join(ln.lstrip("# ").rstrip() for ln in (CONFIGS / name).read_text().splitlines()
+                        if ln.startswith("#")).replace("\\ ", " ")
+    return list(re.finditer(pattern, comments))
+
+
 def _spear_config_of(manifest_entrypoint: list[str]) -> tuple[str, Path]:
     """The /etc/spear/<file> argument of an entrypoint and the repository file it is made from."""
     (arg,) = [a for a in manifest_entrypoint if a.startswith("/etc/spear/")]
@@ -68,20 +97,29 @@ def _check_no_inline_credentials(text: str, where: str) -> None:
 # --------------------------------------------------------------------------- every file
 
 
-def test_every_file_is_covered_and_free_of_credentials():
+def test_every_file_is_read_by_a_known_tool_and_free_of_credentials():
     names = sorted(p.name for p in CONFIGS.iterdir() if p.suffix in (".yaml", ".yml"))
-    assert names == ["aws-cluster.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "spear-tokenize.yaml"]
+    kinds = {name: _kind(name) for name in names}
+    # every kind the tests below check is there (a file of another kind fails in _kind)
+    assert set(kinds.values()) == {"ray up", "RayCluster", "RayJob", "spear"}, kinds
     for name in names:
         _check_no_inline_credentials((CONFIGS / name).read_text(), name)
 
 
-def test_spear_configs_validate_and_hold_no_secrets():
-    cfg = load_config(CONFIGS / "spear-tokenize.yaml")
-    assert cfg.output.startswith("s3://") and all(s.uri.startswith("s3://") for s in cfg.corpus.sources)
-    assert {s.domain for s in cfg.corpus.sources} == {"speech", "audio"}
-    assert cfg.storage.access_key_id is None and cfg.storage.secret_access_key is None
-    assert cfg.teachers.speech.kind == "wavlm" and cfg.teachers.speech.layer == 21
-    assert cfg.teachers.audio is not None and cfg.teachers.audio.kind == "dasheng"
+def test_spear_configs_validate_plan_on_gpus_and_hold_no_secrets():
+    for name in [n.name for n in CONFIGS.glob("*.yaml") if _kind(n.name) == "spear"]:
+        cfg = load_config(CONFIGS / name)
+        # the cluster's nodes read and write object storage, not this machine's disk
+        assert cfg.output.startswith("s3://") and all(s.uri.startswith("s3://") for s in cfg.corpus.sources), name
+        assert cfg.storage.access_key_id is None and cfg.storage.secret_access_key is None, name
+        domains = {s.domain for s in cfg.corpus.sources}
+        assert "audio" not in domains or cfg.teachers.audio is not None, f"{name}: audio sources need an audio teacher"
+        # The planner resolves every teacher (a known kind and size, the layer in range) and runs it on GPUs.
+        plan = make_plan(cfg, hours=1000, speech_share=0.5, gpus=8).to_dict()
+        teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
+        assert len(plan["teachers"]) == len(teachers), name
+        for planned in plan["teachers"].values():
+            assert planned["device"] == "gpu" and 1 <= planned["layer"] <= planned["layers"], (name, planned["name"])
 
 
 # --------------------------------------------------------------------------- ray up (AWS)
@@ -123,12 +161,21 @@ def test_aws_node_types_match_the_instances_and_the_teachers():
 def test_aws_setup_installs_this_package_and_starts_ray_from_the_same_environment():
     cfg = _load("aws-cluster.yaml")
     (remote, local), = cfg["file_mounts"].items()
-    assert local == "." and remote.startswith("/")
+    assert local == "." and remote.startswith("/")  # the repository the command runs in, copied to every node
     setup = " ".join(cfg["setup_commands"])
-    assert f'pip install -q "{remote}[gpu,teachers]"' in setup and f'"{remote}[teachers]"' in setup
-    pyproject = (CONFIGS.parents[1] / "pyproject.toml").read_text()
-    assert re.search(r"^gpu = ", pyproject, re.M) and re.search(r"^teachers = ", pyproject, re.M)
-    venv = re.search(r"(~/[\w-]+)/bin/pip", setup).group(1)
+    # Every install of this package installs the copied repository, with extras this package defines.
+    installs = re.findall(r'pip install -q "([^"\[]+)(?:\[([\w,]+)\])?"', setup)
+    ours = [(path, extras) for path, extras in installs if path == remote]
+    assert ours, "the setup installs the copied repository"
+    section = PYPROJECT.read_text().split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = set(re.findall(r"^([\w-]+) = ", section, re.M))  # (tomllib is Python 3.11+; the project supports 3.10)
+    for _, named in ours:
+        assert set(filter(None, named.split(","))) <= extras, f"extras {named} not all in pyproject"
+    if any(t["resources"].get("GPU") for t in cfg["available_node_types"].values()):
+        assert any("gpu" in named.split(",") for _, named in ours), "GPU nodes get the gpu extra (faiss on GPU)"
+    venvs = set(re.findall(r"(~/[\w-]+)/bin/pip", setup))
+    assert len(venvs) == 1
+    (venv,) = venvs
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = " ".join(cfg[key])
         assert f"{venv}/bin/ray start" in start and "AWS_REGION=" in start
@@ -168,8 +215,22 @@ def _check_cluster_spec(spec: dict, where: str) -> None:
         assert env["AWS_REGION"].get("value"), f"{where}/{name}: object-store region"
         for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
             ref = env[var]["valueFrom"]["secretKeyRef"]
-            assert "value" not in env[var] and ref["name"] == "spear-s3" and ref["key"], f"{where}/{name}: {var}"
+            assert "value" not in env[var] and ref["name"] and ref["key"], f"{where}/{name}: {var}"
         assert pod.get("serviceAccountName"), f"{where}/{name}: IAM role through the service account"
+
+
+def _check_secret_is_the_documented_one(spec: dict, manifest: str) -> None:
+    """Every pod reads its credentials from the Secret the manifest tells the user to create, by keys it is given
+    (a key not given must be optional, or the pod would not start)."""
+    (created,) = _documented(manifest, r"kubectl create secret generic (\S+)((?:\s+--from-literal=[\w-]+=\S+)+)")
+    name, given = created.group(1), set(re.findall(r"--from-literal=([\w-]+)=", created.group(2)))
+    for pod_name, pod in _pod_specs(spec):
+        for e in pod["containers"][0]["env"]:
+            ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+            if ref is None:
+                continue
+            assert ref["name"] == name, f"{manifest}/{pod_name}: {e['name']} reads Secret {ref['name']}, not {name}"
+            assert ref["key"] in given or ref.get("optional"), f"{manifest}/{pod_name}: {e['name']} key {ref['key']}"
 
 
 def _gpu_groups(spec: dict) -> dict[str, tuple[dict, int]]:
@@ -203,7 +264,10 @@ def test_kuberay_raycluster_has_the_fields_kuberay_requires():
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster" and doc["metadata"]["name"]
     _check_cluster_spec(doc["spec"], "RayCluster")
     _check_gpu_groups(doc["spec"], "RayCluster")
-    assert doc["spec"]["enableInTreeAutoscaling"] is True
+    _check_secret_is_the_documented_one(doc["spec"], "kuberay-raycluster.yaml")
+    # groups that may grow or shrink do so only through the in-tree autoscaler
+    if any(g["minReplicas"] < g["maxReplicas"] for g in doc["spec"]["workerGroupSpecs"]):
+        assert doc["spec"].get("enableInTreeAutoscaling") is True
 
 
 def test_kuberay_rayjob_has_the_fields_kuberay_requires_and_a_working_entrypoint(tmp_path):
@@ -213,9 +277,12 @@ def test_kuberay_rayjob_has_the_fields_kuberay_requires_and_a_working_entrypoint
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob" and doc["metadata"]["name"]
     spec = doc["spec"]
     assert set(spec) <= RAYJOB_SPEC_FIELDS, f"unknown fields {set(spec) - RAYJOB_SPEC_FIELDS}"
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+    # the manifest promises the cluster goes when the job ends: KubeRay does that only with shutdownAfterJobFinishes
+    assert _documented("kuberay-rayjob.yaml", r"deletes the cluster when the job has finished")
+    assert spec["shutdownAfterJobFinishes"] is True and spec.get("ttlSecondsAfterFinished", 0) >= 0
     _check_cluster_spec(spec["rayClusterSpec"], "RayJob")
     _check_gpu_groups(spec["rayClusterSpec"], "RayJob")
+    _check_secret_is_the_documented_one(spec["rayClusterSpec"], "kuberay-rayjob.yaml")
     RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))  # Ray's own validation of the runtime_env fields
     submitter = spec["submitterPodTemplate"]["spec"]
     assert submitter["restartPolicy"] == "Never" and submitter["containers"][0]["image"]
@@ -223,7 +290,7 @@ def test_kuberay_rayjob_has_the_fields_kuberay_requires_and_a_working_entrypoint
 
     # The entrypoint parses with the real CLI and already asks for the JSON summary.
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", "spear.pipeline.cli"]
+    assert argv[:3] == ["python", "-m", CLI_MODULE]  # what `spear submit` runs too
     sub = build_submission(argv, env={}, cli=cli)
     assert sub.args == argv[3:] and not sub.uploads
 
@@ -233,12 +300,12 @@ def test_kuberay_rayjob_has_the_fields_kuberay_requires_and_a_working_entrypoint
     mount = [m for m in head["containers"][0]["volumeMounts"] if arg.startswith(m["mountPath"].rstrip("/") + "/")]
     assert len(mount) == 1
     (volume,) = [v for v in head["volumes"] if v["name"] == mount[0]["name"]]
-    assert volume["configMap"]["name"] == "spear-config"
     assert source.is_file()
     load_config(source)
-    # the documented `kubectl create configmap spear-config --from-file=<that file>` gives it this key
-    assert f"kubectl create configmap spear-config --from-file=cluster/configs/{source.name}" in \
-        (CONFIGS / "kuberay-rayjob.yaml").read_text()
+    # the documented `kubectl create configmap NAME --from-file=<that file>` makes the ConfigMap mounted, with this key
+    made = {(m.group(1), m.group(2)) for m in _documented("kuberay-rayjob.yaml",
+                                                           r"kubectl create configmap (\S+) --from-file=cluster/configs/(\S+)")}
+    assert (volume["configMap"]["name"], source.name) in made
 
 
 def test_kuberay_entrypoint_shown_in_the_raycluster_notes_parses():
