@@ -27,10 +27,16 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from spear.cluster.storage import mask
+from pydantic import ValidationError
+
+from spear.cluster.jobs import JobError
+from spear.cluster.ray_runtime import RayConnectionError
+from spear.cluster.storage import StorageError, mask
+from spear.config import ConfigError, describe_validation_error
 
 #: Newest run logs kept in the log folder; older ones are removed when a run ends.
 KEEP_LOGS = 200
@@ -108,13 +114,6 @@ class Failure:
 
 def describe_failure(exc: BaseException, secrets: Iterable[str] = ()) -> tuple[str, str, BaseException]:
     """(text, kind, root cause) of a failure; see :class:`Failure`."""
-    from pydantic import ValidationError
-
-    from spear.cluster.jobs import JobError
-    from spear.cluster.ray_runtime import RayConnectionError
-    from spear.cluster.storage import StorageError
-    from spear.config import ConfigError, describe_validation_error
-
     root, rank = root_cause(exc)
     if isinstance(root, ConfigError):
         text, kind = str(root), "config"
@@ -176,8 +175,6 @@ class RunLog:
             self._add(console)
         if self._logger.level == logging.NOTSET or self._logger.level > logging.INFO:
             self._logger.setLevel(logging.INFO)
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             ver = version("spear-pipeline")
         except PackageNotFoundError:

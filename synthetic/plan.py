@@ -9,7 +9,7 @@ Example::
 
     >>> plans = plan_corpus("tiny", seed=0)
     >>> len(plans), plans[0].kind, plans[0].relpath
-    (25, 'word', 'speech/word_0000.ogg')
+    (25, 'word', 'speech/word_0000.wav')
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Example::
     >>> from spear.synthetic.plan import plan_corpus
     >>> row = render_clip(plan_corpus("tiny", seed=0)[0], "/tmp/spear-demo")   # doctest: +SKIP
     >>> row["path"], row["word"]                                                 # doctest: +SKIP
-    ('speech/word_0000.ogg', 'zero')
+    ('speech/word_0000.wav', 'zero')
 """
 
 from __future__ import annotations

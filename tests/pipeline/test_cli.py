@@ -74,3 +74,49 @@ def test_decode_json_prints_only_the_summary_object(ray_cluster, tmp_path):
                                      "kept_seconds": None}]
     assert summary["output"] == str(tmp_path / "out")
     assert "[decode]" in r.stderr  # progress went to stderr
+
+
+# --------------------------------------------------------------------------- the CLI's parts
+
+
+def test_reserved_stdout_holds_only_what_is_written_to_it(capfd):
+    from spear.pipeline.stdout import reserve_stdout
+
+    with reserve_stdout(True) as out:
+        print("a print")
+        os.write(1, b"a write to fd 1\n")  # what Ray workers and C libraries do
+        out.write('{"summary": 1}\n')
+    print("after")
+    captured = capfd.readouterr()
+    assert captured.out == '{"summary": 1}\nafter\n'
+    assert "a print" in captured.err and "a write to fd 1" in captured.err
+    with reserve_stdout(False) as out:
+        assert out is sys.stdout
+
+
+def test_errors_exit_2_for_a_bad_request_and_1_for_a_failed_run():
+    from spear.cluster.jobs import JobError
+    from spear.pipeline.cli_errors import SpearCLIError, failure_error, job_request_errors
+    from spear.pipeline.run_log import Failure
+
+    assert SpearCLIError("bad flag").exit_code == 2
+    config = Failure(line="invalid config", kind="config", root=ValueError(), log_path=None)
+    crash = Failure(line="boom (full log: x.log)", kind="unexpected", root=ValueError(), log_path=None)
+    assert (failure_error(config).exit_code, failure_error(crash).exit_code) == (2, 1)
+    assert failure_error(crash).message == "boom (full log: x.log)"
+    with pytest.raises(SpearCLIError, match="no job raysubmit_x") as err:
+        with job_request_errors():
+            raise JobError("no job raysubmit_x on http://h:8265")
+    assert err.value.exit_code == 2
+
+
+def test_a_submitted_job_says_how_to_follow_it_until_it_ends():
+    from spear.cluster.jobs import JobState
+    from spear.pipeline.submission import SubmittedJob
+
+    running = SubmittedJob(JobState(job_id="raysubmit_1", status="RUNNING", address="http://h:8265"))
+    assert running.human().startswith(running.state.human() + "\n")
+    assert "spear logs --address http://h:8265 --follow raysubmit_1" in running.human()
+    done = SubmittedJob(JobState(job_id="raysubmit_1", status="SUCCEEDED", address="http://h:8265"))
+    assert done.human() == done.state.human() and done.succeeded
+    assert done.to_dict() == done.state.to_dict()  # --json prints the job's state as before
