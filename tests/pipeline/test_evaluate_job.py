@@ -1,6 +1,5 @@
-"""The evaluation job: linear probes (separable / permuted / deterministic), then run_evaluate on
-the tiny demo corpus with a tiny exported student, the weight-free teachers, raw fbank and
-user manifests (CSV and JSONL)."""
+"""The evaluation job: run_evaluate on the tiny demo corpus with a tiny exported student, the
+weight-free teachers, raw fbank and user manifests (CSV and JSONL)."""
 
 from __future__ import annotations
 
@@ -12,96 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from spear.models.probes import bootstrap_ci, fit_probe, macro_f1, run_probe, validation_carve
 from spear.config import TeacherConfig
-from spear.pipeline.evaluate_job import (
-    BUILTIN_TASKS,
-    EvaluateSummary,
-    _Items,
-    frame_grid,
-    hash_split,
-    load_manifest_task,
-    run_evaluate,
-)
-from spear.cluster.storage import Storage
-
-# ----------------------------------------------------------------------------- probes
-
-
-def _blobs(n: int, dim: int, classes: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(classes, dim)) * spread
-    y = rng.integers(0, classes, n)
-    return centres[y] + rng.normal(size=(n, dim)), np.array([f"c{v}" for v in y])
-
-
-def test_probe_fits_a_separable_problem():
-    x, y = _blobs(400, 16, 4, spread=4.0, seed=0)
-    res = run_probe(x[:250], y[:250], x[250:], y[250:], seeds=(0, 1, 2))
-    assert res.score >= 0.98
-    assert res.ci[0] <= res.score <= res.ci[1] <= 1.0
-    assert res.macro_f1 >= 0.98
-    assert (res.num_train, res.num_test, res.num_classes) == (250, 150, 4)
-    assert len(res.seed_scores) == 3 and len(res.l2) == 3
-    assert 0.0 < res.chance < 0.5  # majority class of 4 roughly balanced ones
-    assert set(res.test_predictions[0]) <= set(y)
-
-
-def test_probe_on_permuted_labels_is_near_chance():
-    x, y = _blobs(800, 16, 4, spread=4.0, seed=1)
-    y_perm = np.random.default_rng(5).permutation(y)
-    res = run_probe(x[:400], y_perm[:400], x[400:], y_perm[400:], seeds=(0, 1))
-    assert abs(res.score - 0.25) < 0.1, res.score
-    # the same features with the true labels are decodable: the probe, not the data, is at chance
-    assert run_probe(x[:400], y[:400], x[400:], y[400:], seeds=(0,)).score > 0.95
-
-
-def test_probe_is_deterministic_per_seed():
-    x, y = _blobs(300, 12, 3, spread=0.8, seed=2)  # overlapping classes: the L2 choice matters
-    a = run_probe(x[:200], y[:200], x[200:], y[200:], seeds=(0, 1, 2))
-    b = run_probe(x[:200], y[:200], x[200:], y[200:], seeds=(0, 1, 2))
-    assert a.to_dict() == b.to_dict()
-    # one seed's probe does not depend on the other seeds of the call
-    for k, s in enumerate((0, 1, 2)):
-        alone = run_probe(x[:200], y[:200], x[200:], y[200:], seeds=(s,))
-        assert alone.seed_scores == [a.seed_scores[k]] and alone.l2 == [a.l2[k]]
-        assert np.array_equal(alone.test_predictions[0], a.test_predictions[k])
-    # different seeds carve different validation sets
-    ids = np.unique(y[:200], return_inverse=True)[1]
-    assert not np.array_equal(validation_carve(ids, 0), validation_carve(ids, 1))
-
-
-def test_unseen_test_labels_count_as_errors():
-    x = np.array([[0.0], [0.1], [3.0], [3.1], [0.05], [5.0]])
-    y = np.array(["a", "a", "b", "b", "a", "z"])
-    res = run_probe(x[:4], y[:4], x[4:], y[4:], seeds=(0,))
-    assert res.score == pytest.approx(0.5)  # "a" right, "z" (never trained on) wrong
-    assert res.test_predictions[0][0] == "a"
-    p = fit_probe(x[:4], y[:4], l2=1e-3)
-    assert p.predict(np.array([[0.0], [3.0]])).tolist() == ["a", "b"]
-
-
-def test_grouped_validation_and_bootstrap_keep_groups_whole():
-    y = np.repeat([0, 1], 50)
-    groups = np.arange(100) // 10
-    for seed in range(4):
-        val = validation_carve(y, seed, 0.2, groups)
-        for g in np.unique(groups):
-            assert len(set(val[groups == g])) == 1  # a group is all-validation or all-train
-        assert val.sum() == 20
-    # a perfectly consistent group structure gives a degenerate interval; mixed values do not
-    assert bootstrap_ci(np.ones(30), np.arange(30) // 3) == (1.0, 1.0)
-    lo, hi = bootstrap_ci(np.r_[np.ones(15), np.zeros(15)], np.arange(30) // 3)
-    assert 0.0 < lo < 0.5 < hi < 1.0
-    assert macro_f1(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])) == 1.0
-
-
-def test_hash_split_is_stable_and_near_20_percent():
-    keys = [f"clips/{i:05d}.wav" for i in range(2000)]
-    splits = [hash_split(k) for k in keys]
-    assert splits == [hash_split(k) for k in keys]
-    assert 0.17 < splits.count("test") / len(keys) < 0.23
-    assert frame_grid(1.0).tolist() == [0.125, 0.375, 0.625, 0.875]
+from spear.evaluation.results import EvaluateSummary
+from spear.evaluation.tasks import BUILTIN_TASKS, hash_split
+from spear.pipeline.evaluate_job import run_evaluate
 
 
 # ----------------------------------------------------------------------------- run_evaluate
@@ -109,7 +22,7 @@ def test_hash_split_is_stable_and_near_20_percent():
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
-    from spear.pipeline.demo_corpus import generate_demo_corpus
+    from spear.synthetic.corpus import generate_demo_corpus
 
     return generate_demo_corpus(tmp_path_factory.mktemp("eval") / "corpus", size="tiny", seed=0)
 
@@ -134,7 +47,8 @@ def _write_manifests(corpus, folder) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_corpus, tmp_path_factory):
-    from spear.models.student import build_encoder, export_student
+    from spear.models.student import build_encoder
+    from spear.stages.artefacts import export_student
 
     root = tmp_path_factory.mktemp("eval-run")
     with torch.random.fork_rng():
@@ -246,33 +160,12 @@ def test_layer_subset_random_student_only_and_task_filter(tiny_corpus, tmp_path)
         run_evaluate(None, str(tmp_path), output=str(tmp_path / "x"), random_student=False, progress=False)
 
 
-def test_manifest_errors_are_clear(tmp_path):
-    bad_split = tmp_path / "a.csv"
-    bad_split.write_text("uri,label,split\nx.wav,yes,holdout\n")
-    with pytest.raises(ValueError, match="split 'holdout'"):
-        load_manifest_task(str(bad_split), _Items(), Storage())
-    no_label = tmp_path / "b.jsonl"
-    no_label.write_text(json.dumps({"uri": "x.wav"}) + "\n")
-    with pytest.raises(ValueError, match="needs `uri` and `label`"):
-        load_manifest_task(str(no_label), _Items(), Storage())
-    with pytest.raises(ValueError, match=".csv, .tsv or .jsonl"):
-        (tmp_path / "c.txt").write_text("x")
-        load_manifest_task(str(tmp_path / "c.txt"), _Items(), Storage())
-    ok = tmp_path / "sub" / "d.csv"
-    ok.parent.mkdir()
-    ok.write_text("path,label,split\nclips/x.wav,a,dev\n/abs/y.wav,b,test\n")
-    items = _Items()
-    task = load_manifest_task(str(ok), items, Storage())
-    assert task.name == "d" and task.splits == ["train", "test"] and task.labels == ["a", "b"]
-    assert items.uris == [str(tmp_path / "sub" / "clips" / "x.wav"), "/abs/y.wav"]
-    assert len(task.items) == 2
-
-
 def test_student_with_the_random_students_weights_scores_the_same(tiny_corpus, tmp_path):
     """The exported-student path (safetensors export, load_student) and the in-memory random
     student give the same features for the same weights, so the same probe scores."""
-    from spear.models.student import build_encoder, export_student
-    from spear.pipeline.evaluate_job import RANDOM_STUDENT_SEED
+    from spear.models.student import build_encoder
+    from spear.stages.artefacts import export_student
+    from spear.evaluation.features import RANDOM_STUDENT_SEED
 
     with torch.random.fork_rng():
         torch.manual_seed(RANDOM_STUDENT_SEED)

@@ -13,13 +13,13 @@ folder can be copied or served as is)::
     train_loss_curve.png        copied from TRAIN_OUTPUT/metrics/loss_curve.png (or drawn
                                 from metrics.csv), when a training output is given
     codebook_<name>.png         copied from TOKENS/codebooks/<name>/usage.png, when a
-                                tokenize output is given
+                                tokenize output is given (layout: :mod:`spear.schemas.shards`)
 
 :func:`format_results_table` renders the same results as plain text for the CLI.
 
 Example::
 
-    from spear.pipeline.report import format_results_table, write_report
+    from spear.evaluation.report import format_results_table, write_report
     write_report(summary, "runs/eval", train_output="runs/train", tokens_output="runs/tokens")
     print(format_results_table(summary))
 """
@@ -38,6 +38,15 @@ import time
 from typing import Any, Mapping, Optional
 
 from spear.cluster.storage import Storage, join_uri
+
+# Where the producers keep what the report copies: the training job writes its metrics under
+# TRAIN_OUTPUT/metrics/, tokenize one folder per codebook artefact (see spear.schemas.shards).
+TRAIN_METRICS_DIR = "metrics"
+METRICS_CSV_FILE = "metrics.csv"
+LOSS_CURVE_FILE = "loss_curve.png"
+CODEBOOKS_DIR = "codebooks"
+USAGE_PLOT_FILE = "usage.png"
+CODEBOOK_META_FILE = "meta.json"
 
 # Fixed colours so a model looks the same in every plot.
 _COLORS = {"student": "#1f77b4", "random_student": "#7f7f7f", "fbank": "#d62728"}
@@ -209,8 +218,8 @@ def _plot_metrics_csv(text: str, path: str) -> bool:
 
 
 def _training_section(train_output: str, storage: Storage, tmp: str) -> dict[str, Any]:
-    metrics = join_uri(train_output, "metrics")
-    csv_uri, png_uri = join_uri(metrics, "metrics.csv"), join_uri(metrics, "loss_curve.png")
+    metrics = join_uri(train_output, TRAIN_METRICS_DIR)
+    csv_uri, png_uri = join_uri(metrics, METRICS_CSV_FILE), join_uri(metrics, LOSS_CURVE_FILE)
     out: dict[str, Any] = {"train_output": train_output, "metrics_csv": None, "plot": None}
     text = storage.read_text(csv_uri) if storage.exists(csv_uri) else None
     if text is not None:
@@ -230,20 +239,20 @@ def _training_section(train_output: str, storage: Storage, tmp: str) -> dict[str
 
 
 def _codebook_section(tokens_output: str, storage: Storage, tmp: str) -> list[dict[str, Any]]:
-    root = join_uri(tokens_output, "codebooks")
+    root = join_uri(tokens_output, CODEBOOKS_DIR)
     if not storage.exists(root):  # a tokenize output without codebooks (yet): nothing to show
         return []
     out = []
     for entry in storage.list_files(root, extensions=["png"]):
         uri = entry.uri
-        if posixpath.basename(uri) != "usage.png":
+        if posixpath.basename(uri) != USAGE_PLOT_FILE:
             continue
         name = posixpath.basename(posixpath.dirname(uri.replace(os.sep, "/")))
         local = f"codebook_{_safe(name)}.png"
         with open(os.path.join(tmp, local), "wb") as f:
             f.write(storage.read_bytes(uri))
         info: dict[str, Any] = {"name": name, "plot": local, "usage_png": uri}
-        meta_uri = join_uri(posixpath.dirname(uri) if "://" in uri else os.path.dirname(uri), "meta.json")
+        meta_uri = join_uri(posixpath.dirname(uri) if "://" in uri else os.path.dirname(uri), CODEBOOK_META_FILE)
         if storage.exists(meta_uri):
             try:
                 meta = json.loads(storage.read_text(meta_uri))

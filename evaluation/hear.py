@@ -10,7 +10,7 @@ HEAR's evaluation kit imports a module and calls three functions::
 length (the kit pads); the module must batch internally. Here:
 
 - ``model_file_path`` is an exported student directory (local or s3://, see
-  :func:`spear.models.student.export_student`);
+  :func:`spear.stages.artefacts.export_student`);
 - embeddings come from one choice of layer (``layer`` keyword of :func:`load_model`, which
   the kit's ``--model-options '{"layer": 6}'`` passes on): ``"final"`` (default) is the
   encoder output that the distillation heads read (for Zipformer2 every channel up to the
@@ -26,13 +26,14 @@ length (the kit pads); the module must batch internally. Here:
 
 Pick ``layer`` from the evaluation report's per-layer plots (its best layer on the tasks that
 resemble yours). The module is plain torch (no Ray), so HEAR's runner can import it as
-``spear.pipeline.hear``.
+``spear.evaluation.hear``.
 
 Example::
 
     >>> import tempfile, torch
-    >>> from spear.models.student import build_encoder, export_student
-    >>> from spear.pipeline import hear
+    >>> from spear.models.student import build_encoder
+    >>> from spear.stages.artefacts import export_student
+    >>> from spear.evaluation import hear
     >>> d = tempfile.mkdtemp(); _ = export_student(build_encoder("zipformer2", "tiny"), d)
     >>> model = hear.load_model(d)
     >>> emb, ts = hear.get_timestamp_embeddings(torch.zeros(2, 16000), model)
@@ -47,7 +48,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from spear.models.student import StudentModel, load_student
+from spear.models.student import StudentModel
+from spear.stages.artefacts import load_student
 
 LayerChoice = Union[int, str]
 MAX_BATCH_SECONDS = 120.0  # audio seconds per forward pass (bounds attention memory on long sounds)
@@ -68,7 +70,7 @@ class HearModel(nn.Module):
     chosen layer's dimension), ``frame_rate`` (Hz) and ``layer``.
     """
 
-    sample_rate = 16000
+    sample_rate = StudentModel.sample_rate  # 16 kHz
 
     def __init__(self, student: StudentModel, layer: LayerChoice = "final"):
         super().__init__()

@@ -25,7 +25,7 @@ data and the seed (one seed's probe does not depend on the other seeds).
 Example::
 
     >>> import numpy as np
-    >>> from spear.models.probes import run_probe
+    >>> from spear.evaluation.probes import run_probe
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(200, 8)); y = (x[:, 0] > 0).astype(int)
     >>> res = run_probe(x[:150], y[:150], x[150:], y[150:], seeds=(0, 1))

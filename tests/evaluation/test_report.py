@@ -15,7 +15,7 @@ import torch
 from spear.cluster.storage import Storage, join_uri
 from spear.config import TeacherConfig
 from spear.pipeline.evaluate_job import run_evaluate
-from spear.pipeline.report import format_results_table, write_report
+from spear.evaluation.report import format_results_table, write_report
 
 TASKS = ["speech_vs_audio", "event_count", "frame_speech"]
 
@@ -40,7 +40,7 @@ def sources(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, sources):
-    from spear.pipeline.demo_corpus import generate_demo_corpus
+    from spear.synthetic.corpus import generate_demo_corpus
 
     root = tmp_path_factory.mktemp("report")
     corpus = generate_demo_corpus(root / "corpus", size="tiny", seed=0)

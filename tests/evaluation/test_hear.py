@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from spear.models.student import build_encoder, export_student, load_student
-from spear.pipeline import hear
+from spear.evaluation import hear
+from spear.models.student import build_encoder
+from spear.stages.artefacts import export_student, load_student
 
 
 @pytest.fixture(scope="module", params=["zipformer2", "transformer"])

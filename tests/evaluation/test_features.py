@@ -1,0 +1,75 @@
+"""Feature extraction: layer choice, teacher names, the model loaders' order, and extraction that
+does not depend on how clips are batched (pooled means and grid frames checked against fbank)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spear.config import TeacherConfig
+from spear.evaluation.clips import Clip
+from spear.evaluation.features import (
+    FBANK_BINS,
+    ProbedModels,
+    extract,
+    extractor_loaders,
+    fbank_extractor,
+    select_layers,
+    teacher_names,
+)
+from spear.evaluation.tasks import frame_grid
+from spear.models.frontend import KaldiFbank
+
+
+def test_select_layers():
+    assert select_layers(4, "all") == [1, 2, 3, 4]
+    assert select_layers(4, "last") == [4]
+    assert select_layers(4, [3, 1, 3]) == [1, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        select_layers(4, [0, 2])
+    with pytest.raises(ValueError, match="out of range"):
+        select_layers(4, [])
+
+
+def test_teacher_names_are_unique():
+    cfgs = [TeacherConfig(kind="mfcc"), TeacherConfig(kind="fbank"), TeacherConfig(kind="mfcc")]
+    assert teacher_names(cfgs) == ["teacher:mfcc", "teacher:fbank", "teacher:mfcc#2"]
+
+
+def test_loaders_in_probing_order_and_settings_checked():
+    models = ProbedModels(random_student={"architecture": "transformer", "size": "tiny"},
+                          teachers=[TeacherConfig(kind="mfcc"), {"kind": "fbank"}])
+    names = [name for name, _ in extractor_loaders(models, storage=None, device=torch.device("cpu"))]
+    assert names == ["random_student", "teacher:mfcc", "teacher:fbank", "fbank"]
+    assert [n for n, _ in extractor_loaders(ProbedModels(random_student=False, fbank_floor=False), None,
+                                            torch.device("cpu"))] == []
+    with pytest.raises(ValueError, match="needs student_dir"):
+        ProbedModels()
+
+
+def _clips(seconds: list[float]) -> dict[int, Clip]:
+    rng = np.random.default_rng(0)
+    return {i: Clip((rng.normal(size=int(s * 16000)) * 3000).astype(np.int16), "wav", 16000, 1)
+            for i, s in enumerate(seconds)}
+
+
+def test_extraction_does_not_depend_on_batching():
+    clips = _clips([0.6, 1.3, 0.9, 2.0, 0.3])
+    grids = {i: frame_grid(clips[i].seconds) for i in (1, 3)}  # two clips serve a frame task
+    cpu = torch.device("cpu")
+    one_each = extract(fbank_extractor(cpu), clips, grids, num_items=6, device=cpu, batch_seconds=0.1)
+    together = extract(fbank_extractor(cpu), clips, grids, num_items=6, device=cpu, batch_seconds=60.0)
+    fbank = KaldiFbank(num_mel_bins=FBANK_BINS)
+    for i, clip in clips.items():
+        wav = torch.from_numpy(clip.pcm.astype(np.float32) / 32768.0)[None]
+        feats, nf = fbank(wav, torch.tensor([wav.shape[1]]))
+        ref = feats[0, : int(nf[0])].mean(0).numpy()
+        np.testing.assert_allclose(one_each.pooled[0][i], ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(together.pooled[0][i], ref, rtol=1e-4, atol=1e-4)
+        if i in grids:
+            idx = np.floor(grids[i] * 100.0).astype(np.int64)
+            np.testing.assert_allclose(together.frames[0][i], feats[0, idx].numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(one_each.frames[0][i], together.frames[0][i], rtol=1e-4, atol=1e-4)
+    assert not one_each.pooled[0][5].any()  # an item without a clip stays zero
+    assert set(together.frames[0]) == {1, 3}
