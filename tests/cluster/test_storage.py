@@ -1,6 +1,6 @@
 import pytest
 
-from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, split_uri
+from spear.cluster.storage import Storage, StorageError, StorageOptions, cached_storage, join_uri, split_uri
 
 
 def test_uri_forms(tmp_path):
@@ -9,6 +9,15 @@ def test_uri_forms(tmp_path):
     assert join_uri("s3://b/p", "x", "y.parquet") == "s3://b/p/x/y.parquet"
     with pytest.raises(StorageError, match="unsupported URI scheme"):
         split_uri("gs://b/x")
+
+
+def test_cached_storage_is_one_client_per_set_of_options(tmp_path):
+    a = cached_storage(StorageOptions(region="eu-west-1"))
+    assert cached_storage(StorageOptions(region="eu-west-1")) is a          # equal options, the same client
+    assert cached_storage(StorageOptions(region="us-east-1")) is not a
+    assert cached_storage(None) is cached_storage(StorageOptions()) and cached_storage().options == StorageOptions()
+    a.write_bytes(str(tmp_path / "x.bin"), b"abc")                          # a real Storage
+    assert cached_storage().read_bytes(str(tmp_path / "x.bin")) == b"abc"
 
 
 def test_read_write_list_delete(storage_root):
