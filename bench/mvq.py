@@ -78,10 +78,10 @@ def timed(fn: Callable):
 
 
 def run_ours(xt, xv, M, args):
-    from spear.models.mvq import MultiCodebookQuantizer
+    from spear.models.mvq import FitSettings, MultiCodebookQuantizer
 
     q, fit_s = timed(lambda: MultiCodebookQuantizer.fit(
-        torch.from_numpy(xt), num_codebooks=M, codebook_size=256, seed=0, normalize=False,
+        torch.from_numpy(xt), FitSettings(num_codebooks=M, codebook_size=256, seed=0, normalize=False),
         log=(print if args.verbose else None)))
     xv_t = torch.from_numpy(xv)
     codes, enc_s = timed(lambda: q.encode(xv_t))

@@ -37,8 +37,8 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from spear.models.teachers import (DashengConfig, DashengEncoder, Teacher, load_teacher,  # noqa: E402
-                                   save_dasheng_checkpoint)
+from spear.models.teachers import DashengConfig, DashengEncoder, Teacher, save_dasheng_checkpoint  # noqa: E402
+from spear.stages.teacher_loading import load_teacher  # noqa: E402
 from spear.config import TeacherConfig  # noqa: E402
 from spear.stages.batching import plan_subbatches  # noqa: E402
 

@@ -34,12 +34,12 @@ make_corpus = _common.make_corpus
 
 def single_process_loop(paths, cfg, codebooks) -> float:
     """decode -> teacher -> MVQ encode, one segment at a time, no Ray: returns audio seconds."""
-    from spear.models.mvq import MultiCodebookQuantizer
-    from spear.models.teachers import load_teacher
+    from spear.stages.artefacts import load_quantizer
+    from spear.stages.teacher_loading import load_teacher
     from spear.stages.audio import decode_segments, pcm16_to_float
 
     teachers = {"speech": load_teacher(cfg.teachers.speech), "audio": load_teacher(cfg.teachers.audio)}
-    qs = {role: MultiCodebookQuantizer.load(cb.uri) for role, cb in codebooks.items()}
+    qs = {role: load_quantizer(cb.uri) for role, cb in codebooks.items()}
     total = 0.0
     for p in paths:
         with open(p, "rb") as fh:

@@ -101,6 +101,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from spear.cluster.storage import Storage
+    from spear.models.device import default_device
     from spear.models.frontend import KaldiFbank
     from spear.config import TrainConfig
     from spear.pipeline.ledger import TokenStore, list_token_versions
@@ -112,7 +113,7 @@ def main() -> None:
     st = Storage()
     store = TokenStore(shards, list_token_versions(shards, st)[0], st)
     plan = plan_training_data(store)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     cfg = TrainConfig(batch_seconds=args.batch_seconds)
 
     # (1) the input pipeline alone

@@ -336,7 +336,7 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
 def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -> None:
     """Export a student checkpoint (or a training output's latest) as a standalone model.
 
-    The export loads without Ray: spear.models.student.load_student(DIR).features(wavs, lengths)
+    The export loads without Ray: spear.stages.artefacts.load_student(DIR).features(wavs, lengths)
     gives every layer's frame features.
     """
     cfg = _load(None, sets, [])

@@ -113,8 +113,8 @@ def load_codebooks(role: str, uri: str, desc: dict[str, Any], shape: tuple[int, 
                     recorded: Optional[dict[str, Any]], version: str) -> Optional[CodebookInfo]:
     """The codebooks stored at ``uri`` (None when there are none), checked against the teacher and
     against the codebooks ``version.json`` recorded for the role (a token version never changes them)."""
-    from spear.models.mvq import MultiCodebookQuantizer
-    from spear.models.mvq.artefact import META_NAME
+    from spear.schemas.codebooks import META_NAME
+    from spear.stages.artefacts import load_quantizer
 
     if not storage.exists(join_uri(uri, META_NAME)):
         if recorded:
@@ -122,7 +122,7 @@ def load_codebooks(role: str, uri: str, desc: dict[str, Any], shape: tuple[int, 
                               f"which are no longer at {uri}: restore them, or tokenise into a new --output")
         return None
     try:
-        q = MultiCodebookQuantizer.load(uri, storage=storage)
+        q = load_quantizer(uri, storage=storage)
         q.check_compatible(teacher_id=desc["version"], dim=int(desc["dim"]), num_codebooks=shape[0],
                            codebook_size=shape[1])
     except ValueError as exc:
@@ -143,7 +143,7 @@ def reuse_codebooks(role: str, source: str, uri: str, desc: dict[str, Any], shap
                      storage: Storage, version: str) -> CodebookInfo:
     """Copy the artefact of ``source`` (a codebook folder, or a folder / token dataset holding several)
     that fits this teacher version and shape to ``uri``, so the dataset stays self-contained."""
-    from spear.models.mvq.artefact import META_NAME, TENSORS_NAME
+    from spear.schemas.codebooks import META_NAME, TENSORS_NAME
 
     source = normalize_uri(source)
     try:
@@ -203,7 +203,9 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
     loss = q.metadata.get("heldout_relative_loss")
     if loss is None:
         loss = q.metadata.get("train_relative_loss")
-    q.save(uri, storage=storage)
+    from spear.stages.artefacts import save_quantizer  # torch: imported when codebooks are fitted
+
+    save_quantizer(q, uri, storage=storage)
     _save_usage_plot(q, sample.heldout if sample.heldout.shape[0] else sample.train, uri, storage)
     cb = CodebookInfo(uri=uri, version=q.version, teacher=desc["name"], teacher_version=desc["version"],
                       num_codebooks=num_codebooks, frame_rate=float(desc["frame_rate"]), dim=int(desc["dim"]),

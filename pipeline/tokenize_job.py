@@ -200,7 +200,7 @@ def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log,
 
 
 def _describe_teacher(cfg: TeacherConfig, options: StorageOptions | None) -> dict[str, Any]:
-    from spear.models.teachers import load_teacher
+    from spear.stages.teacher_loading import load_teacher
 
     teacher = load_teacher(cfg, storage=Storage(options) if options else None, device="cpu")
     return teacher.describe()

@@ -389,7 +389,7 @@ def load_checkpoint_objective(checkpoint: str, storage: Storage):
 
 def run_export(checkpoint: str, output: str, storage: Storage | None = None) -> ExportSummary:
     """`spear export`: the student of a checkpoint as a standalone model (safetensors + config.json)."""
-    from spear.models.student import export_student
+    from spear.stages.artefacts import export_student
 
     storage = storage or Storage()
     objective, state = load_checkpoint_objective(normalize_uri(checkpoint), storage)

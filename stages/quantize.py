@@ -13,6 +13,7 @@ never reach storage.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -44,9 +45,9 @@ class QuantizerEncoder:
     @property
     def quantizer(self):
         if self._q is None:
-            from spear.models.mvq import MultiCodebookQuantizer
+            from spear.stages.artefacts import load_quantizer
 
-            self._q = MultiCodebookQuantizer.load(self.artefact_uri, storage=Storage(self.storage_options))
+            self._q = load_quantizer(self.artefact_uri, storage=Storage(self.storage_options))
         return self._q
 
     def __call__(self, frames):
@@ -174,18 +175,17 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
     """
     import torch
 
-    from spear.models.mvq import MultiCodebookQuantizer
+    from spear.models.mvq import FitSettings, MultiCodebookQuantizer
 
     if sample.train.shape[0] < min_frames_per_entry * codebook_size:
         raise TooFewFramesError(int(sample.train.shape[0]), codebook_size, min_frames_per_entry)
     heldout = torch.from_numpy(sample.heldout) if sample.heldout.shape[0] else None
-    small = {}
+    settings = FitSettings(num_codebooks=num_codebooks, codebook_size=codebook_size, seed=seed)
     if sample.train.shape[0] <= 2 * sample.train.shape[1]:
         # faiss' progressive-dimension k-means starts with a PCA that needs more frames than dimensions
-        small["progressive_dim_steps"] = 0
-    return MultiCodebookQuantizer.fit(torch.from_numpy(sample.train), num_codebooks=num_codebooks,
-                                      codebook_size=codebook_size, seed=seed, heldout=heldout, teacher_id=teacher_id,
-                                      layer=layer, extra=extra, **small)
+        settings = dataclasses.replace(settings, progressive_dim_steps=0)
+    return MultiCodebookQuantizer.fit(torch.from_numpy(sample.train), settings, heldout=heldout,
+                                      teacher_id=teacher_id, layer=layer, extra=extra)
 
 
 def codebook_uri(output: str, role: str, teacher_version: str, num_codebooks: int, codebook_size: int) -> str:

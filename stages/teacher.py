@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from spear.cluster.storage import Storage, StorageOptions
-from spear.models.teachers import Teacher, load_teacher
+from spear.models.teachers import Teacher
+from spear.stages.teacher_loading import load_teacher
 from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode
 from spear.stages.batching import plan_subbatches

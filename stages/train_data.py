@@ -48,9 +48,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spear.cluster.storage import StorageOptions, cached_storage
+from spear.models.student.targets import IGNORE_INDEX
 from spear.stages.audio import flac_decode
 
-IGNORE_INDEX = -100
 
 
 class TrainDataError(RuntimeError):

@@ -219,7 +219,7 @@ def kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_cen
     """
     if backend is None:
         try:
-            import faiss  # noqa: F401
+            import faiss  # noqa: F401 - optional: GPU machines may have no faiss wheel
 
             backend = "faiss"
         except ImportError:
@@ -229,7 +229,7 @@ def kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_cen
                              progressive_steps=progressive_steps)
     if backend != "faiss":
         raise ValueError(f"k-means backend must be 'faiss' or 'torch', got {backend!r}")
-    import faiss
+    import faiss  # optional (see above)
 
     n, d = x.shape
     use_gpu = faiss.get_num_gpus() > 0

@@ -18,14 +18,16 @@ and the encoder differ:
 Example::
 
     >>> import torch
-    >>> from spear.models.mvq import MultiCodebookQuantizer
+    >>> from spear.models.mvq import FitSettings, MultiCodebookQuantizer
     >>> x = torch.randn(4096, 64)
-    >>> q = MultiCodebookQuantizer.fit(x, num_codebooks=4, codebook_size=16, seed=0, refine_iters=2)
+    >>> q = MultiCodebookQuantizer.fit(x, FitSettings(num_codebooks=4, codebook_size=16, seed=0, refine_iters=2))
     >>> codes = q.encode(x[:10])            # torch.uint8 [10, 4]
     >>> x_hat = q.decode(codes)             # float32 [10, 64], original space
-    >>> q.save("/tmp/spear-doc/mvq")         # or an s3:// prefix
-    >>> MultiCodebookQuantizer.load("/tmp/spear-doc/mvq").version == q.version
+    >>> MultiCodebookQuantizer.from_state(q.codebooks, q.mean, q.std, q.metadata).version == q.version
     True
+
+Saving and loading the versioned artefact (local or s3://) is :mod:`spear.stages.artefacts`
+(``save_quantizer`` / ``load_quantizer``); its format is :mod:`spear.schemas.codebooks`.
 """
 
 from __future__ import annotations
@@ -35,16 +37,16 @@ import copy
 import datetime as _dt
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
-from spear.cluster.storage import Storage
+from spear.models.device import default_device
 from spear.models.mvq import kernels
 from spear.models.mvq.usage import codebook_usage
-from spear.models.mvq.artefact import (FORMAT, FORMAT_VERSION, ArtefactError, content_hash, read_artefact,
-                                       write_artefact)
+from spear.models.mvq.version import content_hash
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -63,7 +65,7 @@ def _threads(num_threads: Optional[int]) -> Iterator[None]:
     old = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        import faiss
+        import faiss  # optional: GPU machines may have no faiss wheel
     except ImportError:
         faiss = None
     old_faiss = faiss.omp_get_max_threads() if faiss is not None else 0
@@ -95,16 +97,10 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
                          f"(first bad row: {int(rows[0])}); drop or repair them before quantising")
 
 
-def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class MultiCodebookQuantizer:
     """C codebooks of K entries over D-dim frames; tokens are ``torch.uint8`` [N, C].
 
-    Build one with :meth:`fit` or :meth:`load`. The codebooks live in the normalised space
+    Build one with :meth:`fit` or :meth:`from_state`. The codebooks live in the normalised space
     ``(x - mean) / std`` (identity when fitted with ``normalize=False``); :meth:`encode` and
     :meth:`decode` take and return frames in the original space.
 
@@ -122,7 +118,7 @@ class MultiCodebookQuantizer:
         _check_codebook_size(K)
         if tuple(mean.shape) != (D,) or tuple(std.shape) != (D,):
             raise ValueError(f"mean and std must be [{D}], got {list(mean.shape)} and {list(std.shape)}")
-        self._device = _resolve_device(device)
+        self._device = default_device() if device is None else torch.device(device)
         self._codebooks = codebooks.detach().to(self._device, torch.float32).contiguous()
         self._mean = mean.detach().to(self._device, torch.float32).contiguous()
         self._std = std.detach().to(self._device, torch.float32).contiguous()
@@ -130,7 +126,7 @@ class MultiCodebookQuantizer:
         self._beam_size = int(beam_size)
         self._icm_sweeps = int(icm_sweeps)
         meta = dict(metadata or {})
-        meta.update(format=FORMAT, format_version=FORMAT_VERSION, dim=D, num_codebooks=M, codebook_size=K,
+        meta.update(dim=D, num_codebooks=M, codebook_size=K,
                     normalize=self._normalize, encoder={"beam_size": self._beam_size, "icm_sweeps": self._icm_sweeps})
         for k in ("teacher_id", "layer", "training_frames", "validation_frames", "train_relative_loss",
                   "validation_relative_loss", "heldout_frames", "heldout_relative_loss", "perplexity", "created_at",
@@ -165,7 +161,7 @@ class MultiCodebookQuantizer:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """A copy of the artefact metadata (see :mod:`spear.models.mvq.artefact`)."""
+        """A copy of the metadata (the fields of :mod:`spear.schemas.codebooks`' meta.json, less the format)."""
         return copy.deepcopy(self._meta)
 
     @property
@@ -201,19 +197,11 @@ class MultiCodebookQuantizer:
     # ------------------------------------------------------------------ fitting
 
     @classmethod
-    def fit(cls, x: ArrayLike, num_codebooks: int = 16, codebook_size: int = 256, *, seed: int = 0,
-            normalize: bool = True, init_beam_size: int = 5, init_beam_tolerance: float = 0.3,
-            kmeans_iters: int = 10, progressive_dim_steps: int = 10,
-            max_points_per_centroid: int = 256, kmeans_backend: Optional[str] = None,
-            refine_iters: int = 4, validation_fraction: float = 0.05,
-            train_beam_size: Optional[int] = None, train_icm_sweeps: int = 1, ridge: float = 1.0,
-            beam_size: int = 8, icm_sweeps: int = 0, time_budget_s: Optional[float] = None,
-            heldout: Optional[ArrayLike] = None, heldout_fraction: float = 0.0,
+    def fit(cls, x: ArrayLike, settings: Optional[FitSettings] = None, *, heldout: Optional[ArrayLike] = None,
             teacher_id: Optional[str] = None, layer: Optional[int] = None, extra: Optional[dict[str, Any]] = None,
-            device: Union[str, torch.device, None] = None, num_threads: Optional[int] = None,
-            chunk_size: Optional[int] = None,
+            device: Union[str, torch.device, None] = None,
             log: Optional[Callable[[str], None]] = None) -> "MultiCodebookQuantizer":
-        """Fit C codebooks of K entries to the frames ``x`` [N, D].
+        """Fit ``settings.num_codebooks`` codebooks of ``settings.codebook_size`` entries to the frames ``x`` [N, D].
 
         Stages: (1) residual k-means initialisation with a beam of partial encodings per frame
         (``init_beam_size``, ``init_beam_tolerance``; faiss k-means); (2) up to ``refine_iters``
@@ -224,160 +212,52 @@ class MultiCodebookQuantizer:
 
         Args:
             x: training frames (torch or numpy, any float dtype), [N, D] with N >= 4 x codebook_size.
-            num_codebooks: C, bytes per frame.
-            codebook_size: K, a power of two in 2..256 (codes are uint8).
-            seed: fixes the splits and the k-means; the same seed and data give bit-identical
-                codebooks on the same machine and thread count.
-            normalize: per-dimension mean/std normalisation with statistics from ``x``.
-            init_beam_size: partial encodings kept per frame during the initialisation (1 = greedy
-                residual k-means; faiss' ResidualQuantizer calls it max_beam_size).
-            init_beam_tolerance: codebook c's k-means trains on the residuals of every kept partial
-                encoding whose error is within this fraction of the frame's best one. On noisy,
-                high-dimensional frames the near-ties act as augmentation and the codebooks fit
-                held-out frames better; clearly worse encodings (clean, clustered data) stay out.
-            kmeans_iters, progressive_dim_steps, max_points_per_centroid: the k-means of the
-                initialisation (faiss ``ProgressiveDimClustering``: PCA dims grow over
-                ``progressive_dim_steps`` steps of ``kmeans_iters`` iterations; 0 steps = plain
-                k-means; each k-means trains on at most max_points_per_centroid x K rows).
-            kmeans_backend: "faiss" (default when installed; faiss-gpu when it sees a GPU) or
-                "torch" (same progressive k-means in torch on ``device``; used without faiss).
-            refine_iters: joint refinement passes at most (0 = initialisation only).
-            validation_fraction: share of ``x`` held back to accept or reject refinement passes
-                (0 = accept every pass, fit on all rows).
-            train_beam_size, train_icm_sweeps: the encoder of training frames during refinement
-                (default beam: ``beam_size``); each row also keeps its previous codes if better.
-            ridge: weight pulling the least-squares update towards the previous codebooks
-                (keeps unused entries and the singular directions in place).
-            beam_size, icm_sweeps: the encoder of the fitted quantiser (:meth:`encode`).
-            time_budget_s: skip refinement passes that would end after this many seconds from the
-                start (the initialisation always runs).
+            settings: how to fit (:class:`FitSettings`; None = its defaults).
             heldout: frames to measure the held-out relative reconstruction loss on (stored in
-                the metadata); or heldout_fraction: share of ``x`` (seeded random rows) kept for it.
+                the metadata); or ``settings.heldout_fraction``: share of ``x`` (seeded random rows) kept for it.
             teacher_id, layer, extra: metadata stored in the artefact (teacher_id and layer also
                 enter the version, so artefacts of different teachers never share one).
             device: where to compute (default: CUDA when available, else CPU).
-            num_threads: torch/faiss intra-op threads while fitting (default: leave as set).
-            chunk_size: frames per encoder chunk (default: from a 256 MiB budget).
             log: callable receiving progress lines (e.g. ``print`` or ``logger.info``).
         """
+        st = settings or FitSettings()
         t_start = time.time()
         say = log or (lambda s: None)
-        _check_codebook_size(codebook_size)
-        if not (1 <= num_codebooks <= 64):
-            raise ValueError(f"num_codebooks must be in 1..64, got {num_codebooks}")
-        for name, frac in (("heldout_fraction", heldout_fraction), ("validation_fraction", validation_fraction)):
-            if not (0.0 <= frac < 0.5):
-                raise ValueError(f"{name} must be in [0, 0.5), got {frac}")
-        x = _as_tensor(x, "training frames")
-        if x.ndim != 2:
-            raise ValueError(f"training frames must be a 2-D [N, D] array, got shape {list(x.shape)}")
-        _check_finite(x, "training frames")
-        dev = _resolve_device(device)
-        gen = torch.Generator().manual_seed(seed)
-        if heldout_fraction > 0:
-            perm = torch.randperm(x.shape[0], generator=gen)
-            n_held = int(round(heldout_fraction * x.shape[0]))
-            heldout, x = x[perm[:n_held]], x[perm[n_held:]]
-        need = MIN_ROWS_PER_ENTRY * codebook_size
-        if x.shape[0] < need:
-            raise ValueError(f"too few training frames: got {x.shape[0]}, need at least {need} "
-                             f"({MIN_ROWS_PER_ENTRY} x codebook_size={codebook_size})")
-        d = x.shape[1]
-        if heldout is not None:
-            heldout = _as_tensor(heldout, "held-out frames")
-            if heldout.ndim != 2 or heldout.shape[1] != d:
-                raise ValueError(f"held-out frames must be [n, {d}], got shape {list(heldout.shape)}")
-            _check_finite(heldout, "held-out frames")
-        train_beam = beam_size if train_beam_size is None else train_beam_size
-
-        with _threads(num_threads), torch.no_grad():
-            # Normalisation statistics come from every frame given for fitting (float64 sums, chunked).
-            if normalize:
-                s1 = torch.zeros(d, dtype=torch.float64)
-                s2 = torch.zeros(d, dtype=torch.float64)
-                for s in range(0, x.shape[0], 65536):
-                    xs = x[s : s + 65536].to("cpu", torch.float64)
-                    s1 += xs.sum(0)
-                    s2 += (xs * xs).sum(0)
-                mean = s1 / x.shape[0]
-                std = (s2 / x.shape[0] - mean * mean).clamp_min(0.0).sqrt()
-                # A constant dimension carries nothing: leave it unscaled instead of dividing by ~0.
-                std = torch.where(std > 1e-8 * max(float(std.max()), 1e-30), std, torch.ones_like(std))
-            else:
-                mean, std = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
-            mean32, std32 = mean.to(torch.float32), std.to(torch.float32)
-            # Exactly the float32 transform encode() applies.
-            m_dev, s_dev = mean32.to(dev), std32.to(dev)
-            xn = torch.empty(x.shape, dtype=torch.float32, device=dev)
-            for s in range(0, x.shape[0], 65536):
-                xs = x[s : s + 65536].to(dev, torch.float32)
-                xn[s : s + 65536] = (xs - m_dev) / s_dev if normalize else xs
-            xval = None
-            n_val = int(round(validation_fraction * xn.shape[0])) if refine_iters > 0 else 0
-            if n_val > 0 and xn.shape[0] - n_val >= need:
-                perm = torch.randperm(xn.shape[0], generator=gen).to(dev)
-                xval, xn = xn[perm[:n_val]], xn[perm[n_val:]]
-            n = xn.shape[0]
-
+        st.check()
+        dev = default_device() if device is None else torch.device(device)
+        gen = torch.Generator().manual_seed(st.seed)  # draws the held-out rows, then the validation rows
+        x, heldout = _fit_inputs(x, heldout, st, gen)
+        with _threads(st.num_threads), torch.no_grad():
+            # Normalisation statistics come from every frame given for fitting.
+            mean32, std32 = _normalisation(x, st.normalize)
+            xn = _normalised_rows(x, mean32, std32, st.normalize, dev)
+            xn, xval = _validation_split(xn, st, gen)
             books, codes = kernels.residual_kmeans_init(
-                xn, num_codebooks, codebook_size, niter=kmeans_iters, seed=seed,
-                max_points_per_centroid=max_points_per_centroid, progressive_steps=progressive_dim_steps,
-                beam=init_beam_size, beam_tolerance=init_beam_tolerance, kmeans_backend=kmeans_backend, log=log)
+                xn, st.num_codebooks, st.codebook_size, niter=st.kmeans_iters, seed=st.seed,
+                max_points_per_centroid=st.max_points_per_centroid, progressive_steps=st.progressive_dim_steps,
+                beam=st.init_beam_size, beam_tolerance=st.init_beam_tolerance, kmeans_backend=st.kmeans_backend,
+                log=log)
             total = float(((xn - xn.mean(0)) ** 2).sum())
-            say(f"initialised {num_codebooks} x {codebook_size} codebooks in {time.time() - t_start:.1f}s")
-
-            def val_loss(b: torch.Tensor) -> float:
-                _, e = _encode_rows(xval, kernels.codebook_tables(b), beam_size, icm_sweeps, chunk_size)
-                return e / float(((xval - xval.mean(0)) ** 2).sum())
-
-            best_val = val_loss(books) if xval is not None else None
-            iters_done, last_iter_s, stop = 0, 0.0, "all passes run"
-            for it in range(refine_iters):
-                if time_budget_s is not None and time.time() - t_start + last_iter_s > time_budget_s:
-                    stop = f"time budget {time_budget_s:.0f}s"
-                    break
-                t_it = time.time()
-                cand = kernels.least_squares_update(xn, codes, books, ridge)
-                if xval is not None:
-                    v = val_loss(cand)
-                    if v >= best_val:
-                        stop = f"validation loss {v:.4f} >= {best_val:.4f}: pass {it + 1} rejected"
-                        break
-                    best_val = v
-                books = cand
-                codes, err = _encode_rows(xn, kernels.codebook_tables(books), train_beam, train_icm_sweeps,
-                                          chunk_size, init_codes=codes)
-                iters_done += 1
-                last_iter_s = time.time() - t_it
-                say(f"refinement pass {it + 1}/{refine_iters}: train loss {err / total:.4f}, validation loss "
-                    f"{best_val if best_val is None else round(best_val, 4)} ({last_iter_s:.1f}s)")
-            if refine_iters:
-                say(f"refinement stopped after {iters_done} accepted passes ({stop})")
-            train_codes, train_err = _encode_rows(xn, kernels.codebook_tables(books), beam_size, icm_sweeps,
-                                                  chunk_size)
+            say(f"initialised {st.num_codebooks} x {st.codebook_size} codebooks in {time.time() - t_start:.1f}s")
+            books, refined = _refine(xn, xval, books, codes, total, st, t_start, say)
+            train_codes, train_err = _encode_rows(xn, kernels.codebook_tables(books), st.beam_size, st.icm_sweeps,
+                                                  st.chunk_size)
             meta: dict[str, Any] = {
                 "teacher_id": teacher_id, "layer": layer, "extra": extra,
-                "training_frames": n,
+                "training_frames": xn.shape[0],
                 "validation_frames": 0 if xval is None else int(xval.shape[0]),
                 "train_relative_loss": train_err / total,
-                "validation_relative_loss": best_val,
-                "perplexity": [round(p, 3) for p in codebook_usage(train_codes, codebook_size).perplexity],
+                "validation_relative_loss": refined.best_val,
+                "perplexity": [round(p, 3) for p in codebook_usage(train_codes, st.codebook_size).perplexity],
                 "heldout_frames": None if heldout is None else int(heldout.shape[0]),
                 "heldout_relative_loss": None,
                 "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "fit": {"seed": seed, "init_beam_size": init_beam_size, "init_beam_tolerance": init_beam_tolerance,
-                        "kmeans_iters": kmeans_iters,
-                        "progressive_dim_steps": progressive_dim_steps,
-                        "max_points_per_centroid": max_points_per_centroid, "kmeans_backend": kmeans_backend,
-                        "refine_iters": refine_iters,
-                        "refine_iters_done": iters_done, "refine_stop": stop if refine_iters else None,
-                        "train_beam_size": train_beam, "train_icm_sweeps": train_icm_sweeps, "ridge": ridge,
-                        "device": str(dev), "seconds": round(time.time() - t_start, 2)},
+                "fit": st.record(refined, dev, time.time() - t_start),
             }
-            q = cls(books, mean32, std32, normalize=normalize, beam_size=beam_size, icm_sweeps=icm_sweeps,
+            q = cls(books, mean32, std32, normalize=st.normalize, beam_size=st.beam_size, icm_sweeps=st.icm_sweeps,
                     metadata=meta, device=dev)
             if heldout is not None and heldout.shape[0] > 0:
-                q._meta["heldout_relative_loss"] = q.relative_reconstruction_loss(heldout, chunk_size=chunk_size)
+                q._meta["heldout_relative_loss"] = q.relative_reconstruction_loss(heldout, chunk_size=st.chunk_size)
             say(f"fitted in {time.time() - t_start:.1f}s: train loss {meta['train_relative_loss']:.4f}, "
                 f"held-out loss {q._meta['heldout_relative_loss']}")
         return q
@@ -461,34 +341,21 @@ class MultiCodebookQuantizer:
                 total += float(((self._normalised(rows[s : s + 65536]).to(torch.float64) - mu) ** 2).sum())
         return float(err) / max(total, 1e-30)
 
-    # ------------------------------------------------------------------ artefact
-
-    def save(self, uri: str, storage: Optional[Storage] = None) -> str:
-        """Write the artefact under ``uri`` (local path, file:// or s3:// prefix); returns :attr:`version`.
-
-        Two objects: ``<uri>/codebooks.safetensors`` then ``<uri>/meta.json`` (see
-        :mod:`spear.models.mvq.artefact`).
-        """
-        write_artefact(uri, self._codebooks, self._mean, self._std, self._meta, storage=storage)
-        return self.version
+    # ------------------------------------------------------------------ state
 
     @classmethod
-    def load(cls, uri: str, storage: Optional[Storage] = None,
-             device: Union[str, torch.device, None] = None) -> "MultiCodebookQuantizer":
-        """Read and verify an artefact written by :meth:`save` (content hash, shapes).
+    def from_state(cls, codebooks: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, metadata: dict[str, Any],
+                   device: Union[str, torch.device, None] = None) -> "MultiCodebookQuantizer":
+        """Rebuild a quantiser from its tensors and :attr:`metadata` (e.g. as stored in an artefact).
 
-        Raises :class:`~spear.models.mvq.artefact.ArtefactError` (a ValueError) when it is
-        missing, incomplete or corrupt.
+        The normalisation and encoder settings come from the metadata; :attr:`version` is
+        recomputed from what the quantiser now holds, so a caller compares it with the stored one.
+        Reading and writing artefacts on storage: :mod:`spear.stages.artefacts`.
         """
-        tensors, meta = read_artefact(uri, storage=storage)
-        enc = meta.get("encoder") or {}
-        q = cls(tensors["codebooks"], tensors["mean"], tensors["std"], normalize=bool(meta["normalize"]),
-                beam_size=int(enc.get("beam_size", 8)), icm_sweeps=int(enc.get("icm_sweeps", 0)),
-                metadata=meta, device=device)
-        if q.version != meta["version"]:  # the constructor recomputes it from what it now holds
-            raise ArtefactError(f"MVQ artefact at {uri}: recomputed version {q.version[:16]}... differs from the "
-                                f"stored {meta['version'][:16]}...")
-        return q
+        enc = metadata.get("encoder") or {}
+        return cls(codebooks, mean, std, normalize=bool(metadata["normalize"]),
+                   beam_size=int(enc.get("beam_size", 8)), icm_sweeps=int(enc.get("icm_sweeps", 0)),
+                   metadata=metadata, device=device)
 
     def check_compatible(self, *, teacher_id: Optional[str] = None, layer: Optional[int] = None,
                          dim: Optional[int] = None, num_codebooks: Optional[int] = None,
@@ -510,6 +377,210 @@ class MultiCodebookQuantizer:
 def _check_codebook_size(k: int) -> None:
     if not isinstance(k, (int, np.integer)) or k < 2 or k > 256 or (k & (k - 1)):
         raise ValueError(f"codebook_size must be a power of two between 2 and 256 (tokens are uint8), got {k!r}")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How :meth:`MultiCodebookQuantizer.fit` fits codebooks; the defaults are the pipeline's.
+
+    Example::
+
+        >>> FitSettings(num_codebooks=4, codebook_size=16, refine_iters=2).beam_size
+        8
+
+    Attributes:
+        num_codebooks: C, bytes per frame (1..64).
+        codebook_size: K, a power of two in 2..256 (codes are uint8).
+        seed: fixes the splits and the k-means; the same seed and data give bit-identical
+            codebooks on the same machine and thread count.
+        normalize: per-dimension mean/std normalisation with statistics from the training frames.
+        init_beam_size: partial encodings kept per frame during the initialisation (1 = greedy
+            residual k-means; faiss' ResidualQuantizer calls it max_beam_size).
+        init_beam_tolerance: codebook c's k-means trains on the residuals of every kept partial
+            encoding whose error is within this fraction of the frame's best one. On noisy,
+            high-dimensional frames the near-ties act as augmentation and the codebooks fit
+            held-out frames better; clearly worse encodings (clean, clustered data) stay out.
+        kmeans_iters, progressive_dim_steps, max_points_per_centroid: the k-means of the
+            initialisation (faiss ``ProgressiveDimClustering``: PCA dims grow over
+            ``progressive_dim_steps`` steps of ``kmeans_iters`` iterations; 0 steps = plain
+            k-means; each k-means trains on at most max_points_per_centroid x K rows).
+        kmeans_backend: "faiss" (default when installed; faiss-gpu when it sees a GPU) or
+            "torch" (same progressive k-means in torch on the fitting device; used without faiss).
+        refine_iters: joint refinement passes at most (0 = initialisation only).
+        validation_fraction: share of the frames held back to accept or reject refinement passes
+            (0 = accept every pass, fit on all rows).
+        train_beam_size, train_icm_sweeps: the encoder of training frames during refinement
+            (default beam: ``beam_size``); each row also keeps its previous codes if better.
+        ridge: weight pulling the least-squares update towards the previous codebooks
+            (keeps unused entries and the singular directions in place).
+        beam_size, icm_sweeps: the encoder of the fitted quantiser (:meth:`MultiCodebookQuantizer.encode`).
+        time_budget_s: skip refinement passes that would end after this many seconds from the
+            start (the initialisation always runs).
+        heldout_fraction: share of the frames (seeded random rows) kept out of fitting to measure
+            the held-out loss on, when no held-out frames are given.
+        num_threads: torch/faiss intra-op threads while fitting (default: leave as set).
+        chunk_size: frames per encoder chunk (default: from a 256 MiB budget).
+    """
+
+    num_codebooks: int = 16
+    codebook_size: int = 256
+    seed: int = 0
+    normalize: bool = True
+    init_beam_size: int = 5
+    init_beam_tolerance: float = 0.3
+    kmeans_iters: int = 10
+    progressive_dim_steps: int = 10
+    max_points_per_centroid: int = 256
+    kmeans_backend: Optional[str] = None
+    refine_iters: int = 4
+    validation_fraction: float = 0.05
+    train_beam_size: Optional[int] = None
+    train_icm_sweeps: int = 1
+    ridge: float = 1.0
+    beam_size: int = 8
+    icm_sweeps: int = 0
+    time_budget_s: Optional[float] = None
+    heldout_fraction: float = 0.0
+    num_threads: Optional[int] = None
+    chunk_size: Optional[int] = None
+
+    @property
+    def min_rows(self) -> int:
+        """Fewest training frames a fit accepts (:data:`MIN_ROWS_PER_ENTRY` per codebook entry)."""
+        return MIN_ROWS_PER_ENTRY * self.codebook_size
+
+    def check(self) -> None:
+        """Raise ValueError for settings no fit can use."""
+        _check_codebook_size(self.codebook_size)
+        if not (1 <= self.num_codebooks <= 64):
+            raise ValueError(f"num_codebooks must be in 1..64, got {self.num_codebooks}")
+        for name in ("heldout_fraction", "validation_fraction"):
+            frac = getattr(self, name)
+            if not (0.0 <= frac < 0.5):
+                raise ValueError(f"{name} must be in [0, 0.5), got {frac}")
+
+    def record(self, refined: "_Refinement", device: torch.device, seconds: float) -> dict[str, Any]:
+        """The ``fit`` entry of the metadata: these settings as fitting used them, and how refinement ended."""
+        return {"seed": self.seed, "init_beam_size": self.init_beam_size,
+                "init_beam_tolerance": self.init_beam_tolerance, "kmeans_iters": self.kmeans_iters,
+                "progressive_dim_steps": self.progressive_dim_steps,
+                "max_points_per_centroid": self.max_points_per_centroid, "kmeans_backend": self.kmeans_backend,
+                "refine_iters": self.refine_iters,
+                "refine_iters_done": refined.iters_done, "refine_stop": refined.stop if self.refine_iters else None,
+                "train_beam_size": self.train_beam, "train_icm_sweeps": self.train_icm_sweeps, "ridge": self.ridge,
+                "device": str(device), "seconds": round(seconds, 2)}
+
+    @property
+    def train_beam(self) -> int:
+        """The beam that encodes training frames during refinement."""
+        return self.beam_size if self.train_beam_size is None else self.train_beam_size
+
+
+@dataclass
+class _Refinement:
+    """How refinement ended: accepted passes, why it stopped, the best validation loss (None without validation)."""
+
+    iters_done: int
+    stop: str
+    best_val: Optional[float]
+
+
+def _fit_inputs(x: ArrayLike, heldout: Optional[ArrayLike], st: FitSettings, gen: torch.Generator
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Check the training (and held-out) frames; split ``heldout_fraction`` of ``x`` off as held-out frames."""
+    x = _as_tensor(x, "training frames")
+    if x.ndim != 2:
+        raise ValueError(f"training frames must be a 2-D [N, D] array, got shape {list(x.shape)}")
+    _check_finite(x, "training frames")
+    if st.heldout_fraction > 0:
+        perm = torch.randperm(x.shape[0], generator=gen)
+        n_held = int(round(st.heldout_fraction * x.shape[0]))
+        heldout, x = x[perm[:n_held]], x[perm[n_held:]]
+    if x.shape[0] < st.min_rows:
+        raise ValueError(f"too few training frames: got {x.shape[0]}, need at least {st.min_rows} "
+                         f"({MIN_ROWS_PER_ENTRY} x codebook_size={st.codebook_size})")
+    if heldout is not None:
+        heldout = _as_tensor(heldout, "held-out frames")
+        if heldout.ndim != 2 or heldout.shape[1] != x.shape[1]:
+            raise ValueError(f"held-out frames must be [n, {x.shape[1]}], got shape {list(heldout.shape)}")
+        _check_finite(heldout, "held-out frames")
+    return x, heldout
+
+
+def _normalisation(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension (mean, std) of ``x`` as float32 (float64 sums, chunked); (0, 1) without normalisation."""
+    d = x.shape[1]
+    if normalize:
+        s1 = torch.zeros(d, dtype=torch.float64)
+        s2 = torch.zeros(d, dtype=torch.float64)
+        for s in range(0, x.shape[0], 65536):
+            xs = x[s : s + 65536].to("cpu", torch.float64)
+            s1 += xs.sum(0)
+            s2 += (xs * xs).sum(0)
+        mean = s1 / x.shape[0]
+        std = (s2 / x.shape[0] - mean * mean).clamp_min(0.0).sqrt()
+        # A constant dimension carries nothing: leave it unscaled instead of dividing by ~0.
+        std = torch.where(std > 1e-8 * max(float(std.max()), 1e-30), std, torch.ones_like(std))
+    else:
+        mean, std = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
+    return mean.to(torch.float32), std.to(torch.float32)
+
+
+def _normalised_rows(x: torch.Tensor, mean32: torch.Tensor, std32: torch.Tensor, normalize: bool,
+                     dev: torch.device) -> torch.Tensor:
+    """``x`` in the codebooks' space on ``dev``: exactly the float32 transform :meth:`encode` applies."""
+    m_dev, s_dev = mean32.to(dev), std32.to(dev)
+    xn = torch.empty(x.shape, dtype=torch.float32, device=dev)
+    for s in range(0, x.shape[0], 65536):
+        xs = x[s : s + 65536].to(dev, torch.float32)
+        xn[s : s + 65536] = (xs - m_dev) / s_dev if normalize else xs
+    return xn
+
+
+def _validation_split(xn: torch.Tensor, st: FitSettings, gen: torch.Generator
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(training rows, validation rows or None): ``validation_fraction`` of the rows, when refinement
+    runs and enough rows stay for fitting."""
+    n_val = int(round(st.validation_fraction * xn.shape[0])) if st.refine_iters > 0 else 0
+    if n_val > 0 and xn.shape[0] - n_val >= st.min_rows:
+        perm = torch.randperm(xn.shape[0], generator=gen).to(xn.device)
+        return xn[perm[n_val:]], xn[perm[:n_val]]
+    return xn, None
+
+
+def _refine(xn: torch.Tensor, xval: Optional[torch.Tensor], books: torch.Tensor, codes: torch.Tensor, total: float,
+            st: FitSettings, t_start: float, say: Callable[[str], None]) -> tuple[torch.Tensor, _Refinement]:
+    """Joint refinement: alternate the least-squares update of all codebooks and re-encoding the
+    training rows; with validation rows, a pass that does not lower their loss is rejected and ends it."""
+
+    def val_loss(b: torch.Tensor) -> float:
+        _, e = _encode_rows(xval, kernels.codebook_tables(b), st.beam_size, st.icm_sweeps, st.chunk_size)
+        return e / float(((xval - xval.mean(0)) ** 2).sum())
+
+    best_val = val_loss(books) if xval is not None else None
+    iters_done, last_iter_s, stop = 0, 0.0, "all passes run"
+    for it in range(st.refine_iters):
+        if st.time_budget_s is not None and time.time() - t_start + last_iter_s > st.time_budget_s:
+            stop = f"time budget {st.time_budget_s:.0f}s"
+            break
+        t_it = time.time()
+        cand = kernels.least_squares_update(xn, codes, books, st.ridge)
+        if xval is not None:
+            v = val_loss(cand)
+            if v >= best_val:
+                stop = f"validation loss {v:.4f} >= {best_val:.4f}: pass {it + 1} rejected"
+                break
+            best_val = v
+        books = cand
+        codes, err = _encode_rows(xn, kernels.codebook_tables(books), st.train_beam, st.train_icm_sweeps,
+                                  st.chunk_size, init_codes=codes)
+        iters_done += 1
+        last_iter_s = time.time() - t_it
+        say(f"refinement pass {it + 1}/{st.refine_iters}: train loss {err / total:.4f}, validation loss "
+            f"{best_val if best_val is None else round(best_val, 4)} ({last_iter_s:.1f}s)")
+    if st.refine_iters:
+        say(f"refinement stopped after {iters_done} accepted passes ({stop})")
+    return books, _Refinement(iters_done, stop, best_val)
 
 
 def _chunk_rows(chunk_size: Optional[int], tables: kernels.CodebookTables, beam: int, device: torch.device) -> int:

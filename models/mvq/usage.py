@@ -63,7 +63,7 @@ def plot_codebook_usage(codes: Union[torch.Tensor, np.ndarray], path: str, codeb
                         title: Optional[str] = None) -> CodebookUsage:
     """Write a PNG (matplotlib Agg) to ``path``: per-codebook perplexity (bars) and the sorted entry
     frequencies of every codebook (lines, log scale). Returns the :class:`CodebookUsage`."""
-    import matplotlib
+    import matplotlib  # optional and slow to import: only reports plot
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

@@ -1,26 +1,20 @@
-"""A trained student as a standalone model: safetensors weights + a JSON config, no Ray, no pickle.
+"""A trained student as a standalone model, to and from plain weights and a config dict.
 
-An exported student is a directory (local path, ``file://`` or ``s3://`` prefix) with
+:func:`export_state` and :func:`export_fields` give what an export stores (the encoder's
+weights, its config and the Kaldi fbank frontend settings); :func:`build_student` rebuilds a
+:class:`StudentModel` from them: 16 kHz waveforms in, every layer's frame features out, e.g.
+for probing or for using the student as the next teacher. Prediction heads are not part of it.
 
-- ``model.safetensors``: the encoder's weights (float32 unless exported otherwise);
-- ``config.json``: ``{"format": "spear-student", "format_version": 1, "encoder": {architecture + config},
-  "frontend": {Kaldi fbank settings}, "frame_rate", "layer_dims", "output_dim",
-  "weights_sha256", "metadata": {...}}``. It is written last, so a directory with a
-  config.json holds complete weights.
-
-:func:`load_student` rebuilds the encoder from the config and loads the tensors with
-``safetensors`` only (no ``torch.load``, nothing executes from the files), and wraps it with
-the Kaldi fbank frontend as a :class:`StudentModel`: 16 kHz waveforms in, every layer's
-frame features out, e.g. for probing or for using the student as the next teacher.
+Files and storage are elsewhere: :mod:`spear.schemas.student_export` is the on-storage format
+(``model.safetensors`` + ``config.json``) and :mod:`spear.stages.artefacts` writes and reads it
+(``export_student`` / ``load_student``, local or s3://).
 
 Example::
 
-    >>> import tempfile, torch
-    >>> from spear.models.student import build_encoder, export_student, load_student
+    >>> import torch
+    >>> from spear.models.student import build_encoder, build_student, export_fields, export_state
     >>> enc = build_encoder("zipformer2", "tiny", num_mel_bins=80)
-    >>> d = tempfile.mkdtemp()
-    >>> _ = export_student(enc, d, metadata={"step": 1000})
-    >>> student = load_student(d)
+    >>> student = build_student(export_fields(enc), export_state(enc), device="cpu")
     >>> feats = student.features(torch.randn(2, 16000) * 0.1, torch.tensor([16000, 8000]))
     >>> len(feats.layers), feats.layers[0].shape, feats.lengths.tolist(), student.frame_rate
     (5, torch.Size([2, 45, 32]), [45, 20], 50.0)
@@ -28,28 +22,22 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 
-from spear.cluster.storage import Storage, join_uri
+from spear.models.device import default_device
 from spear.models.frontend import KaldiFbank
 
-from .encoder import StudentEncoder, build_encoder, config_from_dict, config_to_dict
-
-FORMAT = "spear-student"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+from .base import StudentEncoder
+from .configs import config_from_dict, config_to_dict
+from .encoder import build_encoder
 
 
-def _encoder_of(model: nn.Module) -> StudentEncoder:
+def encoder_of(model: nn.Module) -> StudentEncoder:
+    """The :class:`StudentEncoder` of ``model``: itself, or its ``.encoder`` (e.g. a ``SpearObjective``)."""
     if isinstance(model, StudentEncoder):
         return model
     enc = getattr(model, "encoder", None)
@@ -58,36 +46,25 @@ def _encoder_of(model: nn.Module) -> StudentEncoder:
     raise TypeError(f"export_student needs a StudentEncoder (or a module with .encoder), got {type(model).__name__}")
 
 
-def export_student(model: nn.Module, path: Union[str, Path], metadata: Optional[Mapping[str, Any]] = None,
-                   storage: Optional[Storage] = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Write ``model``'s encoder (a :class:`StudentEncoder`, or e.g. a ``SpearObjective``: its
-    ``.encoder``; prediction heads are not exported) to ``path``; returns the config written.
+def export_state(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The encoder's weights, contiguous on the CPU, floating-point tensors cast to ``dtype``."""
+    enc = encoder_of(model)
+    return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in enc.state_dict().items()}
 
-    ``metadata`` (JSON-serialisable: training step, token versions, ...) is stored as is.
-    """
-    enc = _encoder_of(model)
-    storage = storage or Storage()
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in enc.state_dict().items()}
-    blob = save(state, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    fbank = KaldiFbank(num_mel_bins=enc.num_mel_bins)
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+
+def export_fields(model: nn.Module) -> dict[str, Any]:
+    """What rebuilds the encoder and describes it: ``encoder`` (architecture + config), ``frontend``
+    (Kaldi fbank settings), ``frame_rate``, ``layer_dims``, ``output_dim``, ``num_parameters``."""
+    enc = encoder_of(model)
+    return {
         "encoder": config_to_dict(enc.config),
-        "frontend": fbank.settings(),
+        "frontend": KaldiFbank(num_mel_bins=enc.num_mel_bins).settings(),
         "frame_rate": enc.frame_rate,
         "layer_dims": list(enc.layer_dims),
         "output_dim": enc.output_dim,
         "num_parameters": enc.num_parameters(),
-        "weights_sha256": hashlib.sha256(blob).hexdigest(),
-        "metadata": dict(metadata or {}),
     }
-    base = str(path)
-    storage.makedirs(base)
-    storage.write_bytes(join_uri(base, WEIGHTS_FILE), blob)
-    storage.write_text(join_uri(base, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
-    return config
 
 
 @dataclass
@@ -154,32 +131,18 @@ class StudentModel(nn.Module):
         return self.features(wavs, lengths)
 
 
-def load_student(path: Union[str, Path], storage: Optional[Storage] = None,
-                 device: Optional[Union[str, torch.device]] = None, cache_dir: Optional[str] = None) -> StudentModel:
-    """Load an exported student from a local directory or an ``s3://`` prefix (cached locally).
+def build_student(config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                  device: Optional[Union[str, torch.device]] = None) -> StudentModel:
+    """A :class:`StudentModel` (eval mode, on ``device``; default: CUDA if present) from an export's
+    ``config`` (at least the ``encoder`` field of :func:`export_fields`) and weights ``state``.
 
-    Raises FileNotFoundError when the files are missing and ValueError for a directory that
-    is not a SPEAR student export (or whose weights do not match the config).
+    Raises ValueError when the weights do not fit the config.
     """
-    from spear.models.teachers.checkpoint import fetch_checkpoint
-
-    local = Path(fetch_checkpoint(str(path), storage, cache_dir, patterns=(WEIGHTS_FILE, CONFIG_FILE)))
-    cfg_path, weights_path = local / CONFIG_FILE, local / WEIGHTS_FILE
-    if not cfg_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{path}: an exported student needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = json.loads(cfg_path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a SPEAR student export (format {config.get('format')!r})")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {config['format_version']} is newer than this code "
-                         f"({FORMAT_VERSION}); upgrade spear")
-    state = load_file(str(weights_path))
     with torch.device("meta"):  # no throw-away random init of a large model
         encoder = build_encoder(config_from_dict(config["encoder"]))
     try:
-        encoder.load_state_dict(state, strict=True, assign=True)
+        encoder.load_state_dict(dict(state), strict=True, assign=True)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not match the exported config: {exc}") from None
+        raise ValueError(f"weights do not match the exported config: {exc}") from None
     model = StudentModel(encoder, config)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
+    return model.to(torch.device(device) if device is not None else default_device()).eval()

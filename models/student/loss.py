@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import EncoderOutput, StudentEncoder
+from .base import EncoderOutput, StudentEncoder
 from .targets import IGNORE_INDEX
 
 

@@ -36,7 +36,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -103,13 +103,16 @@ class MaskedFeatures:
     channel_mask: torch.Tensor
 
 
-def mask_features(feats: torch.Tensor, lengths: torch.Tensor, cfg: Any = None,
+def mask_features(feats: torch.Tensor, lengths: torch.Tensor, *, mask_prob: float = 0.65, mask_length: int = 10,
+                  min_masks: int = 2, channel_mask_prob: float = 0.25, channel_mask_length: int = 20,
                   generator: Optional[torch.Generator] = None) -> MaskedFeatures:
     """Draw span and channel masks for fbank ``feats`` [B, T, F] and apply the channel mask.
 
-    ``cfg`` is a :class:`spear.config.MaskingConfig` (or anything with its fields;
-    None = SPEAR's defaults). The span mask is returned, not applied: the encoder replaces
-    those frames with its learned embedding (which then covers the masked channels too).
+    The settings are those of :func:`span_mask` (``mask_prob``, ``mask_length``, ``min_masks``)
+    and :func:`channel_mask` (``channel_mask_prob``, ``channel_mask_length``); the defaults are
+    SPEAR's (the fields of ``spear.config.MaskingConfig``, which the train stage passes on).
+    The span mask is returned, not applied: the encoder replaces those frames with its learned
+    embedding (which then covers the masked channels too).
 
     >>> import torch
     >>> from spear.models.student.masking import mask_features
@@ -117,13 +120,9 @@ def mask_features(feats: torch.Tensor, lengths: torch.Tensor, cfg: Any = None,
     >>> out.frame_mask.shape, out.channel_mask.shape
     (torch.Size([2, 400]), torch.Size([2, 80]))
     """
-    if cfg is None:
-        from spear.config import MaskingConfig
-
-        cfg = MaskingConfig()
     B, T, C = feats.shape
-    frames = span_mask(lengths, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, generator).to(feats.device)
-    channels = channel_mask(B, C, cfg.channel_mask_prob, cfg.channel_mask_length, generator).to(feats.device)
+    frames = span_mask(lengths, T, mask_prob, mask_length, min_masks, generator).to(feats.device)
+    channels = channel_mask(B, C, channel_mask_prob, channel_mask_length, generator).to(feats.device)
     if bool(channels.any()):
         feats = feats.masked_fill(channels.unsqueeze(1), 0.0)
     return MaskedFeatures(feats, frames, channels)

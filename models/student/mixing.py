@@ -1,12 +1,12 @@
 """SPEAR's token mixing: mix another utterance of the batch into part of a waveform and
 replace the targets there, cell by cell, with the mixed-in utterance's tokens.
 
-For each reference utterance b, with probability ``cfg.prob``:
+For each reference utterance b, with probability ``prob``:
 
 1. pick a partner j != b uniformly among the batch's other non-empty utterances;
 2. a region of ``n = round(u * L_b)`` samples, u ~ U[min_region, max_region] (at most the
    partner's length), at a uniform offset ``s`` in the reference and ``s'`` in the partner;
-3. an SNR from ``cfg.speech_snr_db`` if the partner is speech, else ``cfg.noise_snr_db``;
+3. an SNR from ``speech_snr_db`` if the partner is speech, else ``noise_snr_db``;
 4. with E_ref = sum of ref[s : s + n]^2 and E_mix = sum of partner[s' : s' + n]^2, the partner is
    scaled by ``gain = sqrt(E_ref / (E_mix * 10^(SNR / 10)))`` and added:
    ``out[s : s + n] = ref[s : s + n] + gain * partner[s' : s' + n]``; samples outside the
@@ -29,13 +29,12 @@ Example::
 
     >>> import torch
     >>> from spear.models.student.mixing import mix_batch
-    >>> from spear.config import MixingConfig
     >>> wavs = torch.randn(2, 16000) * 0.1
     >>> targets = {"speech": torch.zeros(2, 49, 16, dtype=torch.long)}
     >>> targets["speech"][1] = 1
     >>> g = torch.Generator().manual_seed(0)
     >>> mixed, new_targets, info = mix_batch(wavs, torch.tensor([16000, 16000]), targets, {"speech": 50.0},
-    ...                                      ["speech", "speech"], MixingConfig(prob=1.0), g)
+    ...                                      ["speech", "speech"], g, prob=1.0)
     >>> info.partner.tolist()
     [1, 0]
 """
@@ -44,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -87,8 +86,10 @@ def _randint(n: int, generator: Optional[torch.Generator]) -> int:
 
 
 def mix_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor, targets: Mapping[str, torch.Tensor],
-              frame_rates: Mapping[str, float], domains: Sequence[str], cfg: Any = None,
-              generator: Optional[torch.Generator] = None, sample_rate: int = 16000,
+              frame_rates: Mapping[str, float], domains: Sequence[str],
+              generator: Optional[torch.Generator] = None, *, prob: float = 0.4, min_region: float = 0.2,
+              max_region: float = 0.5, speech_snr_db: tuple[float, float] = (-5.0, 5.0),
+              noise_snr_db: tuple[float, float] = (5.0, 20.0), sample_rate: int = 16000,
               target_lengths: Optional[Mapping[str, torch.Tensor]] = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], MixInfo]:
     """Token mixing on a batch of 16 kHz waveforms [B, S] and their per-teacher targets.
@@ -96,15 +97,13 @@ def mix_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor, targets: Mapping[st
     ``targets[name]`` is [B, T_name, C_name] at the teacher's own rate ``frame_rates[name]``,
     -100 where there is no target; ``target_lengths[name]`` [B] (optional) marks frames at or
     past an utterance's length as having no target too, for targets padded with anything else
-    (0 for an utterance without this teacher's tokens); ``domains[b]`` is "speech" or "audio"; ``cfg`` a
-    :class:`spear.config.MixingConfig` (None = defaults). ``generator`` (a CPU
+    (0 for an utterance without this teacher's tokens); ``domains[b]`` is "speech" or "audio".
+    ``prob``, ``min_region``, ``max_region``, ``speech_snr_db`` and ``noise_snr_db`` are the
+    settings of the module docstring; the defaults are SPEAR's (the fields of
+    ``spear.config.MixingConfig``, which the train stage passes on). ``generator`` (a CPU
     ``torch.Generator``) makes the draws reproducible. Returns the mixed waveforms (a new
     tensor), new int64 targets and a :class:`MixInfo`.
     """
-    if cfg is None:
-        from spear.config import MixingConfig
-
-        cfg = MixingConfig()
     if wavs.dim() != 2:
         raise ValueError(f"wavs must be [B, S], got {tuple(wavs.shape)}")
     B = wavs.shape[0]
@@ -134,17 +133,17 @@ def mix_batch(wavs: torch.Tensor, wav_lengths: torch.Tensor, targets: Mapping[st
 
     for b in range(B):
         L = int(lengths[b])
-        if float(torch.rand((), generator=generator)) >= cfg.prob or L == 0:
+        if float(torch.rand((), generator=generator)) >= prob or L == 0:
             continue
         others = [j for j in candidates if j != b]
         if not others:
             continue
         j = others[_randint(len(others), generator)]
         Lj = int(lengths[j])
-        n = min(max(1, round(_uniform(cfg.min_region, cfg.max_region, generator) * L)), Lj, L)
+        n = min(max(1, round(_uniform(min_region, max_region, generator) * L)), Lj, L)
         s = _randint(L - n + 1, generator)
         sj = _randint(Lj - n + 1, generator)
-        lo, hi = cfg.speech_snr_db if domains[j] == "speech" else cfg.noise_snr_db
+        lo, hi = speech_snr_db if domains[j] == "speech" else noise_snr_db
         snr = _uniform(lo, hi, generator)
 
         ref, src = wavs[b, s:s + n].double(), wavs[j, sj:sj + n].double()

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import StudentEncoder, TransformerConfig, conv_output_length, length_mask
+from .base import StudentEncoder, conv_output_length, length_mask
+from .configs import TransformerConfig
 
 
 class ConvSubsampling(nn.Module):

@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import StudentEncoder, ZipformerConfig, length_mask
+from .base import StudentEncoder, length_mask
+from .configs import ZipformerConfig
 
 # --------------------------------------------------------------------------- activations and norm
 

@@ -12,14 +12,13 @@ the same contract:
 
 Utterances too short for a single frame get ``num_frames == 0`` and are not run.
 On CUDA the model runs under autocast (``autocast_dtype``, bf16 by default through
-:func:`~spear.models.teachers.load_teacher`); feature front ends stay float32.
+:func:`~spear.models.teachers.build_teacher`); feature front ends stay float32.
 
 Example::
 
     >>> import torch
-    >>> from spear.models.teachers import load_teacher
-    >>> from spear.config import TeacherConfig
-    >>> teacher = load_teacher(TeacherConfig(kind="mfcc"))
+    >>> from spear.models.teachers import build_teacher
+    >>> teacher = build_teacher("mfcc")
     >>> out = teacher(torch.randn(2, 16000) * 0.1, torch.tensor([16000, 8000]))
     >>> out.embeddings.shape, out.num_frames.tolist(), teacher.frame_rate
     (torch.Size([2, 49, 78]), [49, 24], 50.0)
@@ -31,6 +30,7 @@ import hashlib
 import json
 from abc import abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -146,3 +146,14 @@ def make_version(kind: str, weights: str | None, layer: int | None, settings: Ma
     payload = {"kind": kind, "weights": weights, "layer": layer, "settings": dict(settings),
                "implementation": IMPLEMENTATION_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(paths: Iterable[Path]) -> str:
+    """sha256 over the names and bytes of files (sorted by name), read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda q: q.name):
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 23), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -41,8 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Teacher, conv_frames, make_version
-from .checkpoint import file_sha256
+from .base import Teacher, conv_frames, file_sha256, make_version
 
 HF_FILE_PATTERNS = ("config.json", "preprocessor_config.json", "*.safetensors", "model.safetensors.index.json",
                     "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -50,11 +49,11 @@ HF_FILE_PATTERNS = ("config.json", "preprocessor_config.json", "*.safetensors", 
 
 def _model_class(kind: str):
     if kind == "wavlm":
-        from transformers import WavLMModel
+        from transformers import WavLMModel  # heavy: imported only for the HF teachers
 
         return WavLMModel
     if kind == "hubert":
-        from transformers import HubertModel
+        from transformers import HubertModel  # heavy: imported only for the HF teachers
 
         return HubertModel
     raise ValueError(f"not a Hugging Face teacher kind: {kind!r} (wavlm | hubert)")

@@ -1,12 +1,13 @@
 """A trained SPEAR student as a teacher: the next iteration's targets (HuBERT-style refinement).
 
-Wraps an exported student (:func:`spear.models.student.load_student`: safetensors + config.json)
+Wraps an exported student (a :class:`~spear.models.student.StudentModel`, e.g. from
+:func:`spear.stages.artefacts.load_student`: safetensors + config.json)
 behind the :class:`~spear.models.teachers.base.Teacher` interface: the frame features of one
 encoder layer (default: the last) at the student's output rate.
 
 Example::
 
-    teacher = load_teacher(TeacherConfig(kind="student", path="out/export", layer=4))
+    teacher = build_teacher("student", layer=4, student=load_student("out/export"))
 """
 
 from __future__ import annotations

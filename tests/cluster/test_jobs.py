@@ -533,7 +533,7 @@ def _tokenized_uris(out: str, version: str, storage: Storage) -> set[str]:
 def test_spear_run_config_runs_unchanged_on_the_cluster(two_nodes, s3_env, s3_server, s3_storage, tmp_path):
     """`spear run CONFIG` (tokenize -> train -> export -> evaluate) as one job: the config an embedded run takes,
     with every input and output on SeaweedFS; only `spear submit --address` says where it runs."""
-    from spear.models.student import load_student
+    from spear.stages.artefacts import load_student
     from support.corpus import write_mixed_corpus
 
     root = f"s3://{s3_server.bucket}/run-{uuid.uuid4().hex[:8]}"

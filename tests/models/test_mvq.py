@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from spear.cluster.storage import join_uri
-from spear.models.mvq import ArtefactError, MultiCodebookQuantizer, codebook_usage, plot_codebook_usage
+from spear.models.mvq import FitSettings, MultiCodebookQuantizer, codebook_usage, plot_codebook_usage
+from spear.schemas.codebooks import ArtefactError
+from spear.stages.artefacts import load_quantizer, save_quantizer
 
 D = 64
 # Small, fast settings; one thread keeps faiss/torch from fighting over a busy 2-core machine.
@@ -40,7 +42,8 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def fitted(data) -> MultiCodebookQuantizer:
     train, held = data
-    return MultiCodebookQuantizer.fit(train, refine_iters=3, heldout=held, teacher_id="mfcc-test", layer=3, **FIT)
+    return MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=3, **FIT), heldout=held, teacher_id="mfcc-test",
+                                      layer=3)
 
 
 # --------------------------------------------------------------------------- quality
@@ -69,19 +72,19 @@ def test_round_trip_beats_single_kmeans_codebook(fitted, data):
 def test_search_and_refinement_beat_greedy_residual(data):
     train, held = data
     # Plain greedy residual VQ: greedy residual k-means, greedy encoder, no refinement.
-    greedy = MultiCodebookQuantizer.fit(train, init_beam_size=1, refine_iters=0, beam_size=1, **FIT)
+    greedy = MultiCodebookQuantizer.fit(train, FitSettings(init_beam_size=1, refine_iters=0, beam_size=1, **FIT))
     loss_greedy = greedy.relative_reconstruction_loss(held)
     # Same codebooks, joint search (beam + ICM): lower loss.
     searched = MultiCodebookQuantizer(greedy.codebooks, greedy.mean, greedy.std, normalize=True, beam_size=8,
                                       icm_sweeps=1)
     assert searched.relative_reconstruction_loss(held) < loss_greedy
     # Unguarded joint refinement (every pass kept): the training loss can only go down ...
-    init = MultiCodebookQuantizer.fit(train, refine_iters=0, **FIT)
-    refined = MultiCodebookQuantizer.fit(train, refine_iters=3, validation_fraction=0.0, **FIT)
+    init = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=0, **FIT))
+    refined = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=3, validation_fraction=0.0, **FIT))
     assert refined.metadata["fit"]["refine_iters_done"] == 3
     assert refined.metadata["train_relative_loss"] < init.metadata["train_relative_loss"]
     # ... and the default fit (beam initialisation, validation-guarded refinement) beats greedy held-out.
-    default = MultiCodebookQuantizer.fit(train, **FIT)
+    default = MultiCodebookQuantizer.fit(train, FitSettings(**FIT))
     assert default.relative_reconstruction_loss(held) < searched.relative_reconstruction_loss(held)
     assert default.metadata["validation_frames"] == 200
 
@@ -89,8 +92,8 @@ def test_search_and_refinement_beat_greedy_residual(data):
 def test_torch_kmeans_backend_matches_faiss_quality(data):
     """The torch k-means (used where no faiss wheel exists, e.g. GPU machines) fits as well as faiss."""
     train, held = data
-    via_faiss = MultiCodebookQuantizer.fit(train, refine_iters=0, kmeans_backend="faiss", **FIT)
-    via_torch = MultiCodebookQuantizer.fit(train, refine_iters=0, kmeans_backend="torch", **FIT)
+    via_faiss = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=0, kmeans_backend="faiss", **FIT))
+    via_torch = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=0, kmeans_backend="torch", **FIT))
     assert via_torch.metadata["fit"]["kmeans_backend"] == "torch"
     loss_faiss, loss_torch = via_faiss.relative_reconstruction_loss(held), via_torch.relative_reconstruction_loss(held)
     assert loss_torch < 1.1 * loss_faiss, (loss_torch, loss_faiss)
@@ -131,16 +134,16 @@ def test_encode_is_chunk_size_independent(fitted, data):
 
 def test_same_seed_same_codebooks(data):
     train = data[0][:2000]
-    a = MultiCodebookQuantizer.fit(train, refine_iters=2, **FIT)
-    b = MultiCodebookQuantizer.fit(train, refine_iters=2, **FIT)
+    a = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=2, **FIT))
+    b = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=2, **FIT))
     assert torch.equal(a.codebooks, b.codebooks) and a.version == b.version
-    c = MultiCodebookQuantizer.fit(train, refine_iters=2, **{**FIT, "seed": 1})
+    c = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=2, **{**FIT, "seed": 1}))
     assert not torch.equal(a.codebooks, c.codebooks) and a.version != c.version
 
 
 def test_normalize_off_fits_original_space(data):
     train, held = data
-    q = MultiCodebookQuantizer.fit(train, refine_iters=1, normalize=False, **FIT)
+    q = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=1, normalize=False, **FIT))
     assert torch.equal(q.mean, torch.zeros(D)) and torch.equal(q.std, torch.ones(D))
     x_hat = q.decode(q.encode(held))
     by_hand = float(((held - x_hat) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
@@ -153,10 +156,10 @@ def test_normalize_off_fits_original_space(data):
 def test_artefact_reloads_bit_identically(fitted, data, storage_root):
     storage, root = storage_root
     uri = join_uri(root, "codebooks", "mfcc-test")
-    version = fitted.save(uri, storage=storage)
+    version = save_quantizer(fitted, uri, storage=storage)
     assert version == fitted.version
     assert storage.exists(join_uri(uri, "codebooks.safetensors")) and storage.exists(join_uri(uri, "meta.json"))
-    q = MultiCodebookQuantizer.load(uri, storage=storage)
+    q = load_quantizer(uri, storage=storage)
     assert q.version == fitted.version
     for a, b in ((q.codebooks, fitted.codebooks), (q.mean, fitted.mean), (q.std, fitted.std)):
         assert a.dtype == torch.float32 and torch.equal(a, b)
@@ -171,16 +174,16 @@ def test_artefact_reloads_bit_identically(fitted, data, storage_root):
 def test_tampered_artefact_is_rejected(fitted, storage_root):
     storage, root = storage_root
     uri = join_uri(root, "cb")
-    fitted.save(uri, storage=storage)
+    save_quantizer(fitted, uri, storage=storage)
     meta = json.loads(storage.read_text(join_uri(uri, "meta.json")))
     storage.write_text(join_uri(uri, "meta.json"), json.dumps({**meta, "teacher_id": "wavlm-large"}))
     with pytest.raises(ArtefactError, match="fails its content hash"):
-        MultiCodebookQuantizer.load(uri, storage=storage)
+        load_quantizer(uri, storage=storage)
     storage.write_text(join_uri(uri, "meta.json"), json.dumps({**meta, "dim": 32}))
     with pytest.raises(ValueError, match=r"has shape \[4, 16, 64\] but meta.json says \[4, 16, 32\]"):
-        MultiCodebookQuantizer.load(uri, storage=storage)
+        load_quantizer(uri, storage=storage)
     with pytest.raises(ValueError, match="no MVQ codebook artefact"):
-        MultiCodebookQuantizer.load(join_uri(root, "nothing-here"), storage=storage)
+        load_quantizer(join_uri(root, "nothing-here"), storage=storage)
 
 
 def test_check_compatible(fitted):
@@ -199,7 +202,7 @@ def test_bad_input_is_a_clear_value_error(fitted, data):
     train[[5, 17, 99]] = float("nan")
     train[200, 3] = float("inf")
     with pytest.raises(ValueError, match=r"4 of 4000 rows contain NaN or inf values \(first bad row: 5\)"):
-        MultiCodebookQuantizer.fit(train, **FIT)
+        MultiCodebookQuantizer.fit(train, FitSettings(**FIT))
     with pytest.raises(ValueError, match=r"expected dimension 64 on the last axis, got 32"):
         fitted.encode(torch.randn(10, 32))
     with pytest.raises(ValueError, match=r"1 of 10 rows contain NaN"):
@@ -207,12 +210,12 @@ def test_bad_input_is_a_clear_value_error(fitted, data):
         held[4, 0] = float("nan")
         fitted.encode(held)
     with pytest.raises(ValueError, match=r"too few training frames: got 0, need at least 64"):
-        MultiCodebookQuantizer.fit(torch.zeros(0, D), **FIT)
+        MultiCodebookQuantizer.fit(torch.zeros(0, D), FitSettings(**FIT))
     with pytest.raises(ValueError, match=r"too few training frames: got 63, need at least 64"):
-        MultiCodebookQuantizer.fit(data[0][:63], **FIT)
+        MultiCodebookQuantizer.fit(data[0][:63], FitSettings(**FIT))
     for bad in (3, 512, 1, 0):
         with pytest.raises(ValueError, match="codebook_size must be a power of two between 2 and 256"):
-            MultiCodebookQuantizer.fit(data[0], **{**FIT, "codebook_size": bad})
+            MultiCodebookQuantizer.fit(data[0], FitSettings(**{**FIT, "codebook_size": bad}))
     with pytest.raises(ValueError, match=r"codes must lie in 0\.\.15"):
         fitted.decode(torch.full((2, 4), 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match="expected 4 codebooks on the last axis"):

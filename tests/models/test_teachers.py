@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from spear.models.teachers import (DashengConfig, DashengEncoder, Teacher, load_dasheng_checkpoint, load_teacher,
-                                   save_dasheng_checkpoint)
+from spear.models.teachers import (DashengConfig, DashengEncoder, Teacher, file_sha256, load_dasheng_checkpoint,
+                                   make_version, save_dasheng_checkpoint)
 from spear.config import TeacherConfig
+from spear.stages.teacher_loading import load_teacher
 
 transformers = pytest.importorskip("transformers")
 
@@ -178,9 +179,12 @@ def test_version_ids(ckpts):
     d = {k: _teacher("dasheng", ckpts, layer=k).version for k in (2, 3)}
     assert d[2] != d[3] and fresh("dasheng", 3) == d[3]
     assert _teacher("mfcc", ckpts).version != _teacher("fbank", ckpts).version
-    assert len(v[1]) == 64 and int(v[1], 16) >= 0
+    # exactly the hash of (kind, checkpoint files, layer, preprocessing): nothing else enters it
+    w = ckpts["wavlm"]
+    assert v[1] == make_version("wavlm", file_sha256([w / "config.json", w / "model.safetensors"]), 1,
+                                {"do_normalize": True, "per_utterance": False})
     # the same ids in a fresh process (weights hashed from tensors for Dasheng, from files for HF)
-    code = ("import sys; from spear.models.teachers import load_teacher; from spear.config import TeacherConfig;"
+    code = ("import sys; from spear.stages.teacher_loading import load_teacher; from spear.config import TeacherConfig;"
             "print(load_teacher(TeacherConfig(kind='dasheng', path=sys.argv[1], layer=3), device='cpu').version);"
             "print(load_teacher(TeacherConfig(kind='mfcc'), device='cpu').version)")
     res = subprocess.run([sys.executable, "-c", code, str(ckpts["dasheng"])], capture_output=True, text=True, check=True)
@@ -310,7 +314,8 @@ def test_dasheng_front_end_matches_torchaudio():
 
 
 def test_student_teacher_is_a_trained_students_layer(tmp_path):
-    from spear.models.student import build_encoder, export_student, load_student
+    from spear.models.student import build_encoder
+    from spear.stages.artefacts import export_student, load_student
 
     torch.manual_seed(0)
     export_student(build_encoder("zipformer2", "tiny", num_mel_bins=128), str(tmp_path / "student"))

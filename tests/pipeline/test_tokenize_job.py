@@ -23,8 +23,8 @@ def live_tokens(st, out, version, roles=("speech", "audio")):
 
 @pytest.mark.slow
 def test_tokenize_mixed_corpus_end_to_end(ray_cluster, storage_root):
-    from spear.models.mvq import MultiCodebookQuantizer
-    from spear.models.teachers import load_teacher
+    from spear.stages.artefacts import load_quantizer
+    from spear.stages.teacher_loading import load_teacher
 
     st, root = storage_root
     files = write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=6, n_audio=4)
@@ -41,7 +41,7 @@ def test_tokenize_mixed_corpus_end_to_end(ray_cluster, storage_root):
     assert len(rows) == s.segments
     speech_t = load_teacher(cfg.teachers.speech)
     audio_t = load_teacher(cfg.teachers.audio)
-    qs = {r: MultiCodebookQuantizer.load(cb.uri, storage=st) for r, cb in s.codebooks.items()}
+    qs = {r: load_quantizer(cb.uri, storage=st) for r, cb in s.codebooks.items()}
     for row in rows:
         n = len(row["audio"])
         assert row["speech_tokens"].shape == (speech_t.num_frames_for(n), 4)

@@ -85,7 +85,7 @@ def test_checkpoints_round_trip_through_seaweedfs(ray_cluster, s3_storage, shard
 
 def test_exported_student_gives_the_checkpoints_features(ray_cluster, shards, tmp_path):
     from spear.models.frontend import KaldiFbank
-    from spear.models.student import load_student
+    from spear.stages.artefacts import load_student
 
     st = Storage()
     root, _ = shards

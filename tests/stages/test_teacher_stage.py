@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from spear.models.teachers import load_teacher
+from spear.stages.teacher_loading import load_teacher
 from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode, flac_encode, float_to_pcm16
 from spear.stages.batching import plan_subbatches

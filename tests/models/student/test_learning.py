@@ -67,7 +67,7 @@ def _train(arch: str, overrides: dict, steps: int = 150, seed: int = 0, lr: floa
     obj.train()
     for _ in range(steps):
         feats, lengths, tokens, t_len = task.batch(B, T)
-        masked = mask_features(feats, lengths, cfg, mask_gen)
+        masked = mask_features(feats, lengths, generator=mask_gen, **cfg.model_dump())
         s_len = enc.output_lengths(lengths)
         targets = {"speech": align_targets(tokens, t_len, TEACHER_RATE, enc.frame_rate, s_len)}
         out = obj(masked.feats, lengths, targets, frame_mask=masked.frame_mask)
@@ -84,7 +84,7 @@ def _train(arch: str, overrides: dict, steps: int = 150, seed: int = 0, lr: floa
     with torch.no_grad():
         for _ in range(4):
             feats, lengths, tokens, t_len = task.batch(B, T)
-            masked = mask_features(feats, lengths, cfg, mask_gen)
+            masked = mask_features(feats, lengths, generator=mask_gen, **cfg.model_dump())
             s_len = enc.output_lengths(lengths)
             targets = {"speech": align_targets(tokens, t_len, TEACHER_RATE, enc.frame_rate, s_len)}
             out = obj(masked.feats, lengths, targets, frame_mask=masked.frame_mask)

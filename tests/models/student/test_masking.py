@@ -89,12 +89,25 @@ def test_channel_mask_spans_of_twenty_bins():
 def test_mask_features_zeroes_masked_channels_and_returns_the_frame_mask():
     feats = torch.randn(4, 300, 128) - 5.0
     lengths = torch.tensor([300, 200, 150, 100])
-    out = mask_features(feats, lengths, MaskingConfig(), _gen(6))
+    out = mask_features(feats, lengths, generator=_gen(6), **MaskingConfig().model_dump())
     assert out.frame_mask.shape == (4, 300) and out.channel_mask.shape == (4, 128)
     assert out.channel_mask.any(1).any()
     zeroed = out.channel_mask.unsqueeze(1).expand(-1, 300, -1)
     assert torch.all(out.feats[zeroed] == 0)
     assert torch.equal(out.feats[~zeroed], feats[~zeroed])  # frames are not touched: the encoder embeds them
     assert not out.frame_mask[3, 100:].any()
-    off = mask_features(feats, lengths, MaskingConfig(channel_mask_prob=0.0), _gen(6))
+    off = mask_features(feats, lengths, generator=_gen(6), channel_mask_prob=0.0)
     assert torch.equal(off.feats, feats) and not off.channel_mask.any()
+
+
+def test_defaults_are_the_config_defaults():
+    """mask_features takes plain settings; its defaults are SPEAR's, as MaskingConfig's."""
+    import inspect
+
+    from spear.models.student.mixing import mix_batch
+
+    from spear.config import MixingConfig
+
+    for fn, cfg in ((mask_features, MaskingConfig()), (mix_batch, MixingConfig())):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in cfg.model_dump()} == cfg.model_dump(), fn.__name__

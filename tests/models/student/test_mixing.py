@@ -42,8 +42,8 @@ def _frame_region(T, rate, start, n):
 def test_audio_changes_only_inside_the_region_at_the_drawn_snr():
     wavs, lengths, targets = _batch()
     cfg = MixingConfig(prob=1.0)
-    mixed, _, info = mix_batch(wavs, lengths, targets, RATES, ["speech", "audio", "speech", "audio"], cfg,
-                               torch.Generator().manual_seed(1))
+    mixed, _, info = mix_batch(wavs, lengths, targets, RATES, ["speech", "audio", "speech", "audio"],
+                               torch.Generator().manual_seed(1), **cfg.model_dump())
     assert torch.equal(wavs, _batch()[0])  # the input is not modified
     for b in range(4):
         j, s, n, sj = (int(info.partner[b]), int(info.start[b]), int(info.length[b]), int(info.partner_start[b]))
@@ -69,8 +69,8 @@ def test_targets_are_replaced_inside_the_region_at_the_stated_probability():
     for seed in range(60):
         wavs, lengths, targets = _batch(seed=seed)
         domains = ["speech", "speech", "audio", "audio"]
-        _, new, info = mix_batch(wavs, lengths, targets, RATES, domains, MixingConfig(prob=0.7),
-                                 torch.Generator().manual_seed(1000 + seed))
+        _, new, info = mix_batch(wavs, lengths, targets, RATES, domains, torch.Generator().manual_seed(1000 + seed),
+                                 **MixingConfig(prob=0.7).model_dump())
         for name, old in targets.items():
             T, C = old.shape[1:]
             changed = new[name] != old
@@ -109,11 +109,11 @@ def test_speech_utterances_keep_no_audio_targets_and_no_mixing_changes_nothing()
     wavs, lengths, targets = _batch()
     targets["audio"][[0, 1]] = -100  # speech utterances carry no audio-teacher targets
     domains = ["speech", "speech", "audio", "audio"]
-    _, new, _ = mix_batch(wavs, lengths, targets, RATES, domains, MixingConfig(prob=1.0),
-                          torch.Generator().manual_seed(3))
+    _, new, _ = mix_batch(wavs, lengths, targets, RATES, domains, torch.Generator().manual_seed(3),
+                          **MixingConfig(prob=1.0).model_dump())
     assert torch.all(new["audio"][[0, 1]] == -100)
-    mixed, same, info = mix_batch(wavs, lengths, targets, RATES, domains, MixingConfig(prob=0.0),
-                                  torch.Generator().manual_seed(3))
+    mixed, same, info = mix_batch(wavs, lengths, targets, RATES, domains, torch.Generator().manual_seed(3),
+                                  **MixingConfig(prob=0.0).model_dump())
     assert torch.equal(mixed, wavs) and all(torch.equal(same[k], targets[k]) for k in targets)
     assert torch.all(info.partner == -1)
 
@@ -121,8 +121,8 @@ def test_speech_utterances_keep_no_audio_targets_and_no_mixing_changes_nothing()
 def test_mixing_is_reproducible_with_a_generator():
     wavs, lengths, targets = _batch()
     domains = ["speech", "audio", "speech", "audio"]
-    a = mix_batch(wavs, lengths, targets, RATES, domains, MixingConfig(prob=0.5), torch.Generator().manual_seed(7))
-    b = mix_batch(wavs, lengths, targets, RATES, domains, MixingConfig(prob=0.5), torch.Generator().manual_seed(7))
+    a = mix_batch(wavs, lengths, targets, RATES, domains, torch.Generator().manual_seed(7), **MixingConfig(prob=0.5).model_dump())
+    b = mix_batch(wavs, lengths, targets, RATES, domains, torch.Generator().manual_seed(7), **MixingConfig(prob=0.5).model_dump())
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in targets)
     assert torch.equal(a[2].partner, b[2].partner)
     with pytest.raises(ValueError, match="domains"):
@@ -140,8 +140,8 @@ def test_target_lengths_mark_zero_padded_tokens_as_missing():
     targets["audio"][[0, 1]] = 0
     domains = ["speech", "speech", "audio", "audio"]
     for seed in range(10):
-        _, new, info = mix_batch(wavs, lengths, targets, RATES, domains, MixingConfig(prob=1.0),
-                                 torch.Generator().manual_seed(seed), target_lengths=t_lens)
+        _, new, info = mix_batch(wavs, lengths, targets, RATES, domains, torch.Generator().manual_seed(seed),
+                                 **MixingConfig(prob=1.0).model_dump(), target_lengths=t_lens)
         for name, old in targets.items():
             changed = new[name] != old
             frame = torch.arange(old.shape[1])[None, :]

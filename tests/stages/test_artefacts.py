@@ -1,4 +1,5 @@
-"""Export / load of a student: safetensors + JSON, identical features, local disk and S3."""
+"""Student exports on storage (export_student / load_student): safetensors + JSON, identical features,
+local disk and S3."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from spear.models.frontend import KaldiFbank
-from spear.models.student import SpearObjective, StudentModel, build_encoder, export_student, load_student
+from spear.models.student import SpearObjective, StudentModel, build_encoder
+from spear.stages.artefacts import export_student, load_student
 
 
 def _wavs(seed=0):
