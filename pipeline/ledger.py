@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from spear.cluster.storage import (Storage, StorageError, find_recorded, join_uri, location_key, normalize_uri,
                                    relative_uri, resolve_uri)
 from spear.schemas.ledger import (LEDGER_SCHEMA, MANIFESTS_DIR, SHARDS_DIR, VERSION_INFO_NAME, LedgerEntry, Manifest,
-                                  ledger_name, manifest_name)
+                                  VersionInfo, ledger_name, manifest_name)
 from spear.schemas.shards import decode_tokens
 from spear.stages.audio import flac_decode
 from spear.stages.writer import parquet_bytes
@@ -74,7 +74,7 @@ class TokenStore:
 
     # ----------------------------------------------------------------- version info
 
-    def write_version_info(self, info: dict[str, Any], *, replace: bool = False) -> None:
+    def write_version_info(self, info: VersionInfo, *, replace: bool = False) -> None:
         """Write version.json, one object written whole (atomic); an existing one is kept unless ``replace``
         (tokenize rewrites it when a teacher role gets its codebooks; one writer per version, as for commits)."""
         uri = join_uri(self.root, VERSION_INFO_NAME)
@@ -86,7 +86,7 @@ class TokenStore:
                     t["uri"] = rel
             self.storage.write_text(uri, json.dumps(info, indent=1, sort_keys=True))
 
-    def version_info(self) -> dict[str, Any]:
+    def version_info(self) -> VersionInfo:
         """version.json, with the codebook URIs (recorded relative to the output) resolved against this root."""
         info = json.loads(self.storage.read_text(join_uri(self.root, VERSION_INFO_NAME)))
         for t in (info.get("teachers") or {}).values():

@@ -41,7 +41,7 @@ from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.pipeline.codebooks import ROLE_DOMAINS, CodebookInfo, codebook_shape, recorded_codebooks, role_codebooks, role_has_data
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.progress import Progress
-from spear.schemas.ledger import quarantined_entry, tokenized_entry
+from spear.schemas.ledger import VersionInfo, quarantined_entry, tokenized_entry
 from spear.schemas.quarantine import is_partial
 from spear.schemas.shards import TOKEN_VERSION_SCHEME, token_columns, token_shard_schema, token_version
 from spear.stages.catalog import Catalog, build_catalog
@@ -310,7 +310,7 @@ def _open_version(out: str, storage: Storage, cfg: SpearConfig, decode_settings:
 
 def _version_info(version: str, decode_settings: dict[str, Any], key: dict[str, Any], roles: dict[str, TeacherConfig],
                   codebooks: dict[str, CodebookInfo], descs: dict[str, dict[str, Any]],
-                  fingerprints: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                  fingerprints: dict[str, dict[str, Any]]) -> VersionInfo:
     """version.json: what the token version is (``key``), the codebooks of the roles fitted so far
     (``teachers``, read by status and training) and the teacher fingerprints (a later run knows
     the teacher versions without loading the teachers)."""

@@ -4,7 +4,7 @@ Under ``OUTPUT/tokens/<token_version>/`` (the whole layout is in :mod:`spear.sch
 
     ledger/<seq>-<run_id>.parquet   the objects one commit settled, one LedgerEntry each (LEDGER_SCHEMA)
     manifests/<seq>.json            one commit: every live shard and ledger file (Manifest)
-    version.json                    what this token version is (VERSION_INFO_NAME; see token_version())
+    version.json                    what this token version is (VersionInfo; keyed by token_version())
 
 A commit is a single manifest object written last (atomic on S3 and on local disk). Readers take
 the highest-numbered manifest; an object's latest ledger entry says whether it is tokenised and
@@ -89,6 +89,20 @@ def quarantined_entry(q: Mapping[str, Any], run_id: str) -> LedgerEntry:
     return LedgerEntry(source_uri=q["uri"], source=q["source"], domain=q["domain"], etag=q["etag"], size=q["size"],
                        run_id=run_id, status="quarantined", segments=0, audio_seconds=0.0,
                        reason=f"{q['stage']}: {q['reason']}")
+
+
+class VersionInfo(TypedDict, total=False):
+    """``version.json``: what a token version is. Written whole (atomically) by tokenize when a role gets
+    its codebooks; read by status, training and the next tokenize run. Older versions lack ``scheme``
+    (keyed by the roles present, :data:`~spear.schemas.shards.TOKEN_VERSION_SCHEME` 1)."""
+
+    token_version: str
+    scheme: int                                       # TOKEN_VERSION_SCHEME of the key
+    decode: dict[str, Any]                            # the decode settings in the key
+    key: dict[str, dict[str, Any]]                    # role -> {"teacher", "num_codebooks", "codebook_size"}
+    teachers: dict[str, dict[str, Any]]               # role -> its codebooks ("uri" relative to OUTPUT, "version",
+                                                      # "num_codebooks", "frame_rate", ...), roles fitted so far
+    teacher_fingerprints: dict[str, dict[str, Any]]   # role -> {"fingerprint", "describe"}
 
 
 def ledger_name(seq: int, run_id: str) -> str:

@@ -9,6 +9,7 @@ import pyarrow as pa
 from spear.cluster.storage import Storage
 from spear.pipeline.ledger import TokenStore
 from spear.pipeline.tokenize_job import add_token_metadata
+from spear.schemas.ledger import tokenized_entry
 from spear.schemas.segments import segment_id
 from spear.schemas.shards import token_shard_schema
 from spear.stages.audio import flac_encode, float_to_pcm16
@@ -52,8 +53,6 @@ def make_token_store(storage: Storage, output: str, *, n_speech: int = 8, n_audi
         summary = WriterStage(store.shard_dir(run_id), token_shard_schema(list(RATES)), storage.options, prefix="shard",
                               transform=lambda t: add_token_metadata(t, run_id=run_id, roles=meta))(batch)
         tracker.add(summary.to_pylist()[0])
-    ledger = [{"source_uri": o["uri"], "source": o["source"], "domain": o["domain"], "etag": o["etag"], "size": o["size"],
-               "run_id": run_id, "status": "tokenized", "segments": o["segments"], "audio_seconds": o["audio_seconds"],
-               "reason": None} for o in tracker.take_completed()]
+    ledger = [tokenized_entry(o, run_id) for o in tracker.take_completed()]
     store.commit(run_id, [dict(f, run_id=run_id) for f in tracker.files], ledger)
     return store
