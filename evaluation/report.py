@@ -38,15 +38,16 @@ import time
 from typing import Any, Mapping, Optional
 
 from spear.cluster.storage import Storage, join_uri
+from spear.schemas.codebooks import META_NAME as CODEBOOK_META_FILE
 
 # Where the producers keep what the report copies: the training job writes its metrics under
-# TRAIN_OUTPUT/metrics/, tokenize one folder per codebook artefact (see spear.schemas.shards).
+# TRAIN_OUTPUT/metrics/, tokenize one folder per codebook artefact (layout: spear.schemas.shards;
+# the artefact's own files: spear.schemas.codebooks).
 TRAIN_METRICS_DIR = "metrics"
 METRICS_CSV_FILE = "metrics.csv"
 LOSS_CURVE_FILE = "loss_curve.png"
 CODEBOOKS_DIR = "codebooks"
 USAGE_PLOT_FILE = "usage.png"
-CODEBOOK_META_FILE = "meta.json"
 
 # Fixed colours so a model looks the same in every plot.
 _COLORS = {"student": "#1f77b4", "random_student": "#7f7f7f", "fbank": "#d62728"}
