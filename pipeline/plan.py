@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from spear.config import ConfigError, SpearConfig, TeacherConfig
+from spear.schemas.segments import SAMPLE_RATE
 
 # --------------------------------------------------------------------------- the rate table
 
@@ -93,7 +94,7 @@ BYTES_PER_SECOND: dict[str, float] = {"wav": 32000.0, "flac": 20000.0, "mp3": 16
 
 # --------------------------------------------------------------------------- teacher architectures
 
-SR = 16000
+SR = SAMPLE_RATE
 #: WavLM / HuBERT conv feature encoder: 7 layers of 512 channels, 16 kHz -> 50 Hz.
 _HF_CONV = ((512, 10, 5), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 2, 2), (512, 2, 2))
 _HF_POS_KERNEL, _HF_POS_GROUPS = 128, 16
