@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+import math
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# Memory the encoder may use per chunk for its [rows, C, K] score tables (chunk_size=None).
+_CHUNK_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------- encoder
@@ -156,6 +160,41 @@ def encode_chunk(x: torch.Tensor, tables: CodebookTables, beam: int, sweeps: int
         better = warm_err < err
         codes = torch.where(better.unsqueeze(1), warm, codes)
         err = torch.where(better, warm_err, err)
+    return codes, err
+
+
+def _chunk_rows(chunk_size: Optional[int], tables: CodebookTables, beam: int, device: torch.device) -> int:
+    """Frames per encoder chunk, a multiple of the matmul row block (see kernels.unary_costs)."""
+    blk = row_block(device)
+    if chunk_size is None:
+        per_row = 4 * tables.num_codebooks * tables.codebook_size * 2 + 4 * beam * tables.codebook_size * 3
+        chunk_size = max(blk, _CHUNK_BYTES // per_row)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(math.ceil(chunk_size / blk) * blk)
+
+
+def encode_rows(x: torch.Tensor, tables: CodebookTables, beam: int, sweeps: int,
+                 chunk_size: Optional[int], init_codes: Optional[torch.Tensor] = None,
+                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                 ) -> tuple[torch.Tensor, float]:
+    """Encode rows chunk by chunk: (codes [N, C] int64 on the tables' device, total squared error).
+
+    Chunks of ``chunk_size`` rows (default: from a 256 MiB budget) keep memory bounded; the codes
+    do not depend on the chunk size. ``transform`` maps a chunk into the codebooks' space.
+    """
+    dev = tables.flat.device
+    step = _chunk_rows(chunk_size, tables, beam, dev)
+    n = x.shape[0]
+    codes = torch.empty(n, tables.num_codebooks, dtype=torch.long, device=dev)
+    err = 0.0
+    for s in range(0, n, step):
+        xs = x[s : s + step]
+        xs = transform(xs) if transform is not None else xs.to(dev, torch.float32)
+        init = None if init_codes is None else init_codes[s : s + step].to(dev)
+        c, row_err = encode_chunk(xs, tables, beam, sweeps, init_codes=init)
+        codes[s : s + step] = c
+        err += float(row_err.to(torch.float64).sum())
     return codes, err
 
 

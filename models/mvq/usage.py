@@ -8,7 +8,7 @@ Example::
     >>> usage = codebook_usage(codes, codebook_size=256)
     >>> usage.counts.shape, len(usage.perplexity)
     (torch.Size([16, 256]), 16)
-    >>> plot_codebook_usage(codes, "/tmp/spear-doc/usage.png")
+    >>> _ = plot_codebook_usage(codes, "/tmp/spear-doc/usage.png")
 """
 
 from __future__ import annotations
