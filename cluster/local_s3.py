@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from spear.cluster.storage import StorageOptions
+from spear.cluster.storage import Storage, StorageOptions
 
 _PORT_FLAGS = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
@@ -164,7 +164,6 @@ class LocalS3Server:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        from spear.cluster.storage import Storage
 
         st = Storage(self.storage_options())
         last: Exception | None = None

@@ -198,6 +198,7 @@ def zipformer_rate_factor(size: str) -> float:
     >>> round(zipformer_rate_factor("spear-large"), 3)
     0.42
     """
+    # torch-loading modules are imported where used: `spear plan` prints its table without loading torch
     from spear.models.student.encoder import encoder_config
 
     c = encoder_config("zipformer2", size)

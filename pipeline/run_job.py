@@ -31,7 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from spear.cluster.storage import Storage, StorageOptions, join_uri, split_uri
+from spear.cluster.ray_runtime import ray_session
 from spear.config import SpearConfig
+from spear.pipeline.evaluate_job import run_evaluate
+from spear.pipeline.tokenize_job import run_tokenize
+from spear.pipeline.train_job import run_export, run_train
 
 TOKENS_DIR, STUDENT_DIR, EXPORT_DIR, EVALUATION_DIR = "tokens", "student", "export", "evaluation"
 
@@ -80,10 +84,6 @@ def find_labelled_corpus(cfg: SpearConfig) -> Optional[str]:
 
 def run_all(cfg: SpearConfig, *, progress: bool = True) -> RunSummary:
     """Tokenize the corpus, train the student on those tokens, export it and evaluate it."""
-    from spear.cluster.ray_runtime import ray_session
-    from spear.pipeline.evaluate_job import run_evaluate
-    from spear.pipeline.tokenize_job import run_tokenize
-    from spear.pipeline.train_job import run_export, run_train
 
     t0 = time.monotonic()
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)

@@ -131,6 +131,8 @@ def output_status(output: str, storage: Storage | None = None) -> OutputStatus:
 def _other_kind(output: str, root: str, storage: Storage) -> Optional[OutputStatus]:
     """The status of a decode, training, export or `spear run` output at ``root``; None for a token dataset
     (or nothing)."""
+    # Each kind of output's reader is imported when the output is of that kind: `spear status` of a
+    # token dataset (the common case) then loads neither torch nor Ray Train (the training job does).
     if storage.exists(join_uri(root, "decode.json")):
         from spear.pipeline.decode_job import read_decode_record
 

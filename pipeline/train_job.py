@@ -25,12 +25,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
+import torch
+
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri, split_uri
-from spear.config import ConfigError, SpearConfig
+from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, list_token_versions
+from spear.stages.artefacts import export_student
 from spear.stages.train_data import TrainDataError, TrainDataPlan
-from spear.stages.train_loop import METRICS_FILE, STATE_FILE, NonRetryableError, first_line, train_loop_per_worker
+from spear.stages.train_loop import (METRICS_FILE, MODEL_FILE, STATE_FILE, NonRetryableError, build_objective, first_line,
+                                     train_loop_per_worker)
 
 RUN_NAME = "train"
 
@@ -364,11 +368,6 @@ class ExportSummary:
 
 def load_checkpoint_objective(checkpoint: str, storage: Storage):
     """(SpearObjective with the checkpoint's weights, its train state) from a checkpoint URI or a training output."""
-    import torch
-
-    from spear.config import TrainConfig
-    from spear.stages.train_loop import MODEL_FILE, build_objective
-
     if not storage.exists(join_uri(checkpoint, STATE_FILE)):
         found = checkpoints(checkpoint, storage)
         if not found:
@@ -389,7 +388,6 @@ def load_checkpoint_objective(checkpoint: str, storage: Storage):
 
 def run_export(checkpoint: str, output: str, storage: Storage | None = None) -> ExportSummary:
     """`spear export`: the student of a checkpoint as a standalone model (safetensors + config.json)."""
-    from spear.stages.artefacts import export_student
 
     storage = storage or Storage()
     objective, state = load_checkpoint_objective(normalize_uri(checkpoint), storage)

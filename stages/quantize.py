@@ -45,6 +45,7 @@ class QuantizerEncoder:
     @property
     def quantizer(self):
         if self._q is None:
+            # imported in the actor: the tokenize job imports this module on the driver, where torch is not needed
             from spear.stages.artefacts import load_quantizer
 
             self._q = load_quantizer(self.artefact_uri, storage=Storage(self.storage_options))

@@ -40,6 +40,8 @@ import torch
 from spear.cluster.storage import cached_storage, join_uri
 from spear.config import TrainConfig
 from spear.models.frontend import KaldiFbank
+from spear.models.student import (IGNORE_INDEX, SpearObjective, align_targets, build_encoder, mask_features, mix_batch,
+                                  student_codebooks)
 from spear.schemas.segments import SAMPLE_RATE
 from spear.stages.audio import AudioDecodeError
 from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
@@ -105,9 +107,6 @@ def lr_lambda(warmup: int, max_steps: int):
 
 def build_objective(train_cfg, plan):
     """The student encoder and its heads for the teachers of ``plan`` (no Ray: also used by export/tests)."""
-    from spear.models.student import SpearObjective, build_encoder
-    from spear.models.student.targets import student_codebooks
-
     s = train_cfg.student
     encoder = build_encoder(s.architecture, s.size, num_mel_bins=s.num_mel_bins)
     heads = {role: student_codebooks(plan.codebooks[role], plan.frame_rates[role], encoder.frame_rate)
@@ -124,8 +123,6 @@ def heads_info(plan) -> dict[str, Any]:
 def prepare_batch(batch: dict[str, np.ndarray], plan, train_cfg, encoder, fbank, generator: torch.Generator,
                   device: torch.device):
     """Collated arrays -> (fbank feats, frame lengths, frame mask, aligned targets, audio seconds)."""
-    from spear.models.student import mask_features, mix_batch
-
     wavs = torch.from_numpy(batch["wavs"])
     wav_lens = torch.from_numpy(batch["wav_lens"])
     targets = {r: torch.from_numpy(batch[f"{r}_tokens"]) for r in plan.roles}
@@ -146,8 +143,6 @@ def align_role_targets(tokens: torch.Tensor, token_lens: torch.Tensor, teacher_r
                        student_lens: torch.Tensor) -> torch.Tensor:
     """align_targets for the utterances that have this teacher's tokens; the others (speech utterances
     for the audio teacher: no tokens) get IGNORE_INDEX everywhere."""
-    from spear.models.student import IGNORE_INDEX, align_targets, student_codebooks
-
     has = token_lens > 0
     if bool(has.all()):
         return align_targets(tokens, token_lens, teacher_rate, student_rate, student_lens)
