@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from spear.schemas.versioning import FormatError, check_version
+from spear.schemas.versioning import FormatError, check_version, parse_json_object
 
 FORMAT = "spear-mvq-codebooks"
 FORMAT_VERSION = 1
@@ -74,12 +74,7 @@ def decode_meta(text: str, where: str) -> dict[str, Any]:
     Raises :class:`ArtefactError` for invalid JSON or another format, and
     :class:`~spear.schemas.versioning.FormatError` for a format version this code does not read.
     """
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ArtefactError(f"{where} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ArtefactError(f"{where} is not a JSON object")
+    meta = parse_json_object(where, text, ArtefactError)
     if meta.get("format") != FORMAT:
         raise ArtefactError(f"{where} is not an MVQ codebook artefact (format {meta.get('format')!r} "
                             f"where {FORMAT!r} was expected)")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spear.schemas.segments import SEGMENTS_SCHEMA_VERSION
-from spear.schemas.versioning import FormatError, check_kind, check_version
+from spear.schemas.versioning import FormatError, check_kind, check_version, parse_json_object
 
 DECODE_RECORD_NAME = "decode.json"
 SEGMENTS_DIR = "segments"
@@ -62,12 +62,7 @@ class DecodeRecord:
         """Parse a record of any version this spear reads; :class:`FormatError` (one line, naming ``where``)
         for another kind of file or a newer version."""
         what = f"decode record {where}"
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{what} is not JSON ({exc})") from None
-        if not isinstance(d, dict):
-            raise FormatError(f"{what} is not a JSON object")
+        d = parse_json_object(what, text)
         check_kind(what, d.get("kind"), DECODE_RECORD_KIND)
         record_version = check_version(what, d.get("record_version", 1), DECODE_RECORD_VERSION)
         schema_version = check_version(f"the segments of {what}", d.get("schema_version", 1), SEGMENTS_SCHEMA_VERSION)

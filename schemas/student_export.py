@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional
 import torch
 from safetensors.torch import load_file, save
 
-from spear.schemas.versioning import FormatError, check_version
+from spear.schemas.versioning import FormatError, check_version, parse_json_object
 
 FORMAT = "spear-student"
 FORMAT_VERSION = 1
@@ -69,13 +69,9 @@ def decode_config(text: str, where: str) -> dict[str, Any]:
     Raises :class:`~spear.schemas.versioning.FormatError` (a ValueError) for invalid JSON, another
     format or a format version newer than this code reads.
     """
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{where}: {CONFIG_FILE} is not JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        got = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise FormatError(f"{where}: not a SPEAR student export (format {got!r})")
+    config = parse_json_object(f"{where}: {CONFIG_FILE}", text)
+    if config.get("format") != FORMAT:
+        raise FormatError(f"{where}: not a SPEAR student export (format {config.get('format')!r})")
     check_version(f"student export {where}", config.get("format_version", 1), FORMAT_VERSION)
     return config
 

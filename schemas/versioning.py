@@ -8,14 +8,16 @@ Example::
 
     >>> check_version("decode record /out/decode.json", 2, supported=2)
     2
-    >>> check_version("decode record /out/decode.json", 3, supported=2)
-    Traceback (most recent call last):
-    ...
-    spear.schemas.versioning.FormatError: decode record /out/decode.json is version 3, newer than this spear reads (1 to 2): upgrade spear
+    >>> try:
+    ...     check_version("decode record /out/decode.json", 3, supported=2)
+    ... except FormatError as exc:
+    ...     print(exc)
+    decode record /out/decode.json is version 3, newer than this spear reads (1 to 2): upgrade spear
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -36,6 +38,21 @@ def check_version(what: str, found: Any, supported: int, *, oldest: int = 1) -> 
         raise FormatError(f"{what} is version {version}, older than this spear reads ({oldest} to {supported}): "
                           "re-create it with this spear")
     return version
+
+
+def parse_json_object(what: str, text: str, error: type[FormatError] = FormatError) -> dict[str, Any]:
+    """The JSON object in ``text``; ``error`` (one line naming ``what``) for invalid JSON or another JSON value.
+
+    >>> parse_json_object("manifest 3.json", '{"seq": 3}')
+    {'seq': 3}
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise error(f"{what} is not a JSON object")
+    return value
 
 
 def check_kind(what: str, found: Any, expected: str) -> None:

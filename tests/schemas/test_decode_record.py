@@ -46,7 +46,7 @@ def test_wrong_records_are_one_line_errors_naming_the_file(change, words):
 
 
 def test_not_json_at_all():
-    with pytest.raises(FormatError, match=f"decode record {DECODE_RECORD_NAME} is not JSON"):
+    with pytest.raises(FormatError, match=f"decode record {DECODE_RECORD_NAME} is not valid JSON"):
         DecodeRecord.from_json("{not json")
     with pytest.raises(FormatError, match="is not a JSON object"):
         DecodeRecord.from_json("[1, 2]")

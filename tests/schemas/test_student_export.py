@@ -40,7 +40,7 @@ def test_wrong_format_or_version_is_a_clear_error(tmp_path):
         schema.decode_config(json.dumps({**config, "format": "other"}), "exp")
     with pytest.raises(FormatError, match="student export exp is version 2, newer than this spear reads"):
         schema.decode_config(json.dumps({**config, "format_version": 2}), "exp")
-    with pytest.raises(FormatError, match="not JSON"):
+    with pytest.raises(FormatError, match="not valid JSON"):
         schema.decode_config("{", "exp")
     # exports from before the field existed read as version 1
     assert schema.decode_config(json.dumps({k: v for k, v in config.items() if k != "format_version"}), "exp")
