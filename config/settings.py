@@ -247,8 +247,13 @@ class TokenizeConfig(_Section):
 
 class StudentConfig(_Section):
     architecture: Literal["zipformer2", "transformer"] = Field("zipformer2", description="student encoder")
-    size: Literal["tiny", "small", "base", "spear-large", "spear-600m"] = Field("tiny", description="preset size")
+    size: Literal["tiny", "small", "base", "spear-base", "spear-large", "spear-600m"] = Field(
+        "tiny", description="preset size; spear-base / spear-large / spear-600m are the authors' published "
+                            "models (93M, 327M, 600M: docs/recipe.md), base the older 86M preset")
     num_mel_bins: int = Field(128, ge=40, description="fbank bins of the student input")
+    frame_rate: Literal[50, 25] = Field(50, description="student output frames per second: 50, or 25 as the "
+                                        "authors' unified runs (Zipformer2 output downsampling 2; WavLM's 50 Hz "
+                                        "tokens are then predicted two frames per student frame)")
 
 
 class MaskingConfig(_Section):

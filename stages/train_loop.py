@@ -108,7 +108,7 @@ def lr_lambda(warmup: int, max_steps: int):
 def build_objective(train_cfg, plan):
     """The student encoder and its heads for the teachers of ``plan`` (no Ray: also used by export/tests)."""
     s = train_cfg.student
-    encoder = build_encoder(s.architecture, s.size, num_mel_bins=s.num_mel_bins)
+    encoder = build_encoder(s)  # architecture, size, num_mel_bins and frame_rate of the StudentConfig
     heads = {role: student_codebooks(plan.codebooks[role], plan.frame_rates[role], encoder.frame_rate)
              for role in plan.roles}
     weights = {"speech": 1.0, "audio": train_cfg.audio_loss_weight}

@@ -50,8 +50,19 @@ class ZipformerConfig:
     pos_dim: int = 48
     subsampling_channels: tuple[int, int, int] = (8, 32, 128)  # Conv2dSubsampling layer1..3 channels
     dropout: float = 0.1
+    # 1: 50 Hz output; 2: 25 Hz (icefall's downsample_output; the authors' unified SPEAR runs).
+    output_downsampling_factor: int = 1
+
+    @property
+    def frame_rate(self) -> float:
+        """Output frames per second: 100 Hz fbank, 2x conv subsampling, then the output downsampling."""
+        return 50.0 / self.output_downsampling_factor
 
     def __post_init__(self) -> None:
+        if int(self.output_downsampling_factor) not in (1, 2):
+            raise ValueError(f"output_downsampling_factor must be 1 (50 Hz) or 2 (25 Hz), "
+                             f"got {self.output_downsampling_factor}")
+        object.__setattr__(self, "output_downsampling_factor", int(self.output_downsampling_factor))
         n = len(self.downsampling_factor)
         if n == 0:
             raise ValueError("downsampling_factor needs at least one stack")
@@ -86,6 +97,11 @@ class TransformerConfig:
     subsampling_factor: int = 2
     subsampling_channels: int = 128
     dropout: float = 0.1
+
+    @property
+    def frame_rate(self) -> float:
+        """Output frames per second: 100 Hz fbank over the conv subsampling factor."""
+        return 100.0 / self.subsampling_factor
 
     def __post_init__(self) -> None:
         if self.subsampling_factor not in (2, 4):

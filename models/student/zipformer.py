@@ -8,11 +8,17 @@ better encoder for automatic speech recognition", 2023), configured as SPEAR use
       -> Conv2dSubsampling (3 convs + ConvNeXt + linear + BiasNorm)      50 Hz, T' = (T - 7) // 2
       -> stack 0 (ds 1) -> stack 1 (ds 2) -> ... -> stack 6 (ds 1)       each stack: downsample by ds,
                                                                           its layers, upsample, bypass
-      -> full-dim output (newest copy of every channel)                    50 Hz, no output downsampling
+      -> full-dim output (newest copy of every channel)                    50 Hz
+      -> output downsampling by ``output_downsampling_factor`` (optional)  50 Hz (1) or 25 Hz (2)
 
-(no output downsampling: ``output_downsampling_factor=1``, as icefall's SSL recipe
-``egs/librispeech/SSL/zipformer``). The ``spear-large`` preset has 326.9M parameters, SPEAR-Large's
-~327M; ``spear-600m`` 597.0M.
+``output_downsampling_factor`` 1 (the default) keeps 50 Hz, as icefall's SSL recipe
+``egs/librispeech/SSL/zipformer`` and the authors' speech-only SPEAR runs; 2 gives 25 Hz, as
+the authors' unified (speech + audio) runs (``--output-downsampling-factor 2`` in
+marcoyang1998/icefall ``egs/general_audio_encoder/mtl/run/train_*_speech_audio_mvq_bucket_wavlm_all.sh``):
+icefall's ``downsample_output``, a SimpleDownsample (softmax-weighted average of 2 frames, the
+last frame repeated for an odd count), output lengths ``ceil(T' / 2)``. The ``spear-base``
+preset has 93.3M parameters (the authors' Base, 93M), ``spear-large`` 326.9M (SPEAR-Large's
+~327M), ``spear-600m`` 597.0M.
 
 One Zipformer2 layer (in this order, every step residual):
 FF1 (3/4 F) -> non-linear attention -> self-attention 1 -> conv 1 -> FF2 (F) -> bypass_mid
@@ -381,6 +387,25 @@ class Zipformer2Stack(nn.Module):
         return self.out_combiner(orig, outputs[-1]), outputs
 
 
+class OutputDownsample(nn.Module):
+    """icefall's ``downsample_output`` (a SimpleDownsample): [B, T, D] -> [B, ceil(T / ds), D].
+
+    The parameter is named ``bias`` as icefall's, so a checkpoint's
+    ``encoder.downsample_output.bias`` maps onto ``downsample_output.bias`` one to one.
+    """
+
+    def __init__(self, ds: int):
+        super().__init__()
+        self.ds = ds
+        self.bias = nn.Parameter(torch.zeros(ds))  # softmax -> uniform average at init
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(lengths + self.ds - 1, self.ds, rounding_mode="floor")
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return downsample(x, lengths, self.bias)
+
+
 def convert_num_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Truncate channels, or zero-pad them, to ``dim`` (the hand-over between stacks of different widths)."""
     if dim <= x.shape[-1]:
@@ -389,10 +414,14 @@ def convert_num_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Zipformer2(StudentEncoder):
-    """SPEAR's student: Conv2dSubsampling to 50 Hz, then U-shaped stacks of Zipformer2 layers.
+    """SPEAR's student: Conv2dSubsampling to 50 Hz, U-shaped stacks of Zipformer2 layers, then
+    (``output_downsampling_factor`` > 1) the output downsampling to 50 / factor Hz.
 
-    ``return_layers`` gives every layer's output at 50 Hz; the layers of a downsampled stack are
-    upsampled by repetition (before the stack's output bypass), their widths are ``layer_dims``.
+    ``return_layers`` gives every layer's output at the output frame rate; the layers of a
+    downsampled stack are upsampled by repetition (before the stack's output bypass), and with
+    output downsampling every layer goes through the same learned ``downsample_output`` as the
+    final output (so probes see the frame rate the model is trained at); their widths are
+    ``layer_dims``.
     """
 
     def __init__(self, config: ZipformerConfig):
@@ -405,14 +434,22 @@ class Zipformer2(StudentEncoder):
                             value_head_dim=c.value_head_dim, feedforward_dim=c.feedforward_dim[i],
                             kernel=c.cnn_module_kernel[i], dropout=c.dropout)
             for i in range(len(c.downsampling_factor)))
-        self.frame_rate = self.input_frame_rate / 2
-        self.subsampling, self.receptive_field = 2, 7
+        ods = c.output_downsampling_factor
+        if ods > 1:  # absent at 1, so 50 Hz checkpoints keep their exact key set
+            self.downsample_output = OutputDownsample(ods)
+        self.frame_rate = self.input_frame_rate / 2 / ods
+        # One output frame averages ods 50 Hz frames, which see fbank frames 2 t .. 2 t + 6 each:
+        # together 2 ods t' .. 2 ods t' + 6 + 2 (ods - 1).
+        self.subsampling, self.receptive_field = 2 * ods, 7 + 2 * (ods - 1)
         self.min_input_frames = 7
         self.layer_dims = [d for d, n in zip(c.encoder_dim, c.num_layers) for _ in range(n)]
         self._output_dim = max(c.encoder_dim)
 
     def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
-        return Conv2dSubsampling.output_lengths(torch.as_tensor(input_lengths, dtype=torch.long))
+        lengths = Conv2dSubsampling.output_lengths(torch.as_tensor(input_lengths, dtype=torch.long))
+        if self.config.output_downsampling_factor > 1:
+            lengths = self.downsample_output.output_lengths(lengths)
+        return lengths
 
     def encode(self, feats: torch.Tensor, lengths: torch.Tensor, return_layers: bool
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -423,7 +460,11 @@ class Zipformer2(StudentEncoder):
             stack_outputs.append(x)
             if return_layers:
                 layers.extend(outs)
-        return self._full_dim_output(stack_outputs), layers
+        out = self._full_dim_output(stack_outputs)
+        if self.config.output_downsampling_factor > 1:
+            out = self.downsample_output(out, lengths)
+            layers = [self.downsample_output(y, lengths) for y in layers]
+        return out, layers
 
     def _full_dim_output(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """Every channel up to max(encoder_dim), taken from the last stack that has it."""
