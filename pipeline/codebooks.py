@@ -33,6 +33,10 @@ from spear.stages.decode import decode_dataset
 from spear.stages.quantize import (SOUND_FRAMES_PER_ENTRY, FrameReservoir, FrameSample, balanced_sample, codebook_uri,
                                    fit_quantizer, is_heldout, largest_codebook_size)
 
+# Modules that load torch (the teacher stage, models.mvq, the artefact readers and schemas.codebooks, which
+# uses safetensors.torch) are imported inside the functions that fit or load codebooks: a tokenize run with
+# nothing new imports this module and must finish without torch (bench/startup.py).
+
 # Which domains each teacher role reads: the speech teacher every segment, the audio teacher audio-domain ones.
 ROLE_DOMAINS: dict[str, Optional[tuple[str, ...]]] = {"speech": None, "audio": ("audio",)}
 
@@ -56,6 +60,7 @@ class CodebookInfo:
     sample_frames: Optional[int] = None    # frames the codebooks were fitted on
     heldout_frames: Optional[int] = None
     reused_from: Optional[str] = None      # the mvq.reuse_codebooks artefact they were copied from
+    normalize: bool = True                 # fitted on per-dimension normalised embeddings (teachers.ROLE.normalize)
 
 
 def role_has_data(objects: pa.Table, role: str) -> bool:
@@ -67,6 +72,26 @@ def role_has_data(objects: pa.Table, role: str) -> bool:
 
 def codebook_shape(cfg: SpearConfig, role: str) -> tuple[int, int]:
     return (cfg.mvq.speech_codebooks if role == "speech" else cfg.mvq.audio_codebooks), cfg.mvq.codebook_size
+
+
+def codebook_key(cfg: SpearConfig, role: str, tcfg: TeacherConfig, teacher_version: str) -> dict[str, Any]:
+    """What a token version holds a role's codebooks to: teacher version, shape and, when the
+    embeddings are not normalised, ``normalize: False`` (left out when they are, so the token
+    versions of normalised teachers are the ones they always were).
+
+    >>> from spear.config import SpearConfig, TeacherConfig
+    >>> codebook_key(SpearConfig(), "audio", TeacherConfig(kind="dasheng", path="d"), "tv")
+    {'teacher': 'tv', 'num_codebooks': 8, 'codebook_size': 256, 'normalize': False}
+    """
+    num_codebooks, size = codebook_shape(cfg, role)
+    key: dict[str, Any] = {"teacher": teacher_version, "num_codebooks": num_codebooks, "codebook_size": size}
+    if not tcfg.normalize_features:
+        key["normalize"] = False
+    return key
+
+
+def _normalisation_words(normalize: bool) -> str:
+    return "normalised" if normalize else "raw (not normalised)"
 
 
 def _ways_on(role: str, frames: int, codebook_size: int, per_entry: int, capped: bool, cfg: SpearConfig) -> list[str]:
@@ -110,9 +135,10 @@ def _few_frames_warning(role: str, cb: CodebookInfo, codebook_size: int, capped:
 
 
 def load_codebooks(role: str, uri: str, desc: dict[str, Any], shape: tuple[int, int], storage: Storage,
-                    recorded: Optional[dict[str, Any]], version: str) -> Optional[CodebookInfo]:
-    """The codebooks stored at ``uri`` (None when there are none), checked against the teacher and
-    against the codebooks ``version.json`` recorded for the role (a token version never changes them)."""
+                    recorded: Optional[dict[str, Any]], version: str, normalize: bool = True) -> Optional[CodebookInfo]:
+    """The codebooks stored at ``uri`` (None when there are none), checked against the teacher, the
+    embedding normalisation (``normalize``) and the codebooks ``version.json`` recorded for the role
+    (a token version never changes them)."""
     from spear.schemas.codebooks import META_NAME
     from spear.stages.artefacts import load_quantizer
 
@@ -127,6 +153,11 @@ def load_codebooks(role: str, uri: str, desc: dict[str, Any], shape: tuple[int, 
                            codebook_size=shape[1])
     except ValueError as exc:
         raise ConfigError(f"{role} codebooks at {uri}: {exc}") from None
+    if q.normalize != normalize:
+        raise ConfigError(f"{role} codebooks at {uri} were fitted on {_normalisation_words(q.normalize)} embeddings, "
+                          f"but teachers.{role}.normalize asks for {_normalisation_words(normalize)} ones: set "
+                          f"teachers.{role}.normalize={str(q.normalize).lower()} to use them, or tokenise into a new "
+                          f"--output")
     if recorded and recorded["version"] != q.version:
         raise ConfigError(f"{uri} holds {role} codebooks {q.version[:12]}, but token version {version} was tokenised "
                           f"with {recorded['version'][:12]}: restore those, or tokenise into a new --output")
@@ -136,13 +167,13 @@ def load_codebooks(role: str, uri: str, desc: dict[str, Any], shape: tuple[int, 
                         num_codebooks=shape[0], frame_rate=float(desc["frame_rate"]), dim=int(desc["dim"]),
                         fitted_now=False, heldout_loss=loss if loss is not None else meta.get("train_relative_loss"),
                         sample_frames=meta.get("training_frames"), heldout_frames=meta.get("heldout_frames"),
-                        reused_from=(recorded or {}).get("reused_from"))
+                        reused_from=(recorded or {}).get("reused_from"), normalize=q.normalize)
 
 
 def reuse_codebooks(role: str, source: str, uri: str, desc: dict[str, Any], shape: tuple[int, int],
-                     storage: Storage, version: str) -> CodebookInfo:
+                     storage: Storage, version: str, normalize: bool = True) -> CodebookInfo:
     """Copy the artefact of ``source`` (a codebook folder, or a folder / token dataset holding several)
-    that fits this teacher version and shape to ``uri``, so the dataset stays self-contained."""
+    that fits this teacher version, shape and normalisation to ``uri``, so the dataset stays self-contained."""
     from spear.schemas.codebooks import META_NAME, TENSORS_NAME
 
     source = normalize_uri(source)
@@ -160,19 +191,22 @@ def reuse_codebooks(role: str, source: str, uri: str, desc: dict[str, Any], shap
             meta = json.loads(storage.read_text(m))
         except (FileNotFoundError, ValueError):
             continue
-        seen.append(f"{str(meta.get('teacher_id'))[:12]} {meta.get('num_codebooks')}x{meta.get('codebook_size')}")
-        if (meta.get("teacher_id"), meta.get("num_codebooks"), meta.get("codebook_size"), meta.get("dim")) != \
-                (desc["version"], shape[0], shape[1], int(desc["dim"])):
+        seen.append(f"{str(meta.get('teacher_id'))[:12]} {meta.get('num_codebooks')}x{meta.get('codebook_size')} "
+                    f"{_normalisation_words(bool(meta.get('normalize', True)))}")
+        # codebooks fitted with the other normalisation are other codebooks: never reused in their place
+        if (meta.get("teacher_id"), meta.get("num_codebooks"), meta.get("codebook_size"), meta.get("dim"),
+                bool(meta.get("normalize", True))) != (desc["version"], shape[0], shape[1], int(desc["dim"]), normalize):
             continue
         folder = m[: -len(META_NAME)].rstrip("/")
         for name in (TENSORS_NAME, META_NAME):  # metadata last: its presence marks a complete artefact
             storage.write_bytes(join_uri(uri, name), storage.read_bytes(join_uri(folder, name)))
-        cb = load_codebooks(role, uri, desc, shape, storage, None, version)
+        cb = load_codebooks(role, uri, desc, shape, storage, None, version, normalize)
         cb.reused_from = folder
         return cb
     raise ConfigError(f"mvq.reuse_codebooks {source} has no {role} codebooks for teacher {desc['name']} "
-                      f"{desc['version'][:12]} with {shape[0]}x{shape[1]} (it holds: {'; '.join(seen) or 'none'}): "
-                      f"codebooks are reusable only for the same teacher version and shape")
+                      f"{desc['version'][:12]} with {shape[0]}x{shape[1]} {_normalisation_words(normalize)} "
+                      f"(it holds: {'; '.join(seen) or 'none'}): codebooks are reusable only for the same teacher "
+                      f"version, shape and normalisation (teachers.{role}.normalize)")
 
 
 def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[str, Any], objects: pa.Table,
@@ -193,7 +227,7 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
              "sample_sources": sample.sources}
     fit_kwargs = dict(num_codebooks=num_codebooks, codebook_size=size, seed=cfg.mvq.seed,
                       teacher_id=desc["version"], layer=tcfg.layer, extra=extra,
-                      min_frames_per_entry=cfg.mvq.min_frames_per_entry)
+                      min_frames_per_entry=cfg.mvq.min_frames_per_entry, normalize=tcfg.normalize_features)
     if rinfo.gpus > 0:  # fit where the GPU is
         import ray
 
@@ -209,7 +243,7 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
     _save_usage_plot(q, sample.heldout if sample.heldout.shape[0] else sample.train, uri, storage)
     cb = CodebookInfo(uri=uri, version=q.version, teacher=desc["name"], teacher_version=desc["version"],
                       num_codebooks=num_codebooks, frame_rate=float(desc["frame_rate"]), dim=int(desc["dim"]),
-                      fitted_now=True, heldout_loss=loss,
+                      fitted_now=True, heldout_loss=loss, normalize=q.normalize,
                       # the frames k-means saw (the sample less the fit's own validation share), as the artefact says
                       sample_frames=int(q.metadata.get("training_frames") or sample.train.shape[0]),
                       heldout_frames=int(q.metadata.get("heldout_frames") or sample.heldout.shape[0]))
@@ -243,13 +277,14 @@ def role_codebooks(cfg: SpearConfig, roles: dict[str, TeacherConfig], descs: dic
         has_data = role_has_data(todo, role)
         if role not in recorded and not has_data:
             continue  # no data for this role yet: no codebooks in the version (training skips its head)
-        shape = codebook_shape(cfg, role)
-        uri = codebook_uri(out, role, descs[role]["version"], *shape)
-        cb = load_codebooks(role, uri, descs[role], shape, storage, recorded.get(role), version)
+        shape, normalize = codebook_shape(cfg, role), tcfg.normalize_features
+        uri = codebook_uri(out, role, descs[role]["version"], *shape, normalize=normalize)
+        cb = load_codebooks(role, uri, descs[role], shape, storage, recorded.get(role), version, normalize)
         if cb is None and has_data:
             capped = False
             if cfg.mvq.reuse_codebooks:
-                cb = reuse_codebooks(role, cfg.mvq.reuse_codebooks, uri, descs[role], shape, storage, version)
+                cb = reuse_codebooks(role, cfg.mvq.reuse_codebooks, uri, descs[role], shape, storage, version,
+                                     normalize)
                 log(f"[tokenize] {role} codebooks {cb.version[:12]} reused from {cb.reused_from}")
             else:
                 cb, capped = fit_codebooks(cfg, role, tcfg, descs[role], objects, uri, storage, options, rinfo, log,

@@ -43,6 +43,7 @@ from typing import Any, Optional
 
 from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.schemas.segments import SAMPLE_RATE
+from spear.stages.catalog import build_catalog
 
 # --------------------------------------------------------------------------- the rate table
 
@@ -453,7 +454,6 @@ class Plan:
 
 def corpus_hours(cfg: SpearConfig, storage=None) -> tuple[float, float]:
     """(hours, speech share) estimated from the listed object sizes of ``corpus.sources``."""
-    from spear.stages.catalog import build_catalog
 
     if not cfg.corpus.sources:
         raise ConfigError("no corpus.sources in the config: give --hours")

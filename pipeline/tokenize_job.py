@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, normalize_uri, relative_uri
 from spear.config import ConfigError, SpearConfig, TeacherConfig
-from spear.pipeline.codebooks import ROLE_DOMAINS, CodebookInfo, codebook_shape, recorded_codebooks, role_codebooks, role_has_data
+from spear.pipeline.codebooks import (ROLE_DOMAINS, CodebookInfo, codebook_key, codebook_shape, recorded_codebooks,
+                                      role_codebooks, role_has_data)
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.progress import Progress
 from spear.schemas.ledger import VersionInfo, quarantined_entry, tokenized_entry
@@ -48,6 +49,9 @@ from spear.stages.catalog import Catalog, build_catalog
 from spear.stages.decode import decode_dataset
 from spear.stages.quantize import QuantizerEncoder
 from spear.stages.writer import WRITER_CPUS, ObjectTracker, WriterStage
+
+# Modules that load torch (teachers, the teacher stage) are imported inside the functions that use them:
+# a run with nothing new (the common incremental case) finishes without loading torch (bench/startup.py).
 
 
 @dataclass
@@ -296,8 +300,8 @@ def resolve_teachers(roles: dict[str, TeacherConfig], out: str, storage: Storage
 def _open_version(out: str, storage: Storage, cfg: SpearConfig, decode_settings: dict[str, Any],
                   roles: dict[str, TeacherConfig], descs: dict[str, dict[str, Any]], objects: pa.Table) -> "OpenedVersion":
     """The token version ``descs`` and the settings key, and what of ``objects`` it still lacks."""
-    key = {r: dict(zip(("teacher", "num_codebooks", "codebook_size"), (descs[r]["version"], *codebook_shape(cfg, r))))
-           for r in roles}
+    # teacher version, codebook shape and (when off) the embedding normalisation: raw codebooks make another version
+    key = {r: codebook_key(cfg, r, roles[r], descs[r]["version"]) for r in roles}
     version = token_version(decode_settings, key)
     store = TokenStore(out, version, storage)
     try:
@@ -410,8 +414,6 @@ class OpenedVersion:
 def _pass2_dataset(cfg: SpearConfig, roles: dict[str, TeacherConfig], codebooks: dict[str, CodebookInfo],
                    opened: OpenedVersion, run_id: str, options: StorageOptions, plan_stages):
     """Pass 2 on Ray Data: decode -> each active role's teacher + MVQ (one actor each) -> shard writer."""
-    # Imports of torch-loading modules stay inside functions throughout this job: a run with nothing
-    # new (the common incremental case) then finishes without loading torch (bench/startup.py).
     from spear.stages.teacher import TeacherStage
 
     # only the teachers whose domains have rows in this run

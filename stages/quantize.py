@@ -25,6 +25,9 @@ import pyarrow.compute as pc
 
 from spear.cluster.storage import Storage, StorageOptions, join_uri
 
+# torch (models.mvq, the artefact readers) is imported inside the functions that fit or encode: the
+# tokenize job imports this module on the driver, where a run with nothing new never needs torch.
+
 log = logging.getLogger(__name__)
 
 
@@ -169,9 +172,12 @@ def largest_codebook_size(frames: int, per_entry: int) -> int | None:
 
 
 def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int, seed: int, teacher_id: str,
-                  layer: int | None, extra: dict[str, Any], min_frames_per_entry: int = 4):
+                  layer: int | None, extra: dict[str, Any], min_frames_per_entry: int = 4, normalize: bool = True):
     """Fit MVQ on the sample (GPU when this process has one); the held-out loss is recorded in the artefact.
 
+    ``normalize``: per-dimension mean/std normalisation of the frames before fitting (the teacher
+    config's ``normalize_features``: the authors normalise WavLM's features, not Dasheng's); it is
+    part of the codebooks' metadata and version.
     Raises :class:`TooFewFramesError` below ``min_frames_per_entry`` frames per codebook entry.
     """
     import torch
@@ -181,7 +187,7 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
     if sample.train.shape[0] < min_frames_per_entry * codebook_size:
         raise TooFewFramesError(int(sample.train.shape[0]), codebook_size, min_frames_per_entry)
     heldout = torch.from_numpy(sample.heldout) if sample.heldout.shape[0] else None
-    settings = FitSettings(num_codebooks=num_codebooks, codebook_size=codebook_size, seed=seed)
+    settings = FitSettings(num_codebooks=num_codebooks, codebook_size=codebook_size, seed=seed, normalize=normalize)
     if sample.train.shape[0] <= 2 * sample.train.shape[1]:
         # faiss' progressive-dimension k-means starts with a PCA that needs more frames than dimensions
         settings = dataclasses.replace(settings, progressive_dim_steps=0)
@@ -189,6 +195,15 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
                                       teacher_id=teacher_id, layer=layer, extra=extra)
 
 
-def codebook_uri(output: str, role: str, teacher_version: str, num_codebooks: int, codebook_size: int) -> str:
-    """Where the codebooks of one teacher version and codebook shape live under ``output``."""
-    return join_uri(output, "codebooks", f"{role}-{teacher_version[:16]}-{num_codebooks}x{codebook_size}")
+def codebook_uri(output: str, role: str, teacher_version: str, num_codebooks: int, codebook_size: int,
+                 normalize: bool = True) -> str:
+    """Where the codebooks of one teacher version, codebook shape and normalisation live under ``output``.
+
+    Codebooks fitted on raw (not normalised) embeddings get a ``-raw`` suffix, so they never share a
+    folder with normalised ones; normalised ones keep the folder name they always had.
+
+    >>> codebook_uri("/o", "audio", "ab" * 10, 8, 256, normalize=False)
+    '/o/codebooks/audio-abababababababab-8x256-raw'
+    """
+    name = f"{role}-{teacher_version[:16]}-{num_codebooks}x{codebook_size}" + ("" if normalize else "-raw")
+    return join_uri(output, "codebooks", name)
