@@ -195,6 +195,11 @@ class DecodeConfig(_Section):
 
 TeacherKind = Literal["mfcc", "fbank", "wavlm", "hubert", "dasheng", "student"]
 
+# Teacher kinds whose embeddings MVQ takes as they are by default: the authors fit Dasheng's codebooks
+# without normalisation and WavLM's with it (marcoyang1998/icefall egs/general_audio_encoder/mtl/run/
+# collect_embeddings/train_and_collect_{dasheng,wavlm}_cb_index*.sh: --normalize 1 for WavLM only).
+UNNORMALIZED_KINDS = ("dasheng",)
+
 
 class TeacherConfig(_Section):
     kind: TeacherKind = Field(..., description="mfcc | fbank (no weights) | wavlm | hubert | dasheng | student")
@@ -203,6 +208,19 @@ class TeacherConfig(_Section):
     batch_seconds: float = Field(120.0, gt=0, description="audio seconds per teacher batch (duration batching)")
     num_gpus: float = Field(1.0, ge=0, le=8, description="GPUs per teacher actor when GPUs are present")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="autocast dtype on GPU; CPU runs float32")
+    normalize: Optional[bool] = Field(None, description="per-dimension mean/std normalisation of the embeddings before "
+                                      "MVQ (statistics from the fitting sample); unset: the authors' default, on for "
+                                      "every kind but dasheng (WavLM features normalised, Dasheng's not). Codebooks "
+                                      "fitted either way are different codebooks (and token versions)")
+
+    @property
+    def normalize_features(self) -> bool:
+        """Whether MVQ normalises this teacher's embeddings: ``normalize``, else the kind's default.
+
+        >>> TeacherConfig(kind="mfcc").normalize_features, TeacherConfig(kind="dasheng", path="d").normalize_features
+        (True, False)
+        """
+        return self.normalize if self.normalize is not None else self.kind not in UNNORMALIZED_KINDS
 
     @model_validator(mode="after")
     def _needs_path(self) -> "TeacherConfig":
@@ -282,6 +300,23 @@ class MixingConfig(_Section):
         return self
 
 
+class ScaledAdamConfig(_Section):
+    """ScaledAdam with the Eden schedule (:mod:`spear.models.optim`): the optimiser Zipformer2 was designed
+    around and SPEAR trains with. Eden's warm-up runs over ``train.warmup_steps``."""
+
+    base_lr: float = Field(0.045, gt=0, description="Eden's base learning rate (the SPEAR runs: 0.045); "
+                           "not scaled with the world size")
+    lr_batches: float = Field(7500, gt=0, description="Eden: steps after which the lr falls (as steps^-0.5)")
+    lr_hours: float = Field(75000, ge=0, description="Eden's epoch term counts hours of audio trained on (world size "
+                            "x batch_seconds per step), falling after this many (the SPEAR runs: 75,000); 0: count "
+                            "passes over the token dataset against lr_epochs instead")
+    lr_epochs: float = Field(3.5, gt=0, description="Eden: passes over the token dataset after which the lr falls "
+                             "(used when lr_hours is 0)")
+    warmup_start: float = Field(0.5, ge=0, le=1, description="Eden's warm-up starts at this share of base_lr")
+    clipping_scale: float = Field(2.0, gt=0, description="clip gradients above this multiple of the running "
+                                  "median gradient norm")
+
+
 class TrainConfig(_Section):
     shards: Optional[str] = Field(None, description="token dataset to train on: the `output` of `spear tokenize` (--shards)")
     token_version: Optional[str] = Field(None, description="token version to use when the dataset holds several")
@@ -291,7 +326,13 @@ class TrainConfig(_Section):
     audio_loss_weight: float = Field(0.25, ge=0, description="lambda of the audio-teacher loss (0.1 for 600M)")
     audio_weight: float = Field(3.0, gt=0, description="audio stream weight relative to speech (by duration)")
     batch_seconds: float = Field(60.0, gt=0, description="audio seconds per worker batch")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    optimizer: Optional[Literal["scaled_adam", "adamw"]] = Field(
+        None, description="scaled_adam (ScaledAdam + Eden: train.scaled_adam) or adamw (AdamW + cosine decay: "
+                          "train.lr); unset: scaled_adam for a zipformer2 student, as the authors, adamw for the "
+                          "transformer")
+    scaled_adam: ScaledAdamConfig = ScaledAdamConfig()
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW (train.optimizer=adamw); "
+                      "ScaledAdam's is train.scaled_adam.base_lr")
     warmup_steps: int = Field(500, ge=0)
     max_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(100, ge=1)
@@ -302,6 +343,17 @@ class TrainConfig(_Section):
     collective_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for the others (a step, "
                                         "a checkpoint) before the run ends with an error naming it")
     seed: int = 0
+
+    @property
+    def optimizer_kind(self) -> Literal["scaled_adam", "adamw"]:
+        """``optimizer``, or when unset the student's default: ScaledAdam for Zipformer2, AdamW otherwise.
+
+        >>> TrainConfig().optimizer_kind, TrainConfig(student={"architecture": "transformer"}).optimizer_kind
+        ('scaled_adam', 'adamw')
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        return "scaled_adam" if self.student.architecture == "zipformer2" else "adamw"
 
     @field_validator("workers", mode="before")
     @classmethod
