@@ -38,8 +38,7 @@ import pyarrow.parquet as pq
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, normalize_uri, relative_uri
 from spear.config import ConfigError, SpearConfig, TeacherConfig
-from spear.pipeline.codebooks import (ROLE_DOMAINS, CodebookInfo, codebook_key, codebook_shape, recorded_codebooks,
-                                      role_codebooks, role_has_data)
+from spear.pipeline.codebooks import ROLE_DOMAINS, CodebookInfo, codebook_key, recorded_codebooks, role_codebooks, role_has_data
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.progress import Progress
 from spear.schemas.ledger import VersionInfo, quarantined_entry, tokenized_entry
