@@ -10,7 +10,7 @@ them into `spear evaluate`):
   raw fbank) and the extraction over the clips;
 - :mod:`.probes`: the linear probe (logistic regression, L2 chosen on a validation carve,
   bootstrap confidence intervals);
-- :mod:`.results`: probe rows per (task, model, layer), each model's best layer, the summary;
+- :mod:`.results`: probe rows per (task, model, layer), each model's layer chosen on validation, the summary;
 - :mod:`.report`: ``index.html`` with plots and ``results.json``, and the CLI's text table;
 - :mod:`.hear`: an exported student behind the HEAR 2021 API and as an s3prl-style upstream.
 """

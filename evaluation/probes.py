@@ -11,7 +11,9 @@ is fixed so that scores compare across models and layers:
 - the L2 strength comes from a small fixed grid (:data:`L2_GRID`), chosen per seed on a
   validation split carved from the training set by that seed (stratified by label, or by
   ``groups`` when items are frames of the same clip), then the probe is refitted on the
-  whole training set with the chosen strength and scored on the test set;
+  whole training set with the chosen strength and scored on the test set; the validation
+  accuracy at the chosen strength is kept (``val_seed_scores``), and it alone chooses a
+  model's layer (:func:`spear.evaluation.results.best_layers`): test scores choose nothing;
 - the score is test accuracy, averaged over the seeds (the seeds change the validation carve,
   hence possibly the chosen L2); macro-F1 comes along;
 - the confidence interval is a percentile bootstrap (95 %, 1000 resamples, fixed RNG) over
@@ -304,7 +306,24 @@ class ProbeResult:
     chance: float  # test accuracy of always answering the training set's majority class
     metric: str = "accuracy"
     ci_method: str = CI_METHOD
+    # Validation (per seed, on that seed's carve of the training set, at the chosen L2): what a
+    # layer is chosen by (spear.evaluation.results.best_layers). None where no carve was possible.
+    val_seed_scores: list[Optional[float]] = field(default_factory=list)
+    val_seed_losses: list[Optional[float]] = field(default_factory=list)
     test_predictions: list[np.ndarray] = field(default_factory=list, repr=False)  # per seed
+    val_masks: list[np.ndarray] = field(default_factory=list, repr=False)  # per seed, over the training items
+
+    @property
+    def val_score(self) -> Optional[float]:
+        """Mean validation accuracy over the seeds that had a carve (None: none had)."""
+        v = [s for s in self.val_seed_scores if s is not None]
+        return float(np.mean(v)) if v else None
+
+    @property
+    def val_loss(self) -> Optional[float]:
+        """Mean validation cross-entropy over the seeds that had a carve (None: none had)."""
+        v = [s for s in self.val_seed_losses if s is not None]
+        return float(np.mean(v)) if v else None
 
     @property
     def seed_ci_halfwidth(self) -> float:
@@ -315,8 +334,10 @@ class ProbeResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("test_predictions")
+        d.pop("val_masks")
         d["ci"] = list(self.ci)
         d["seed_ci_halfwidth"] = self.seed_ci_halfwidth
+        d["val_score"], d["val_loss"] = self.val_score, self.val_loss
         return d
 
 
@@ -369,26 +390,32 @@ def _run_probe(xt: torch.Tensor, yt: torch.Tensor, xs: torch.Tensor, y_test_ids:
         logits = torch.addmm(b, x, W)
         return logits.argmax(1).numpy(), logits
 
-    # 1. L2 selection per seed on its validation carve; the grid runs from strong to weak L2,
-    #    each fit warm-started from the previous one (same optimum, fewer iterations).
+    # 1. L2 selection per seed on its validation carve (of the training items only: the test set
+    #    plays no part in any choice); the grid runs from strong to weak L2, each fit warm-started
+    #    from the previous one (same optimum, fewer iterations). The validation accuracy and
+    #    cross-entropy at the chosen L2 are kept: the layer of a model is chosen by them.
     chosen = {s: grid[len(grid) // 2] for s in seeds}  # the default when no carve is possible
-    if len(grid) > 1:
-        for s in seeds:
-            val = validation_carve(y_ids, s, val_fraction, g_train)
-            if not val.any() or val.all():
-                continue
-            fit_w = torch.from_numpy((~val).astype(np.float64))
-            vt = torch.from_numpy(val)
-            best, theta = None, None
-            for v in sorted(grid, reverse=True):
-                theta = _fit(xt, onehot, fit_w, v, var, init=theta, max_iter=max_iter)
-                pred, logits = predict(theta, xt)
-                acc = float(np.mean(pred[val] == y_ids[val]))
-                ce = float(torch.nn.functional.cross_entropy(logits[vt], yt[vt]))
-                key = (acc, -ce)  # ties in accuracy: lower validation cross-entropy
-                if best is None or key > best[0]:
-                    best = (key, v)
-            chosen[s] = best[1]
+    val_acc: dict[int, Optional[float]] = {s: None for s in seeds}
+    val_ce: dict[int, Optional[float]] = {s: None for s in seeds}
+    masks: dict[int, np.ndarray] = {}
+    for s in seeds:
+        val = validation_carve(y_ids, s, val_fraction, g_train)
+        masks[s] = val
+        if not val.any() or val.all():
+            continue
+        fit_w = torch.from_numpy((~val).astype(np.float64))
+        vt = torch.from_numpy(val)
+        best, theta = None, None
+        for v in sorted(grid, reverse=True):
+            theta = _fit(xt, onehot, fit_w, v, var, init=theta, max_iter=max_iter)
+            pred, logits = predict(theta, xt)
+            acc = float(np.mean(pred[val] == y_ids[val]))
+            ce = float(torch.nn.functional.cross_entropy(logits[vt], yt[vt]))
+            key = (acc, -ce)  # ties in accuracy: lower validation cross-entropy
+            if best is None or key > best[0]:
+                best = (key, v)
+        chosen[s] = best[1]
+        val_acc[s], val_ce[s] = best[0][0], -best[0][1]
 
     # 2. Refit on the whole training set, once per distinct chosen strength.
     preds: dict[float, np.ndarray] = {}
@@ -409,5 +436,7 @@ def _run_probe(xt: torch.Tensor, yt: torch.Tensor, xs: torch.Tensor, y_test_ids:
         l2=[chosen[s] for s in seeds],
         num_train=int(len(yt)), num_test=int(len(y_test_ids)), num_classes=int(len(classes)),
         chance=float(np.mean(y_test_ids == majority)),
+        val_seed_scores=[val_acc[s] for s in seeds], val_seed_losses=[val_ce[s] for s in seeds],
         test_predictions=[classes[preds[chosen[s]]] for s in seeds],
+        val_masks=[masks[s] for s in seeds],
     )

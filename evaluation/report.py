@@ -82,8 +82,8 @@ def _layer_label(layer: Any) -> str:
 
 
 def format_results_table(summary: Any) -> str:
-    """Plain-text table: one row per task, one column per model; each cell is the best layer's
-    score ± half the 95 % CI width, with the layer (``@L3``) for layered models.
+    """Plain-text table: one row per task, one column per model; each cell is the test score ± half
+    the 95 % CI width of the layer chosen on validation, with that layer (``@L3``) for layered models.
 
     Example output::
 
@@ -111,7 +111,7 @@ def format_results_table(summary: Any) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     metric = d["probes"][0]["metric"] if d.get("probes") else "accuracy"
     lines.append(f"({metric}, mean over seeds {d.get('seeds', [])}; ± half-width of the 95 % bootstrap CI over "
-                 f"test items; @Lk: best layer)")
+                 f"test items; @Lk: the layer chosen on validation, not on test)")
     return "\n".join(lines)
 
 
@@ -189,7 +189,7 @@ def plot_overview(best: Mapping[str, Mapping[str, Mapping[str, Any]]], tasks: li
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if grid[i, j] < 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.04)
-    ax.set_title("best layer's score per task and model", fontsize=10)
+    ax.set_title("test score at the validation-chosen layer, per task and model", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -336,6 +336,8 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
              f"seeds {_e(d['seeds'])}; generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} in "
              f"{d.get('wall_seconds', 0):.0f} s. Score: test accuracy (mean over seeds). CI: 95 % percentile "
              f"bootstrap over test items (over clips for frame tasks) of the seed-averaged accuracy. "
+             f"Each model's layer (and each seed's L2) is chosen on a validation carve of the probe's "
+             f"training split; the test score is reported at that choice and chooses nothing. "
              f"Raw data: <a href='results.json'>results.json</a>.</p>"]
     if any(m.startswith("teacher:") for m in models):
         parts.append("<p class='muted'><code>fbank</code> is the raw 128-bin Kaldi log-mel fbank (100 Hz) floor; "
@@ -377,10 +379,15 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
             parts.append(f"<figure><img src='{plots[t]}' alt='{_e(t)} per layer'></figure>")
         trs = sorted((r for r in d["probes"] if r["task"] == t),
                      key=lambda r: (models.index(r["model"]), r["layer"] or 0))
-        parts.append(_table(["model", "layer", "score", "95% CI", "macro-F1", "seed scores", "L2 per seed", "chance"],
-                            [[r["model"], "" if r["layer"] is None else str(r["layer"]), f"{r['score']:.3f}",
-                              _fmt_ci(r["ci"]), f"{r['macro_f1']:.3f}", " ".join(f"{s:.3f}" for s in r["seed_scores"]),
-                              " ".join(f"{v:g}" for v in r["l2"]), f"{r['chance']:.3f}"] for r in trs]))
+        chosen = {m: best[t][m]["layer"] for m in best[t]}
+        parts.append(_table(["model", "layer", "score", "95% CI", "macro-F1", "seed scores", "L2 per seed",
+                             "validation", "chance"],
+                            [[r["model"], ("" if r["layer"] is None else str(r["layer"]))
+                              + (" (chosen)" if r["layer"] is not None and chosen.get(r["model"]) == r["layer"] else ""),
+                              f"{r['score']:.3f}", _fmt_ci(r["ci"]), f"{r['macro_f1']:.3f}",
+                              " ".join(f"{s:.3f}" for s in r["seed_scores"]), " ".join(f"{v:g}" for v in r["l2"]),
+                              "-" if r.get("val_score") is None else f"{r['val_score']:.3f}", f"{r['chance']:.3f}"]
+                             for r in trs]))
         cls = sorted(set(counts["train"]) | set(counts["test"]))
         parts.append("<details><summary>class counts</summary>" + _table(
             ["class", "train", "test"],

@@ -1,4 +1,4 @@
-"""Probe results: one row per (task, model, layer), the best layer of each model, the summary.
+"""Probe results: one row per (task, model, layer), each model's layer chosen on validation, the summary.
 
 :func:`probe_model` fits the linear probe (:func:`spear.evaluation.probes.run_probe`) on every
 task and kept layer of one model's features; :class:`EvaluateSummary` gathers the rows with
@@ -9,7 +9,7 @@ Example::
     from spear.evaluation.results import best_layers, probe_model
 
     rows = probe_model("fbank", feats, [None], tasks, grids, seeds=(0, 1, 2))
-    best_layers(rows)["speaker"]["fbank"]  # {"layer": None, "score": ..., "ci": [lo, hi]}
+    best_layers(rows)["speaker"]["fbank"]  # {"layer": None, "score": ..., "ci": [lo, hi], "val_score": ..., "l2": [...]}
 """
 
 from __future__ import annotations
@@ -39,15 +39,38 @@ def probe_model(model: str, feats: Features, layers: Sequence[Optional[int]], ta
     return rows
 
 
+def _validation_key(row: dict[str, Any]) -> tuple[float, float]:
+    """Higher is better: mean validation accuracy, then lower mean validation cross-entropy;
+    a row without validation (no carve was possible) ranks below every row with one."""
+    acc, ce = row.get("val_score"), row.get("val_loss")
+    return (-np.inf if acc is None else float(acc), -np.inf if ce is None else -float(ce))
+
+
 def best_layers(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{task: {model: {"layer", "score", "ci"}}}``: each model's highest-scoring layer per task
-    (the first one on a tie)."""
-    best: dict[str, dict[str, dict[str, Any]]] = {}
+    """``{task: {model: {"layer", "score", "ci", "val_score", "l2"}}}``: per task, each model's layer
+    chosen on validation, never on test scores.
+
+    A model's layer is the one with the highest mean validation accuracy (``val_score``: each
+    seed's validation carve of the probe's training split, at the L2 that carve chose), ties
+    broken by the lower validation cross-entropy, then by the first layer. ``score`` and ``ci``
+    are that layer's test accuracy and interval as probed (at the validation-chosen L2 of each
+    seed, ``l2``): the test set chooses nothing, so a many-layer student and a one-layer
+    baseline are measured the same way.
+
+    >>> rows = [{"task": "t", "model": "m", "layer": 1, "score": 0.9, "ci": [0.8, 1.0], "val_score": 0.6,
+    ...          "val_loss": 0.9, "l2": [0.1]},
+    ...         {"task": "t", "model": "m", "layer": 2, "score": 0.7, "ci": [0.6, 0.8], "val_score": 0.8,
+    ...          "val_loss": 0.5, "l2": [0.01]}]
+    >>> best_layers(rows)["t"]["m"]["layer"], best_layers(rows)["t"]["m"]["score"]
+    (2, 0.7)
+    """
+    chosen: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
-        cur = best.setdefault(r["task"], {}).get(r["model"])
-        if cur is None or r["score"] > cur["score"]:
-            best[r["task"]][r["model"]] = {"layer": r["layer"], "score": r["score"], "ci": r["ci"]}
-    return best
+        cur = chosen.setdefault(r["task"], {}).get(r["model"])
+        if cur is None or _validation_key(r) > _validation_key(cur):
+            chosen[r["task"]][r["model"]] = r
+    return {t: {m: {"layer": r["layer"], "score": r["score"], "ci": r["ci"], "val_score": r.get("val_score"),
+                    "l2": r.get("l2")} for m, r in by_model.items()} for t, by_model in chosen.items()}
 
 
 @dataclass
@@ -57,8 +80,10 @@ class EvaluateSummary:
     ``probes``: one row per (task, model, layer): task, model, layer (1-based for students,
     None for teachers and fbank), score (mean test accuracy over seeds), metric, ci ([lo, hi],
     95 % bootstrap over test items), ci_method, macro_f1, seed_scores, l2 (chosen per seed),
-    num_train, num_test, num_classes, chance, level.
-    ``best``: ``{task: {model: {"layer", "score", "ci"}}}`` (the best layer of each model).
+    num_train, num_test, num_classes, chance, level, val_seed_scores, val_seed_losses, val_score
+    and val_loss (validation accuracy / cross-entropy on each seed's carve of the training split).
+    ``best``: ``{task: {model: {"layer", "score", "ci", "val_score", "l2"}}}``: each model's layer
+    chosen by validation accuracy (:func:`best_layers`), reported with its test score.
     """
 
     output: str
