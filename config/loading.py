@@ -160,18 +160,47 @@ def _merge_defaults(defaults: Any, data: Any) -> Any:
     return data
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """The packaged recipes (config/recipes/NAME.yaml): the authors' SPEAR runs, one per size and data mix.
+
+    >>> "spear-base-unified" in recipe_names()
+    True
+    """
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The file of packaged recipe ``name`` (docs/recipe.md says where each setting comes from).
+
+    >>> recipe_path("spear-large-speech").name
+    'spear-large-speech.yaml'
+    """
+    if name not in recipe_names():
+        raise ConfigError(f"no packaged recipe {name!r}: use one of {', '.join(recipe_names())}")
+    return RECIPES_DIR / f"{name}.yaml"
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SpearConfig:
     """Read ``path`` (YAML; None for all defaults), apply ``section.key=value`` overrides, validate.
 
-    Raises :class:`ConfigError` with a message naming the file and each bad field.
+    ``path`` may also name a packaged recipe (``spear-base-unified``, ...: :func:`recipe_names`)
+    when no file of that name exists, so ``spear train --config spear-base-unified`` runs the
+    authors' recipe. Raises :class:`ConfigError` with a message naming the file and each bad field.
     """
     source = "(defaults)"
     data: dict[str, Any] = {}
     if path is not None:
         source = str(path)
         p = Path(path)
+        if not p.is_file() and source in recipe_names():
+            p = recipe_path(source)
+            source = f"{source} (packaged recipe {p})"
         if not p.is_file():
-            raise ConfigError(f"config file {source} does not exist")
+            raise ConfigError(f"config file {source} does not exist (packaged recipes, usable by name: "
+                              f"{', '.join(recipe_names()) or 'none'})")
         text = p.read_text()
         try:
             loaded = load_yaml(text)
