@@ -187,7 +187,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     """Read ``path`` (YAML; None for all defaults), apply ``section.key=value`` overrides, validate.
 
     ``path`` may also name a packaged recipe (``spear-base-unified``, ...: :func:`recipe_names`)
-    when no file of that name exists, so ``spear train --config spear-base-unified`` runs the
+    when no file of that name exists, so ``spear train spear-base-unified`` runs the
     authors' recipe. Raises :class:`ConfigError` with a message naming the file and each bad field.
     """
     source = "(defaults)"
