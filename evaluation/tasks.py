@@ -276,6 +276,20 @@ def load_tasks(sources: TaskSources, storage: Storage) -> tuple[list[Task], Item
     return tasks, items
 
 
+def probe_test_uris(sources: TaskSources, storage: Storage) -> set[str]:
+    """The audio URIs that are a test item of at least one task of ``sources``: the clips a
+    pre-training run must not see for the probes to stay inductive. The split is the one the
+    probes use (:func:`load_tasks`: the corpus' ``split`` field, a manifest's ``split`` column,
+    else :func:`hash_split`); local paths come back absolute, as :class:`ItemTable` keys them.
+
+    Example::
+
+        held = probe_test_uris(TaskSources(corpus_root="spear-demo/corpus"), Storage())
+    """
+    tasks, items = load_tasks(sources, storage)
+    return {items.uris[i] for t in tasks for i, split in zip(t.items, t.splits) if split == "test"}
+
+
 # --------------------------------------------------------------------------- labels on features
 
 

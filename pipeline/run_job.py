@@ -33,6 +33,7 @@ from typing import Any, Optional
 from spear.cluster.storage import Storage, StorageOptions, join_uri, split_uri
 from spear.cluster.ray_runtime import ray_session
 from spear.config import SpearConfig
+from spear.evaluation.tasks import TaskSources, probe_test_uris
 from spear.pipeline.evaluate_job import run_evaluate
 from spear.pipeline.tokenize_job import run_tokenize
 from spear.pipeline.train_job import run_export, run_train
@@ -51,17 +52,23 @@ class RunSummary:
     evaluate: Any = None
     evaluate_skipped: Optional[str] = None
     wall_seconds: float = 0.0
+    # probe test files that the pre-training sources also hold (transductive when > 0; None: not evaluated)
+    test_files_in_pretraining: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"output": self.output,
                 "tokenize": self.tokenize.to_dict(), "train": self.train.to_dict(), "export": self.export.to_dict(),
                 "evaluate": self.evaluate.to_dict() if self.evaluate is not None else None,
-                "evaluate_skipped": self.evaluate_skipped, "wall_seconds": self.wall_seconds}
+                "evaluate_skipped": self.evaluate_skipped, "wall_seconds": self.wall_seconds,
+                "test_files_in_pretraining": self.test_files_in_pretraining}
 
     def human(self) -> str:
         parts = ["== tokenize", self.tokenize.human(), "== train", self.train.human(), "== export", self.export.human(),
                  "== evaluate", self.evaluate.human() if self.evaluate is not None else f"skipped: {self.evaluate_skipped}",
                  f"done in {self.wall_seconds:.0f} s; output: {self.output}"]
+        if self.test_files_in_pretraining:
+            parts.insert(-1, f"note: {self.test_files_in_pretraining} probe test files were also in the "
+                             "pre-training sources: the probe scores are transductive")
         return "\n".join(parts)
 
 
@@ -82,8 +89,27 @@ def find_labelled_corpus(cfg: SpearConfig) -> Optional[str]:
     return None
 
 
-def run_all(cfg: SpearConfig, *, progress: bool = True) -> RunSummary:
-    """Tokenize the corpus, train the student on those tokens, export it and evaluate it."""
+def probe_test_files_in_sources(test_uris: set[str], cfg: SpearConfig) -> int:
+    """How many of ``test_uris`` (local probe test files) lie under a local corpus source,
+    following symbolic links both ways: a probe test clip that pre-training also saw."""
+    roots = []
+    for src in cfg.corpus.sources:
+        scheme, path = split_uri(src.uri)
+        if scheme == "file" and os.path.isdir(path):
+            for dirpath, _, filenames in os.walk(path):
+                roots += [os.path.realpath(os.path.join(dirpath, n)) for n in filenames]
+    listed = set(roots)
+    return sum(1 for u in test_uris if "://" not in u and os.path.realpath(u) in listed)
+
+
+def run_all(cfg: SpearConfig, *, progress: bool = True, corpus_root: Optional[str] = None) -> RunSummary:
+    """Tokenize the corpus, train the student on those tokens, export it and evaluate it.
+
+    ``corpus_root``: the labelled demo corpus for the probes (default: one holding
+    ``labels.jsonl`` at or above the local sources, :func:`find_labelled_corpus`). The summary
+    counts the probe test files that the local sources also hold (``test_files_in_pretraining``):
+    more than 0 means pre-training saw test clips, and the log says so.
+    """
 
     t0 = time.monotonic()
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -107,8 +133,8 @@ def run_all(cfg: SpearConfig, *, progress: bool = True) -> RunSummary:
     log(f"[spear run] 3/4 export -> {export}")
     ex = run_export(student, export, storage)
 
-    ev, skipped = None, None
-    corpus_root = find_labelled_corpus(cfg)
+    ev, skipped, overlap = None, None, None
+    corpus_root = corpus_root or find_labelled_corpus(cfg)
     if corpus_root is None and not cfg.evaluate.manifests:
         skipped = "no labelled data: the sources have no labels.jsonl (demo corpus) and evaluate.manifests is empty"
     else:
@@ -118,7 +144,12 @@ def run_all(cfg: SpearConfig, *, progress: bool = True) -> RunSummary:
         ev = run_evaluate(export, corpus_root, teachers=teachers, output=out, seeds=cfg.evaluate.seeds,
                           manifests=cfg.evaluate.manifests, train_output=student, tokens_output=tokens,
                           storage=storage, progress=progress)
+        test_uris = probe_test_uris(TaskSources(corpus_root, tuple(cfg.evaluate.manifests)), storage)
+        overlap = probe_test_files_in_sources(test_uris, cfg)
+        if overlap:
+            log(f"[spear run] note: {overlap} probe test files are also in corpus.sources, so pre-training saw "
+                "them (transductive probes); `spear demo` holds them out")
     if skipped:
         log(f"[spear run] evaluate skipped: {skipped}")
     return RunSummary(output=cfg.output, tokenize=tok, train=tr, export=ex, evaluate=ev, evaluate_skipped=skipped,
-                      wall_seconds=time.monotonic() - t0)
+                      wall_seconds=time.monotonic() - t0, test_files_in_pretraining=overlap)

@@ -1,0 +1,71 @@
+"""`spear demo` holds the probes' test clips out of pre-training: the sources it tokenises, and
+so the token dataset, the codebooks and the student, never hold a probe test clip."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from spear.cluster.storage import Storage
+from spear.config import load_config
+from spear.evaluation.tasks import TaskSources, probe_test_uris
+from spear.pipeline.demo import pretraining_sources
+from spear.pipeline.ledger import TokenStore
+from spear.pipeline.run_job import probe_test_files_in_sources
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    from spear.synthetic.corpus import generate_demo_corpus
+
+    return generate_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus", size="tiny", seed=0)
+
+
+def _split_files(corpus) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {"train": set(), "test": set()}
+    for r in corpus.labels():
+        out[r["split"]].add(os.path.realpath(corpus.root / r["path"]))
+    return out
+
+
+def test_pretraining_sources_are_the_clips_outside_every_probe_test_split(tiny_corpus, tmp_path):
+    split = _split_files(tiny_corpus)
+    assert split["test"] and split["train"]
+    held = {os.path.realpath(u) for u in probe_test_uris(TaskSources(corpus_root=str(tiny_corpus.root)), Storage())}
+    assert held == split["test"]  # the probes' test items are exactly the corpus' test clips
+
+    view = tmp_path / "pretrain"
+    sources, counts = pretraining_sources(tiny_corpus, str(view))
+    assert [(s.domain, s.source_name) for s in sources] == [("speech", "demo-speech"), ("audio", "demo-audio")]
+    listed = {os.path.realpath(os.path.join(d, n)) for s in sources for d, _, ns in os.walk(s.uri) for n in ns}
+    assert listed == split["train"] and not listed & held
+    assert counts == {"pretrain_files": len(split["train"]), "held_out_test_files": len(split["test"])}
+
+    # a stale link (say, a clip that moved to the test split) goes on the next build
+    stale = view / "speech" / "stale.wav"
+    os.symlink(next(iter(split["test"])), stale)
+    cfg = load_config(None, [])
+    cfg.corpus.sources = sources
+    assert probe_test_files_in_sources(held, cfg) == 1
+    pretraining_sources(tiny_corpus, str(view))
+    assert not os.path.lexists(stale) and probe_test_files_in_sources(held, cfg) == 0
+    # the corpus folders themselves hold every test clip: what `spear run` reports as transductive
+    cfg.corpus.sources[0].uri, cfg.corpus.sources[1].uri = str(tiny_corpus.speech_dir), str(tiny_corpus.audio_dir)
+    assert probe_test_files_in_sources(held, cfg) == len(split["test"])
+
+
+@pytest.mark.slow
+def test_the_demo_token_dataset_holds_no_probe_test_clip(ray_cluster, tiny_corpus, tmp_path):
+    from spear.pipeline.tokenize_job import run_tokenize
+
+    split = _split_files(tiny_corpus)
+    sources, _ = pretraining_sources(tiny_corpus, str(tmp_path / "pretrain"))
+    cfg = load_config(None, [f"output={tmp_path / 'tokens'}", "mvq.speech_codebooks=4", "mvq.audio_codebooks=2",
+                             "mvq.codebook_size=16", "mvq.sample_frames=2000", "decode.max_segment_seconds=10"])
+    cfg.corpus.sources = sources
+    summary = run_tokenize(cfg, progress=False)
+    rows = TokenStore(cfg.output, summary.token_version, Storage()).read_table(["source_uri"]).to_pylist()
+    tokenised = {os.path.realpath(r["source_uri"]) for r in rows}
+    assert tokenised and not tokenised & split["test"]
+    assert tokenised == split["train"] - {os.path.realpath(q["uri"]) for q in summary.quarantined}
