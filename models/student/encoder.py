@@ -23,13 +23,13 @@ Presets (``size``, the table :data:`PRESETS`): ``tiny`` (tests), ``small``, ``ba
 pre-issue-13 preset, kept as it was: layers 1,2,2,3,1,1,1, dim 512, 85.7M) and the authors'
 published models, setting by setting (sources in docs/recipe.md):
 
-========== ================ ====== ====== ===== ======
-preset     layers           dim    FFN    heads params
-========== ================ ====== ====== ===== ======
-spear-base 1,2,3,3,1,1,1    512    1536   8     93.3M
-spear-large 1,2,2,3,1,1,1   1024   3072   8     326.9M
-spear-600m 1,2,3,4,1,1,1    1280   3840   8     597.0M
-========== ================ ====== ====== ===== ======
+=========== ============= ==== ==== ===== ======
+preset      layers        dim  FFN  heads params
+=========== ============= ==== ==== ===== ======
+spear-base  1,2,3,3,1,1,1 512  1536 8     93.3M
+spear-large 1,2,2,3,1,1,1 1024 3072 8     326.9M
+spear-600m  1,2,3,4,1,1,1 1280 3840 8     597.0M
+=========== ============= ==== ==== ===== ======
 
 all with 7 stacks, downsampling 1,2,4,8,4,2,1, conv kernels 31,31,15,15,15,31,31, query / value /
 positional head dims 32 / 12 / 4, positional encoding dim 48. A preset fixes the architecture;

@@ -59,7 +59,7 @@ def test_spear_presets_have_the_published_sizes():
 
 def test_presets_grow_with_size():
     for arch in PRESETS:
-        counts = [_meta_params(arch, s) for s in ("tiny", "small", "base", "spear-large", "spear-600m")]
+        counts = [_meta_params(arch, s) for s in ("tiny", "small", "base", "spear-base", "spear-large", "spear-600m")]
         assert counts == sorted(counts) and counts[0] < 1e6, (arch, counts)
 
 
