@@ -193,7 +193,7 @@ class DecodeConfig(_Section):
 # --------------------------------------------------------------------------- teachers / mvq / tokenize
 
 
-TeacherKind = Literal["mfcc", "fbank", "wavlm", "hubert", "dasheng", "student"]
+TeacherKind = Literal["mfcc", "fbank", "wavlm", "hubert", "dasheng", "student", "spear"]
 
 # Teacher kinds whose embeddings MVQ takes as they are by default: the authors fit Dasheng's codebooks
 # without normalisation and WavLM's with it (marcoyang1998/icefall egs/general_audio_encoder/mtl/run/
@@ -202,7 +202,8 @@ UNNORMALIZED_KINDS = ("dasheng",)
 
 
 class TeacherConfig(_Section):
-    kind: TeacherKind = Field(..., description="mfcc | fbank (no weights) | wavlm | hubert | dasheng | student")
+    kind: TeacherKind = Field(..., description="mfcc | fbank (no weights) | wavlm | hubert | dasheng | student | "
+                              "spear (a released SPEAR model: the authors' icefall .pt or transformers-style folder)")
     path: Optional[str] = Field(None, description="checkpoint directory or file (local or s3://); not used by mfcc/fbank")
     layer: Optional[int] = Field(None, description="layer whose output is the embedding (default: the teacher's SPEAR layer)")
     batch_seconds: float = Field(120.0, gt=0, description="audio seconds per teacher batch (duration batching)")
@@ -224,7 +225,7 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _needs_path(self) -> "TeacherConfig":
-        if self.kind in ("wavlm", "hubert", "dasheng", "student") and not self.path:
+        if self.kind in ("wavlm", "hubert", "dasheng", "student", "spear") and not self.path:
             raise ValueError(f"teacher kind '{self.kind}' needs `path` (checkpoint location)")
         return self
 
@@ -344,6 +345,10 @@ class TrainConfig(_Section):
     collective_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for the others (a step, "
                                         "a checkpoint) before the run ends with an error naming it")
     seed: int = 0
+    init_from: Optional[str] = Field(
+        None, description="initialise the student encoder from a released SPEAR model (the authors' icefall .pt "
+                          "or transformers-style folder) or a `spear export` folder, local or s3://; its "
+                          "architecture must equal train.student's; heads start fresh; a resumed run ignores it")
 
     @property
     def optimizer_kind(self) -> Literal["scaled_adam", "adamw"]:

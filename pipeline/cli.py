@@ -346,6 +346,30 @@ def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -
     _run_job(as_json, lambda: run_export(checkpoint, output, storage))
 
 
+@main.command("convert-checkpoint")
+@verbose_option
+@click.argument("source")
+@click.argument("dest")
+@click.option("--to", "to", type=click.Choice(["spear", "icefall", "hf"]), required=True,
+              help="Target layout: spear (a `spear export` folder), icefall (the authors' .pt, {'model': state_dict}) "
+                   "or hf (the authors' transformers-style model.safetensors + config.json).")
+@click.option("--num-mel-bins", type=int, default=None, help="Fbank bins of a release that does not say (default 128).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
+def convert_checkpoint(source: str, dest: str, to: str, num_mel_bins: Optional[int], as_json: bool,
+                       sets: tuple[str, ...]) -> None:
+    """Convert a SPEAR model between layouts: a released SPEAR model (icefall .pt or transformers-style
+    folder) or a spear export at SOURCE, written to DEST in the --to layout.
+
+    Checkpoints are read with torch.load(weights_only=True) or safetensors: no code from them runs.
+    """
+    cfg = _load(None, sets, [])
+    from spear.pipeline.convert_job import run_convert
+
+    storage = Storage(StorageOptions.from_config(cfg.storage))
+    _run_job(as_json, lambda: run_convert(source, dest, to, storage, num_mel_bins=num_mel_bins))
+
+
 # --------------------------------------------------------------------------- cluster jobs (Ray Jobs API)
 # `spear submit`, `spear logs`, `spear stop` and `spear status --address`: spear.cluster.jobs does the work.
 # Exit codes: 0 done (for --wait: the job SUCCEEDED), 1 the job failed/stopped or the cluster is unreachable,

@@ -12,6 +12,12 @@ bytes and back; this module moves the bytes through :class:`~spear.cluster.stora
   a temporary name and renamed, so concurrent actors on one node never read a half-written file.
 - :func:`save_quantizer` / :func:`load_quantizer`: the versioned codebook artefact.
 - :func:`export_student` / :func:`load_student`: a trained student as safetensors + config.json.
+- :func:`load_spear_release` / :func:`save_spear_release`: the SPEAR authors' released models
+  (an icefall ``.pt`` holding ``{"model": state_dict}``, or the transformers-style
+  ``model.safetensors`` + ``config.json``) to and from this project's Zipformer2, through the key
+  map of :mod:`spear.models.student.convert`; :func:`load_any_student` takes either kind of model;
+  :func:`initialise_encoder` copies one into a fresh student (``train.init_from``). Checkpoints
+  are read with ``torch.load(weights_only=True)`` or safetensors only: loading never runs code.
 
 Example::
 
@@ -31,19 +37,28 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
+import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
 from spear.cluster.storage import Storage, StorageError, is_remote, join_uri, split_uri
 from spear.models.mvq import MultiCodebookQuantizer
 from spear.models.student import StudentModel, build_student, export_fields, export_state
+from spear.models.student.configs import ZipformerConfig, config_from_dict, config_to_dict
+from spear.models.student.convert import (HF, HF_PREFIX, ICEFALL, check_matches, config_from_hf, from_icefall,
+                                          hf_config, to_icefall)
+from spear.models.student.export import encoder_of
+from spear.models.teachers.base import file_sha256
 from spear.schemas import codebooks as codebook_format
 from spear.schemas import student_export as student_format
+from spear.schemas.versioning import parse_json_object
 
 # --------------------------------------------------------------------------- checkpoints
 
@@ -182,3 +197,187 @@ def load_student(path: Union[str, Path], storage: Optional[Storage] = None,
         return build_student(config, state, device)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the authors' SPEAR releases
+
+#: Files a released SPEAR model may consist of: an icefall ``.pt`` ({"model": state_dict}), or the
+#: transformers-style release (``model.safetensors`` + ``config.json``; its Python files are never read).
+RELEASE_FILES = ("*.pt", "*.pth", "*.safetensors", "config.json")
+#: Where :func:`save_spear_release` puts our encoder config in an icefall ``.pt`` (plain types only,
+#: so it loads with ``weights_only=True``; icefall reads only ``"model"``).
+ICEFALL_CONFIG_KEY = "spear_encoder_config"
+ICEFALL_FILE = "pretrained.pt"
+
+
+def _load_pt(path: Path) -> Any:
+    """``torch.load`` that never runs code from the file: ``weights_only=True`` (tensors and plain
+    containers only). A pickle holding anything else is refused with ValueError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError...: the file is refused either way
+        raise ValueError(
+            f"{path}: refused to load: it holds Python objects beyond tensors and plain containers, and "
+            f"checkpoints are only read with torch.load(weights_only=True), which never runs code from "
+            f"the file ({str(exc).splitlines()[0][:200]}). A full icefall training checkpoint (with "
+            f"optimizer, sampler and params) must be exported to {{'model': state_dict}} first "
+            f"(icefall's export.py)") from None
+
+
+def read_spear_release(local: Union[str, Path]) -> dict[str, Any]:
+    """The tensors and settings of a released SPEAR model at a local path (no code is executed).
+
+    ``local``: an icefall ``.pt`` file, a ``.safetensors`` file, or a folder holding either (the
+    transformers-style release: ``model.safetensors`` and ``config.json``). Returns a dict with
+    ``layout`` ("icefall" | "hf"), ``state`` (the tensors as stored), ``hf_config`` (the release's
+    config.json or None), ``config`` (our encoder config stored by :func:`save_spear_release`, or
+    None) and ``files`` (the weight files read). Raises FileNotFoundError / ValueError.
+    """
+    local = Path(local)
+    if local.is_dir():
+        candidates = sorted(local.glob("*.safetensors")) or sorted(list(local.glob("*.pt")) + list(local.glob("*.pth")))
+        if len(candidates) != 1:
+            raise FileNotFoundError(f"{local}: expected one model.safetensors or one .pt/.pth file, found "
+                                    f"{[p.name for p in candidates] or 'none'}")
+        weights = candidates[0]
+    elif local.exists():
+        weights = local
+    else:
+        raise FileNotFoundError(f"{local} does not exist")
+    config_json = weights.parent / "config.json"
+    hf_config = None
+    if weights.suffix == ".safetensors":
+        state, layout = load_file(str(weights)), HF
+        if config_json.exists():
+            hf_config = parse_json_object(str(config_json), config_json.read_text())
+            if hf_config.get("format") == student_format.FORMAT:
+                raise ValueError(f"{weights.parent} is a spear student export, not a SPEAR release: use load_student")
+        return {"layout": layout, "state": state, "hf_config": hf_config, "config": None, "files": [weights]}
+    obj = _load_pt(weights)
+    ours = None
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        if isinstance(obj.get(ICEFALL_CONFIG_KEY), Mapping):
+            ours = config_from_dict(obj[ICEFALL_CONFIG_KEY])
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{weights}: not a SPEAR / icefall checkpoint (expected {{'model': state_dict}} or a state dict)")
+    return {"layout": ICEFALL, "state": dict(obj), "hf_config": None, "config": ours, "files": [weights]}
+
+
+def spear_release_student(release: Mapping[str, Any], device: Optional[Union[str, torch.device]] = None,
+                          num_mel_bins: Optional[int] = None, where: str = "") -> StudentModel:
+    """A :class:`StudentModel` from :func:`read_spear_release`'s result: the weights converted to this
+    project's Zipformer2 (:mod:`spear.models.student.convert`). Its ``config`` holds the export fields,
+    ``weights_sha256`` (of the files read) and ``conversion`` (layout, ignored and filled tensors, notes)."""
+    hints = config_from_hf(release["hf_config"]) if release["hf_config"] else None
+    try:
+        conv = from_icefall(release["state"], config=release["config"], hints=hints, num_mel_bins=num_mel_bins)
+        if release["hf_config"]:
+            check_matches(conv.config, release["hf_config"])
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    config = {"encoder": config_to_dict(conv.config), "weights_sha256": file_sha256(release["files"]),
+              "conversion": {"layout": release["layout"], "source": where, "ignored": conv.ignored,
+                             "filled": conv.filled, "notes": conv.notes},
+              "metadata": {"converted_from": where, "layout": release["layout"]}}
+    try:
+        student = build_student(config, conv.state, device)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    student.config.update({k: v for k, v in export_fields(student.encoder).items() if k != "encoder"})
+    return student
+
+
+def load_spear_release(path: Union[str, Path], storage: Optional[Storage] = None,
+                       device: Optional[Union[str, torch.device]] = None, cache_dir: Optional[str] = None,
+                       num_mel_bins: Optional[int] = None) -> StudentModel:
+    """Load a released SPEAR model (the authors' icefall ``.pt`` or transformers-style folder; local or
+    ``s3://``, cached locally) as a :class:`StudentModel` of this project's Zipformer2, on ``device``.
+
+    Weights are read with ``torch.load(weights_only=True)`` or safetensors only; the release's
+    Python files are never imported. ``num_mel_bins`` (default: the release's config, else 128).
+
+    >>> student = load_spear_release("models/spear-base-speech-audio")  # doctest: +SKIP
+    >>> student.frame_rate, student.num_layers  # doctest: +SKIP
+    (50.0, 12)
+    """
+    local = fetch_checkpoint(str(path), storage, cache_dir, patterns=RELEASE_FILES)
+    return spear_release_student(read_spear_release(local), device, num_mel_bins, where=str(path))
+
+
+def is_student_export(local: Union[str, Path]) -> bool:
+    """Whether a local folder is a spear student export (config.json with this project's format)."""
+    cfg = Path(local) / student_format.CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == student_format.FORMAT
+    except ValueError:
+        return False
+
+
+def load_any_student(path: Union[str, Path], storage: Optional[Storage] = None,
+                     device: Optional[Union[str, torch.device]] = None, cache_dir: Optional[str] = None,
+                     num_mel_bins: Optional[int] = None) -> StudentModel:
+    """A spear student export (:func:`load_student`) or a released SPEAR model
+    (:func:`load_spear_release`), whichever ``path`` holds."""
+    local = fetch_checkpoint(str(path), storage, cache_dir, patterns=RELEASE_FILES)
+    if local.is_dir() and is_student_export(local):
+        return load_student(local, device=device)
+    return spear_release_student(read_spear_release(local), device, num_mel_bins, where=str(path))
+
+
+def save_spear_release(model: nn.Module, dest: Union[str, Path], layout: str = "icefall",
+                       storage: Optional[Storage] = None) -> list[str]:
+    """Write a Zipformer2 student (a StudentEncoder, a StudentModel or a module with ``.encoder``) in
+    the authors' layout; returns the URIs written.
+
+    ``layout="icefall"``: ``dest`` is the ``.pt`` file (a folder: ``dest/pretrained.pt``), holding
+    ``{"model": state_dict}`` in ``MultiKDModel`` names plus our config under
+    :data:`ICEFALL_CONFIG_KEY` (plain types). ``layout="hf"``: ``dest`` is a folder with
+    ``model.safetensors`` (keys under ``model.model.``) and ``config.json`` (``SpearConfig`` fields);
+    the authors' modeling files are not written: copy them from their release to load it with
+    transformers.
+    """
+    enc = encoder_of(model)
+    if not isinstance(enc.config, ZipformerConfig):
+        raise ValueError(f"only Zipformer2 students have the authors' layout, not {enc.config.architecture}")
+    storage = storage or Storage()
+    state = export_state(enc)
+    base = str(dest)
+    if layout == ICEFALL:
+        if base.endswith("/") or storage.isdir(base) or not Path(base).suffix:
+            base = join_uri(base, ICEFALL_FILE)
+        buf = io.BytesIO()
+        torch.save({"model": to_icefall(state, enc.config), ICEFALL_CONFIG_KEY: config_to_dict(enc.config)}, buf)
+        storage.write_bytes(base, buf.getvalue())
+        return [base]
+    if layout == HF:
+        storage.makedirs(base)
+        tensors = {k: v.contiguous() for k, v in to_icefall(state, enc.config, prefix=HF_PREFIX).items()}
+        weights, cfg = join_uri(base, "model.safetensors"), join_uri(base, "config.json")
+        storage.write_bytes(weights, save(tensors, metadata={"format": "pt"}))
+        storage.write_text(cfg, json.dumps(hf_config(enc.config), indent=2) + "\n")
+        return [weights, cfg]
+    raise ValueError(f"unknown layout {layout!r}: use {ICEFALL} or {HF}")
+
+
+def initialise_encoder(encoder: nn.Module, path: Union[str, Path], storage: Optional[Storage] = None,
+                       cache_dir: Optional[str] = None) -> dict[str, Any]:
+    """Copy the encoder weights of a released SPEAR model or a spear export at ``path`` into
+    ``encoder`` (a freshly built student encoder); returns what was loaded (source, layout, hash).
+
+    The architecture must be the same (every config field but dropout): a ValueError names the
+    fields that differ.
+    """
+    student = load_any_student(path, storage, device="cpu", cache_dir=cache_dir,
+                               num_mel_bins=getattr(encoder.config, "num_mel_bins", None))
+    have, want = config_to_dict(student.encoder.config), config_to_dict(encoder.config)
+    have.pop("dropout", None), want.pop("dropout", None)
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+        raise ValueError(f"init_from {path}: its encoder differs from train.student in "
+                         + ", ".join(f"{k} ({have.get(k)} there, {want.get(k)} here)" for k in diff))
+    encoder.load_state_dict(student.encoder.state_dict(), strict=True)
+    return {"init_from": str(path), "weights_sha256": student.config.get("weights_sha256"),
+            "layout": student.config.get("conversion", {}).get("layout", "spear")}

@@ -1,5 +1,6 @@
 """``load_teacher``: a :class:`~spear.config.TeacherConfig` in, a ready frozen teacher out.
 
+Kind ``spear`` reads a released SPEAR model (:func:`spear.stages.artefacts.load_any_student`).
 Fetches the checkpoint ``cfg.path`` names (local, file:// or s3://; remote checkpoints are
 cached locally, see :func:`spear.stages.artefacts.fetch_checkpoint`) and builds the teacher
 with :func:`spear.models.teachers.build_teacher`.
@@ -24,7 +25,7 @@ from spear.cluster.storage import Storage
 from spear.config import TeacherConfig
 from spear.models.teachers import CHECKPOINT_FILES, Teacher, build_teacher
 
-from .artefacts import fetch_checkpoint, load_student
+from .artefacts import fetch_checkpoint, load_any_student, load_student
 
 
 def load_teacher(cfg: Union[TeacherConfig, Mapping[str, Any]], storage: Storage | None = None,
@@ -40,6 +41,8 @@ def load_teacher(cfg: Union[TeacherConfig, Mapping[str, Any]], storage: Storage 
     checkpoint = student = None
     if cfg.kind == "student":  # weights on the CPU until the teacher moves to its device
         student = load_student(cfg.path, storage=storage, device="cpu", cache_dir=cache_dir)
+    elif cfg.kind == "spear":  # a released SPEAR model (icefall .pt / transformers-style), or a spear export
+        student = load_any_student(cfg.path, storage=storage, device="cpu", cache_dir=cache_dir)
     elif cfg.kind in CHECKPOINT_FILES:
         checkpoint = fetch_checkpoint(cfg.path, storage, cache_dir, patterns=CHECKPOINT_FILES[cfg.kind])
     return build_teacher(cfg.kind, cfg.layer, checkpoint, student=student, dtype=cfg.dtype, device=device)

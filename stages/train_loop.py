@@ -43,6 +43,7 @@ from spear.models.frontend import KaldiFbank
 from spear.models.student import (IGNORE_INDEX, SpearObjective, align_targets, build_encoder, mask_features, mix_batch,
                                   student_codebooks)
 from spear.schemas.segments import SAMPLE_RATE
+from spear.stages.artefacts import initialise_encoder
 from spear.stages.audio import AudioDecodeError
 from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 
@@ -246,6 +247,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(objective.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
     start = restore_checkpoint(ray.train.get_checkpoint(), objective, optimizer, scheduler, lr)
+    if start.resumed_from is None and cfg.init_from:  # a fresh run from a released model or an export
+        try:  # in place, before DDP wraps the model; every rank loads the same weights
+            initialise_encoder(objective.encoder, cfg.init_from, cached_storage(config.get("storage_options")))
+        except (ValueError, FileNotFoundError) as exc:
+            raise NonRetryableError(f"train.init_from: {first_line(exc)}") from None
     step, metrics_rows = start.step, start.metrics_rows
     world_sizes = start.world_sizes if start.world_sizes and start.world_sizes[-1] == world else start.world_sizes + [world]
     if rank == 0:

@@ -8,7 +8,8 @@ Example::
     ('fbank', 25.0, 128)
 
 ``wavlm`` / ``hubert`` / ``dasheng`` read a local checkpoint (the files :data:`CHECKPOINT_FILES`
-names); a ``student`` teacher wraps a loaded :class:`~spear.models.student.StudentModel`.
+names); a ``student`` teacher wraps a loaded :class:`~spear.models.student.StudentModel`, a ``spear``
+teacher the same for a released SPEAR model converted to it.
 Fetching checkpoints from storage and building from a ``TeacherConfig`` is
 :func:`spear.stages.teacher_loading.load_teacher`.
 """
@@ -31,7 +32,7 @@ from .student import StudentTeacher
 if TYPE_CHECKING:
     from spear.models.student import StudentModel
 
-TEACHER_KINDS = ("mfcc", "fbank", "wavlm", "hubert", "dasheng", "student")
+TEACHER_KINDS = ("mfcc", "fbank", "wavlm", "hubert", "dasheng", "student", "spear")
 #: The checkpoint files each kind with weights reads (patterns of file names in its folder).
 CHECKPOINT_FILES: dict[str, tuple[str, ...]] = {
     "wavlm": HF_FILE_PATTERNS, "hubert": HF_FILE_PATTERNS, "dasheng": ("*.pt", "*.pth", "*.ckpt"),
@@ -61,10 +62,10 @@ def build_teacher(kind: str, layer: Optional[int] = None, checkpoint: Union[str,
             teacher = DashengTeacher(encoder, layer, weights_hash)
         else:
             teacher = load_hf_teacher(kind, checkpoint, layer)
-    elif kind == "student":
+    elif kind in ("student", "spear"):  # spear: a released SPEAR model, loaded as a StudentModel
         if student is None:
-            raise ValueError("teacher kind 'student' needs the loaded student")
-        teacher = StudentTeacher(student, layer, student.config["weights_sha256"])
+            raise ValueError(f"teacher kind '{kind}' needs the loaded student")
+        teacher = StudentTeacher(student, layer, student.config["weights_sha256"], name=kind)
     else:
         raise ValueError(f"unknown teacher kind {kind!r}: use one of {', '.join(TEACHER_KINDS)}")
     teacher = teacher.eval().requires_grad_(False).to(torch.device(device) if device is not None else default_device())

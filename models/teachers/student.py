@@ -8,6 +8,11 @@ encoder layer (default: the last) at the student's output rate.
 Example::
 
     teacher = build_teacher("student", layer=4, student=load_student("out/export"))
+    teacher = build_teacher("spear", layer=8, student=load_spear_release("spear-base-speech-audio/"))
+
+Kind ``spear`` is the same wrapper around a released SPEAR model (the authors' icefall ``.pt`` or
+transformers-style folder, converted by :func:`spear.stages.artefacts.load_spear_release`): the
+next SPEAR iteration's teacher, or SPEAR as the teacher of a smaller student.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from .base import Teacher, make_version
 
 
 class StudentTeacher(Teacher):
-    def __init__(self, student, layer: int | None, weights_sha256: str):
+    def __init__(self, student, layer: int | None, weights_sha256: str, name: str = "student"):
         super().__init__()
         n = student.num_layers
         if layer is None:
@@ -27,10 +32,10 @@ class StudentTeacher(Teacher):
             raise ValueError(f"student teacher: layer {layer} out of range (the student has layers 0..{n - 1})")
         self.student = student
         self.layer = layer
-        self.name = "student"
+        self.name = name  # "spear": a released SPEAR model converted to this project's Zipformer2
         self.frame_rate = float(student.frame_rate)
         self.dim = int(student.layer_dims[layer])
-        self.version = make_version("student", weights_sha256, layer, {"frontend": student.config.get("frontend")})
+        self.version = make_version(name, weights_sha256, layer, {"frontend": student.config.get("frontend")})
 
     def num_frames_for(self, num_samples):
         n = self.student.num_frames_for(num_samples)
