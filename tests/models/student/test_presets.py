@@ -136,3 +136,21 @@ def test_student_config_frame_rate_reaches_the_encoder_and_round_trips():
         encoder_config("zipformer2", "tiny", frame_rate=12.5)
     with pytest.raises(ValueError, match="output_downsampling_factor must be 1"):
         encoder_config("zipformer2", "tiny", output_downsampling_factor=4)
+
+
+def test_a_25hz_student_trains_on_stacked_wavlm_and_one_to_one_dasheng_targets():
+    from spear.models.student import SpearObjective
+
+    torch.manual_seed(0)
+    enc = build_encoder("zipformer2", "tiny", num_mel_bins=40, frame_rate=25)
+    obj = SpearObjective(enc, {"speech": student_codebooks(4, 50.0, 25.0), "audio": student_codebooks(2, 25.0, 25.0)},
+                         {"speech": 1.0, "audio": 0.1}, codebook_size=16)
+    feats, lens = torch.randn(2, 207, 40), torch.tensor([207, 150])
+    s_len = enc.output_lengths(lens)
+    t50 = torch.div(lens, 2, rounding_mode="floor")  # 50 Hz teacher frames, 25 Hz audio-teacher frames
+    speech = align_targets(torch.randint(0, 16, (2, 103, 4)), t50, 50.0, 25.0, s_len)
+    audio = align_targets(torch.randint(0, 16, (2, 52, 2)), (t50 + 1) // 2, 25.0, 25.0, s_len)
+    assert speech.shape[2] == 8 and audio.shape[2] == 2
+    out = obj(feats, lens, {"speech": speech, "audio": audio})
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and enc.downsample_output.bias.grad is not None
