@@ -44,7 +44,7 @@ from spear.config import TeacherConfig
 from spear.evaluation.clips import Clip
 from spear.models.frontend import KaldiFbank
 from spear.models.student import StudentModel, build_encoder, config_from_dict, encoder_config
-from spear.stages.artefacts import load_student
+from spear.stages.artefacts import load_any_student, load_student
 from spear.stages.teacher_loading import load_teacher
 from spear.schemas.segments import SAMPLE_RATE
 from spear.stages.audio import pcm16_to_float
@@ -63,7 +63,7 @@ class Extractor:
     """A loaded model as the evaluation runs it: every kept layer's frames for a padded batch."""
 
     name: str
-    kind: str  # student | random_student | teacher | fbank
+    kind: str  # student | random_student | released | teacher | fbank
     frame_rate: float
     layers: list[Optional[int]]  # the layer numbers kept (1-based), [None] for single-output models
     fn: Optional[LayerFn]  # (wavs [B, S], lengths [B]) -> (every layer [B, T, D], frames [B]); None once released
@@ -83,8 +83,9 @@ def select_layers(num_layers: int, layers: LayerChoice) -> list[int]:
     return chosen
 
 
-def student_extractor(name: str, model: StudentModel, layers: LayerChoice, info: dict[str, Any]) -> Extractor:
-    """The chosen encoder layers of a student (bf16 autocast)."""
+def student_extractor(name: str, model: StudentModel, layers: LayerChoice, info: dict[str, Any],
+                      kind: Optional[str] = None) -> Extractor:
+    """The chosen encoder layers of a student (bf16 autocast); ``kind`` defaults to ``name``."""
     keep = select_layers(model.num_layers, layers)
 
     def fn(wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -92,7 +93,7 @@ def student_extractor(name: str, model: StudentModel, layers: LayerChoice, info:
         return [feats.layers[i - 1] for i in keep], feats.lengths.cpu()
 
     info = dict(info, num_layers=model.num_layers, layer_dims=model.layer_dims)
-    return Extractor(name, name, float(model.frame_rate), list(keep), fn, info)
+    return Extractor(name, kind or name, float(model.frame_rate), list(keep), fn, info)
 
 
 def random_student(config: Mapping[str, Any], device: torch.device) -> StudentModel:
@@ -107,6 +108,23 @@ def random_student(config: Mapping[str, Any], device: torch.device) -> StudentMo
             enc_cfg = config_from_dict(config)
         encoder = build_encoder(enc_cfg)
     return StudentModel(encoder).to(device).eval()
+
+
+def released_names(paths: Sequence[str]) -> list[str]:
+    """``released:<file or folder name>`` per released model, ``#2``, ... when two share a name.
+
+    >>> released_names(["s3://m/spear-base/", "/tmp/a/pretrained.pt", "/tmp/b/pretrained.pt"])
+    ['released:spear-base', 'released:pretrained.pt', 'released:pretrained.pt#2']
+    """
+    names: list[str] = []
+    for p in paths:
+        base = f"released:{str(p).rstrip('/').rsplit('/', 1)[-1]}"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}#{n}"
+        names.append(name)
+    return names
 
 
 def teacher_names(teachers: Sequence[TeacherConfig]) -> list[str]:
@@ -156,7 +174,9 @@ class ProbedModels:
     for the student's own architecture (needs ``student_dir``), a mapping such as
     ``{"architecture": "zipformer2", "size": "tiny"}`` to choose one, or False. ``teachers``:
     TeacherConfigs (or mappings of their fields). ``fbank_floor``: probe raw fbank too.
-    ``layers``: "all", "last" or 1-based layer numbers of the students.
+    ``layers``: "all", "last" or 1-based layer numbers of the students. ``released``: released
+    SPEAR models (the authors' icefall ``.pt`` or transformers-style folder) or other spear
+    exports, probed layer by layer beside the student as ``released:<name>``.
     """
 
     student_dir: Optional[str] = None
@@ -164,6 +184,7 @@ class ProbedModels:
     teachers: Sequence[Union[TeacherConfig, Mapping[str, Any]]] = ()
     fbank_floor: bool = True
     layers: LayerChoice = "all"
+    released: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.random_student is True and self.student_dir is None:
@@ -203,6 +224,13 @@ def extractor_loaders(models: ProbedModels, storage: Storage, device: torch.devi
                                      {"seed": RANDOM_STUDENT_SEED, "encoder": cfg})
 
         loaders.append(("random_student", load_random))
+    for name, path in zip(released_names(models.released), models.released):
+        def load_released(name: str = name, path: str = path) -> Extractor:
+            model = load_any_student(path, storage=storage, device=device)
+            return student_extractor(name, model, layers, {"path": str(path), "conversion": model.config.get(
+                "conversion", {"layout": "spear"})}, kind="released")
+
+        loaders.append((name, load_released))
     teachers = models.teacher_configs()
     for name, tcfg in zip(teacher_names(teachers), teachers):
         loaders.append((name, lambda name=name, tcfg=tcfg: teacher_extractor(name, tcfg, storage, device)))

@@ -308,9 +308,12 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
 @click.option("--output", required=True, help="Report directory (index.html, plots, results.json).")
 @click.option("--train-output", default=None, help="Training output, for loss curves in the report.")
 @click.option("--tokens-output", default=None, help="Tokenize output, for codebook usage in the report.")
+@click.option("--released", "released", multiple=True, metavar="PATH",
+              help="A released SPEAR model (the authors' icefall .pt or transformers-style folder) or another "
+                   "spear export, probed layer by layer beside the student; repeatable.")
 def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
              student: Optional[str], corpus: Optional[str], manifests: tuple[str, ...], output: str,
-             train_output: Optional[str], tokens_output: Optional[str]) -> None:
+             train_output: Optional[str], tokens_output: Optional[str], released: tuple[str, ...]) -> None:
     """Probe frozen features (student layers, a random student, the teachers, raw fbank); write a report.
 
     Teachers come from the config's `teachers` section; seeds and extra manifests from `evaluate`.
@@ -324,7 +327,8 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     _run_job(as_json, lambda: run_evaluate(
         student, corpus, teachers=teachers, output=output, seeds=cfg.evaluate.seeds,
         manifests=list(cfg.evaluate.manifests) + list(manifests), train_output=train_output,
-        tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage))))
+        tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage)),
+        released=list(released), random_student=student is not None))
 
 
 @main.command()

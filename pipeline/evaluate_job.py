@@ -71,7 +71,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
                  l2_grid: Optional[Sequence[float]] = None, train_output: Optional[str] = None,
                  tokens_output: Optional[str] = None, storage: Optional[Storage] = None,
                  device: Optional[Union[str, torch.device]] = None, batch_seconds: float = 60.0,
-                 num_threads: Optional[int] = None, progress: bool = True) -> EvaluateSummary:
+                 num_threads: Optional[int] = None, progress: bool = True,
+                 released: Sequence[str] = ()) -> EvaluateSummary:
     """Probe frozen features of a student, a random student, teachers and raw fbank; write a report.
 
     ``student_dir``: an exported student (None: no ``student`` rows). ``corpus_root``: a
@@ -86,7 +87,9 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     for the report. Features run on CUDA when present (students under bf16 autocast).
     ``num_threads``: torch CPU threads during the run (restored afterwards; None: leave as
     is). On a busy machine with few cores, 1 is often fastest: measured here (2 cores, load
-    ~8), the tiny student ran 10x faster on one thread than on two.
+    ~8), the tiny student ran 10x faster on one thread than on two. ``released``: released SPEAR
+    models (the authors' icefall ``.pt`` or transformers-style folder, or other spear exports),
+    probed layer by layer beside the student as ``released:<name>``.
 
     Returns an :class:`EvaluateSummary`; writes ``output/index.html``, its PNG plots and
     ``output/results.json``.
@@ -96,7 +99,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
         raise ValueError("run_evaluate needs at least one probe seed")
     settings = EvaluateSettings(
         output=str(output), tasks=TaskSources(corpus_root, tuple(manifests), tasks),
-        models=ProbedModels(student_dir, random_student, tuple(teachers), fbank_floor, layers), seeds=seeds,
+        models=ProbedModels(student_dir, random_student, tuple(teachers), fbank_floor, layers,
+                            released=tuple(str(r) for r in released)), seeds=seeds,
         l2_grid=tuple(l2_grid) if l2_grid is not None else L2_GRID, train_output=train_output,
         tokens_output=tokens_output, batch_seconds=batch_seconds)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)

@@ -73,3 +73,12 @@ def test_extraction_does_not_depend_on_batching():
             np.testing.assert_allclose(one_each.frames[0][i], together.frames[0][i], rtol=1e-4, atol=1e-4)
     assert not one_each.pooled[0][5].any()  # an item without a clip stays zero
     assert set(together.frames[0]) == {1, 3}
+
+
+def test_released_models_load_after_the_students_with_unique_names():
+    from spear.evaluation.features import released_names
+
+    models = ProbedModels(random_student=False, fbank_floor=False, released=["a/spear.pt", "b/spear.pt", "s3://m/base/"])
+    names = [name for name, _ in extractor_loaders(models, storage=None, device=torch.device("cpu"))]
+    assert names == ["released:spear.pt", "released:spear.pt#2", "released:base"]
+    assert released_names([]) == []
