@@ -150,3 +150,27 @@ def test_loss_falls_and_masked_accuracy_beats_the_most_frequent_token_on_demo_sh
     assert last < 0.8 * first, (first, last)
     assert last < unigram_ce - 0.3, (last, unigram_ce)
     assert acc_masked > baseline + 0.01, (acc_masked, baseline)
+
+
+def test_init_from_starts_the_student_at_a_released_model(ray_cluster, shards, tmp_path):
+    """train.init_from: a released model (the authors' icefall layout) is the student's starting point;
+    at a negligible learning rate the trained encoder is still that model, and a mismatched
+    architecture stops the run with one line naming the field."""
+    from spear.models.student import build_encoder
+    from spear.pipeline.train_job import TrainError
+    from spear.stages.artefacts import load_spear_release, save_spear_release
+
+    _, shard_uri = shards
+    torch.manual_seed(7)
+    release = str(tmp_path / "spear-tiny.pt")
+    save_spear_release(build_encoder("zipformer2", "tiny"), release, layout="icefall")
+    out = str(tmp_path / "run")
+    run_train(_cfg(shard_uri, out, 2, extra=[f"train.init_from={release}", "train.optimizer=adamw",
+                                             "train.lr=1e-12"]), progress=False)
+    objective, _ = load_checkpoint_objective(out, Storage())
+    want = load_spear_release(release, device="cpu").encoder.state_dict()
+    for k, v in objective.encoder.state_dict().items():
+        assert torch.allclose(v, want[k], atol=1e-6), k
+    with pytest.raises(TrainError, match="init_from.*num_mel_bins"):
+        run_train(_cfg(shard_uri, str(tmp_path / "bad"), 2, extra=[f"train.init_from={release}",
+                                                                   "train.student.num_mel_bins=80"]), progress=False)
