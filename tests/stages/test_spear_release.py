@@ -170,3 +170,32 @@ def test_convert_checkpoint_command_both_ways(trained, tmp_path):
     assert (_features(back) - _features(reference)).abs().max() < 1e-5
     r = spear("convert-checkpoint", str(src), str(tmp_path / "x"), "--to", "onnx")
     assert r.returncode == 2 and "onnx" in r.stderr
+
+
+def test_authors_transformers_folder_loads_from_its_own_config_fields(trained, tmp_path):
+    """The release as the authors publish it: model.safetensors under SpearModel.model.model, and a
+    config.json of SpearConfig fields (comma strings; no head dims: SPEAR's 32 / 12 / 4 are assumed,
+    checked against the shapes); a config that disagrees with the weights, or a causal model, is refused."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "spear-small-hf"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in to_icefall(trained.state_dict(), trained.config, prefix=HF_PREFIX).items()},
+              str(folder / "model.safetensors"))
+    (folder / "modeling_spear.py").write_text("raise SystemExit('the release code must never be imported')\n")
+    authors = {"architectures": ["SpearModel"], "model_type": "spear", "num_mel_bins": 128, "pos_dim": 48,
+               "output_downsampling_factor": 1, "downsampling_factor": "1,2,1", "num_encoder_layers": "1,2,1",
+               "feedforward_dim": "128,192,128", "encoder_dim": "64,96,64", "encoder_unmasked_dim": "32,32,32",
+               "cnn_module_kernel": "7,5,7", "num_heads": "2,2,2", "causal": False, "chunk_size": 8,
+               "left_context_frames": 128, "auto_map": {"AutoModel": "modeling_spear.SpearModel"}}
+    (folder / "config.json").write_text(json.dumps(authors))
+    released = load_spear_release(folder, device="cpu")
+    assert released.encoder.config == trained.config and released.config["conversion"]["layout"] == "hf"
+    reference = load_student(_export(trained, tmp_path / "r"), device="cpu")
+    assert (_features(released) - _features(reference)).abs().max() < 1e-5
+    (folder / "config.json").write_text(json.dumps({**authors, "num_encoder_layers": "1,1,1"}))
+    with pytest.raises(ValueError, match="num_encoder_layers"):
+        load_spear_release(folder, device="cpu")
+    (folder / "config.json").write_text(json.dumps({**authors, "causal": True}))
+    with pytest.raises(ValueError, match="causal"):
+        load_spear_release(folder, device="cpu")
