@@ -208,6 +208,10 @@ RELEASE_FILES = ("*.pt", "*.pth", "*.safetensors", "config.json")
 #: so it loads with ``weights_only=True``; icefall reads only ``"model"``).
 ICEFALL_CONFIG_KEY = "spear_encoder_config"
 ICEFALL_FILE = "pretrained.pt"
+#: The one known difference a converted release keeps: its input features.
+FRONTEND_NOTE = ("the authors computed fbank with lhotse's Fbank (128 bins, high_freq -400 Hz, snip_edges false); "
+                 "this model runs on this project's Kaldi fbank (upper mel edge at Nyquist, snip_edges true), so its "
+                 "inputs differ slightly from those it was trained on")
 
 
 def _load_pt(path: Path) -> Any:
@@ -276,9 +280,10 @@ def spear_release_student(release: Mapping[str, Any], device: Optional[Union[str
             check_matches(conv.config, release["hf_config"])
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    notes = conv.notes + [FRONTEND_NOTE]
     config = {"encoder": config_to_dict(conv.config), "weights_sha256": file_sha256(release["files"]),
               "conversion": {"layout": release["layout"], "source": where, "ignored": conv.ignored,
-                             "filled": conv.filled, "notes": conv.notes},
+                             "filled": conv.filled, "notes": notes},
               "metadata": {"converted_from": where, "layout": release["layout"]}}
     try:
         student = build_student(config, conv.state, device)

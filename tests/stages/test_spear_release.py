@@ -70,6 +70,7 @@ def test_authors_icefall_file_loads_as_the_same_model(trained, tmp_path):
     assert released.encoder.config == trained.config  # read from the shapes
     assert released.config["conversion"]["layout"] == "icefall"
     assert len(released.config["conversion"]["ignored"]) == 2  # the two training heads
+    assert any("lhotse" in n for n in released.config["conversion"]["notes"])  # the frontend difference is said
     assert (_features(released) - _features(reference)).abs().max() < 1e-5
     assert released.config["weights_sha256"] and released.config["frame_rate"] == 50.0
 
