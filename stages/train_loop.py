@@ -2,15 +2,18 @@
 
 Per step: a duration batch of live shard rows (:mod:`spear.stages.train_data`) -> token mixing
 on the waveforms and targets -> 128-bin Kaldi fbank -> span + channel masking -> student ->
-per-teacher heads -> asymmetric multi-codebook cross-entropy -> AdamW. Every
+per-teacher heads -> asymmetric multi-codebook cross-entropy -> the optimiser (``train.optimizer``:
+ScaledAdam + Eden by default for Zipformer2, AdamW + cosine decay otherwise: :func:`build_optimizer`). Every
 ``checkpoint_every`` steps rank 0 writes a checkpoint with the model, optimiser, scheduler, step,
 every rank's data position, RNG states, the world sizes seen and the metrics so far, and reports it.
 
 Restarts (a re-run with the same output, a failed worker, an elastic resize) restore all of it;
 after a resize each rank's data position comes from the merged positions
 (:func:`~spear.stages.train_data.resume_state`) and the learning rate is scaled linearly with the
-world size: ``lr = train.lr * world_size / max_workers`` (each worker keeps its own
-``batch_seconds``, so the effective batch grows with the world size).
+world size for AdamW: ``lr = train.lr * world_size / max_workers`` (each worker keeps its own
+``batch_seconds``, so the effective batch grows with the world size). ScaledAdam's base lr is the same
+for every world size (its steps are relative to each tensor's size; the authors use 0.045 on any number
+of GPUs); Eden's epoch term counts the audio of the effective batch (:func:`eden_epoch_per_step`).
 
 Ending together: before every step the ranks exchange whether each has a batch (one small
 all-reduce), so a rank that runs out of rows stops every rank at the same step with an error
@@ -40,6 +43,7 @@ import torch
 from spear.cluster.storage import cached_storage, join_uri
 from spear.config import TrainConfig
 from spear.models.frontend import KaldiFbank
+from spear.models.optim import Eden, ScaledAdam
 from spear.models.student import (IGNORE_INDEX, SpearObjective, align_targets, build_encoder, mask_features, mix_batch,
                                   student_codebooks)
 from spear.schemas.segments import SAMPLE_RATE
@@ -106,6 +110,38 @@ def lr_lambda(warmup: int, max_steps: int):
     return f
 
 
+def build_optimizer(objective, cfg: TrainConfig, world: int, max_workers: int):
+    """``(optimizer, scheduler, lr)`` for ``cfg.optimizer_kind``; ``lr`` is AdamW's peak or ScaledAdam's base lr.
+
+    adamw: AdamW (betas 0.9/0.98, weight decay 0.01) at ``train.lr * world / max_workers``, linear
+    warm-up over ``warmup_steps`` then cosine decay to 10% at ``max_steps``; gradients are clipped to
+    norm 5 by the loop. scaled_adam: ScaledAdam with its own median-based clipping and Eden at
+    ``train.scaled_adam.base_lr``, warm-up over ``warmup_steps``; :meth:`Eden.step` takes the epoch
+    from :func:`eden_epoch_per_step`.
+    """
+    if cfg.optimizer_kind == "adamw":
+        lr = cfg.lr * world / max(1, max_workers)
+        optimizer = torch.optim.AdamW(objective.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps)), lr
+    sa = cfg.scaled_adam
+    optimizer = ScaledAdam(objective.parameters(), lr=sa.base_lr, clipping_scale=sa.clipping_scale)
+    scheduler = Eden(optimizer, lr_batches=sa.lr_batches, lr_epochs=sa.lr_hours if sa.lr_hours > 0 else sa.lr_epochs,
+                     warmup_batches=cfg.warmup_steps, warmup_start=sa.warmup_start)
+    return optimizer, scheduler, sa.base_lr
+
+
+def eden_epoch_per_step(cfg: TrainConfig, plan, world: int) -> float:
+    """How far one step moves Eden's epoch term: the step's nominal audio (``world * batch_seconds``, as
+    icefall counts ``max_duration * world_size``; the same number on every rank, so every rank keeps the
+    same lr) in hours when ``lr_hours`` > 0, else as a share of the token dataset's live audio (passes).
+    The epoch itself is kept in the scheduler's state, so a resumed run, even at another world size,
+    continues from the audio actually trained on."""
+    seconds = world * cfg.batch_seconds
+    if cfg.scaled_adam.lr_hours > 0:
+        return seconds / 3600.0
+    return seconds / max(1e-9, float(sum(plan.seconds_by_domain.values())))
+
+
 def build_objective(train_cfg, plan):
     """The student encoder and its heads for the teachers of ``plan`` (no Ray: also used by export/tests)."""
     s = train_cfg.student
@@ -167,8 +203,12 @@ class ResumePoint:
     resumed_from: Optional[int] = None
 
 
-def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float) -> ResumePoint:
+def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float, kind: str = "adamw") -> ResumePoint:
     """Load model, optimiser and scheduler state from a Ray Train checkpoint (None: a fresh start).
+
+    ``lr`` (AdamW's peak or ScaledAdam's base lr, from the config) replaces the saved one: the world size
+    or the config may have changed. ``kind`` must be the optimiser the checkpoint was trained with
+    (checkpoints from before ``train.optimizer`` existed were trained with AdamW).
 
     A checkpoint that does not load now never will (every restart would resume from it), so any
     failure is a :class:`NonRetryableError` naming the folder.
@@ -181,14 +221,21 @@ def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float) -> Resu
             objective.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu",
                                                  weights_only=True))
             opt_state = torch.load(os.path.join(d, OPTIM_FILE), map_location="cpu", weights_only=True)
+            saved_kind = opt_state.get("kind", "adamw")
+            if saved_kind != kind:
+                raise NonRetryableError(f"checkpoint {ckpt.path} was trained with train.optimizer={saved_kind}, this "
+                                        f"run uses {kind}: set train.optimizer={saved_kind} to resume it, or train "
+                                        "into a new output")
             optimizer.load_state_dict(opt_state["optimizer"])
-            scheduler.load_state_dict(opt_state["scheduler"])
-            for g in optimizer.param_groups:  # the world size may have changed: rescale the peak lr
-                g["initial_lr"] = lr
+            for g in optimizer.param_groups:  # the world size or the config may have changed
+                g["initial_lr" if kind == "adamw" else "base_lr"] = lr
+            scheduler.load_state_dict(opt_state["scheduler"])  # Eden sets each group's lr from base_lr here
             with open(os.path.join(d, METRICS_FILE)) as f:
                 metrics_rows = list(csv.DictReader(f))
             return ResumePoint(step=state["step"], rank_states=state["data_states"], world_sizes=state["world_sizes"],
                                metrics_rows=metrics_rows, resumed_from=state["step"])
+    except NonRetryableError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure to read it is the same for the user
         raise NonRetryableError(f"checkpoint {ckpt.path} cannot be read ({first_line(exc)}): delete that "
                                 "folder to resume from the one before, or train into a new output") from None
@@ -214,10 +261,10 @@ def gather_data_states(loader, rank: int, world: int, step: int, timeout_s: floa
 
 
 def save_checkpoint(directory: str, *, objective, optimizer, scheduler, state: dict[str, Any],
-                    metrics_rows: list[dict[str, Any]]) -> None:
+                    metrics_rows: list[dict[str, Any]], kind: str = "adamw") -> None:
     """Write one checkpoint's files into ``directory`` (rank 0, before reporting it to Ray Train)."""
     torch.save(objective.state_dict(), os.path.join(directory, MODEL_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "kind": kind},
                os.path.join(directory, OPTIM_FILE))
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump(state, f)
@@ -243,15 +290,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    lr = cfg.lr * world / max(1, int(config["max_workers"]))
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    start = restore_checkpoint(ray.train.get_checkpoint(), objective, optimizer, scheduler, lr)
+    kind = cfg.optimizer_kind
+    optimizer, scheduler, lr = build_optimizer(objective, cfg, world, int(config["max_workers"]))
+    start = restore_checkpoint(ray.train.get_checkpoint(), objective, optimizer, scheduler, lr, kind)
     if start.resumed_from is None and cfg.init_from:  # a fresh run from a released model or an export
         try:  # in place, before DDP wraps the model; every rank loads the same weights
             initialise_encoder(objective.encoder, cfg.init_from, cached_storage(config.get("storage_options")))
         except (ValueError, FileNotFoundError) as exc:
             raise NonRetryableError(f"train.init_from: {first_line(exc)}") from None
+    epoch_per_step = eden_epoch_per_step(cfg, plan, world) if kind == "scaled_adam" else 0.0
     step, metrics_rows = start.step, start.metrics_rows
     world_sizes = start.world_sizes if start.world_sizes and start.world_sizes[-1] == world else start.world_sizes + [world]
     if rank == 0:
@@ -289,12 +336,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with collective_timeout_ends_run(rank, world, cfg.collective_timeout_s,
                                          f"in the gradient all-reduce of step {step + 1}"):
             out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        scheduler.step()
+        if kind == "adamw":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+        else:  # ScaledAdam clips by itself, against the running median of its gradient norms
+            optimizer.step()
+            scheduler.step(epoch=scheduler.epoch + epoch_per_step)
         step += 1
         audio_seconds += secs
         m = out.metrics()
+        if kind == "scaled_adam":
+            m["clip_scale"] = optimizer.clipping_stats().get("group0/clip_scale", 1.0)
         now = time.monotonic()
         metrics_rows.append({
             "step": step, "world_size": world, "lr": scheduler.get_last_lr()[0],
@@ -307,7 +360,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
                     save_checkpoint(d, objective=objective, optimizer=optimizer, scheduler=scheduler,
-                                    metrics_rows=metrics_rows,
+                                    metrics_rows=metrics_rows, kind=kind,
                                     state={"step": step, "data_states": all_states, "world_sizes": world_sizes,
                                            "resumed_from": start.resumed_from, "token_version": plan.token_version,
                                            "heads": heads_info(plan), "train": config["train"]})
