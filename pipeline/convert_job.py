@@ -68,7 +68,7 @@ def run_convert(source: str, dest: str, to: str, storage: Optional[Storage] = No
     if to == "spear":
         metadata = dict(student.config.get("metadata", {}))
         metadata.setdefault("converted_from", source)
-        export_student(student.encoder, dest, metadata=metadata, storage=storage)
+        export_student(student, dest, metadata=metadata, storage=storage)  # with its frontend (a release's mel band)
         files = [f"{dest.rstrip('/')}/model.safetensors", f"{dest.rstrip('/')}/config.json"]
     else:
         files = save_spear_release(student.encoder, dest, layout=to, storage=storage)

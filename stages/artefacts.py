@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from spear.cluster.storage import Storage, StorageError, is_remote, join_uri, split_uri
+from spear.models.frontend import KaldiFbank
 from spear.models.mvq import MultiCodebookQuantizer
 from spear.models.student import StudentModel, build_student, export_fields, export_state
 from spear.models.student.configs import ZipformerConfig, config_from_dict, config_to_dict
@@ -208,10 +209,13 @@ RELEASE_FILES = ("*.pt", "*.pth", "*.safetensors", "config.json")
 #: so it loads with ``weights_only=True``; icefall reads only ``"model"``).
 ICEFALL_CONFIG_KEY = "spear_encoder_config"
 ICEFALL_FILE = "pretrained.pt"
-#: The one known difference a converted release keeps: its input features.
-FRONTEND_NOTE = ("the authors computed fbank with lhotse's Fbank (128 bins, high_freq -400 Hz, snip_edges false); "
-                 "this model runs on this project's Kaldi fbank (upper mel edge at Nyquist, snip_edges true), so its "
-                 "inputs differ slightly from those it was trained on")
+#: The authors' fbank is lhotse's ``Fbank(FbankConfig(num_mel_bins=128))`` (marcoyang1998/icefall's SPEAR
+#: inference scripts): its mel band ends 400 Hz below Nyquist, which a converted release keeps.
+LHOTSE_HIGH_FREQ = -400.0
+#: What a converted release's input features still do not share with the authors' (said in its notes).
+FRONTEND_NOTE = ("input features: the mel band is the authors' (lhotse Fbank, 20 Hz to Nyquist - 400 Hz), but "
+                 "frames are cut with Kaldi's snip_edges true (lhotse: false, frames 7.5 ms earlier and about 2 more "
+                 "per utterance) and log energies floored at 1.2e-7 (lhotse: 1e-10, only digital silence differs)")
 
 
 def _load_pt(path: Path) -> Any:
@@ -282,6 +286,7 @@ def spear_release_student(release: Mapping[str, Any], device: Optional[Union[str
         raise ValueError(f"{where}: {exc}") from None
     notes = conv.notes + [FRONTEND_NOTE]
     config = {"encoder": config_to_dict(conv.config), "weights_sha256": file_sha256(release["files"]),
+              "frontend": KaldiFbank(num_mel_bins=conv.config.num_mel_bins, high_freq=LHOTSE_HIGH_FREQ).settings(),
               "conversion": {"layout": release["layout"], "source": where, "ignored": conv.ignored,
                              "filled": conv.filled, "notes": notes},
               "metadata": {"converted_from": where, "layout": release["layout"]}}
@@ -289,7 +294,7 @@ def spear_release_student(release: Mapping[str, Any], device: Optional[Union[str
         student = build_student(config, conv.state, device)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
-    student.config.update({k: v for k, v in export_fields(student.encoder).items() if k != "encoder"})
+    student.config.update({k: v for k, v in export_fields(student).items() if k != "encoder"})
     return student
 
 

@@ -59,7 +59,8 @@ def export_fields(model: nn.Module) -> dict[str, Any]:
     enc = encoder_of(model)
     return {
         "encoder": config_to_dict(enc.config),
-        "frontend": KaldiFbank(num_mel_bins=enc.num_mel_bins).settings(),
+        "frontend": (model.fbank.settings() if isinstance(getattr(model, "fbank", None), KaldiFbank)  # a StudentModel's
+                     else KaldiFbank(num_mel_bins=enc.num_mel_bins).settings()),
         "frame_rate": enc.frame_rate,
         "layer_dims": list(enc.layer_dims),
         "output_dim": enc.output_dim,
@@ -88,8 +89,10 @@ class StudentModel(nn.Module):
     def __init__(self, encoder: StudentEncoder, config: Optional[Mapping[str, Any]] = None):
         super().__init__()
         self.encoder = encoder.eval()
-        self.fbank = KaldiFbank(num_mel_bins=encoder.num_mel_bins)
         self.config = dict(config or {})
+        band = {k: v for k, v in (self.config.get("frontend") or {}).items() if k in ("low_freq", "high_freq")}
+        # the mel band may differ from Kaldi's default (a converted SPEAR release: lhotse's high_freq -400)
+        self.fbank = KaldiFbank(num_mel_bins=encoder.num_mel_bins, **band)
         if self.config.get("frontend") and self.config["frontend"] != self.fbank.settings():
             raise ValueError(f"exported frontend settings {self.config['frontend']} differ from this "
                              f"version's Kaldi fbank {self.fbank.settings()}")

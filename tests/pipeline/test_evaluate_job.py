@@ -188,24 +188,23 @@ def test_student_with_the_random_students_weights_scores_the_same(tiny_corpus, t
 
 
 def test_a_released_spear_model_is_probed_beside_the_others(tiny_corpus, tmp_path):
-    """A released model in the authors' icefall layout, holding the random student's weights, is probed
-    layer by layer as ``released:<name>`` and scores as the random student (same weights, converted)."""
-    from spear.evaluation.features import RANDOM_STUDENT_SEED
+    """A released model in the authors' icefall layout is probed layer by layer as ``released:<name>``
+    and scores exactly as its conversion to a spear export probed as the student (same weights,
+    same frontend: the authors' mel band)."""
     from spear.models.student import build_encoder
+    from spear.pipeline.convert_job import run_convert
     from spear.stages.artefacts import save_spear_release
 
-    with torch.random.fork_rng():
-        torch.manual_seed(RANDOM_STUDENT_SEED)
-        save_spear_release(build_encoder("zipformer2", "tiny"), str(tmp_path / "spear-tiny.pt"), layout="icefall")
-    summary = run_evaluate(None, str(tiny_corpus.root), output=str(tmp_path / "r"), seeds=(0,),
-                           random_student={"architecture": "zipformer2", "size": "tiny"},
-                           released=[str(tmp_path / "spear-tiny.pt")], fbank_floor=False,
+    torch.manual_seed(5)
+    release = str(tmp_path / "spear-tiny.pt")
+    save_spear_release(build_encoder("zipformer2", "tiny"), release, layout="icefall")
+    run_convert(release, str(tmp_path / "export"), to="spear")
+    summary = run_evaluate(str(tmp_path / "export"), str(tiny_corpus.root), output=str(tmp_path / "r"), seeds=(0,),
+                           random_student=False, released=[release], fbank_floor=False,
                            tasks=["speech_vs_audio", "frame_speech"], l2_grid=(1e-2,), layers=[1, 5],
                            num_threads=1, progress=False)
     rows = {m: {(r["task"], r["layer"]): r["seed_scores"] for r in summary.probes if r["model"] == m}
-            for m in ("released:spear-tiny.pt", "random_student")}
-    assert len(rows["released:spear-tiny.pt"]) == 4
-    for key, scores in rows["random_student"].items():
-        assert rows["released:spear-tiny.pt"][key] == pytest.approx(scores, abs=0.02), key
+            for m in ("released:spear-tiny.pt", "student")}
+    assert len(rows["released:spear-tiny.pt"]) == 4 and rows["released:spear-tiny.pt"] == rows["student"]
     info = next(m for m in summary.models if m["name"] == "released:spear-tiny.pt")
-    assert info["kind"] == "released"
+    assert info["kind"] == "released" and info["conversion"]["layout"] == "icefall"

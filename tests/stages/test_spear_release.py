@@ -4,6 +4,7 @@ by running code from the file; used as a teacher (kind ``spear``), as a training
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from spear.config import TeacherConfig, TrainConfig
-from spear.models.student import build_encoder
+from spear.models.frontend import KaldiFbank
+from spear.models.student import StudentModel, build_encoder
 from spear.models.student.configs import ZipformerConfig
 from spear.models.student.convert import HF_PREFIX, to_icefall
 from spear.stages.artefacts import (export_student, initialise_encoder, load_any_student, load_spear_release,
@@ -58,6 +60,12 @@ def _authors_pt(enc, path: Path) -> Path:
     return path
 
 
+def _reference(enc):
+    """``enc`` as a StudentModel on the authors' mel band (lhotse: up to Nyquist - 400 Hz), as a release loads."""
+    return StudentModel(copy.deepcopy(enc), {"frontend": KaldiFbank(num_mel_bins=enc.num_mel_bins,
+                                                                      high_freq=-400.0).settings()})
+
+
 def _features(model, layer=None):
     wavs, lens = _wavs()
     feats = model.features(wavs, lens)
@@ -65,8 +73,9 @@ def _features(model, layer=None):
 
 
 def test_authors_icefall_file_loads_as_the_same_model(trained, tmp_path):
-    reference = load_student(_export(trained, tmp_path / "ref"), device="cpu")
+    reference = _reference(trained)
     released = load_spear_release(_authors_pt(trained, tmp_path / "iter-500000-avg-4.pt"), device="cpu")
+    assert released.fbank.high_freq == -400.0  # the authors' lhotse mel band
     assert released.encoder.config == trained.config  # read from the shapes
     assert released.config["conversion"]["layout"] == "icefall"
     assert len(released.config["conversion"]["ignored"]) == 2  # the two training heads
@@ -82,7 +91,7 @@ def _export(enc, path):
 
 @pytest.mark.parametrize("layout", ["icefall", "hf"])
 def test_written_release_reads_back_with_the_same_features(trained, tmp_path, layout):
-    reference = load_student(_export(trained, tmp_path / "ref"), device="cpu")
+    reference = _reference(trained)
     files = save_spear_release(trained, tmp_path / "out", layout=layout)
     if layout == "hf":
         cfg = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -166,6 +175,7 @@ def test_convert_checkpoint_command_both_ways(trained, tmp_path):
     r = spear("convert-checkpoint", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf")
     assert r.returncode == 0, r.stderr
     assert "model.safetensors" in r.stdout
+    assert load_student(tmp_path / "ours", device="cpu").fbank.high_freq == -400.0  # the export keeps the band
     back = load_any_student(tmp_path / "hf", device="cpu")
     reference = load_spear_release(src, device="cpu")
     assert (_features(back) - _features(reference)).abs().max() < 1e-5
@@ -192,8 +202,7 @@ def test_authors_transformers_folder_loads_from_its_own_config_fields(trained, t
     (folder / "config.json").write_text(json.dumps(authors))
     released = load_spear_release(folder, device="cpu")
     assert released.encoder.config == trained.config and released.config["conversion"]["layout"] == "hf"
-    reference = load_student(_export(trained, tmp_path / "r"), device="cpu")
-    assert (_features(released) - _features(reference)).abs().max() < 1e-5
+    assert (_features(released) - _features(_reference(trained))).abs().max() < 1e-5
     (folder / "config.json").write_text(json.dumps({**authors, "num_encoder_layers": "1,1,1"}))
     with pytest.raises(ValueError, match="num_encoder_layers"):
         load_spear_release(folder, device="cpu")
