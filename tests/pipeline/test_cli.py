@@ -20,7 +20,8 @@ def spear(*args, env=None, timeout=300):
 def test_help_lists_the_command_tree():
     r = spear("--help")
     assert r.returncode == 0
-    for cmd in ("demo", "decode", "tokenize", "train", "evaluate", "export", "submit", "status", "config"):
+    for cmd in ("demo", "decode", "tokenize", "train", "evaluate", "export", "submit", "status", "config",
+                "convert-checkpoint"):
         assert cmd in r.stdout
     r = spear("decode", "--help")
     assert "--input" in r.stdout and "--json" in r.stdout and "--set" in r.stdout
