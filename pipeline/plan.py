@@ -288,6 +288,18 @@ def teacher_plan(spec: dict[str, Any], num_codebooks: int, student: dict[str, An
                 "size_source": "assumed: the configured student preset (the checkpoint is not read)",
                 "flop_words": f"2 x {student['encoder_params'] / 1e6:.3g} M params x 50 Hz x rate factor "
                               f"{student['rate_factor']:.3g} = {g:.3g} GFLOP per audio s, MVQ encode {mvq:.3g}"}
+    if kind == "spear":  # a released SPEAR model: the preset its path names (the checkpoint is not read)
+        name = (spec.get("path") or "").lower()
+        size = "spear-600m" if "600m" in name else "spear-large" if "large" in name else "spear-base"
+        params = student_params("zipformer2", size, 128)
+        g = student_forward_gflop_per_second("zipformer2", size, params)
+        dim = student_output_dim("zipformer2", size)
+        mvq = mvq_gflop_per_second(num_codebooks, dim, 50.0)
+        return {"name": size, "kind": kind, "device": "gpu", "params": params, "dim": dim, "frame_rate": 50.0,
+                "layer": layer, "gflop_per_audio_second": g, "mvq_gflop_per_audio_second": mvq,
+                "size_source": f"assumed: {size}, the preset the path names (base unless it says large or 600m)",
+                "flop_words": f"2 x {params / 1e6:.3g} M params x 50 Hz x rate factor "
+                              f"{zipformer_rate_factor(size):.3g} = {g:.3g} GFLOP per audio s, MVQ encode {mvq:.3g}"}
     size, named = (spec["size"], True) if spec.get("size") else _size_from_path(kind, spec.get("path"))
     arch = TEACHER_ARCHS[f"{kind}-{size}"]
     layer = arch.default_layer if layer is None else (layer + arch.layers + 1 if layer < 0 else layer)

@@ -232,3 +232,12 @@ def test_docs_scaling_shows_what_plan_prints():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n").splitlines() == lines[n:]
+
+
+def test_a_released_spear_teacher_is_planned_at_the_preset_its_path_names():
+    large = _plan(["teachers.speech={kind: spear, path: /models/spear-large-speech/, layer: 8}"])
+    base = _plan(["teachers.speech={kind: spear, path: /models/spear-base-speech-audio.pt}"])
+    assert large.teachers["speech"]["name"] == "spear-large" and base.teachers["speech"]["name"] == "spear-base"
+    assert large.teachers["speech"]["params"] > 3 * base.teachers["speech"]["params"]
+    assert large.teachers["speech"]["gflop_per_audio_second"] > 3 * base.teachers["speech"]["gflop_per_audio_second"]
+    assert "spear-large" in large.teachers["speech"]["size_source"]
