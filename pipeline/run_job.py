@@ -90,16 +90,22 @@ def find_labelled_corpus(cfg: SpearConfig) -> Optional[str]:
 
 
 def probe_test_files_in_sources(test_uris: set[str], cfg: SpearConfig) -> int:
-    """How many of ``test_uris`` (local probe test files) lie under a local corpus source,
-    following symbolic links both ways: a probe test clip that pre-training also saw."""
-    roots = []
+    """How many of ``test_uris`` (probe test files) lie under a corpus source: a probe test clip that
+    pre-training also saw. Local sources are listed, following symbolic links both ways; an object
+    store URI counts when it is under a source's prefix."""
+    listed: set[str] = set()
+    prefixes: list[str] = []
     for src in cfg.corpus.sources:
         scheme, path = split_uri(src.uri)
-        if scheme == "file" and os.path.isdir(path):
+        if scheme != "file":
+            prefixes.append(src.uri.rstrip("/") + "/")
+        elif os.path.isdir(path):
             for dirpath, _, filenames in os.walk(path):
-                roots += [os.path.realpath(os.path.join(dirpath, n)) for n in filenames]
-    listed = set(roots)
-    return sum(1 for u in test_uris if "://" not in u and os.path.realpath(u) in listed)
+                listed.update(os.path.realpath(os.path.join(dirpath, n)) for n in filenames)
+        elif os.path.isfile(path):
+            listed.add(os.path.realpath(path))
+    return sum(1 for u in test_uris
+               if (u.startswith(tuple(prefixes)) if "://" in u else os.path.realpath(u) in listed))
 
 
 def run_all(cfg: SpearConfig, *, progress: bool = True, corpus_root: Optional[str] = None) -> RunSummary:

@@ -53,6 +53,9 @@ def test_pretraining_sources_are_the_clips_outside_every_probe_test_split(tiny_c
     # the corpus folders themselves hold every test clip: what `spear run` reports as transductive
     cfg.corpus.sources[0].uri, cfg.corpus.sources[1].uri = str(tiny_corpus.speech_dir), str(tiny_corpus.audio_dir)
     assert probe_test_files_in_sources(held, cfg) == len(split["test"])
+    # object-store sources: a test URI under a source's prefix counts (no listing needed)
+    cfg.corpus.sources[0].uri = "s3://b/corpus/speech"
+    assert probe_test_files_in_sources({"s3://b/corpus/speech/a.wav", "s3://b/corpus/speech2/a.wav"}, cfg) == 1
 
 
 @pytest.mark.slow
