@@ -24,8 +24,8 @@ length (the kit pads); the module must batch internally. Here:
   ``1000 / frame_rate``;
 - the scene embedding is the mean of the timestamp embeddings over time.
 
-Pick ``layer`` from the evaluation report's per-layer plots (its best layer on the tasks that
-resemble yours). The module is plain torch (no Ray), so HEAR's runner can import it as
+Pick ``layer`` from the evaluation report (the layer its probes chose on validation for the
+tasks that resemble yours, marked "chosen" in the per-task tables). The module is plain torch (no Ray), so HEAR's runner can import it as
 ``spear.evaluation.hear``.
 
 Example::
