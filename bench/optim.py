@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
@@ -37,7 +38,8 @@ import numpy as np
 import torch
 
 
-def tokenised(cache: str, corpus_size: str, seed: int, reuse: str | None) -> str:
+def tokenised(cache: str, corpus_size: str, seed: int, reuse: str | None, name: str | None = None,
+              shape: tuple[int, int, int] = (8, 4, 64)) -> str:
     """Token shards of the demo corpus of ``corpus_size`` and ``seed`` (cached), optionally with another run's codebooks."""
     from spear.cluster.storage import Storage
     from spear.config import SourceConfig, load_config
@@ -45,11 +47,12 @@ def tokenised(cache: str, corpus_size: str, seed: int, reuse: str | None) -> str
     from spear.pipeline.tokenize_job import run_tokenize
     from spear.synthetic.corpus import generate_demo_corpus
 
-    out = os.path.join(cache, f"tokens-{corpus_size}-{seed}")
+    out = os.path.join(cache, name or f"tokens-{corpus_size}-{seed}")
     if list_token_versions(out, Storage()):
         return out
     corpus = generate_demo_corpus(os.path.join(cache, f"corpus-{corpus_size}-{seed}"), size=corpus_size, seed=seed)
-    sets = [f"output={out}", "mvq.speech_codebooks=8", "mvq.audio_codebooks=4", "mvq.codebook_size=64",
+    sets = [f"output={out}", f"mvq.speech_codebooks={shape[0]}", f"mvq.audio_codebooks={shape[1]}",
+            f"mvq.codebook_size={shape[2]}",
             "mvq.sample_frames=4000", "decode.max_segment_seconds=10"]
     if reuse:
         sets.append(f"mvq.reuse_codebooks={reuse}")
@@ -98,7 +101,7 @@ def held_out_loss(objective, batches) -> dict[str, float]:
     return tot
 
 
-def train(kind: str, lr: float | None, args, plan, batches, evals) -> dict:
+def train(kind: str, lr: float | None, args, plan, batches, evals, lr_batches: float | None = None) -> dict:
     from spear.config import TrainConfig
     from spear.stages.train_loop import build_objective, build_optimizer, eden_epoch_per_step
 
@@ -106,6 +109,8 @@ def train(kind: str, lr: float | None, args, plan, batches, evals) -> dict:
             "max_steps": args.steps, "mixing": {"prob": 0.0}, "student": {"size": "tiny"}}
     if lr is not None:
         sets["lr"] = lr
+    if lr_batches is not None:
+        sets["scaled_adam"] = {"lr_batches": lr_batches}
     cfg = TrainConfig.model_validate(sets)
     torch.manual_seed(args.seed)  # the same initial weights and dropout for every optimiser
     objective = build_objective(cfg, plan)
@@ -129,7 +134,7 @@ def train(kind: str, lr: float | None, args, plan, batches, evals) -> dict:
         if (step + 1) % max(1, args.steps // 5) == 0 or step + 1 == args.steps:
             curve.append((step + 1, held_out_loss(objective, evals)["loss"]))
     final = held_out_loss(objective, evals)
-    print(f"  {kind}{'' if lr is None else f' lr={lr:g}'}: {args.steps} steps in {time.perf_counter() - t0:.0f} s, "
+    print(f"  {kind}{'' if lr is None else f' lr={lr:g}'}{'' if lr_batches is None else f' lr_batches={lr_batches:g}'}: {args.steps} steps in {time.perf_counter() - t0:.0f} s, "
           f"final held-out loss {final['loss']:.4f}", flush=True)
     return {"losses": losses, "held_out_curve": curve, "final": final, "seconds": time.perf_counter() - t0}
 
@@ -141,7 +146,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30, help="warm-up steps of both schedules (the demo's 30)")
     ap.add_argument("--adamw-lr", type=float, nargs="+", default=[0.003, 0.01],
                     help="AdamW peak lrs to compare with (the demo's 0.003 first: the ratio is against it)")
+    ap.add_argument("--sa-lr-batches", type=float, nargs="*", default=[],
+                    help="extra ScaledAdam runs with Eden's lr_batches set to these (to decay within a short run)")
     ap.add_argument("--corpus", choices=["tiny", "demo"], default="tiny")
+    ap.add_argument("--shards", help="train on this token dataset instead (a `spear demo` run's iter1/tokens); "
+                    "the held-out set is then the tiny demo corpus of seed 1 tokenised with its codebooks")
     ap.add_argument("--eval-batches", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "spear-bench-optim"))
@@ -153,23 +162,32 @@ def main() -> None:
     from spear.pipeline.ledger import list_token_versions
 
     t0 = time.perf_counter()
-    cached = all(list_token_versions(os.path.join(args.cache, f"tokens-{args.corpus}-{s}"), Storage()) for s in (0, 1))
+    if args.shards:
+        names = {"eval": "held-out-" + hashlib.sha1(os.path.abspath(args.shards).encode()).hexdigest()[:10]}
+    else:
+        names = {"train": f"tokens-{args.corpus}-0", "eval": f"tokens-{args.corpus}-1"}
+    cached = all(list_token_versions(os.path.join(args.cache, n), Storage()) for n in names.values())
     # one Ray start for both token datasets, none when both are cached
     with contextlib.nullcontext() if cached else ray_session(load_config(None).ray):
-        train_shards = tokenised(args.cache, args.corpus, 0, None)
-        eval_shards = tokenised(args.cache, args.corpus, 1, train_shards)
+        train_shards = args.shards or tokenised(args.cache, args.corpus, 0, None)
+        # a `spear demo` dataset has demo.yaml's codebook shape: the held-out set reuses its codebooks
+        eval_shards = tokenised(args.cache, "tiny" if args.shards else args.corpus, 1, train_shards, names["eval"],
+                                (16, 8, 256) if args.shards else (8, 4, 64))
     cfg = TrainConfig.model_validate({"batch_seconds": args.batch_seconds, "mixing": {"prob": 0.0},
                                       "student": {"size": "tiny"}})
     batches, plan = prepared_batches(train_shards, cfg, args.steps, args.seed)
     evals, _ = prepared_batches(eval_shards, cfg, args.eval_batches, args.seed + 1)
     hours = sum(plan.seconds_by_domain.values()) / 3600
-    print(f"\noptimiser bench: demo corpus '{args.corpus}' ({hours * 60:.1f} min of tokens; held out: another seed, "
+    what = args.shards or f"demo corpus '{args.corpus}'"
+    print(f"\noptimiser bench: {what} ({hours * 60:.1f} min of tokens; held out: another seed, "
           f"same codebooks), tiny Zipformer2, {args.steps} steps of {args.batch_seconds:g} s, warm-up {args.warmup}, "
           f"{torch.get_num_threads()} threads; data ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     runs = {"scaled_adam": train("scaled_adam", None, args, plan, batches, evals)}
     for lr in args.adamw_lr:
         runs[f"adamw lr={lr:g}"] = train("adamw", lr, args, plan, batches, evals)
+    for lb in args.sa_lr_batches:
+        runs[f"SA lr_batches={lb:g}"] = train("scaled_adam", None, args, plan, batches, evals, lr_batches=lb)
     names = list(runs)
     ref = names[1]
 
