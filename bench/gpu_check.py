@@ -26,8 +26,8 @@ written to ``--out``, so a run cut short keeps what it measured):
 - ``mvq_encode``: the teacher actor's encode hook (``QuantizerEncoder``, the job's own codebooks)
   on GPU frames: frames/s against 250,000 (WavLM at 50 Hz x 5,000x real time).
 - ``train``: ``spear-large`` (recipe ``spear-large-unified``) training steps on the tokenize
-  section's shards, DDP over nccl (world size 1), ScaledAdam, in the loop's precision and under
-  bf16 autocast: s/step, peak GPU memory, audio-seconds/s and model FLOP utilisation (FLOPs
+  section's shards, DDP over nccl (world size 1), ScaledAdam, in float32 and under bf16 autocast
+  (the loop's default on a GPU, train.precision): s/step, peak GPU memory, audio-seconds/s and model FLOP utilisation (FLOPs
   counted by torch's FlopCounterMode on one step).
 - ``decode``: bench/decode.py's reference loop (soundfile + soxr, one process) against the Ray
   decode stage on all CPUs, on several hours of mixed-format audio (target >= 0.8 x CPUs).
@@ -634,8 +634,8 @@ def section_train(ctx: Context) -> dict[str, Any]:
                                           0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30 if ctx.cuda
                                           else None, "GiB", better="lower", note="target: 90% of the GPU's memory"),
             }
-        out["note"] = ("fp32 is what stages/train_loop.py runs today (no autocast); bf16 is the same step under "
-                       "torch.autocast(bfloat16)")
+        out["note"] = ("bf16 is what stages/train_loop.py runs on a GPU by default (train.precision: bf16, "
+                       "torch.autocast(bfloat16) around the forward pass); fp32 is train.precision: fp32")
         return out
     finally:
         dist.destroy_process_group()

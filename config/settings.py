@@ -344,6 +344,9 @@ class TrainConfig(_Section):
     elastic_monitor_s: float = Field(60.0, ge=0, description="how often Ray Train considers growing the worker group")
     collective_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for the others (a step, "
                                         "a checkpoint) before the run ends with an error naming it")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="compute dtype of the student's forward pass on CUDA workers (bf16: torch.autocast, "
+        "as the authors train in half precision; fp32: none); CPU workers always compute in float32")
     seed: int = 0
     init_from: Optional[str] = Field(
         None, description="initialise the student encoder from a released SPEAR model (the authors' icefall .pt "

@@ -142,6 +142,17 @@ def eden_epoch_per_step(cfg: TrainConfig, plan, world: int) -> float:
     return seconds / max(1e-9, float(sum(plan.seconds_by_domain.values())))
 
 
+def autocast_settings(device: torch.device, precision: str) -> dict[str, Any]:
+    """``torch.autocast`` arguments for the student's forward pass: bf16 on a CUDA device when
+    ``train.precision`` is bf16, otherwise disabled (CPU workers compute in float32).
+
+    >>> autocast_settings(torch.device("cuda", 0), "bf16")["enabled"], autocast_settings(torch.device("cpu"), "bf16")["enabled"]
+    (True, False)
+    """
+    return {"device_type": device.type, "dtype": torch.bfloat16,
+            "enabled": device.type == "cuda" and precision == "bf16"}
+
+
 def build_objective(train_cfg, plan):
     """The student encoder and its heads for the teachers of ``plan`` (no Ray: also used by export/tests)."""
     s = train_cfg.student
@@ -331,7 +342,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     f"ran out of rows at step {step + 1}: the token dataset has {rows} live rows, "
                                     f"fewer than the {world} workers; train with fewer workers")
         masked, feat_lens, targets, secs = prepare_batch(batch, plan, cfg, encoder, fbank, generator, device)
-        out = model(masked.feats, feat_lens, targets, frame_mask=masked.frame_mask)
+        with torch.autocast(**autocast_settings(device, cfg.precision)):
+            out = model(masked.feats, feat_lens, targets, frame_mask=masked.frame_mask)
         optimizer.zero_grad(set_to_none=True)
         with collective_timeout_ends_run(rank, world, cfg.collective_timeout_s,
                                          f"in the gradient all-reduce of step {step + 1}"):
