@@ -30,7 +30,7 @@ this project (Zipformer2)                   icefall (MultiKDModel)
 ``downsample_output.bias`` (25 Hz only)     ``encoder.downsample_output.bias``
 ``mask_embedding``                          ``mask_emb``
 (none)                                      ``encoder.encoders.I.{ds}layers.J.bypass_scale``
-                                            (unused by icefall's forward, "TODO: remove it";
+                                            (unused by icefall's forward, which marks it for removal;
                                             written as its initial 0.5, dropped on import)
 (none at 50 Hz)                             ``encoder.downsample_output.bias`` of size 1 (a
                                             softmax over one frame: the identity; written as
