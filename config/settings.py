@@ -124,13 +124,29 @@ class RayConfig(_Section):
 # --------------------------------------------------------------------------- corpus / decode
 
 
-class SourceConfig(_Section):
-    """One corpus source: a prefix (local path, file:// or s3://) whose audio files share a domain."""
+SourceFormat = Literal["auto", "files", "lhotse-cuts", "lhotse-shar"]
 
-    uri: str = Field(..., description="prefix to list recursively")
+
+class SourceConfig(_Section):
+    """One corpus source (local path, file:// or s3://) whose audio shares a domain: a prefix of audio
+    files, a Lhotse CutSet manifest (``cuts.jsonl.gz``, ``.jsonl``, ``.json``, ``.yaml``) or a Lhotse Shar
+    directory, one segment per cut (``spear.stages.lhotse_source``)."""
+
+    uri: str = Field(..., description="prefix to list recursively, or a Lhotse manifest / Shar directory")
     domain: Domain = Field(..., description="speech | audio: which teachers' targets the source gets")
     name: Optional[str] = Field(None, description="stable source name used in segment ids (default: last path component)")
     extensions: list[str] = Field(list(AUDIO_EXTENSIONS), description="file extensions to include")
+    format: SourceFormat = Field("auto", description="files | lhotse-cuts | lhotse-shar; auto: a manifest file name "
+                                                     "(.jsonl/.json/.yaml, optionally .gz) is lhotse-cuts, a folder "
+                                                     "with cuts.000000.jsonl[.gz] lhotse-shar, else files")
+
+    @model_validator(mode="after")
+    def _manifest_name(self) -> "SourceConfig":
+        if self.format == "lhotse-cuts" and not any(
+                s in (".jsonl", ".json", ".yaml") for s in re.findall(r"\.[^./]+", self.uri.rstrip("/").rsplit("/", 1)[-1])):
+            raise ValueError(f"format: lhotse-cuts needs uri to name a manifest file Lhotse reads (.jsonl, .jsonl.gz, "
+                             f".json, .yaml), got {self.uri!r}")
+        return self
 
     @field_validator("uri")
     @classmethod

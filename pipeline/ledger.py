@@ -33,7 +33,8 @@ from spear.cluster.storage import (Storage, StorageError, find_recorded, join_ur
                                    relative_uri, resolve_uri)
 from spear.schemas.ledger import (LEDGER_SCHEMA, MANIFESTS_DIR, SHARDS_DIR, VERSION_INFO_NAME, LedgerEntry, Manifest,
                                   VersionInfo, ledger_name, manifest_name)
-from spear.schemas.shards import decode_tokens
+from spear.schemas.segments import CUT_METADATA_COLUMNS
+from spear.schemas.shards import decode_tokens, with_cut_metadata
 from spear.stages.audio import flac_decode
 from spear.stages.writer import parquet_bytes
 
@@ -221,7 +222,11 @@ class TokenStore:
         cols = None if columns is None else list(dict.fromkeys(list(columns) + ["source_uri", "run_id", "segment_id"]))
         parts = []
         for uri in self._resolved(m)[0]:
-            t = pq.read_table(pa.BufferReader(self.storage.read_bytes(uri)), columns=cols)
+            data = self.storage.read_bytes(uri)
+            # shards written before Lhotse sources lack the cut metadata columns: read as nulls
+            names = set(pq.read_schema(pa.BufferReader(data)).names) if cols is not None else set()
+            present = None if cols is None else [c for c in cols if c in names or c not in CUT_METADATA_COLUMNS]
+            t = with_cut_metadata(pq.read_table(pa.BufferReader(data), columns=present), cols)
             parts.append(t)
         if not parts:
             return pa.table({})

@@ -6,6 +6,13 @@ teacher stage and the token shards see exactly the same samples. Its id is stabl
 and storages: a hash of the source name, the object's path relative to the source root, the
 object's content hash and the offset.
 
+A segment may also be one *cut* of a Lhotse manifest (:mod:`spear.stages.lhotse_source`): then
+``source_uri`` is the cut's key ``lhotse-cut:<cut id>`` (what the ledger tracks), ``relative_path``
+the recording's audio location, ``offset`` the cut's start in the recording (16 kHz samples), its
+id hashes the cut id in place of the path, and :data:`CUT_METADATA_COLUMNS` carry the cut id and
+its supervisions' speaker, language and text (null for file sources). They were added without a
+version change: they are nullable and readers fill them with nulls for older files.
+
 Two tables share the segment columns:
 
 - :data:`SEGMENT_SCHEMA`: a stored segment (``OUTPUT/segments/part-*.parquet`` of `spear decode`,
@@ -51,7 +58,16 @@ SEGMENT_FIELDS = [
     pa.field("source_sample_rate", pa.int32(), nullable=False),
     pa.field("source_channels", pa.int16(), nullable=False),
     pa.field("source_format", pa.string(), nullable=False),
+    # Lhotse cuts (null for file sources): the cut's id and its supervisions' speaker / language /
+    # text (first supervision's speaker and language, all texts joined with a space).
+    pa.field("cut_id", pa.string()),
+    pa.field("speaker", pa.string()),
+    pa.field("language", pa.string()),
+    pa.field("text", pa.string()),
 ]
+
+#: The nullable columns a segment cut from a Lhotse manifest fills (:mod:`spear.stages.lhotse_source`).
+CUT_METADATA_COLUMNS = ("cut_id", "speaker", "language", "text")
 
 SEGMENT_SCHEMA = pa.schema(SEGMENT_FIELDS, metadata={b"spear.schema": b"segments", b"spear.version": str(SEGMENTS_SCHEMA_VERSION).encode()})
 

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from spear.schemas.segments import SEGMENT_FIELDS, SEGMENTS_SCHEMA_VERSION
+from spear.schemas.segments import CUT_METADATA_COLUMNS, SEGMENT_FIELDS, SEGMENTS_SCHEMA_VERSION
 
 TOKEN_SHARD_SCHEMA_VERSION = 1
 
@@ -46,7 +46,8 @@ TEACHER_ROLES = ("speech", "audio")
 
 # segment columns carried into shards (everything but the source format details)
 _SEGMENT_COLUMNS = ["segment_id", "source", "source_uri", "relative_path", "source_etag", "source_size",
-                    "content_sha256", "domain", "offset", "num_samples", "duration", "sample_rate", "audio"]
+                    "content_sha256", "domain", "offset", "num_samples", "duration", "sample_rate", "audio",
+                    *CUT_METADATA_COLUMNS]
 
 
 def token_columns(role: str) -> list[pa.Field]:
@@ -66,6 +67,20 @@ def token_shard_schema(roles: Sequence[str] = TEACHER_ROLES) -> pa.Schema:
         fields += token_columns(role)
     return pa.schema(fields, metadata={b"spear.schema": b"token_shard",
                                        b"spear.version": str(TOKEN_SHARD_SCHEMA_VERSION).encode()})
+
+
+def with_cut_metadata(table: pa.Table, columns: Sequence[str] | None = None) -> pa.Table:
+    """``table`` with the cut metadata columns (:data:`~spear.schemas.segments.CUT_METADATA_COLUMNS`) it
+    lacks added as nulls: token shards written before Lhotse sources existed have none of them.
+    ``columns``: only those of them (None: all four).
+
+    >>> with_cut_metadata(pa.table({"segment_id": ["a"]})).column_names
+    ['segment_id', 'cut_id', 'speaker', 'language', 'text']
+    """
+    for name in (CUT_METADATA_COLUMNS if columns is None else [c for c in columns if c in CUT_METADATA_COLUMNS]):
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, pa.string()), pa.nulls(table.num_rows, pa.string()))
+    return table
 
 
 # 1: keyed by the codebooks of the roles present (forked when a domain arrived); 2: keyed by the

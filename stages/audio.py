@@ -256,3 +256,60 @@ def decode_segments(data: bytes, *, target_rate: int = 16000, max_segment_second
             if last.size >= min_segment_seconds * target_rate:
                 out.append((emitted, float_to_pcm16(last)))
     return info, out
+
+
+# How far a cut may run past the end of its recording and still be read (the shortfall is dropped):
+# Lhotse's own default tolerance (LHOTSE_AUDIO_DURATION_MISMATCH_TOLERANCE).
+CUT_END_TOLERANCE_S = 0.025
+
+
+def read_cut_audio(audio: str | bytes, start: float, duration: float, channels: Optional[list[int]] = None,
+                   *, target_rate: int = 16000) -> tuple[SourceAudioInfo, np.ndarray]:
+    """One range of a recording as 16 kHz mono int16: ``duration`` seconds from ``start``, the channel
+    positions ``channels`` averaged (None: all channels), resampled to ``target_rate``.
+
+    ``audio`` is a local path (only the range is read: soundfile seeks) or the encoded bytes. Raises
+    :class:`AudioDecodeError` for an unreadable recording, a start past its end, a range running more
+    than :data:`CUT_END_TOLERANCE_S` past it, a channel the file lacks, or non-finite samples.
+
+    >>> x = np.sin(np.arange(32000) / 5).astype(np.float32)[:, None] * [0.5, 0.25]
+    >>> buf = io.BytesIO(); sf.write(buf, x, 16000, format="WAV", subtype="FLOAT")
+    >>> info, y = read_cut_audio(buf.getvalue(), 0.5, 1.0, [1])
+    >>> info.channels, y.size, int(np.abs(pcm16_to_float(y) - x[8000:24000, 1]).max() * 32768) <= 1
+    (2, 16000, True)
+    """
+    if isinstance(audio, (bytes, bytearray)):
+        f = _open(bytes(audio))
+    else:
+        try:
+            f = sf.SoundFile(audio)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+            raise AudioDecodeError(f"unsupported or corrupt audio: {_error_text(exc)}") from None
+    with f:
+        info = SourceAudioInfo(sample_rate=int(f.samplerate), channels=int(f.channels), format=str(f.format))
+        if info.sample_rate <= 0 or info.channels <= 0:
+            raise AudioDecodeError(f"invalid header: {info.sample_rate} Hz, {info.channels} channels")
+        total = int(f.frames) if f.frames and f.frames > 0 else None
+        first, count = int(round(start * info.sample_rate)), int(round(duration * info.sample_rate))
+        length = f"the recording is {total / info.sample_rate:.3f} s" if total is not None else "the recording is shorter"
+        if start < 0 or (total is not None and first >= total):
+            raise AudioDecodeError(f"offset past the end: the cut starts at {start:.3f} s, {length}")
+        if channels is not None and max(channels, default=0) >= info.channels:
+            raise AudioDecodeError(f"the cut asks for channel position {max(channels)}, the file has {info.channels}")
+        try:
+            f.seek(first)
+            x = f.read(count, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise AudioDecodeError(f"corrupt audio in the cut's range: {_error_text(exc)}") from None
+    if x.shape[0] == 0:
+        raise AudioDecodeError(f"offset past the end: the cut starts at {start:.3f} s, {length}")
+    if count - x.shape[0] > CUT_END_TOLERANCE_S * info.sample_rate:
+        raise AudioDecodeError(f"the cut ends at {start + duration:.3f} s, past the end of the recording "
+                               f"({(first + x.shape[0]) / info.sample_rate:.3f} s)")
+    picked = x if channels is None else x[:, channels]
+    mono = picked[:, 0] if picked.shape[1] == 1 else picked @ np.full(picked.shape[1], 1.0 / picked.shape[1], np.float32)
+    if not np.isfinite(mono).all():
+        raise AudioDecodeError(f"non-finite (NaN/inf) samples, first at sample {first + int(np.argmax(~np.isfinite(mono)))}")
+    if info.sample_rate != target_rate:
+        mono = soxr.resample(mono, info.sample_rate, target_rate, quality="HQ")
+    return info, float_to_pcm16(mono)

@@ -3,7 +3,8 @@
 Each row is one object (:data:`~spear.schemas.catalog.CATALOG_SCHEMA`): its URI, source name
 and domain, path relative to the source root, size, etag (S3 ETag, or size+mtime on local
 disk) and mtime. A prefix that cannot be read is not fatal: it becomes a quarantine record
-and the other sources go on.
+and the other sources go on. A source that is a Lhotse CutSet manifest or Shar directory
+lists one row per cut instead (:mod:`spear.stages.lhotse_source`).
 
 Example::
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 from spear.cluster.storage import FileEntry, Storage, StorageError, split_uri
 from spear.schemas.catalog import CATALOG_SCHEMA
 from spear.schemas.quarantine import QuarantineRecord, quarantine_record
+from spear.stages.lhotse_source import CUT_COLUMNS, list_cuts, source_format
 
 @dataclass
 class Catalog:
@@ -89,6 +91,13 @@ def build_catalog(sources: Sequence, storage: Storage | None = None) -> Catalog:
     unreadable: list[QuarantineRecord] = []
     seen: set[str] = set()
     for src in sources:
+        if source_format(src, storage) != "files":
+            # a Lhotse manifest or Shar directory: one row per cut (stages/lhotse_source.py)
+            cut_rows, bad = list_cuts(src, storage, seen)
+            for name in CATALOG_SCHEMA.names:
+                rows[name].extend(cut_rows[name])
+            unreadable.extend(bad)
+            continue
         exts = {e.lower() for e in src.extensions}
         scheme, path = split_uri(src.uri)
         if scheme == "file":
@@ -115,4 +124,6 @@ def build_catalog(sources: Sequence, storage: Storage | None = None) -> Catalog:
             rows["size"].append(e.size)
             rows["etag"].append(e.etag)
             rows["mtime"].append(e.mtime)
+            for name in CUT_COLUMNS:
+                rows[name].append(None)
     return Catalog(pa.table(rows, schema=CATALOG_SCHEMA), unreadable)

@@ -1,7 +1,9 @@
 """Decode stage: catalog rows in, 16 kHz mono FLAC segments (or quarantine records) out.
 
 :class:`DecodeStage` maps a batch of catalog rows (:data:`~spear.schemas.catalog.CATALOG_SCHEMA`)
-to decoded rows (:data:`~spear.schemas.segments.DECODED_SCHEMA`). Each object is read whole,
+to decoded rows (:data:`~spear.schemas.segments.DECODED_SCHEMA`). A row that is a Lhotse cut
+becomes exactly one segment, its range and channels of its recording
+(:func:`~spear.stages.lhotse_source.decode_cut_rows`). Each other object is read whole,
 hashed, decoded, downmixed, resampled and cut into segments of at most ``max_segment_seconds``.
 An object that cannot be read or decoded becomes a single row whose ``quarantine_reason`` says
 why; its neighbours are unaffected. A truncated or damaged object keeps the part decoded before
@@ -29,8 +31,9 @@ from spear.cluster.storage import StorageError, StorageOptions, cached_storage
 from spear.config import DecodeConfig
 from spear.schemas.catalog import CatalogObject
 from spear.schemas.quarantine import partial_reason
-from spear.schemas.segments import DECODED_SCHEMA, segment_id
+from spear.schemas.segments import CUT_METADATA_COLUMNS, DECODED_SCHEMA, segment_id
 from spear.stages.audio import AudioDecodeError, decode_segments, flac_encode
+from spear.stages.lhotse_source import cut_rows_mask, decode_cut_rows, plan_cut_blocks
 
 
 def _empty_columns() -> dict[str, list]:
@@ -86,6 +89,8 @@ def decode_object(obj: CatalogObject, data: bytes, cfg: DecodeConfig, cols: dict
         cols["object_segments"].append(len(segments))
         cols["quarantine_stage"].append(None)
         cols["quarantine_reason"].append(None)
+        for name in CUT_METADATA_COLUMNS:  # file sources have no cut metadata
+            cols[name].append(None)
 
 
 class DecodeStage:
@@ -113,7 +118,13 @@ class DecodeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         storage = cached_storage(self.storage_options)
         cols = _empty_columns()
-        for obj in batch.to_pylist():
+        rows = batch.to_pylist()
+        cuts = [obj for obj in rows if obj.get("cut_id") is not None]
+        if cuts:  # Lhotse cuts: each decoded as its own range of its recording (stages/lhotse_source.py)
+            decode_cut_rows(cuts, storage, self.cfg, cols)
+        for obj in rows:
+            if obj.get("cut_id") is not None:
+                continue
             try:
                 data = storage.read_bytes(obj["uri"])
             except FileNotFoundError:
@@ -150,6 +161,13 @@ def plan_decode_blocks(objects: pa.Table, objects_per_task: int, slots: float) -
     n = objects.num_rows
     if n == 0:
         return []
+    cut_mask = cut_rows_mask(objects)
+    if cut_mask is not None:
+        # Lhotse cuts go to tasks of their own, grouped by recording (one read of it per task); files as below.
+        files = objects.filter(pa.array(~cut_mask))
+        cut_blocks = plan_cut_blocks(objects.filter(pa.array(cut_mask)), objects_per_task,
+                                     int(np.ceil(TASKS_PER_SLOT * slots)))
+        return cut_blocks + (plan_decode_blocks(files, objects_per_task, slots) if files.num_rows else [])
     num_blocks = min(n, max(-(-n // max(1, objects_per_task)), int(np.ceil(TASKS_PER_SLOT * slots))))
     order = pa.compute.sort_indices(objects, sort_keys=[("size", "descending"), ("uri", "ascending")]).to_numpy()
     lap, pos = np.divmod(np.arange(n), num_blocks)

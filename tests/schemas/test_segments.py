@@ -29,7 +29,8 @@ def test_a_segment_round_trips_through_parquet(tmp_path):
     row = {"segment_id": segment_id("c", "a.wav", "ab" * 32, 0), "source": "c", "source_uri": "/c/a.wav",
            "relative_path": "a.wav", "source_etag": "1-2", "source_size": 9, "content_sha256": "ab" * 32,
            "domain": "speech", "offset": 0, "num_samples": 16, "duration": 0.001, "sample_rate": SAMPLE_RATE,
-           "audio": b"fLaC", "source_sample_rate": 44100, "source_channels": 2, "source_format": "WAV"}
+           "audio": b"fLaC", "source_sample_rate": 44100, "source_channels": 2, "source_format": "WAV",
+           "cut_id": None, "speaker": None, "language": None, "text": None}
     pq.write_table(pa.Table.from_pylist([row], schema=SEGMENT_SCHEMA), tmp_path / "p.parquet")
     back = pq.read_table(tmp_path / "p.parquet")
     assert back.schema.equals(SEGMENT_SCHEMA, check_metadata=True) and back.to_pylist() == [row]
@@ -48,8 +49,13 @@ def test_the_sample_rate_is_the_decode_default():
 
 
 def test_catalog_and_shards_keep_the_segment_identity_columns():
-    assert CATALOG_SCHEMA.names == ["uri", "source", "relative_path", "domain", "size", "etag", "mtime"]
+    assert CATALOG_SCHEMA.names[:7] == ["uri", "source", "relative_path", "domain", "size", "etag", "mtime"]
+    # a cut's columns are nullable (null on file rows), in the catalog, the segments and the token shards
+    assert all(CATALOG_SCHEMA.field(c).nullable for c in CATALOG_SCHEMA.names[7:])
     shard = token_shard_schema(["speech", "audio"])
     for name in ("segment_id", "source_uri", "source_etag", "domain", "audio", "sample_rate"):
         assert shard.field(name) == SEGMENT_SCHEMA.field(name)
     assert shard.metadata[b"spear.schema"] == b"token_shard"
+    for name in ("cut_id", "speaker", "language", "text"):
+        assert shard.field(name) == SEGMENT_SCHEMA.field(name) == CATALOG_SCHEMA.field(name)
+        assert shard.field(name).nullable and shard.field(name).type == pa.string()
