@@ -350,6 +350,42 @@ def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -
     _run_job(as_json, lambda: run_export(checkpoint, output, storage))
 
 
+@main.command("export-tokens")
+@verbose_option
+@click.argument("output")
+@click.argument("dest")
+@click.option("--format", "fmt", type=click.Choice(["lhotse-shar", "lhotse-cuts"]), default="lhotse-shar",
+              show_default=True, help="lhotse-shar: Lhotse Shar shards (CutSet.from_shar); lhotse-cuts: one "
+                                      "cuts.jsonl.gz with FLAC and .npy files beside it (CutSet.from_file).")
+@click.option("--version", "version", default=None, metavar="TOKEN_VERSION",
+              help="Token version to export (default: the only one at OUTPUT).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Cuts per Shar shard (lhotse-cuts: per upload batch).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
+def export_tokens(output: str, dest: str, fmt: str, version: Optional[str], shard_size: int, as_json: bool,
+                  sets: tuple[str, ...]) -> None:
+    """Write the live rows of a token dataset OUTPUT as Lhotse cuts at DEST (local or s3://, new or empty).
+
+    Each cut has its audio, one supervision (speaker/language/text when the source had them) and per
+    teacher its MVQ indexes as a uint8 TemporalArray: cut.codebook_indexes (speech teacher) and
+    cut.audio_codebook_indexes (audio teacher), the fields the SPEAR authors' icefall recipes read.
+    """
+    cfg = _load(None, sets, [])
+    from spear.pipeline.export_tokens import ExportRequestError, run_export_tokens
+
+    storage = Storage(StorageOptions.from_config(cfg.storage))
+
+    def job():
+        try:
+            return run_export_tokens(output, dest, fmt=fmt, version=version, shard_size=shard_size,
+                                     storage=storage, progress=True)
+        except ExportRequestError as exc:
+            raise SpearCLIError(str(exc)) from None
+
+    _run_job(as_json, job)
+
+
 @main.command("convert-checkpoint")
 @verbose_option
 @click.argument("source")

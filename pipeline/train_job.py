@@ -82,17 +82,19 @@ def plan_training_data(store: TokenStore, roles: Sequence[str] = ("speech", "aud
                                        storage_options=store.storage.options, roles=roles)
 
 
-def select_token_store(shards: str, storage: Storage, version: Optional[str] = None) -> TokenStore:
-    """The token version to train on: the one given, or the only one present."""
+def select_token_store(shards: str, storage: Storage, version: Optional[str] = None,
+                       option: str = "train.token_version") -> TokenStore:
+    """The token version to train on (or export): the one given, or the only one present; ``option`` is the
+    setting that chooses one, named in the errors."""
     versions = list_token_versions(shards, storage)
     if not versions:
         raise ConfigError(f"no token dataset at {shards} (run `spear tokenize --output {shards}` first)")
     if version is None:
         if len(versions) > 1:
-            raise ConfigError(f"{shards} holds several token versions {versions}: set train.token_version")
+            raise ConfigError(f"{shards} holds several token versions {versions}: set {option}")
         version = versions[0]
     elif version not in versions:
-        raise ConfigError(f"train.token_version {version} is not at {shards} (present: {versions})")
+        raise ConfigError(f"{option} {version} is not at {shards} (present: {versions})")
     store = TokenStore(shards, version, storage)
     if store.latest_manifest() is None:
         raise ConfigError(f"token version {version} at {shards} has no committed shards yet")

@@ -1,0 +1,151 @@
+"""`spear export-tokens`: a token dataset made by `spear tokenize` from real audio, exported as Lhotse Shar and as
+a Lhotse CutSet manifest (local disk and SeaweedFS), read back with Lhotse's own readers and compared array for
+array with the Parquet shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spear.cluster.storage import Storage, join_uri
+from spear.pipeline.export_tokens import ExportRequestError, run_export_tokens
+from spear.pipeline.ledger import TokenStore
+from spear.schemas.shards import decode_tokens
+from spear.stages.audio import flac_decode
+
+from support.configs import tokenize_cfg
+from support.corpus import write_mixed_corpus
+
+lhotse = pytest.importorskip("lhotse")
+
+
+@pytest.fixture(scope="module")
+def tokens(ray_cluster, tmp_path_factory):
+    """(token output, TokenizeSummary): 3 speech + 2 audio files of real audio, tokenised with the weight-free teachers."""
+    from spear.pipeline.tokenize_job import run_tokenize
+
+    root = str(tmp_path_factory.mktemp("export-tokens"))
+    st = Storage()
+    write_mixed_corpus(st, join_uri(root, "corpus"), n_speech=3, n_audio=2, seed=3)
+    cfg = tokenize_cfg(st, join_uri(root, "corpus"), join_uri(root, "out"))
+    summary = run_tokenize(cfg, progress=False)
+    assert summary.committed_segments > 5
+    return cfg.output, summary
+
+
+def shard_rows(output: str, version: str, storage: Storage | None = None) -> dict[str, dict]:
+    """The live rows as the project's reader gives them, by expected cut id (cut_id, else segment id)."""
+    table = TokenStore(output, version, storage or Storage()).read_table()
+    return {(r.get("cut_id") or r["segment_id"]): r for r in table.to_pylist()}
+
+
+def assert_cuts_match(cuts, rows: dict[str, dict], version_info: dict) -> None:
+    cuts = list(cuts)
+    assert sorted(c.id for c in cuts) == sorted(rows)
+    teachers = version_info["teachers"]
+    fields = {"speech": "codebook_indexes", "audio": "audio_codebook_indexes"}
+    for cut in cuts:
+        row = rows[cut.id]
+        assert cut.duration == pytest.approx(row["num_samples"] / 16000, abs=1e-9)
+        assert cut.sampling_rate == 16000
+        audio = cut.load_audio()
+        assert audio.shape == (1, row["num_samples"])
+        assert np.array_equal(audio[0], flac_decode(row["audio"]))  # FLAC both ways: lossless
+        assert cut.task_id == {"speech": 1, "audio": 2}[row["domain"]]
+        assert cut.spear_segment_id == row["segment_id"] and cut.source_uri == row["source_uri"]
+        assert cut.source_offset == pytest.approx(row["offset"] / 16000)
+        assert len(cut.supervisions) == 1 and cut.supervisions[0].duration == pytest.approx(cut.duration)
+        for role, name in fields.items():
+            expected = decode_tokens(row.get(f"{role}_tokens"), row.get(f"{role}_num_frames"),
+                                     row.get(f"{role}_num_codebooks"))
+            if expected is None:
+                assert not cut.has_custom(name), (cut.id, name)  # speech cuts: no audio-teacher tokens
+                continue
+            got = cut.load_custom(name)
+            assert got.dtype == np.uint8 and np.array_equal(got, expected), (cut.id, role)
+            arr = getattr(cut, name)
+            assert arr.frame_shift == pytest.approx(1.0 / teachers[role]["frame_rate"]) and arr.temporal_dim == 0
+    assert any(c.has_custom("audio_codebook_indexes") for c in cuts)
+    assert any(not c.has_custom("audio_codebook_indexes") for c in cuts)
+
+
+def test_shar_round_trip_local_relative_dest(tokens, tmp_path, monkeypatch):
+    from lhotse import CutSet
+
+    output, summary = tokens
+    monkeypatch.chdir(tmp_path)
+    s = run_export_tokens(output, "exports/shar", shard_size=3, progress=False)
+    rows = shard_rows(output, summary.token_version)
+    assert s.cuts == len(rows) and s.shards == -(-len(rows) // 3) and s.token_version == summary.token_version
+    assert s.fields == {"speech": "codebook_indexes", "audio": "audio_codebook_indexes"}
+    assert s.cuts_with_tokens["speech"] == len(rows) > s.cuts_with_tokens["audio"] > 0
+    names = sorted(os.listdir(tmp_path / "exports" / "shar"))
+    assert "cuts.000000.jsonl.gz" in names and "recording.000000.tar" in names and "codebook_indexes.000000.tar" in names
+    assert all(os.path.exists(f) for f in s.files) and len(s.files) == 4 * s.shards
+    info = TokenStore(output, summary.token_version).version_info()
+    assert_cuts_match(CutSet.from_shar(in_dir=str(tmp_path / "exports" / "shar")), rows, info)
+
+
+def test_cuts_manifest_round_trip_from_another_directory(tokens, tmp_path, monkeypatch):
+    from lhotse import CutSet
+
+    output, summary = tokens
+    monkeypatch.chdir(tmp_path)
+    s = run_export_tokens(output, "~/../" + os.path.relpath(tmp_path / "cuts", os.path.expanduser("~/..")),
+                          fmt="lhotse-cuts", shard_size=4, progress=False)
+    assert s.files == [str(tmp_path / "cuts" / "cuts.jsonl.gz")]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)  # the manifest names its files absolutely: it reads from any working directory
+    cuts = CutSet.from_file(str(tmp_path / "cuts" / "cuts.jsonl.gz"))
+    info = TokenStore(output, summary.token_version).version_info()
+    assert_cuts_match(cuts, shard_rows(output, summary.token_version), info)
+
+
+def test_shar_round_trip_on_seaweedfs(tokens, s3_storage, s3_server, tmp_path):
+    from lhotse import CutSet
+
+    output, summary = tokens
+    dest = f"s3://{s3_server.bucket}/lhotse-export-{os.getpid()}"
+    s = run_export_tokens(output, dest, shard_size=4, storage=s3_storage, progress=False)
+    listed = sorted(e.uri for e in s3_storage.list_files(dest))
+    assert listed == sorted(s.files) and all(f.startswith(dest + "/") for f in s.files)
+    local = tmp_path / "fetched"  # Lhotse reads what the bucket holds, fetched byte for byte through Storage
+    local.mkdir()
+    for uri in listed:
+        (local / uri.rsplit("/", 1)[1]).write_bytes(s3_storage.read_bytes(uri))
+    info = TokenStore(output, summary.token_version).version_info()
+    assert_cuts_match(CutSet.from_shar(in_dir=str(local)), shard_rows(output, summary.token_version), info)
+    with pytest.raises(ExportRequestError, match="not empty"):
+        run_export_tokens(output, dest, storage=s3_storage, progress=False)
+
+
+def spear(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "spear.pipeline.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_cli_json_summary_and_one_line_errors(tokens, tmp_path):
+    output, summary = tokens
+    r = spear("export-tokens", output, "out-shar", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["format"] == "lhotse-shar" and d["cuts"] == summary.committed_segments
+    assert d["dest"] == str(tmp_path / "out-shar") and "[export-tokens]" in r.stderr  # progress on stderr
+
+    r = spear("export-tokens", output, "out-shar", cwd=tmp_path)  # DEST not empty
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: out-shar is not empty: export into a "
+                                                                   "new or empty location"]
+    r = spear("export-tokens", output, "x", "--version", "tv-nope", cwd=tmp_path)
+    assert r.returncode == 2 and "--version tv-nope is not at" in r.stderr and summary.token_version in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = spear("export-tokens", str(tmp_path / "missing"), "y", cwd=tmp_path)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = spear("export-tokens", str(tmp_path / "empty"), "z", cwd=tmp_path)
+    assert r.returncode == 2 and "no token dataset at" in r.stderr and len(r.stderr.strip().splitlines()) == 1
