@@ -301,20 +301,38 @@ def list_cuts(src: Any, storage: Storage, seen: Optional[set[str]] = None
 
 
 def plan_cut_blocks(cuts: pa.Table, objects_per_task: int, min_blocks: int) -> list[pa.Table]:
-    """Decode tasks over cut rows: sorted by audio (then start) and sliced in runs of at most
-    ``objects_per_task * CUTS_PER_OBJECT`` cuts, at least ``min_blocks`` of them, so the cuts of a recording
-    mostly share one task and its one read of the audio.
+    """Decode tasks over cut rows, each a run of at most ``per_task`` cuts sorted by audio then start, where
+    ``per_task`` is ``objects_per_task * CUTS_PER_OBJECT`` or less to make ``min_blocks`` tasks. A recording's
+    cuts stay in one task (one read of its audio) unless they are more than ``per_task``: then in as few
+    tasks as that allows.
 
-    >>> t = pa.table({"audio_uri": ["b", "a", "b", "a"], "cut_start": [1.0, 0.0, 0.0, 2.0], "uri": list("wxyz")})
+    >>> t = pa.table({"audio_uri": ["b", "a", "b", "a", "c"], "cut_start": [1.0, 0.0, 0.0, 2.0, 0.0],
+    ...               "uri": list("vwxyz")})
     >>> [b["uri"].to_pylist() for b in plan_cut_blocks(t, objects_per_task=1, min_blocks=2)]
-    [['x', 'z'], ['y', 'w']]
+    [['w', 'y'], ['x', 'v', 'z']]
     """
     n = cuts.num_rows
     if n == 0:
         return []
     ordered = cuts.sort_by([("audio_uri", "ascending"), ("cut_start", "ascending")])
     per_task = max(1, min(objects_per_task * CUTS_PER_OBJECT, -(-n // max(1, min_blocks))))
-    return [ordered.slice(i, per_task) for i in range(0, n, per_task)]
+    keys = ordered["audio_uri"].to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], n]
+    spans: list[tuple[int, int]] = []          # (first row, rows) of each task, contiguous in ``ordered``
+    first, rows = 0, 0
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        for c in range(s, e, per_task):        # a recording with more cuts than per_task: in per_task chunks
+            size = min(per_task, e - c)
+            if rows and rows + size > per_task:
+                spans.append((first, rows))
+                rows = 0
+            if rows == 0:
+                first = c
+            rows += size
+    if rows:
+        spans.append((first, rows))
+    return [ordered.slice(a, k) for a, k in spans]
 
 
 # ----------------------------------------------------------------------------------------------- decoding
