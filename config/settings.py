@@ -209,7 +209,7 @@ class DecodeConfig(_Section):
 # --------------------------------------------------------------------------- teachers / mvq / tokenize
 
 
-TeacherKind = Literal["mfcc", "fbank", "wavlm", "hubert", "dasheng", "student", "spear"]
+TeacherKind = Literal["mfcc", "fbank", "wavlm", "hubert", "dasheng", "resemblyzer", "crepe", "student", "spear"]
 
 # Teacher kinds whose embeddings MVQ takes as they are by default: the authors fit Dasheng's codebooks
 # without normalisation and WavLM's with it (marcoyang1998/icefall egs/general_audio_encoder/mtl/run/
@@ -218,9 +218,12 @@ UNNORMALIZED_KINDS = ("dasheng",)
 
 
 class TeacherConfig(_Section):
-    kind: TeacherKind = Field(..., description="mfcc | fbank (no weights) | wavlm | hubert | dasheng | student | "
+    kind: TeacherKind = Field(..., description="mfcc | fbank (no weights) | wavlm | hubert | dasheng | resemblyzer "
+                              "(GE2E speaker encoder, 50 Hz) | crepe (CREPE pitch network, 25 Hz) | student | "
                               "spear (a released SPEAR model: the authors' icefall .pt or transformers-style folder)")
-    path: Optional[str] = Field(None, description="checkpoint directory or file (local or s3://); not used by mfcc/fbank")
+    path: Optional[str] = Field(None, description="checkpoint directory or file (local or s3://); not used by mfcc/fbank; "
+                                "resemblyzer / crepe default to the weights inside their installed wheels "
+                                "(scripts/teacher-weights.txt; crepe: tiny.pth, set full.pth's path for the full model)")
     layer: Optional[int] = Field(None, description="layer whose output is the embedding (default: the teacher's SPEAR layer)")
     batch_seconds: float = Field(120.0, gt=0, description="audio seconds per teacher batch (duration batching)")
     num_gpus: float = Field(1.0, ge=0, le=8, description="GPUs per teacher actor when GPUs are present")

@@ -43,6 +43,6 @@ def load_teacher(cfg: Union[TeacherConfig, Mapping[str, Any]], storage: Storage 
         student = load_student(cfg.path, storage=storage, device="cpu", cache_dir=cache_dir)
     elif cfg.kind == "spear":  # a released SPEAR model (icefall .pt / transformers-style), or a spear export
         student = load_any_student(cfg.path, storage=storage, device="cpu", cache_dir=cache_dir)
-    elif cfg.kind in CHECKPOINT_FILES:
+    elif cfg.kind in CHECKPOINT_FILES and cfg.path:  # no path: resemblyzer / crepe read their installed wheel's file
         checkpoint = fetch_checkpoint(cfg.path, storage, cache_dir, patterns=CHECKPOINT_FILES[cfg.kind])
     return build_teacher(cfg.kind, cfg.layer, checkpoint, student=student, dtype=cfg.dtype, device=device)

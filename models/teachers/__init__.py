@@ -8,7 +8,9 @@ layer and preprocessing).
 
 Kinds: ``mfcc`` (speech, 50 Hz, 78-d) and ``fbank`` (audio, 25 Hz, 128-d) need no weights;
 ``wavlm`` / ``hubert`` load Hugging Face checkpoints; ``dasheng`` loads the published
-Dasheng checkpoints with our own torch implementation; ``student`` wraps an exported student.
+Dasheng checkpoints with our own torch implementation; ``resemblyzer`` (GE2E speaker encoder,
+50 Hz, 256-d) and ``crepe`` (CREPE pitch network, 25 Hz) load the weights their PyPI wheels ship;
+``student`` wraps an exported student.
 
 Example::
 
@@ -22,7 +24,9 @@ Example::
 
 from .base import Teacher, TeacherOutput, conv_frames, file_sha256, hash_state_dict, make_version
 from .dasheng import DashengConfig, DashengEncoder, DashengTeacher, load_dasheng_checkpoint, save_dasheng_checkpoint
+from .crepe import CrepeTeacher
 from .features import FbankTeacher, MfccTeacher
+from .resemblyzer import ResemblyzerTeacher
 from .hf import HFTeacher, load_hf_teacher
 from .registry import AUTOCAST_DTYPES, CHECKPOINT_FILES, TEACHER_KINDS, build_teacher
 from .student import StudentTeacher
@@ -31,5 +35,6 @@ __all__ = [
     "Teacher", "TeacherOutput", "build_teacher", "TEACHER_KINDS", "CHECKPOINT_FILES", "AUTOCAST_DTYPES",
     "MfccTeacher", "FbankTeacher", "HFTeacher", "load_hf_teacher",
     "DashengConfig", "DashengEncoder", "DashengTeacher", "load_dasheng_checkpoint", "save_dasheng_checkpoint",
+    "ResemblyzerTeacher", "CrepeTeacher",
     "StudentTeacher", "conv_frames", "file_sha256", "hash_state_dict", "make_version",
 ]

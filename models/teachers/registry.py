@@ -8,8 +8,9 @@ Example::
     ('fbank', 25.0, 128)
 
 ``wavlm`` / ``hubert`` / ``dasheng`` read a local checkpoint (the files :data:`CHECKPOINT_FILES`
-names); a ``student`` teacher wraps a loaded :class:`~spear.models.student.StudentModel`, a ``spear``
-teacher the same for a released SPEAR model converted to it.
+names); ``resemblyzer`` (speaker encoder) and ``crepe`` (pitch network) read theirs from the installed
+wheels that ship them when no checkpoint is given (``scripts/teacher-weights.txt``); a ``student``
+teacher wraps a loaded :class:`~spear.models.student.StudentModel`, a ``spear`` teacher the same for a released SPEAR model converted to it.
 Fetching checkpoints from storage and building from a ``TeacherConfig`` is
 :func:`spear.stages.teacher_loading.load_teacher`.
 """
@@ -26,17 +27,22 @@ from spear.models.device import default_device
 from .base import Teacher
 from .dasheng import DashengTeacher, build_dasheng
 from .features import FbankTeacher, MfccTeacher
+from .crepe import build_crepe
 from .hf import HF_FILE_PATTERNS, load_hf_teacher
+from .resemblyzer import build_resemblyzer
 from .student import StudentTeacher
 
 if TYPE_CHECKING:
     from spear.models.student import StudentModel
 
-TEACHER_KINDS = ("mfcc", "fbank", "wavlm", "hubert", "dasheng", "student", "spear")
+TEACHER_KINDS = ("mfcc", "fbank", "wavlm", "hubert", "dasheng", "resemblyzer", "crepe", "student", "spear")
 #: The checkpoint files each kind with weights reads (patterns of file names in its folder).
 CHECKPOINT_FILES: dict[str, tuple[str, ...]] = {
     "wavlm": HF_FILE_PATTERNS, "hubert": HF_FILE_PATTERNS, "dasheng": ("*.pt", "*.pth", "*.ckpt"),
+    "resemblyzer": ("*.pt", "*.pth"), "crepe": ("*.pth", "*.pt"),
 }
+#: Kinds whose checkpoint defaults to a weight file inside an installed wheel (no `path` needed).
+WHEEL_KINDS = ("resemblyzer", "crepe")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -46,7 +52,8 @@ def build_teacher(kind: str, layer: Optional[int] = None, checkpoint: Union[str,
     """The teacher of ``kind`` at ``layer`` (None: its SPEAR layer), frozen, in eval mode, on ``device``
     (default: CUDA if present); on CUDA it runs under autocast in ``dtype``, on CPU in float32.
 
-    ``checkpoint``: the local checkpoint file or folder of ``wavlm`` / ``hubert`` / ``dasheng``;
+    ``checkpoint``: the local checkpoint file or folder of ``wavlm`` / ``hubert`` / ``dasheng``, or of
+    ``resemblyzer`` / ``crepe`` (None: the weights inside their installed wheels, crepe's ``tiny``);
     ``student``: the loaded student of a ``student`` teacher. Raises ValueError for a bad kind or
     layer, FileNotFoundError when the checkpoint lacks files.
     """
@@ -62,6 +69,10 @@ def build_teacher(kind: str, layer: Optional[int] = None, checkpoint: Union[str,
             teacher = DashengTeacher(encoder, layer, weights_hash)
         else:
             teacher = load_hf_teacher(kind, checkpoint, layer)
+    elif kind == "resemblyzer":
+        teacher = build_resemblyzer(checkpoint, layer)
+    elif kind == "crepe":
+        teacher = build_crepe(checkpoint, layer)
     elif kind in ("student", "spear"):  # spear: a released SPEAR model, loaded as a StudentModel
         if student is None:
             raise ValueError(f"teacher kind '{kind}' needs the loaded student")
