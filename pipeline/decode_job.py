@@ -32,7 +32,8 @@ from spear.config import ConfigError, SpearConfig
 from spear.pipeline.progress import Progress
 from spear.schemas.decode_record import DECODE_RECORD_NAME, QUARANTINE_NAME, SEGMENTS_DIR, DecodeRecord
 from spear.schemas.quarantine import QuarantineRecord, is_partial, quarantine_table
-from spear.schemas.segments import SEGMENT_SCHEMA
+from spear.schemas.segments import CUT_METADATA_COLUMNS, SEGMENT_SCHEMA
+from spear.schemas.shards import with_cut_metadata
 from spear.stages.catalog import Catalog, build_catalog
 from spear.stages.decode import decode_dataset
 from spear.stages.writer import WRITER_CPUS, ObjectTracker, WriterStage, parquet_bytes
@@ -212,11 +213,17 @@ def read_segments(output: str, storage: Storage | None = None, columns: list[str
     record = read_decode_record(output, storage)
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(pa.BufferReader(storage.read_bytes(f)), columns=columns) for f in record.files]
+    tables = []
+    for f in record.files:
+        data = storage.read_bytes(f)
+        # segments written before Lhotse sources lack the cut metadata columns: read as nulls
+        names = set(pq.read_schema(pa.BufferReader(data)).names) if columns is not None else set()
+        present = None if columns is None else [c for c in columns if c in names or c not in CUT_METADATA_COLUMNS]
+        tables.append(with_cut_metadata(pq.read_table(pa.BufferReader(data), columns=present), columns))
     if not tables:
         schema = SEGMENT_SCHEMA if columns is None else pa.schema([SEGMENT_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(tables, promote_options="default")
     if "segment_id" in table.column_names:
         table = table.sort_by("segment_id")
     return table

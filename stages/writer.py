@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from spear.cluster.storage import StorageOptions, cached_storage, join_uri
 from spear.schemas.quarantine import QuarantineRecord
+from spear.schemas.shards import with_cut_metadata
 from spear.schemas.write_summary import WrittenObject, quarantine_records, summary_table, written_objects
 
 UNCOMPRESSED_COLUMNS = ("audio",)
@@ -86,6 +87,8 @@ class WriterStage:
         file, size = "", 0
         if good.num_rows:
             table = self.transform(good) if self.transform is not None else good
+            # rows from producers that know nothing of Lhotse cuts: their cut metadata columns are null
+            table = with_cut_metadata(table, self.schema.names)
             data = parquet_bytes(table.select(self.schema.names).cast(self.schema))
             file = join_uri(self.directory, f"{self.prefix}-{uuid.uuid4().hex[:16]}.parquet")
             cached_storage(self.storage_options).write_bytes(file, data)

@@ -36,7 +36,8 @@ def _write_shard(store: TokenStore, run_id: str, n: int, rows: list[tuple[str, i
                   "source_etag": "e", "source_size": 10, "content_sha256": "x", "domain": "speech", "offset": i,
                   "num_samples": 160, "duration": 0.01, "sample_rate": 16000, "audio": AUDIO, "run_id": run_id,
                   "speech_tokens": tokens.tobytes(), "speech_num_frames": 3, "speech_num_codebooks": 2,
-                  "speech_frame_rate": 50.0, "speech_codebook": "cb"}
+                  "speech_frame_rate": 50.0, "speech_codebook": "cb",
+                  "cut_id": None, "speaker": None, "language": None, "text": None}  # a file source: no cut metadata
         for k in cols:
             cols[k].append(values[k])
     data = parquet_bytes(pa.table(cols, schema=schema))
