@@ -2,15 +2,19 @@
 
     python bench/teacher.py                       # CPU (and CUDA too when present), ~2 min on 2 cores
     python bench/teacher.py --minutes 4 --batch-seconds 120 --device cuda
+    python bench/teacher.py --teachers resemblyzer,crepe --nn-minutes 1   # the pretrained teachers only
 
 Segment lengths are drawn from a log-normal (median 8 s, sigma 0.7) clipped to 1..30 s,
 a typical spread for segments cut at 30 s from speech and audio corpora.
 
 Prints
-  (1) per teacher (mfcc, fbank, small random-init WavLM / HuBERT / Dasheng): frames/s and x real
-      time with duration batching, and the ratio against a reference run in the same process
-      on the same batches (lhotse's Kaldi layers for the features, transformers' own model
-      for WavLM / HuBERT; Dasheng's package does not import without torchaudio);
+  (1) per teacher (mfcc, fbank, small random-init WavLM / HuBERT / Dasheng, the pretrained
+      resemblyzer and crepe (tiny) from their wheels): frames/s and x real time with duration
+      batching, and the ratio against a reference run in the same process on the same batches
+      (lhotse's Kaldi layers for the features, transformers' own model for WavLM / HuBERT,
+      resemblyzer's librosa mel + VoiceEncoder LSTM per utterance on the same 1.6 s windows,
+      torchcrepe's Crepe module on the same frames; Dasheng's package does not import without
+      torchaudio);
   (2) GFLOP per audio second of the real-size teachers (analytic, 10 s utterances) and the
       x real time bound of an 800 TFLOP/s bf16 GPU;
   (3) padding waste (padded samples / samples computed) of duration batching (sort + cut by
@@ -156,13 +160,50 @@ def reference_fn(kind: str, teacher: Teacher, device: torch.device):
                 hs = model(x, attention_mask=mask, output_hidden_states=True).hidden_states
             return int(model._get_feat_extract_output_lengths(lens).sum()) if hs is not None else 0
         return run, "transformers model, output_hidden_states"
+    if kind == "resemblyzer":
+        try:
+            from resemblyzer import VoiceEncoder, audio as rz_audio
+        except ImportError:
+            return None, "resemblyzer's audio module needs librosa + webrtcvad (test extra)"
+        from spear.models.teachers.resemblyzer import window_plan
+        enc = VoiceEncoder(device=device, verbose=False).eval()
+
+        def run(x, lens):  # the package's inference: one utterance at a time, numpy mel, then the LSTM
+            frames = 0
+            for w, n in zip(x.cpu().numpy(), lens.tolist()):
+                mel = torch.from_numpy(rz_audio.wav_to_mel_spectrogram(
+                    rz_audio.normalize_volume(w[:n], -30, increase_only=True).astype(np.float32))).to(device)
+                k = int(window_plan(torch.tensor(mel.shape[0])))
+                mel = torch.nn.functional.pad(mel, (0, 0, 0, 80 * (k - 1) + 160 - mel.shape[0]))
+                with torch.inference_mode():
+                    enc.lstm(torch.stack([mel[80 * i: 80 * i + 160] for i in range(k)]))
+                frames += teacher.num_frames_for(n)
+            return frames
+        return run, "resemblyzer librosa mel + VoiceEncoder.lstm, per utterance"
+    if kind == "crepe":
+        from spear.models.teachers.crepe import torchcrepe_reference
+        ref = torchcrepe_reference(teacher.net.capacity).to(device)
+
+        def run(x, lens):  # the package's module on the same (already framed) windows, up to block 6
+            nf = teacher.num_frames_for(lens)
+            frames = teacher.frames(x, lens.to(x.device))
+            keep = torch.arange(frames.shape[1], device=x.device)[None] < nf.to(x.device)[:, None]
+            flat = frames[keep]
+            with torch.inference_mode():
+                for i in range(0, flat.shape[0], teacher.frames_per_pass):
+                    ref.layer(ref.embed(flat[i: i + teacher.frames_per_pass]), ref.conv6, ref.conv6_BN)
+            return int(nf.sum())
+        return run, "torchcrepe's Crepe module (by file path) on the same frames"
     return None, "dasheng package needs torchaudio"
 
 
 def bench_throughput(args, device: torch.device, cfgs: dict[str, TeacherConfig]) -> list[tuple]:
     rows = []
     for kind, minutes in (("mfcc", args.minutes), ("fbank", args.minutes), ("wavlm", args.nn_minutes),
-                          ("hubert", args.nn_minutes), ("dasheng", args.nn_minutes)):
+                          ("hubert", args.nn_minutes), ("dasheng", args.nn_minutes),
+                          ("resemblyzer", args.nn_minutes), ("crepe", args.nn_minutes)):
+        if args.teachers and kind not in args.teachers:
+            continue
         lengths = segment_lengths(minutes, args.seed)
         audio = make_audio(lengths, args.seed)
         batches = duration_batches(lengths, args.rows, args.batch_seconds)
@@ -275,6 +316,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes per measurement (the best counts)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teachers", type=lambda v: [k.strip() for k in v.split(",") if k.strip()], default=None,
+                    help="comma-separated kinds: only these in (1), and (2) / (3) left out (e.g. resemblyzer,crepe)")
     args = ap.parse_args()
     global REPEAT
     REPEAT = max(1, args.repeat)
@@ -295,6 +338,8 @@ def main() -> None:
                   f"Dasheng: 256-d x 4)",
                   ("teacher", "params", "dim", "Hz", "frames/s", "x real time", "ref time / ours", "reference"),
                   bench_throughput(args, device, cfgs))
+        if args.teachers:
+            return
         table("(2) real-size teachers: analytic GFLOP per audio second (10 s utterances)",
               ("teacher", "GFLOP / audio s", "x real time bound @ 800 TFLOP/s"), flops_table())
         for device in devices:

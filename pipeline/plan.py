@@ -15,7 +15,8 @@ Storage, checkpoint sizes and epochs are exact arithmetic on the formats.
 
 Teachers are named by kind and size, so no checkpoint is needed: ``wavlm-large`` (layer 21 by
 default), ``wavlm-base``, ``hubert-xlarge@30``, ``dasheng-base``, ``dasheng-1.2b``, ``mfcc``,
-``fbank``, ``student`` (the configured student preset), ``none`` (audio only). Without a name
+``fbank``, ``resemblyzer``, ``crepe`` / ``crepe-full`` (pretrained nets from wheels, planned on CPU at
+measured rates), ``student`` (the configured student preset), ``none`` (audio only). Without a name
 the config's teachers are used, their size read from the checkpoint path when it names one.
 
 Corpus hours come from ``hours`` or, when not given, from listing ``corpus.sources``
@@ -71,6 +72,12 @@ RATES: dict[str, Rate] = {
                                 "measured with bench/teacher.py on a 2-core shared machine"),
     "fbank_rt_per_process": Rate(176.0, "x real time per CPU process",
                                  "measured with bench/teacher.py on a 2-core shared machine"),
+    "resemblyzer_rt_per_process": Rate(96.0, "x real time per CPU process (2 threads)",
+                                       "measured with bench/teacher.py --teachers resemblyzer on a 2-core shared machine"),
+    "crepe_rt_per_process": Rate(14.7, "x real time per CPU process (2 threads), tiny at 25 Hz",
+                                 "measured with bench/teacher.py --teachers crepe on a 2-core shared machine"),
+    "crepe_full_rt_per_process": Rate(0.65, "x real time per CPU process (2 threads), full at 25 Hz",
+                                      "measured on a 2-core shared machine (8 s utterances, best of 2)"),
     "gpu_teacher_rt_pessimistic": Rate(50.0, "x real time per GPU, WavLM Large + MVQ encode, end to end",
                                        "icefall's published WavLM Large MVQ extraction on one A100 "
                                        "(loading, batching and padding included)"),
@@ -262,9 +269,12 @@ def parse_teacher(name: str) -> Optional[dict[str, Any]]:
             raise ConfigError(f"teacher {name!r}: the part after @ must be a layer number, e.g. wavlm-large@21")
         layer = int(layer_text)
     kind, _, size = base.partition("-")
-    known = sorted(TEACHER_ARCHS) + ["mfcc", "fbank", "student", "wavlm", "hubert", "dasheng", "none"]
-    if kind in ("mfcc", "fbank", "student") and not size:
+    known = sorted(TEACHER_ARCHS) + ["mfcc", "fbank", "resemblyzer", "crepe", "crepe-full", "student", "wavlm",
+                                     "hubert", "dasheng", "none"]
+    if kind in ("mfcc", "fbank", "resemblyzer", "crepe", "student") and not size:
         return {"kind": kind, "size": None, "layer": layer}
+    if kind == "crepe" and size in ("tiny", "full"):
+        return {"kind": kind, "size": size, "layer": layer}
     if kind in DEFAULT_SIZE and (not size or f"{kind}-{size}" in TEACHER_ARCHS):
         return {"kind": kind, "size": size or None, "layer": layer}
     raise ConfigError(f"unknown teacher {name!r}: name one of {', '.join(known)} (optionally @LAYER)")
@@ -279,6 +289,16 @@ def teacher_plan(spec: dict[str, Any], num_codebooks: int, student: dict[str, An
         rate, dim = (50.0, 39) if kind == "mfcc" else (25.0, 128)
         return {"name": kind, "kind": kind, "device": "cpu", "params": 0, "dim": dim, "frame_rate": rate,
                 "rt_per_process": rt.value, "size_source": "no weights", "source": rt.source}
+    if kind in ("resemblyzer", "crepe"):  # small pretrained nets from wheels: planned on CPU at measured rates
+        full = kind == "crepe" and (spec.get("size") == "full" or "full" in (spec.get("path") or "").lower())
+        rt = RATES["crepe_full_rt_per_process" if full else f"{kind}_rt_per_process"]
+        # (params, frame rate, dim at the default layer); crepe's dim is block 6's: 4 positions x its channels
+        params, rate, dim = {"resemblyzer": (1.42e6, 50.0, 256), "crepe": (0.49e6, 25.0, 256)}[kind] if not full \
+            else (22.2e6, 25.0, 2048)
+        return {"name": "crepe-full" if full else kind, "kind": kind, "device": "cpu", "params": int(params),
+                "dim": dim, "frame_rate": rate, "layer": layer, "rt_per_process": rt.value,
+                "size_source": "crepe: full if the path or name says so, else tiny" if kind == "crepe" else "one size",
+                "source": rt.source}
     if kind == "student":
         g = student_forward_gflop_per_second(student["architecture"], student["size"], student["encoder_params"])
         mvq = mvq_gflop_per_second(num_codebooks, student["output_dim"], 50.0)
@@ -553,7 +573,7 @@ def make_plan(cfg: SpearConfig, *, hours: Optional[float] = None, speech_share: 
             dev = h / t["rt_per_process"]
             cpu_h += dev
             add("TOKENISE", f"{role}_teacher_device_hours", Figure(
-                label, "CPU core h", None, "none: a CPU feature teacher, measured instead", dev, "measured",
+                label, "CPU core h", None, "none: a CPU teacher, measured instead", dev, "measured",
                 f"{t['rt_per_process']:g}x real time per process, {t['source']}", cpu_wall))
             continue
         g = t["gflop_per_audio_second"] + t["mvq_gflop_per_audio_second"]

@@ -236,3 +236,16 @@ def test_cuda_matches_cpu(speech, kind):
     cos = torch.nn.functional.cosine_similarity(e_cpu.flatten(0, 1), e_gpu.flatten(0, 1), dim=-1)
     valid = torch.cat([torch.arange(e_cpu.shape[1]) < n for n in cpu.num_frames])
     assert cos[valid].min() > (0.9999 if kind == "resemblyzer" else 0.98), cos[valid].min()
+
+
+def test_plan_prices_the_pretrained_teachers_on_cpu():
+    from spear.config import load_config
+    from spear.pipeline.plan import make_plan
+
+    p = make_plan(load_config(None), hours=10, speech_share=0.5, speech_teacher="resemblyzer", audio_teacher="crepe")
+    for role, kind in (("speech", "resemblyzer"), ("audio", "crepe")):
+        t, real = p.teachers[role], build_teacher(kind, device="cpu")
+        assert (t["device"], t["dim"], t["frame_rate"]) == ("cpu", real.dim, real.frame_rate)
+        assert p.figures[f"{role}_teacher_device_hours"].rate == pytest.approx(t["hours"] / t["rt_per_process"])
+    full = make_plan(load_config(None), hours=10, speech_teacher="mfcc", audio_teacher="crepe-full").teachers["audio"]
+    assert (full["name"], full["dim"]) == ("crepe-full", 2048)
