@@ -207,6 +207,19 @@ def test_load_teacher_finds_the_wheel_files_and_user_paths(tmp_path, monkeypatch
     assert load_teacher({"kind": "resemblyzer", "layer": 4, "path": "~/w/pretrained.pt"}, device="cpu").version == rz.version
 
 
+def test_load_teacher_from_object_storage(s3_storage, s3_server, tmp_path):
+    """crepe's tiny weights uploaded to SeaweedFS: a file URI and a folder prefix (only *.pth / *.pt fetched)."""
+    root = f"s3://{s3_server.bucket}/pretrained-{tmp_path.name}"
+    s3_storage.write_bytes(f"{root}/crepe/tiny.pth", crepe_weights_path("tiny").read_bytes())
+    s3_storage.write_bytes(f"{root}/crepe/NOTICE.txt", b"not fetched")
+    local = build_teacher("crepe", device="cpu")
+    cache = tmp_path / "cache"
+    for path in (f"{root}/crepe/tiny.pth", f"{root}/crepe/"):
+        t = load_teacher(TeacherConfig(kind="crepe", path=path), storage=s3_storage, device="cpu", cache_dir=cache)
+        assert (t.version, t.dim) == (local.version, 256), path
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".etag")) == ["tiny.pth"] * 2
+
+
 def test_wrong_or_missing_weights_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="scripts/teacher-weights.txt"):
         packaged_file("no_such_wheel_spear_test", "x.pt")
