@@ -21,7 +21,7 @@ the config's teachers are used, their size read from the checkpoint path when it
 
 Corpus hours come from ``hours`` or, when not given, from listing ``corpus.sources``
 (:func:`spear.stages.catalog.build_catalog`) and dividing each object's size by a
-bytes-per-second estimate for its extension (:data:`BYTES_PER_SECOND`). The audio-domain
+bytes-per-second estimate for its extension (:data:`BYTES_PER_SECOND`; a Lhotse cut by its duration). The audio-domain
 share comes from the sources' ``domain`` (or ``speech_share``).
 
 Example::
@@ -491,8 +491,11 @@ def corpus_hours(cfg: SpearConfig, storage=None) -> tuple[float, float]:
         raise ConfigError("no corpus.sources in the config: give --hours")
     cat = build_catalog(cfg.corpus.sources, storage)
     by_domain = {"speech": 0.0, "audio": 0.0}
-    for uri, size, domain in zip(cat.objects["uri"].to_pylist(), cat.objects["size"].to_pylist(),
-                                 cat.objects["domain"].to_pylist()):
+    for uri, size, domain, cut_seconds in zip(cat.objects["uri"].to_pylist(), cat.objects["size"].to_pylist(),
+                                              cat.objects["domain"].to_pylist(), cat.objects["cut_duration"].to_pylist()):
+        if cut_seconds is not None:  # a Lhotse cut: its manifest gives the duration
+            by_domain[domain] += cut_seconds / 3600
+            continue
         ext = uri.rsplit(".", 1)[-1].lower()
         by_domain[domain] += size / BYTES_PER_SECOND.get(ext, BYTES_PER_SECOND["flac"]) / 3600
     total = sum(by_domain.values())

@@ -122,3 +122,13 @@ def test_a_shar_directory_on_s3_tokenises_into_s3(ray_cluster, corpus, s3_server
     table = store.read_table(META)
     check_rows(table, GOOD_1, shar=True)
     assert pc.all(pc.equal(table["speech_frame_rate"], table["speech_frame_rate"][0])).as_py()
+
+
+def test_spear_plan_counts_a_manifest_by_its_cut_durations(corpus):
+    from spear.pipeline.plan import corpus_hours
+
+    cfg = load_config(None)
+    cfg.corpus.sources = [SourceConfig(uri=str(corpus.manifest1), domain="speech")]
+    hours, speech_share = corpus_hours(cfg)
+    listed = sum(spec[2] for spec in GOOD_1.values()) + 1.5 + 2.0 + 5.0   # good cuts + gone, past, long
+    assert abs(hours * 3600 - listed) < 1e-6 and speech_share == 1.0
