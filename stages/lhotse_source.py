@@ -26,7 +26,8 @@ What a cut becomes:
   window the manifest (``cuts.cut_into_windows``).
 
 Set aside with a reason, the rest of the run going on: at listing, MixedCut / PaddingCut (several
-recordings or padding: unsupported), cuts without a recording, recordings read through a shell
+recordings or padding: unsupported), cuts without a recording, recordings with audio transforms
+other than Resample (speed or volume perturbation, reverberation: unsupported), recordings read through a shell
 command, from memory or a non-S3 URL (unsupported), duplicate cut ids (the second and later);
 at decode (and then recorded in the ledger, like an undecodable file), a missing or unreadable
 recording, an offset past its end, a cut longer than ``max_segment_seconds`` or shorter than
@@ -191,6 +192,10 @@ def _cut_row(cut: Any, src: Any, manifest_uri: str, shar_tar: Optional[str], mti
     rec = cut.recording
     if rec is None:
         raise ValueError("the cut has no recording (only features or custom data)")
+    changes = [t.get("name") if isinstance(t, dict) else type(t).__name__ for t in (rec.transforms or [])]
+    changes = [name for name in changes if name != "Resample"]  # decoding resamples to 16 kHz anyway
+    if changes:
+        raise ValueError(f"recording {rec.id} has audio transforms {changes}: unsupported (only Resample)")
     wanted = _wanted_channels(cut)
     holders = [s for s in rec.sources if set(wanted) <= set(s.channels)]
     if not holders:

@@ -213,3 +213,19 @@ def _relative_audio(cut):
     src = cut.recording.sources[0]
     src.source = "audio/" + os.path.basename(src.source)
     return cut
+
+
+def test_resampled_recordings_decode_and_other_transforms_are_set_aside(corpus, tmp_path):
+    from lhotse import CutSet
+
+    a0 = next(c for c in CutSet.from_file(corpus.manifest1) if c.id == "a-0")
+    resampled = a0.resample(8000).with_id("a-0-8k")           # a Resample transform: decoding resamples anyway
+    faster = a0.perturb_speed(1.1).with_id("a-0-fast")        # changes the audio: not tokenised
+    m = tmp_path / "transforms.jsonl.gz"
+    CutSet.from_cuts([resampled, faster]).to_file(m)
+    cat = build_catalog([SourceConfig(uri=str(m), domain="speech")])
+    assert cat.objects["cut_id"].to_pylist() == ["a-0-8k"]
+    assert len(cat.unreadable) == 1 and "audio transforms ['Speed']" in cat.unreadable[0]["reason"]
+    row = DecodeStage(DECODE)(cat.objects).to_pylist()[0]
+    assert row["quarantine_reason"] is None
+    assert np.array_equal(flac_decode_pcm16(row["audio"]), lhotse_reference(corpus.manifest1, "a-0"))
