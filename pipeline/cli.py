@@ -170,7 +170,7 @@ def config_show(config: Optional[str], sets: tuple[str, ...]) -> None:
 
 @main.command()
 @config_options
-@click.option("--input", "inputs", default=None, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://).")
+@click.option("--input", "inputs", default=None, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet manifests (cuts.jsonl.gz) or Lhotse Shar directories.")
 @click.option("--domain", type=click.Choice(["speech", "audio"]), default=None, help="Domain of the --input sources.")
 @click.option("--output", default=None, help="Where segments go (overrides `output`).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing decode result at --output.")
@@ -209,7 +209,7 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
 
 @main.command()
 @config_options
-@click.option("--input", "inputs", default=None, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://).")
+@click.option("--input", "inputs", default=None, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet manifests (cuts.jsonl.gz) or Lhotse Shar directories.")
 @click.option("--domain", type=click.Choice(["speech", "audio"]), default=None, help="Domain of the --input sources.")
 @click.option("--output", default=None, help="Token dataset location (overrides `output`).")
 def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
