@@ -43,6 +43,7 @@ from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.progress import Progress
 from spear.schemas.ledger import VersionInfo, quarantined_entry, tokenized_entry
 from spear.schemas.quarantine import is_partial
+from spear.schemas.segments import CUT_METADATA_COLUMNS
 from spear.schemas.shards import TOKEN_VERSION_SCHEME, token_columns, token_shard_schema, token_version
 from spear.stages.catalog import Catalog, build_catalog
 from spear.stages.decode import decode_dataset
@@ -236,6 +237,11 @@ def add_token_metadata(table: pa.Table, *, run_id: str, roles: dict[str, Optiona
                                 (f"{role}_frame_rate", meta["frame_rate"], pa.float32()),
                                 (f"{role}_codebook", meta["codebook"], pa.string())):
             table = table.append_column(col, pc.if_else(applies, pa.array([value] * n, typ), pa.nulls(n, typ)))
+    # A batch of file rows has all-null cut metadata; two teacher stages in a row (numpy batches) hand such a
+    # column back as float NaN (null type -> float32), which the shard schema's cast would write as "nan".
+    for name in CUT_METADATA_COLUMNS:
+        if name in table.column_names and (pa.types.is_null(table[name].type) or pa.types.is_floating(table[name].type)):
+            table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(n, pa.string()))
     return table
 
 
