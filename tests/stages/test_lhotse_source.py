@@ -229,3 +229,17 @@ def test_resampled_recordings_decode_and_other_transforms_are_set_aside(corpus, 
     row = DecodeStage(DECODE)(cat.objects).to_pylist()[0]
     assert row["quarantine_reason"] is None
     assert np.array_equal(flac_decode_pcm16(row["audio"]), lhotse_reference(corpus.manifest1, "a-0"))
+
+
+def test_file_sources_and_cut_sources_decode_side_by_side(corpus):
+    cat = build_catalog([SourceConfig(uri=str(corpus.audio), domain="audio", name="files"),
+                         SourceConfig(uri=str(corpus.manifest1), domain="speech", name="m")])
+    assert cat.unreadable != [] and sorted(set(cat.objects["source"].to_pylist())) == ["files", "m"]
+    rows = [r for b in plan_decode_blocks(cat.objects, objects_per_task=2, slots=1) for r in DecodeStage(DECODE)(b).to_pylist()]
+    files = [r for r in rows if r["source"] == "files"]
+    # the 9 s file is cut into 4 s segments as before, with no cut metadata; the cuts are whole
+    a = sorted((r["offset"], r["num_samples"]) for r in files if r["relative_path"] == "long_a.flac")
+    assert a == [(0, 64000), (64000, 64000), (128000, 16000)]
+    assert all(r["cut_id"] is None and r["text"] is None for r in files)
+    cuts = {r["cut_id"]: r for r in rows if r["source"] == "m" and r["quarantine_reason"] is None}
+    assert set(cuts) == set(GOOD_1)
