@@ -41,8 +41,6 @@ CHECKPOINT_FILES: dict[str, tuple[str, ...]] = {
     "wavlm": HF_FILE_PATTERNS, "hubert": HF_FILE_PATTERNS, "dasheng": ("*.pt", "*.pth", "*.ckpt"),
     "resemblyzer": ("*.pt", "*.pth"), "crepe": ("*.pth", "*.pt"),
 }
-#: Kinds whose checkpoint defaults to a weight file inside an installed wheel (no `path` needed).
-WHEEL_KINDS = ("resemblyzer", "crepe")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
