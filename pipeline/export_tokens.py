@@ -101,17 +101,19 @@ def iter_live_rows(store: TokenStore, columns: Optional[Sequence[str]] = None) -
     for uri in store.shard_files():
         fs, path = store.storage.filesystem(uri)
         try:
-            pf = pq.ParquetFile(fs.open(path, "rb"))
+            fh = fs.open(path, "rb")
         except FileNotFoundError:
             raise StorageError(f"shard file {uri} of token version {store.version} is missing: the committed "
                                "manifest names it, so the dataset was changed or copied incompletely") from None
-        present = set(pf.schema_arrow.names)
-        cols = None if columns is None else [c for c in columns if c in present]
-        for g in range(pf.metadata.num_row_groups):
-            t = pf.read_row_group(g, columns=cols)
-            keys = pc.binary_join_element_wise(t["source_uri"], t["run_id"], "\x00")
-            t = t.filter(pc.is_in(keys, value_set=live))
-            yield from t.to_pylist()
+        with fh:
+            pf = pq.ParquetFile(fh)
+            present = set(pf.schema_arrow.names)
+            cols = None if columns is None else [c for c in columns if c in present]
+            for g in range(pf.metadata.num_row_groups):
+                t = pf.read_row_group(g, columns=cols)
+                keys = pc.binary_join_element_wise(t["source_uri"], t["run_id"], "\x00")
+                t = t.filter(pc.is_in(keys, value_set=live))
+                yield from t.to_pylist()
 
 
 # --------------------------------------------------------------------------- rows -> cuts
