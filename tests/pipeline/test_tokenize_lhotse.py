@@ -109,6 +109,21 @@ def test_a_local_manifest_then_a_larger_one_tokenise_each_cut_once(ray_cluster, 
 
     assert plan_training_data(old_store).roles == ("speech",)
 
+    # one cut changed (shorter): only it is tokenised again, and its new row replaces the old one
+    from lhotse import CutSet
+
+    cuts = {}
+    for c in CutSet.from_file(corpus.manifest2):
+        cuts.setdefault(c.id, c)
+    cuts["a-1"] = cuts["a-1"].truncate(duration=2.5, preserve_id=True)
+    changed = tmp_path / "changed.jsonl.gz"
+    CutSet.from_cuts(cuts.values()).to_file(changed)
+    third = run_tokenize(cfg_for(out, [("m3", "speech", changed)]), progress=False)
+    assert (third.pending_objects, third.new_objects) == (1, 1) and third.token_version == first.token_version
+    table = store.read_table(["cut_id", "duration"])
+    live = {r["cut_id"]: r for r in table.to_pylist()}
+    assert table.num_rows == len(live) == len(GOOD_1) + len(ADDED) and live["a-1"]["duration"] == 2.5
+
 
 @pytest.mark.slow
 def test_a_shar_directory_on_s3_tokenises_into_s3(ray_cluster, corpus, s3_server, s3_storage):
