@@ -103,7 +103,7 @@ def test_config_loader_drops_only_base_60_numbers():
     ("decode.max_segment_seconds=1:30", "decode.max_segment_seconds: must be a valid number"),
     ("storage.anonymous=maybe", "storage.anonymous: must be true or false (given: 'maybe')"),
     ("teachers.speech.kind=bert", "teachers.speech.kind: must be 'mfcc', 'fbank', 'wavlm', 'hubert', 'dasheng', "
-                                  "'student' or 'spear' (given: 'bert')"),
+                                  "'resemblyzer', 'crepe', 'student' or 'spear' (given: 'bert')"),
     ("train.mixing.speech_snr_db=5", "train.mixing.speech_snr_db: must be a list, such as [a, b] (given: 5)"),
     ("decode=3", "decode: must be a section of `key: value` fields (given: 3)"),
     ("corpus.sources=[{uri: /x}]", "corpus.sources.0.domain: is required but missing"),
