@@ -158,10 +158,13 @@ def child(kind: str, manifest: str, out: str) -> dict:
     catalog = build_catalog([SourceConfig(uri=manifest, domain="speech", name="bench")], storage)
     t_list = time.perf_counter() - t0
     ledger = TokenStore(out, VERSION, storage).ledger()
+    t_ledger = time.perf_counter() - t0 - t_list
     todo, skipped = diff_catalog(catalog.objects, ledger)
+    t_diff = time.perf_counter() - t0 - t_list - t_ledger
     blocks = plan_cut_blocks(todo, objects_per_task=DecodeConfig().objects_per_task, min_blocks=64)
     wall = time.perf_counter() - t0
-    return {"kind": kind, "wall": wall, "list_wall": t_list, "cuts": catalog.objects.num_rows, "new": todo.num_rows,
+    return {"kind": kind, "wall": wall, "list_wall": t_list, "ledger_wall": t_ledger, "diff_wall": t_diff,
+            "plan_wall": wall - t_list - t_ledger - t_diff, "cuts": catalog.objects.num_rows, "new": todo.num_rows,
             "skipped": skipped, "blocks": len(blocks), "quarantined": len(catalog.unreadable),
             "rss_base": base, "rss_peak": _maxrss_mb()}
 
@@ -206,8 +209,10 @@ def main() -> None:
         print(f"{names[kind]}\n    {wall:8.2f} s  {med(kind, 'cuts') / wall:10.0f} cuts/s  peak RSS {peak:7.0f} MB  "
               f"({peak - base:7.0f} MB above its imports)")
     s = results["spear"][-1]
-    print(f"    spear: listing {s['list_wall']:.2f} s of it; {s['cuts']} cuts listed, {s['new']} new, {s['skipped']} "
-          f"already tokenised, {s['blocks']} decode tasks, {s['quarantined']} set aside")
+    print(f"    spear, of it: listing {med('spear', 'list_wall'):.2f} s, ledger {med('spear', 'ledger_wall'):.2f} s, "
+          f"diff {med('spear', 'diff_wall'):.2f} s, decode plan {med('spear', 'plan_wall'):.2f} s; {s['cuts']} cuts "
+          f"listed, {s['new']} new, {s['skipped']} already tokenised, {s['blocks']} decode tasks, "
+          f"{s['quarantined']} set aside")
     t_ratio = med("spear", "wall") / med("lhotse", "wall")
     m_ratio = med("spear", "rss_peak") / med("lhotse", "rss_peak")
     print(f"\nspear / Lhotse lazy iteration: time {t_ratio:.2f}x, peak RSS {m_ratio:.2f}x (same imports in both; "

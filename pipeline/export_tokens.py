@@ -139,6 +139,7 @@ def row_to_cut(row: dict[str, Any], teachers: dict[str, dict[str, Any]], token_v
                                      text=meta["text"], speaker=meta["speaker"], language=meta["language"])
     custom = {"task_id": TASK_IDS.get(row["domain"], 0), "domain": row["domain"],
               "spear_segment_id": row["segment_id"], "source_uri": row["source_uri"],
+              "source_path": row.get("relative_path"),
               "source_offset": int(row["offset"]) / rate, "token_version": token_version,
               "spear_export": LHOTSE_EXPORT_VERSION}
     cut = MonoCut(id=cut_id, start=0.0, duration=duration, channel=0, recording=recording,
@@ -181,14 +182,16 @@ class _Destination:
         if self.remote:
             storage.check_access(self.uri)
             if storage.exists(self.uri) and storage.list_files(self.uri):
-                raise ExportRequestError(f"{dest} is not empty: export into a new or empty location")
+                raise ExportRequestError(f"{dest} is not empty: export into a new or empty location "
+                                         "(an interrupted export leaves its partial files: remove them)")
             self._tmp = tempfile.mkdtemp(prefix="spear-export-")
             self.local = self._tmp
         else:
             if os.path.exists(self.uri) and not os.path.isdir(self.uri):
                 raise ExportRequestError(f"{dest} is a file: give a directory (new or empty) as DEST")
             if os.path.isdir(self.uri) and os.listdir(self.uri):
-                raise ExportRequestError(f"{dest} is not empty: export into a new or empty location")
+                raise ExportRequestError(f"{dest} is not empty: export into a new or empty location "
+                                         "(an interrupted export leaves its partial files: remove them)")
             try:
                 os.makedirs(self.uri, exist_ok=True)
             except OSError as exc:

@@ -13,8 +13,9 @@ icefall training code reads (marcoyang1998/icefall, branch ``at_asr_multi_kd``,
   absent on speech cuts, which have no audio-teacher tokens (the authors' collate substitutes
   -100 for a missing field, so the loss ignores it);
 - ``task_id``: 1 for speech cuts, 2 for audio cuts (their dataset asserts it and batches by it);
-- ``spear_segment_id``, ``source_uri``, ``source_offset`` (seconds into the source object),
-  ``domain`` and ``token_version``: where the row came from (plain custom values).
+- ``spear_segment_id``, ``source_uri`` (the ledger key: the object's URI, or ``lhotse-cut:<id>``),
+  ``source_path`` (the object's path under its source, or a cut's recording location),
+  ``source_offset`` (seconds into it), ``domain`` and ``token_version``: where the row came from.
 
 Example::
 

@@ -91,6 +91,7 @@ def assert_cuts_match(cuts, rows: dict[str, dict], version_info: dict, mixed: bo
         assert np.array_equal(audio[0], flac_decode(row["audio"]))  # FLAC both ways: lossless
         assert cut.task_id == {"speech": 1, "audio": 2}[row["domain"]]
         assert cut.spear_segment_id == row["segment_id"] and cut.source_uri == row["source_uri"]
+        assert cut.source_path == row["relative_path"]
         assert cut.source_offset == pytest.approx(row["offset"] / 16000)
         assert len(cut.supervisions) == 1 and cut.supervisions[0].duration == pytest.approx(cut.duration)
         sup = cut.supervisions[0]
@@ -177,8 +178,9 @@ def test_cli_json_summary_and_one_line_errors(tokens, tmp_path):
     assert d["dest"] == str(tmp_path / "out-shar") and "[export-tokens]" in r.stderr  # progress on stderr
 
     r = spear("export-tokens", output, "out-shar", cwd=tmp_path)  # DEST not empty
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: out-shar is not empty: export into a "
-                                                                   "new or empty location"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: out-shar is not empty: export into a new or empty location (an interrupted export leaves its partial "
+        "files: remove them)"]
     r = spear("export-tokens", output, "x", "--version", "tv-nope", cwd=tmp_path)
     assert r.returncode == 2 and "--version tv-nope is not at" in r.stderr and summary.token_version in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
