@@ -203,13 +203,16 @@ class _Destination:
         rel = os.path.relpath(local_path, self.local).replace(os.sep, "/")
         return join_uri(self.uri, *rel.split("/"))
 
-    def flush(self) -> None:
-        """On S3: upload every staged file and remove it locally (local disk: the files are in place)."""
+    def flush(self, keep: Sequence[str] = ()) -> None:
+        """On S3: upload every staged file but those in ``keep`` (still being written) and remove it locally
+        (local disk: the files are in place)."""
         if not self.remote:
             return
         for dirpath, _, names in os.walk(self.local):
             for name in sorted(names):
                 p = os.path.join(dirpath, name)
+                if p in keep:
+                    continue
                 with open(p, "rb") as f:
                     self.storage.write_bytes(self.final(p), f.read())
                 os.remove(p)
@@ -265,7 +268,7 @@ def _export(store: TokenStore, teachers: dict[str, dict[str, Any]], destination:
             files.extend(writer.close())
             writer = None
             shards += 1
-            destination.flush()
+            destination.flush(keep=[manifest_path])  # the manifest is written to the end
 
     try:
         if fmt == "lhotse-cuts":

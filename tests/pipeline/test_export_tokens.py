@@ -164,6 +164,36 @@ def test_shar_round_trip_on_seaweedfs(tokens, s3_storage, s3_server, tmp_path):
         run_export_tokens(output, dest, storage=s3_storage, progress=False)
 
 
+def test_cuts_manifest_on_seaweedfs_names_its_files_by_url(tokens, s3_storage, s3_server, tmp_path):
+    """lhotse-cuts to S3: the manifest's recordings and arrays are s3:// URLs of the uploaded files (Lhotse would
+    read them through smart_open[s3], not installed here: the files are fetched through Storage and checked)."""
+    import io
+
+    from lhotse import CutSet
+
+    output, summary = tokens
+    dest = f"s3://{s3_server.bucket}/lhotse-cuts-{os.getpid()}"
+    s = run_export_tokens(output, dest, fmt="lhotse-cuts", shard_size=3, storage=s3_storage, progress=False)
+    assert s.files == [f"{dest}/cuts.jsonl.gz"]
+    local = tmp_path / "cuts.jsonl.gz"
+    local.write_bytes(s3_storage.read_bytes(s.files[0]))
+    rows = shard_rows(output, summary.token_version)
+    cuts = list(CutSet.from_file(str(local)))
+    assert sorted(c.id for c in cuts) == sorted(rows)
+    for cut in cuts:
+        row = rows[cut.id]
+        src = cut.recording.sources[0]
+        assert src.type == "url" and src.source.startswith(dest + "/recordings/")
+        assert s3_storage.read_bytes(src.source) == row["audio"]          # the shard's FLAC, byte for byte
+        arr = cut.codebook_indexes.array
+        assert arr.storage_type == "numpy_files" and arr.storage_path == f"{dest}/codebook_indexes"
+        got = np.load(io.BytesIO(s3_storage.read_bytes(f"{arr.storage_path}/{arr.storage_key}")))
+        assert np.array_equal(got, decode_tokens(row["speech_tokens"], row["speech_num_frames"],
+                                                 row["speech_num_codebooks"]))
+    # nothing else under DEST: a FLAC per cut, an array per cut and teacher, the manifest
+    assert len(s3_storage.list_files(dest)) == 1 + len(rows) + sum(s.cuts_with_tokens.values())
+
+
 def spear(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "spear.pipeline.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600)
