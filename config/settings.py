@@ -345,6 +345,10 @@ class TrainConfig(_Section):
     mixing: MixingConfig = MixingConfig()
     audio_loss_weight: float = Field(0.1, ge=0, description="lambda of the audio-teacher loss (the authors' unified "
                                      "runs: 0.1 at every size; 0.25 before issue 13)")
+    teacher_roles: list[Literal["speech", "audio"]] = Field(
+        ["speech", "audio"], min_length=1,
+        description="teacher roles the student learns from (both: SPEAR's dual-teacher student; one of them: a "
+                    "single-teacher student on the same shards, as `spear demo --ablation` trains)")
     audio_weight: float = Field(3.0, gt=0, description="audio stream weight relative to speech (by duration)")
     batch_seconds: float = Field(60.0, gt=0, description="audio seconds per worker batch")
     optimizer: Optional[Literal["scaled_adam", "adamw"]] = Field(

@@ -176,7 +176,9 @@ class ProbedModels:
     TeacherConfigs (or mappings of their fields). ``fbank_floor``: probe raw fbank too.
     ``layers``: "all", "last" or 1-based layer numbers of the students. ``released``: released
     SPEAR models (the authors' icefall ``.pt`` or transformers-style folder) or other spear
-    exports, probed layer by layer beside the student as ``released:<name>``.
+    exports, probed layer by layer beside the student as ``released:<name>``. ``other_students``:
+    (label, export dir) pairs of further trained students, probed as ``student:<label>`` (the
+    demo's ablation: single-teacher students beside the dual-teacher one).
     """
 
     student_dir: Optional[str] = None
@@ -185,6 +187,7 @@ class ProbedModels:
     fbank_floor: bool = True
     layers: LayerChoice = "all"
     released: Sequence[str] = ()
+    other_students: Sequence[tuple[str, str]] = ()
 
     def __post_init__(self) -> None:
         if self.random_student is True and self.student_dir is None:
@@ -224,6 +227,14 @@ def extractor_loaders(models: ProbedModels, storage: Storage, device: torch.devi
                                      {"seed": RANDOM_STUDENT_SEED, "encoder": cfg})
 
         loaders.append(("random_student", load_random))
+    for label, path in models.other_students:
+        def load_other(name: str = f"student:{label}", path: str = path) -> Extractor:
+            model = load_student(path, storage=storage, device=device)
+            return student_extractor(name, model, layers, {"path": str(path),
+                                                           "metadata": model.config.get("metadata", {})},
+                                     kind="student")
+
+        loaders.append((f"student:{label}", load_other))
     for name, path in zip(released_names(models.released), models.released):
         def load_released(name: str = name, path: str = path) -> Extractor:
             model = load_any_student(path, storage=storage, device=device)

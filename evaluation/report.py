@@ -38,6 +38,7 @@ import time
 from typing import Any, Mapping, Optional
 
 from spear.cluster.storage import Storage, join_uri
+from spear.evaluation.claims import distillation_checks
 from spear.schemas.codebooks import META_NAME as CODEBOOK_META_FILE
 
 # Where the producers keep what the report copies: the training job writes its metrics under
@@ -51,6 +52,7 @@ USAGE_PLOT_FILE = "usage.png"
 
 # Fixed colours so a model looks the same in every plot.
 _COLORS = {"student": "#1f77b4", "random_student": "#7f7f7f", "fbank": "#d62728"}
+_ABLATION_COLORS = ["#1f77b4", "#2ca02c", "#ff7f0e", "#7f7f7f"]  # dual, speech-only, audio-only, random
 _TEACHER_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -323,8 +325,81 @@ def _table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def plot_ablation(figures: dict[str, Any], path: str) -> None:
+    """Grouped bars per task (and the two means) for the ablation's students and the random student,
+    with 95 % CI whiskers where a task has them."""
+    plt = _plt()
+    labels = [lbl for lbl in list(figures["students"]) + ["random_student"]
+              if any(lbl in v for v in figures["tasks"].values())]
+    groups = list(figures["tasks"]) + ["mean: all", "mean: mixed"]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(groups) + 2), 4.2))
+    width = 0.8 / max(1, len(labels))
+    for k, lbl in enumerate(labels):
+        xs, ys, err = [], [], [[], []]
+        for g, name in enumerate(groups):
+            if name.startswith("mean: "):
+                v = figures["means"][name[6:]].get(lbl)
+                lo = hi = v
+            else:
+                e = figures["tasks"][name].get(lbl)
+                v = None if e is None else e["score"]
+                lo, hi = (e["ci"] if e is not None and e.get("ci") else (v, v))
+            if v is None:
+                continue
+            xs.append(g + (k - (len(labels) - 1) / 2) * width)
+            ys.append(v)
+            err[0].append(max(0.0, v - lo))
+            err[1].append(max(0.0, hi - v))
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=lbl, color=_ABLATION_COLORS[k % len(_ABLATION_COLORS)])
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=len(labels))
+    ax.set_title("one teacher or two: students trained on the same shards")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _checks_html(checks: list[dict[str, Any]]) -> str:
+    """The distillation check table (:func:`spear.evaluation.claims.distillation_checks`)."""
+    rows = []
+    for c in checks:
+        verdict = {True: "holds", False: "does not hold", None: "no teacher beats fbank: not a test"}[c["holds"]]
+        rows.append([c["task"], c["teacher"] or "-", "-" if c["teacher_score"] is None else f"{c['teacher_score']:.3f}",
+                     f"{c['floor_score']:.3f}", f"{c['student_score']:.3f}", f"{c['baseline_score']:.3f}",
+                     f"{c['margin']:+.3f}", f"{c['ci']:.3f}", verdict])
+    return _table(["task", "best teacher", "teacher", "fbank", "student", "random student", "student - random",
+                   "CI half-width", "claim"], rows)
+
+
+def _ablation_html(figures: dict[str, Any], plot: Optional[str], from_this_run: bool) -> str:
+    src = ("measured in this evaluation" if from_this_run else
+           f"the last saved figures, measured {_e(figures['measured'])} with <code>{_e(figures['command'])}</code>"
+           " (not this run's students)")
+    labels = list(figures["students"]) + [b for b in ("random_student", "fbank")
+                                          if any(b in v for v in figures["tasks"].values())]
+    rows = []
+    for t, v in figures["tasks"].items():
+        rows.append([t] + [("-" if v.get(lbl) is None else
+                            f"{v[lbl]['score']:.3f} {_fmt_ci(v[lbl].get('ci'))}".strip()) for lbl in labels])
+    for g in ("all", "mixed"):
+        m = figures["means"].get(g, {})
+        rows.append([f"mean over {'all tasks' if g == 'all' else 'mixed tasks'}"]
+                    + ["-" if m.get(lbl) is None else f"{m[lbl]:.3f}" for lbl in labels])
+    best = figures.get("best", {})
+    parts = [f"<p>The dual-teacher student against students trained the same way on one teacher's tokens "
+             f"(<code>train.teacher_roles</code>); {src}. Best student: {_e(best.get('all'))} on the mean over "
+             f"all tasks, {_e(best.get('mixed'))} on the mixed speech + audio tasks "
+             f"({_e(', '.join(figures.get('mixed_tasks', [])))}).</p>", _table(["task"] + labels, rows)]
+    if plot:
+        parts.append(f"<figure><img src='{plot}' alt='ablation'></figure>")
+    return "".join(parts)
+
+
 def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[dict[str, Any]],
-                 codebooks: list[dict[str, Any]]) -> str:
+                 codebooks: list[dict[str, Any]], ablation: Optional[dict[str, Any]] = None) -> str:
     best = d["best"]
     models = _model_order(list(dict.fromkeys(r["model"] for r in d["probes"])))
     task_info = {t["name"]: t for t in d["tasks"]}
@@ -364,6 +439,16 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
     parts.append(_table(["task"] + models, rows, raw=True))
     if "overview" in plots:
         parts.append(f"<figure><img src='{plots['overview']}' alt='overview'></figure>")
+
+    checks = distillation_checks(best)
+    if any(c["holds"] is not None for c in checks):
+        parts.append("<h2 id='distillation'>Did the teachers' knowledge reach the student?</h2>"
+                     "<p>Where a teacher beats the fbank floor it knows something fbank does not say; there the "
+                     "trained student should beat the random student (same architecture, untrained) by more than "
+                     "the larger CI half-width of the two.</p>" + _checks_html(checks))
+    if ablation is not None:
+        parts.append("<h2 id='ablation'>One teacher or two</h2>"
+                     + _ablation_html(ablation, plots.get("ablation"), ablation.get("from_this_run", False)))
 
     # Per task.
     parts.append("<h2 id='tasks'>Score per layer, per task</h2>")
@@ -447,11 +532,14 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
 
 
 def write_report(summary: Any, output: str, storage: Optional[Storage] = None, *,
-                 train_output: Optional[str] = None, tokens_output: Optional[str] = None) -> str:
+                 train_output: Optional[str] = None, tokens_output: Optional[str] = None,
+                 ablation: Optional[dict[str, Any]] = None) -> str:
     """Write ``index.html``, the plots and ``results.json`` under ``output``; returns the page's URI.
 
     ``summary``: an EvaluateSummary (its ``extras`` get the training / codebook sections) or
-    its dict. The folder is built locally, then every file is written through ``storage``.
+    its dict. ``ablation``: figures of :func:`spear.evaluation.claims.ablation_figures` for the
+    "one teacher or two" section (``from_this_run``: whether they come from this summary's
+    students). The folder is built locally, then every file is written through ``storage``.
     """
     storage = storage or Storage()
     d = _as_dict(summary)
@@ -469,14 +557,18 @@ def write_report(summary: Any, output: str, storage: Optional[Storage] = None, *
             plot_overview(d["best"], [t["name"] for t in d["tasks"] if t["name"] in d["best"]], models,
                           os.path.join(tmp, "overview.png"))
             plots["overview"] = "overview.png"
+        if ablation is not None:
+            plot_ablation(ablation, os.path.join(tmp, "ablation.png"))
+            plots["ablation"] = "ablation.png"
         training = _training_section(train_output, storage, tmp) if train_output else None
         codebooks = _codebook_section(tokens_output, storage, tmp) if tokens_output else []
-        extras = {"training": training, "codebooks": codebooks, "plots": plots}
+        extras = {"training": training, "codebooks": codebooks, "plots": plots,
+                  "distillation_checks": distillation_checks(d["best"]), "ablation": ablation}
         if hasattr(summary, "extras"):
             summary.extras = extras
         d["extras"] = extras
         with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
-            f.write(_render_html(d, plots, training, codebooks))
+            f.write(_render_html(d, plots, training, codebooks, ablation))
         with open(os.path.join(tmp, "results.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=1, default=str)
         storage.makedirs(output)

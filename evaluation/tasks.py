@@ -14,6 +14,7 @@ task                level      items and label
 ``mixed_event``     utterance  speech + event mixtures: the primary event class
 ``mixed_speaker``   utterance  speech + event mixtures: the voice
 ``mixed_has_speech`` utterance audio-domain clips: does the clip contain speech
+``pitch``           utterance  pitched tones (timbre independent of pitch, in noise): the f0 band
 ``frame_speech``    frame      all clips, every 0.25 s: is speech active
 ``frame_event``     frame      audio-domain clips, every 0.25 s: is an event active
 <manifest stem>     utterance  a user manifest (CSV or JSONL: uri, label[, split])
@@ -65,6 +66,9 @@ BUILTIN_TASKS: dict[str, str] = {
     "mixed_event": "speech + event mixtures: primary event class",
     "mixed_speaker": "speech + event mixtures: which voice",
     "mixed_has_speech": "audio-domain clips: does the clip contain speech",
+    # Pitch is what a pitch network knows and a spectral envelope does not say (the tones' timbre is
+    # drawn independently of their fundamental, some have none): a teacher-knowledge task.
+    "pitch": "pitched tones in noise, timbre independent of pitch: which quarter-octave (3-semitone) f0 band",
     "frame_speech": "all clips, every 0.25 s: is speech active",
     "frame_event": "audio-domain clips, every 0.25 s: is a sound event active",
 }
@@ -152,6 +156,7 @@ def demo_tasks(labels: list[dict[str, Any]], corpus_root: str, items: ItemTable)
         task("mixed_speaker", lambda r: r["kind"] == "mixed", lambda r: r["speaker"]),
         task("mixed_has_speech", lambda r: r["domain"] == "audio",
              lambda r: "speech" if r["has_speech"] else "no_speech"),
+        task("pitch", lambda r: r["kind"] == "pitched", lambda r: r["pitch_band"]),
         frame_task("frame_speech", lambda r: True, lambda r: [s[:2] for s in r.get("speech_segments") or []],
                    "speech", "no_speech"),
         frame_task("frame_event", lambda r: r["domain"] == "audio", lambda r: r.get("event_times") or [],

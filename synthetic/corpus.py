@@ -30,7 +30,7 @@ Example::
     >>> from spear.synthetic.corpus import generate_demo_corpus
     >>> corpus = generate_demo_corpus("/tmp/spear-demo", size="tiny")   # doctest: +SKIP
     >>> corpus.num_files, round(corpus.total_seconds)                  # doctest: +SKIP
-    (25, 46)
+    (31, 55)
     >>> corpus.labels()[0]["speaker"]                                  # doctest: +SKIP
     'en'
 """
@@ -54,7 +54,7 @@ from spear.synthetic.render import render_clip, render_indexed
 from spear.synthetic.speech import SPEAKERS, WORDS, espeak_binary
 
 #: Bumped when the same size and seed would give another corpus: a cached one is then regenerated.
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: pitched tones, 700 shorter mixtures with half of them test clips
 
 
 @dataclass(frozen=True)
@@ -134,22 +134,23 @@ def generate_demo_corpus(root: str | Path, *, size: Literal["tiny", "demo"] = "d
                          workers: int | None = None) -> DemoCorpus:
     """Generate (once; cached) the labelled demo corpus under the local directory ``root``.
 
-    ``size="tiny"`` (tests): 25 files, under a minute of audio, every format, sample rate
-    and channel count. ``size="demo"`` (``spear demo``): ~880 files, ~35 minutes: every one
-    of 44 words by each of 9 voices, 100 sentences, 320 event clips, 60 speech + event
-    mixtures, and 4 files of 1-2 minutes.
+    ``size="tiny"`` (tests): 31 files, about a minute of audio, every format, sample rate
+    and channel count. ``size="demo"`` (``spear demo``): 1820 files, about an hour: every one
+    of 44 words by each of 9 voices, 100 sentences, 320 event clips, 700 short speech + event
+    mixtures and 300 pitched tones (half of each are test clips), and 4 files of 1-2 minutes.
 
     Each line of ``labels.jsonl`` holds: ``path`` (relative to root), ``domain``
     ("speech" | "audio"), ``kind`` (word | sentence | long_speech | events | mixed |
-    long_audio), ``format`` (wav | flac | ogg | opus | mp3), ``sample_rate``, ``channels``,
+    pitched | long_audio), ``format`` (wav | flac | ogg | opus | mp3), ``sample_rate``, ``channels``,
     ``duration`` (s), ``split`` ("train" | "test", stratified by word / speaker / primary
     event), ``speaker`` (espeak-ng voice id or null), ``word`` (single-word utterances, else
     null), ``text``, ``speech_span`` ([start, end] s of the speech), ``speech_segments``
     ([start, end, text] per utterance; several in a long speech file), ``has_speech``,
     ``events`` (class names in onset order), ``event_times`` ([start, end] s each),
     ``event_count``, ``primary_event`` (the loudest event: the others are 3-12 dB below it),
-    ``background`` ("pink" | "brown" | null) and ``snr_db`` (background relative to the
-    primary event). Speech clips have ``events == []`` and ``event_count == 0``.
+    ``background`` ("pink" | "brown" | null), ``snr_db`` (background relative to the
+    primary event), ``pitch_hz`` and ``pitch_band`` (pitched tones: the fundamental and its
+    quarter-octave band; else null). Speech clips have ``events == []`` and ``event_count == 0``.
 
     If ``root/corpus.json`` records the same version, size and seed and every listed file
     exists, nothing is written and the cached corpus is returned (unless ``force``).

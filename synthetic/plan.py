@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from spear.synthetic.events import EVENT_CLASSES
+from spear.synthetic.events import EVENT_CLASSES, PITCH_BANDS, pitch_band_label
 from spear.synthetic.formats import FORMATS, SAMPLE_RATES
 from spear.synthetic.speech import SENTENCES, SPEAKERS, WORDS, Speaker
 
@@ -29,7 +29,7 @@ class ClipPlan:
     """One clip of the corpus as planned: everything :func:`spear.synthetic.render.render_clip` needs."""
 
     index: int
-    kind: str  # word | sentence | long_speech | events | mixed | long_audio
+    kind: str  # word | sentence | long_speech | events | mixed | pitched | long_audio
     relpath: str
     fmt: str
     sample_rate: int
@@ -43,6 +43,7 @@ class ClipPlan:
     background: str | None = None
     snr_db: float | None = None
     speech_gain_db: float = 0.0
+    pitch_hz: float | None = None  # pitched clips: the fundamental of the harmonic tone
     split: str = "train"
 
     @property
@@ -56,6 +57,10 @@ class ClipPlan:
             return f"word:{self.word}"
         if self.kind in ("sentence", "long_speech"):
             return f"speaker:{self.speaker.voice}"
+        if self.kind == "pitched":
+            return f"pitch:{pitch_band_label(self.pitch_hz)}"
+        if self.kind == "mixed":  # mixtures have their own, larger test share: keep them a stratum of their own
+            return f"mixed:{self.events[0][0]}"
         return f"event:{self.events[0][0]}"
 
 
@@ -69,22 +74,32 @@ class SizeSpec:
     sentence_clips: int
     event_clips: int
     mixed_clips: int
+    pitched_clips: int
     long_speech: int
     long_audio: int
     event_seconds: tuple[float, float]
     long_seconds: tuple[float, float]
+    mixed_seconds: tuple[float, float]
     stereo_prob: float
 
 
 #: The corpus sizes: "tiny" for tests, "demo" for `spear demo`.
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(speakers=3, words=6, word_clips=8, sentence_clips=3, event_clips=10, mixed_clips=4,
-                      long_speech=0, long_audio=0, event_seconds=(1.0, 2.5), long_seconds=(60, 120),
-                      stereo_prob=0.4),
+                      pitched_clips=6, long_speech=0, long_audio=0, event_seconds=(1.0, 2.5),
+                      long_seconds=(60, 120), mixed_seconds=(2.0, 4.0), stereo_prob=0.4),
+    # Mixtures are many and short: their tasks (mixed_*) need ~350 test clips for a 95 % CI of about
+    # +-0.05; half of them are test clips (MIXED_TEST_EVERY).
     "demo": SizeSpec(speakers=len(SPEAKERS), words=len(WORDS), word_clips=None, sentence_clips=100,
-                      event_clips=320, mixed_clips=60, long_speech=2, long_audio=2,
-                      event_seconds=(1.5, 4.0), long_seconds=(60, 120), stereo_prob=0.35),
+                      event_clips=320, mixed_clips=700, pitched_clips=300, long_speech=2, long_audio=2,
+                      event_seconds=(1.5, 4.0), long_seconds=(60, 120), mixed_seconds=(1.5, 3.0),
+                      stereo_prob=0.35),
 }
+
+#: Every n-th clip of a stratum is a test clip: 1 in 5 in general, 1 in 2 for the mixtures and pitched
+#: tones (their tasks need many test items for tight intervals; a probe needs far fewer to train).
+TEST_EVERY = {"mixed": 2, "pitched": 2}
+DEFAULT_TEST_EVERY = 5
 
 
 def _coverage_combos(rng: np.random.Generator) -> list[tuple[str, int, int]]:
@@ -163,9 +178,19 @@ def plan_corpus(size: str, seed: int) -> list[ClipPlan]:
             utt, word = utterance(s, SENTENCES[int(rng.integers(len(SENTENCES)))]), None
         p = add("mixed", speaker=s, utterances=[utt], word=word,
                 events=random_events((1, 3), EVENT_CLASSES[(i * 3) % len(EVENT_CLASSES)]),
-                clip_seconds=float(rng.uniform(2.0, 5.0)), speech_gain_db=float(rng.uniform(-6, 6)))
+                clip_seconds=float(rng.uniform(*spec.mixed_seconds)), speech_gain_db=float(rng.uniform(-6, 6)))
         if rng.random() < 0.5:
             p.background, p.snr_db = str(rng.choice(["pink", "brown"])), float(rng.uniform(5, 25))
+    # Pitched tones: one harmonic complex per clip, its fundamental in one of the pitch bands (cycled so
+    # every band is equally common), drawn from the band's middle so no clip sits on a band edge. The
+    # timbre (render) varies independently of the pitch, and a clip has background noise, so the band
+    # is a matter of pitch, not of the spectral envelope.
+    for i in range(spec.pitched_clips):
+        lo, hi = PITCH_BANDS[i % len(PITCH_BANDS)]
+        width = np.log2(hi / lo)
+        f0 = float(lo * 2 ** (width * rng.uniform(0.2, 0.8)))
+        add("pitched", events=[("pitched", 0.0)], pitch_hz=f0, clip_seconds=float(rng.uniform(1.0, 2.5)),
+            background=str(rng.choice(["pink", "brown"])), snr_db=float(rng.uniform(0, 20)))
     for i in range(spec.long_audio):
         add("long_audio", events=random_events((3, 5)), clip_seconds=float(rng.uniform(*spec.long_seconds)),
             background=str(rng.choice(["pink", "brown"])), snr_db=float(rng.uniform(10, 25)))
@@ -181,13 +206,13 @@ def plan_corpus(size: str, seed: int) -> list[ClipPlan]:
     for p, k in zip(plans, order):
         p.fmt, p.sample_rate, p.channels = assign[int(k)]
         prefix = {"word": "word", "sentence": "sent", "long_speech": "long", "events": "events",
-                  "mixed": "mixed", "long_audio": "long"}[p.kind]
+                  "mixed": "mixed", "pitched": "pitch", "long_audio": "long"}[p.kind]
         p.relpath = f"{p.domain}/{prefix}_{p.index:04d}{FORMATS[p.fmt][2]}"
 
-    # Split: stratified systematic sampling, every 5th file of each stratum (random order) is test.
+    # Split: stratified systematic sampling, every n-th file of each stratum (random order) is test.
     keyed = sorted(plans, key=lambda p: (p.group, float(rng.random())))
-    offset = int(rng.integers(5))
+    offset = int(rng.integers(DEFAULT_TEST_EVERY))
     for pos, p in enumerate(keyed):
-        p.split = "test" if (pos + offset) % 5 == 0 else "train"
+        p.split = "test" if (pos + offset) % TEST_EVERY.get(p.kind, DEFAULT_TEST_EVERY) == 0 else "train"
     return plans
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import soxr
 
-from spear.synthetic.events import EVENT_DURATIONS, synth_event
+from spear.synthetic.events import EVENT_DURATIONS, pitch_band_label, synth_event, synth_pitched
 from spear.synthetic.formats import write_audio
 from spear.synthetic.plan import ClipPlan
 from spear.synthetic.signal import coloured_noise, fade, momentary_rms
@@ -89,8 +89,11 @@ def render_clip(plan: ClipPlan, root: str) -> dict[str, Any]:
 
     event_rows = []
     for cls, level_db in plan.events:
-        dur = min(rng.uniform(*EVENT_DURATIONS[cls]), n / sr - 0.1)
-        e = synth_event(cls, rng, sr, duration=dur) * 10 ** (level_db / 20)
+        if cls == "pitched":  # a pitched clip's tone fills most of the clip
+            e = synth_pitched(plan.pitch_hz, rng, sr, duration=rng.uniform(0.6, 0.9) * n / sr) * 10 ** (level_db / 20)
+        else:
+            dur = min(rng.uniform(*EVENT_DURATIONS[cls]), n / sr - 0.1)
+            e = synth_event(cls, rng, sr, duration=dur) * 10 ** (level_db / 20)
         start = int(rng.integers(0, n - len(e) + 1))
         mix[start:start + len(e)] += e[:, None] * _pan_gains(rng, ch)
         event_rows.append((start / sr, (start + len(e)) / sr, cls))
@@ -128,6 +131,8 @@ def render_clip(plan: ClipPlan, root: str) -> dict[str, Any]:
         "primary_event": plan.events[0][0] if plan.events else None,
         "background": plan.background,
         "snr_db": None if plan.snr_db is None else round(plan.snr_db, 2),
+        "pitch_hz": None if plan.pitch_hz is None else round(plan.pitch_hz, 2),
+        "pitch_band": None if plan.pitch_hz is None else pitch_band_label(plan.pitch_hz),
     }
 
 

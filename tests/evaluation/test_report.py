@@ -178,3 +178,37 @@ def test_chromium_check_detects_a_missing_plot(report, tmp_path):
     assert marks["task_event_count.png"] == "0"
     assert marks["task_speech_vs_audio.png"] == "1"
     assert 'id="broken-images"' in dom
+
+
+def test_ablation_and_distillation_sections(report, tmp_path):
+    """The "one teacher or two" section (figures, table, plot) and the distillation check, from a real
+    probe table: the models of this report stand in for the three students."""
+    from spear.evaluation.claims import ablation_figures, distillation_checks
+
+    summary, _ = report
+    d = summary.to_dict()
+    students = {"dual": "random_student", "speech-only": "teacher:mfcc", "audio-only": "fbank"}
+    figures = ablation_figures(d["best"], measured="2026-12-01T12:00:00Z", command="spear demo --ablation",
+                               students=students, baselines=())
+    assert set(figures["tasks"]) == set(TASKS) and figures["mixed_tasks"] == []
+    mean_all = {lbl: np.mean([d["best"][t][m]["score"] for t in TASKS]) for lbl, m in students.items()}
+    assert figures["means"]["all"] == pytest.approx(mean_all, abs=1e-5)
+    assert figures["best"]["all"] == max(mean_all, key=mean_all.get) and figures["best"]["mixed"] is None
+    # a best table with a "student": the check is computed per task against the random student and fbank
+    best = {t: dict(d["best"][t], student=d["best"][t]["teacher:mfcc"]) for t in TASKS}
+    checks = {c["task"]: c for c in distillation_checks(best)}
+    for t in TASKS:
+        mfcc, rand, fb = best[t]["teacher:mfcc"], best[t]["random_student"], best[t]["fbank"]
+        assert checks[t]["teacher_beats_floor"] == (mfcc["score"] > fb["score"])
+        assert checks[t]["margin"] == pytest.approx(mfcc["score"] - rand["score"], abs=1e-6)
+        assert checks[t]["holds"] in ((None,) if mfcc["score"] <= fb["score"] else (True, False))
+
+    out = tmp_path / "out"
+    write_report(dict(d, best=best), str(out), ablation=dict(figures, from_this_run=False))
+    page = (out / "index.html").read_text()
+    assert "One teacher or two" in page and "the last saved figures, measured 2026-12-01T12:00:00Z" in page
+    assert "mean over all tasks" in page and (out / "ablation.png").stat().st_size > 5000
+    assert ("Did the teachers' knowledge reach the student?" in page) == any(
+        c["holds"] is not None for c in checks.values())
+    saved = __import__("json").loads((out / "results.json").read_text())["extras"]
+    assert saved["ablation"]["command"] == "spear demo --ablation" and len(saved["distillation_checks"]) == 3

@@ -179,3 +179,28 @@ def test_a_missing_shard_file_is_one_line_naming_it(tmp_path):
         plan_training_data(store)
     msg = str(err.value)
     assert "\n" not in msg and gone in msg and "missing" in msg
+
+
+def test_teacher_roles_make_a_single_teacher_student(tmp_path):
+    """train.teacher_roles: a single-teacher student reads only its teacher's tokens and has only its
+    heads (the demo's ablation); an unknown role is refused naming the field."""
+    import torch
+
+    from spear.config import ConfigError, load_config
+    from spear.stages.train_loop import build_objective
+
+    store = make_token_store(Storage(), str(tmp_path / "shards"), n_speech=6, n_audio=6)
+    for roles in (["speech"], ["audio"], ["speech", "audio"]):
+        cfg = load_config(None, [f"train.teacher_roles={roles}", "train.student.size=tiny"])
+        plan = plan_training_data(store, roles=cfg.train.teacher_roles)
+        assert plan.roles == tuple(roles) and set(plan.codebooks) == set(roles)
+        objective = build_objective(cfg.train, plan)
+        assert set(objective.heads) == set(roles)
+        batch = next(iter(TrainBatches(plan, None, rank=0, world_size=1, batch_seconds=6.0, audio_weight=3.0,
+                                       seed=0)))
+        assert {k for k in batch if k.endswith("_tokens")} == {f"{r}_tokens" for r in roles}
+        assert isinstance(objective.encoder, torch.nn.Module)
+    with pytest.raises(ConfigError, match="train.teacher_roles"):
+        load_config(None, ["train.teacher_roles=[video]"])
+    with pytest.raises(ConfigError, match="train.teacher_roles"):
+        load_config(None, ["train.teacher_roles=[]"])

@@ -41,7 +41,7 @@ def test_layout_and_summary(tiny):
     assert 10 < corpus.total_seconds < 120
     assert corpus.total_seconds == pytest.approx(sum(r["duration"] for r in rows), abs=0.01)
     meta = json.loads((corpus.root / "corpus.json").read_text())
-    assert (meta["version"], meta["size"], meta["seed"], meta["num_files"]) == (1, "tiny", 0, len(rows))
+    assert (meta["version"], meta["size"], meta["seed"], meta["num_files"]) == (2, "tiny", 0, len(rows))
     for r in rows:
         assert r["path"].startswith(f"{r['domain']}/")
         assert (corpus.root / r["path"]).parent == (corpus.speech_dir if r["domain"] == "speech" else corpus.audio_dir)
@@ -55,7 +55,7 @@ def test_every_format_rate_and_channel_count_appears(tiny):
     assert {(r["format"], r["channels"]) for r in rows} == {(f, c) for f in FORMATS for c in (1, 2)}
     assert {r["sample_rate"] for r in rows} == set(SAMPLE_RATES)
     assert {"speech", "audio"} == {r["domain"] for r in rows}
-    assert {"word", "sentence", "events", "mixed"} <= {r["kind"] for r in rows}
+    assert {"word", "sentence", "events", "mixed", "pitched"} <= {r["kind"] for r in rows}
     for r in rows:
         assert r["sample_rate"] in FORMATS[r["format"]][3]
 
@@ -97,7 +97,8 @@ def test_speech_and_event_labels(tiny):
             assert r["has_speech"] and r["events"] == [] and r["event_count"] == 0 and r["primary_event"] is None
         else:
             assert 1 <= r["event_count"] <= 5 and r["event_count"] == len(r["events"]) == len(r["event_times"])
-            assert set(r["events"]) <= set(EVENT_CLASSES) and r["primary_event"] in r["events"]
+            assert set(r["events"]) <= set(EVENT_CLASSES) | {"pitched"} and r["primary_event"] in r["events"]
+            assert (r["events"] == ["pitched"]) == (r["kind"] == "pitched") == (r["pitch_band"] is not None)
             for start, end in r["event_times"]:
                 assert 0 <= start < end <= r["duration"] + 1e-3
             assert r["has_speech"] == (r["kind"] == "mixed")
@@ -113,7 +114,12 @@ def test_speech_and_event_labels(tiny):
 def test_splits():
     plans = plan_corpus("demo", 0)
     assert {p.split for p in plans} == {"train", "test"}
-    assert 0.15 < sum(p.split == "test" for p in plans) / len(plans) < 0.25
+    share = {k: sum(p.split == "test" for p in plans if p.kind == k) / sum(p.kind == k for p in plans)
+             for k in ("word", "sentence", "events", "mixed", "pitched")}
+    assert all(0.15 < share[k] < 0.25 for k in ("word", "sentence", "events")), share
+    # mixtures and pitched tones: half test (their tasks need ~350 / 150 test clips for tight intervals)
+    assert all(0.45 < share[k] < 0.55 for k in ("mixed", "pitched")), share
+    assert sum(p.split == "test" for p in plans if p.kind == "mixed") >= 340
     # Stratified: every word has clips in both splits.
     by_word: dict[str, set[str]] = {}
     for p in plans:
@@ -208,3 +214,40 @@ def test_event_classes_are_distinguishable():
 def test_synth_event_rejects_unknown_class():
     with pytest.raises(ValueError, match="unknown event class"):
         synth_event("trumpet", np.random.default_rng(0), 16000)
+
+
+def _f0_by_harmonic_sum(x: np.ndarray, sr: int, lo: float = 80.0, hi: float = 1000.0) -> float:
+    """An independent f0 estimate: the candidate whose first harmonics hold the most spectral energy
+    (harmonic summation over a 1/8-semitone grid); finds a missing fundamental too."""
+    n = 1 << int(np.ceil(np.log2(len(x)))) + 1
+    mag = np.abs(np.fft.rfft(x * np.hanning(len(x)), n))
+    freqs = np.fft.rfftfreq(n, 1 / sr)
+    cands = lo * 2 ** (np.arange(0, np.log2(hi / lo) * 96) / 96)
+    # harmonic sum with decaying weights; subharmonics (f0/2) lose because their odd multiples hold nothing
+    scores = [sum(0.9 ** (h - 1) * np.interp(h * f, freqs, mag) for h in range(1, 9) if h * f < 0.45 * sr)
+              - sum(0.9 ** (h - 1) * np.interp((h - 0.5) * f, freqs, mag) for h in range(1, 9) if h * f < 0.45 * sr)
+              for f in cands]
+    return float(cands[int(np.argmax(scores))])
+
+
+def test_pitched_tones_are_at_their_labelled_pitch(tiny):
+    """The pitch label is what an independent pitch estimate (harmonic summation) finds in the file,
+    also for tones without their fundamental; timbre is drawn independently of the band."""
+    from spear.synthetic.events import PITCH_BANDS, pitch_band_label, synth_pitched
+
+    corpus = tiny[0]
+    pitched = [r for r in corpus.labels() if r["kind"] == "pitched"]
+    assert len(pitched) == 6 and len({r["pitch_band"] for r in pitched}) == 6
+    for r in pitched:
+        assert r["pitch_band"] == pitch_band_label(r["pitch_hz"])
+        x, sr = sf.read(corpus.root / r["path"], always_2d=True)
+        x = x.mean(axis=1)
+        a, b = r["event_times"][0]
+        est = _f0_by_harmonic_sum(x[int(a * sr): int(b * sr)], sr)
+        assert abs(1200 * np.log2(est / r["pitch_hz"])) < 50, (r["path"], est, r["pitch_hz"])
+    # missing fundamentals are found too, on clean tones of every band
+    rng = np.random.default_rng(3)
+    for lo, hi in PITCH_BANDS:
+        f0 = float(np.sqrt(lo * hi))
+        tone = synth_pitched(f0, rng, 16000, duration=0.5)
+        assert abs(1200 * np.log2(_f0_by_harmonic_sum(tone, 16000) / f0)) < 50
