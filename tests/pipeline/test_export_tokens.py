@@ -194,6 +194,22 @@ def test_cuts_manifest_on_seaweedfs_names_its_files_by_url(tokens, s3_storage, s
     assert len(s3_storage.list_files(dest)) == 1 + len(rows) + sum(s.cuts_with_tokens.values())
 
 
+def test_several_token_versions_need_version(tokens, tmp_path):
+    import shutil
+
+    from spear.config import ConfigError
+
+    output, summary = tokens
+    out = tmp_path / "two"
+    shutil.copytree(output, out)
+    shutil.copytree(out / "tokens" / summary.token_version, out / "tokens" / "tv-copy")  # a second version, as moved
+    with pytest.raises(ConfigError, match=r"several token versions .*tv-copy.*: set --version"):
+        run_export_tokens(str(out), str(tmp_path / "x"), progress=False)
+    assert not (tmp_path / "x").exists()  # nothing written for a request that failed
+    s = run_export_tokens(str(out), str(tmp_path / "y"), version="tv-copy", progress=False, shard_size=100)
+    assert s.token_version == "tv-copy" and s.cuts == summary.committed_segments and s.shards == 1
+
+
 def spear(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "spear.pipeline.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600)
