@@ -21,7 +21,6 @@ from spear.stages.audio import flac_decode
 from support.configs import tokenize_cfg
 from support.corpus import write_mixed_corpus
 
-lhotse = pytest.importorskip("lhotse")
 
 
 @pytest.mark.slow
