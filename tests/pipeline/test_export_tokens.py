@@ -22,7 +22,6 @@ from support.configs import tokenize_cfg
 from support.corpus import write_mixed_corpus
 
 
-
 @pytest.mark.slow
 def test_lhotse_manifest_tokenize_export_round_trip(ray_cluster, tmp_path):
     """A CutSet written by Lhotse -> `spear tokenize` -> export -> CutSet.from_shar: the same cut ids, durations,
