@@ -14,6 +14,9 @@ checkpoints and the CLI live above). The pieces, from frames to losses:
   sentence embedding plus a symmetric in-batch InfoNCE term, as SAMU-XLSR / SONAR-style
   alignment) for meaning, :class:`CountingLoss` (per counting task a classifier over counts and/or
   a regression of the count) for SpectCount-style synthetic tasks;
+- weight-free semantic targets: :func:`pivot_text_embedding` (feature hashing of a pivot-language
+  translation: translations of one sentence share a target) and :func:`masked_mean` (a sentence
+  encoder's mean pooling, for targets from a real text encoder);
 - :class:`PostTrainModel`: a student (or any encoder with ``features(wavs, lengths)``) with one head
   per configured attribute (:class:`AttributeSpec`), the freezing mode (``frozen``, ``top`` N layers
   trainable, ``full``), parameter groups with a lower encoder learning rate, ``forward`` ->
@@ -46,7 +49,10 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+import unicodedata
+import zlib
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -392,6 +398,55 @@ class CountingLoss(nn.Module):
         return total / max(len(emb), 1), correct
 
 
+# ----------------------------------------------------------------------------- weight-free targets
+
+
+def _text_features(text: str) -> list[tuple[str, float]]:
+    norm = unicodedata.normalize("NFKC", text).casefold()
+    words = re.findall(r"\w+", norm)
+    feats = [(f"w:{w}", 1.0) for w in words]
+    feats += [(f"b:{a} {b}", 1.0) for a, b in zip(words, words[1:])]
+    feats += [(f"c:{w[i:i + 3]}", 0.5) for w in (f" {w} " for w in words) for i in range(len(w) - 2)]
+    return feats
+
+
+def pivot_text_embedding(texts: Sequence[str], dim: int = 256) -> torch.Tensor:
+    """Weight-free sentence targets [N, dim] (unit norm) for the semantic head when no text encoder
+    is at hand: signed feature hashing of a text's words, word pairs and character trigrams
+    (NFKC, case-folded; CRC-32, so the same text gives the same vector in every process and
+    version). Embed each utterance's *pivot-language translation*: translations of one sentence then
+    share one target exactly, and sentences sharing words get similar ones.
+    Raises ValueError naming the first text with no word in it.
+
+    >>> e = pivot_text_embedding(["The cat sat.", "the CAT sat", "A dog ran far away"], dim=64)
+    >>> e.shape, bool(torch.equal(e[0], e[1])), float(e[0] @ e[2]) < 0.5
+    (torch.Size([3, 64]), True, True)
+    """
+    if dim < 8:
+        raise ValueError(f"dim must be >= 8, got {dim}")
+    out = torch.zeros(len(texts), dim)
+    for i, text in enumerate(texts):
+        feats = _text_features(text or "")
+        if not feats:
+            raise ValueError(f"text {i} ({text!r}) has no word to embed")
+        for key, weight in feats:
+            h = zlib.crc32(key.encode("utf-8"))
+            out[i, h % dim] += weight if (h >> 31) & 1 else -weight
+        out[i] = F.normalize(out[i], dim=0)
+    return out
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where ``mask`` [B, T] is set of ``hidden`` [B, T, D] (a sentence
+    encoder's mean pooling over its attention mask); rows without any position give zeros.
+
+    >>> masked_mean(torch.tensor([[[1.0], [3.0], [100.0]]]), torch.tensor([[1, 1, 0]])).tolist()
+    [[2.0]]
+    """
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -442,7 +497,25 @@ class AttributeSpec:
                              f"got {self.num_classes}")
         if self.kind == "counting" and not self.tasks:
             raise ValueError(f"{where}: tasks must name at least one counting task, e.g. {{'tones': 8}}")
-        object.__setattr__(self, "tasks", dict(self.tasks))
+        object.__setattr__(self, "tasks", {str(k): int(v) for k, v in dict(self.tasks).items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields (an export's config stores them)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AttributeSpec":
+        """The inverse of :meth:`to_dict`; unknown keys are an error naming them.
+
+        >>> spec = AttributeSpec("count", "counting", dim=8, tasks={"tones": 6})
+        >>> AttributeSpec.from_dict(spec.to_dict()) == spec
+        True
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"attribute {d.get('name')!r}: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
 
 
 @dataclass
@@ -629,6 +702,24 @@ class PostTrainModel(nn.Module):
         if enc:
             groups.append({"params": enc, "lr": float(encoder_lr), "name": "encoder"})
         return groups
+
+    def heads_state_dict(self) -> dict[str, torch.Tensor]:
+        """The post-trained parameters apart from the encoder: heads and losses (``heads.*``, ``losses.*``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+    def load_heads_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Loads :meth:`heads_state_dict` output (strict: a missing or unexpected key is an error)."""
+        mine = set(self.heads_state_dict())
+        missing, unexpected = sorted(mine - set(state)), sorted(set(state) - mine)
+        if missing or unexpected:
+            raise ValueError(f"head weights do not fit these attributes: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        self.load_state_dict(dict(state), strict=False)
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds the heads around the same encoder: attributes, freeze, trainable_layers."""
+        return {"attributes": [a.to_dict() for a in self.attributes.values()], "freeze": self.freeze,
+                "trainable_layers": self.trainable_layers}
 
     # -------------------------------------------------------------- forward
 

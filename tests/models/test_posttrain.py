@@ -25,6 +25,8 @@ from spear.models.posttrain import (
     SemanticAlignmentLoss,
     info_nce,
     margin_warmup,
+    masked_mean,
+    pivot_text_embedding,
 )
 from spear.models.student import build_encoder, build_student, export_fields, export_state
 from spear.synthetic.counting import CountingGenerator
@@ -86,7 +88,8 @@ def test_aam_true_class_logit_is_scaled_cos_of_angle_plus_margin():
     # without labels (or margin 0): plain scaled cosines; the margin lowers only the true class
     torch.testing.assert_close(aam.logits(emb), 20.0 * cos, atol=1e-5, rtol=0)
     torch.testing.assert_close(aam.logits(emb, labels, margin=0.0), 20.0 * cos, atol=1e-5, rtol=0)
-    assert float(aam(emb, labels)) > float(aam(emb, labels, margin=0.0))
+    with torch.no_grad():
+        assert float(aam(emb, labels)) > float(aam(emb, labels, margin=0.0))
     # past theta = pi - m the logit keeps falling: cos(theta) - m sin(m) (an embedding opposite its centre)
     opposite = -w[labels[:1]]
     assert float(aam.logits(opposite, labels[:1])[0, labels[0]]) == pytest.approx(
@@ -397,3 +400,47 @@ def test_any_encoder_with_features_can_be_post_trained_frozen(speech):
         a, b = generic(wavs, lengths).embeddings, direct(wavs, lengths).embeddings
     for name in a:
         torch.testing.assert_close(a[name], b[name])
+
+
+# ----------------------------------------------------------------------------- targets, state
+
+
+def test_pivot_text_embedding_is_stable_and_shared_by_translations():
+    # the same vector in every process and version (CRC-32, not Python's salted hash)
+    e = pivot_text_embedding(["hello world"], dim=16)[0]
+    assert e.nonzero().squeeze(1).tolist() == [1, 3, 6, 8, 10, 11, 12, 13, 14, 15]
+    assert float(e[11]) == pytest.approx(0.685994, abs=1e-5)
+    # utterances in four languages carry one pivot translation: one target
+    pivots = ["The boat is red.", "the boat is red", "THE BOAT IS RED!", "the boat is red "]
+    t = pivot_text_embedding(pivots, dim=128)
+    assert all(torch.equal(t[0], t[i]) for i in range(1, 4))
+    others = pivot_text_embedding(["the boat is blue", "seven birds sing at night"], dim=128)
+    assert 0.3 < float(t[0] @ others[0]) < 0.95  # shared words: similar
+    assert abs(float(t[0] @ others[1])) < 0.3  # nothing shared: near orthogonal
+    with pytest.raises(ValueError, match="text 1"):
+        pivot_text_embedding(["fine", " ... "])
+    assert masked_mean(torch.ones(2, 3, 4), torch.tensor([[1, 0, 0], [0, 0, 0]])).tolist() == \
+        [[1.0] * 4, [0.0] * 4]
+
+
+def test_heads_state_and_config_rebuild_the_same_embeddings(speech):
+    student = _student()
+    model = PostTrainModel(student, _specs(), freeze="top", trainable_layers=2)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    config = model.config()
+    rebuilt = PostTrainModel(student, [AttributeSpec.from_dict(a) for a in config["attributes"]],
+                             freeze=config["freeze"], trainable_layers=config["trainable_layers"])
+    assert all(k.startswith(("heads.", "losses.")) for k in model.heads_state_dict())
+    rebuilt.load_heads_state_dict(model.heads_state_dict())
+    wavs, lengths = _pad([speech[("en-us", 0)], speech[("en+m3", 1)]])
+    with torch.no_grad():
+        a, b = model.eval()(wavs, lengths).embeddings, rebuilt.eval()(wavs, lengths).embeddings
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+    fewer = PostTrainModel(student, _specs()[:1])
+    with pytest.raises(ValueError, match="unexpected"):
+        fewer.load_heads_state_dict(model.heads_state_dict())
+    with pytest.raises(ValueError, match="unknown field"):
+        AttributeSpec.from_dict({"name": "x", "kind": "speaker", "num_classes": 3, "colour": "red"})
