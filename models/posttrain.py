@@ -612,7 +612,8 @@ class PostTrainModel(nn.Module):
     ``layer_dims`` (``freeze="frozen"`` only: its features come without gradients).
     ``freeze``: ``frozen`` (the encoder runs in eval mode without gradients), ``top`` (the top
     ``trainable_layers`` layers and what follows them train; everything below stays in eval mode
-    and gets no gradients) or ``full``.
+    and gets no gradients) or ``full``. The mode is applied by setting ``requires_grad`` on the
+    student's own parameters (the module passed in is shared, not copied).
 
     ``forward(wavs [B, S], lengths [B]) -> PostTrainOutput``; :meth:`loss` for training;
     :meth:`param_groups` for the optimiser. See the module docstring for an example.
@@ -794,6 +795,12 @@ class PostTrainModel(nn.Module):
                 continue
             e = emb[name][m]
             label = batch.labels[name].to(device)[idx][m]
+            if spec.kind == "semantic" and (label.dim() != 2 or label.shape[1] != spec.dim):
+                raise ValueError(f"attribute {name!r}: targets must be [B, {spec.dim}] (the head's dim), "
+                                 f"got {tuple(batch.labels[name].shape)}")
+            if spec.kind == "speaker" and bool((label >= spec.num_classes).any()):
+                raise ValueError(f"attribute {name!r}: speaker labels must be < num_classes={spec.num_classes}, "
+                                 f"got {sorted(set(label.tolist()))[-3:]}")
             if spec.kind == "speaker":
                 aam = self.losses[name]
                 margin = None if margins is None else margins.get(name)

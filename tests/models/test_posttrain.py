@@ -281,6 +281,31 @@ def test_top_n_trains_only_the_top_layers_with_the_lower_lr(speech):
     assert not enc.mask_embedding.requires_grad
 
 
+def test_top_n_on_a_conformer_student():
+    torch.manual_seed(0)
+    enc = build_encoder("transformer", "tiny", num_mel_bins=80)
+    student = build_student(export_fields(enc), export_state(enc), device="cpu")
+    model = PostTrainModel(student, _specs(), freeze="top", trainable_layers=1).train()
+    trainable = {n.split(".")[1] + ("." + n.split(".")[2] if n.split(".")[1] == "blocks" else "")
+                 for n, p in model.student.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.1", "norm_out"}
+    assert not student.encoder.subsample.training and not student.encoder.blocks[0].training
+    assert student.encoder.blocks[1].training
+
+
+def test_bad_labels_are_named(speech):
+    model = PostTrainModel(_student(), _specs(), freeze="frozen")
+    wavs, lengths = _pad([speech[("en-us", 0)], speech[("en+m3", 1)]])
+    with pytest.raises(ValueError, match="'speaker': speaker labels must be < num_classes=2"):
+        model.loss(PostTrainBatch(wavs, lengths, labels={"speaker": torch.tensor([0, 5])}))
+    with pytest.raises(ValueError, match=r"'semantic': targets must be \[B, 12\]"):
+        model.loss(PostTrainBatch(wavs, lengths, labels={"semantic": torch.randn(2, 7)}))
+    with pytest.raises(ValueError, match="unknown attribute"):
+        model.loss(PostTrainBatch(wavs, lengths, labels={"emotion": torch.tensor([0, 1])}))
+    with pytest.raises(ValueError, match="needs tasks"):
+        model.loss(PostTrainBatch(wavs, lengths, labels={"count": torch.tensor([0, 1])}))
+
+
 def test_full_fine_tuning_reaches_every_encoder_parameter(speech):
     model = PostTrainModel(_student(), _specs(), freeze="full").train()
     wavs, lengths = _pad([speech[("en-us", 0)], speech[("en+m3", 0)]])
