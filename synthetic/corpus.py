@@ -135,9 +135,9 @@ def generate_demo_corpus(root: str | Path, *, size: Literal["tiny", "demo"] = "d
     """Generate (once; cached) the labelled demo corpus under the local directory ``root``.
 
     ``size="tiny"`` (tests): 31 files, about a minute of audio, every format, sample rate
-    and channel count. ``size="demo"`` (``spear demo``): 1820 files, about an hour: every one
-    of 44 words by each of 9 voices, 100 sentences, 320 event clips, 700 short speech + event
-    mixtures and 300 pitched tones (half of each are test clips), and 4 files of 1-2 minutes.
+    and channel count. ``size="demo"`` (``spear demo``): 1760 files, about 50 minutes: every
+    one of 44 words by each of 9 voices, 100 sentences, 320 event clips, 700 short speech + event
+    mixtures and 240 pitched tones (half of each are test clips), and 4 files of 30-60 s.
 
     Each line of ``labels.jsonl`` holds: ``path`` (relative to root), ``domain``
     ("speech" | "audio"), ``kind`` (word | sentence | long_speech | events | mixed |
