@@ -4,10 +4,10 @@ Two questions, answered from :func:`spear.evaluation.results.best_layers`' table
 layer chosen on validation; ``score`` and ``ci`` on test):
 
 1. **Did knowledge reach the student?** (:func:`distillation_checks`) On each task where a teacher
-   beats the fbank floor, the teacher knows something that fbank does not say; the trained student
-   should then beat the random student (same architecture, no training) by more than the
-   confidence interval. A task where no teacher beats fbank says nothing about distillation and
-   is listed as such.
+   beats the fbank floor by more than the confidence interval, the teacher knows something that
+   fbank does not say; the trained student should then beat the random student (same
+   architecture, no training) by more than the confidence interval too. A task where no teacher
+   clearly beats fbank says nothing about distillation and is listed as such.
 2. **Do two teachers beat one?** (:func:`ablation_figures`) The dual-teacher student against
    single-teacher students trained the same way on one teacher's tokens (``train.teacher_roles``),
    on the mean over all tasks and over the mixed speech + audio tasks (:data:`MIXED_TASKS`).
@@ -46,11 +46,11 @@ def half_width(entry: Mapping[str, Any]) -> float:
 
 def distillation_checks(best: Mapping[str, Mapping[str, Mapping[str, Any]]], *, student: str = "student",
                         baseline: str = "random_student", floor: str = "fbank") -> list[dict[str, Any]]:
-    """One row per task: does the best teacher beat ``floor``, and does ``student`` beat ``baseline``
-    by more than the larger of their two CI half-widths?
+    """One row per task: does the best teacher beat ``floor``, and does ``student`` beat ``baseline``,
+    each by more than the larger of the two CI half-widths?
 
     Rows: ``task``, ``teacher`` (the best teacher, or None), ``teacher_score``, ``floor_score``,
-    ``teacher_beats_floor`` (teacher score above the floor's), ``student_score``, ``baseline_score``,
+    ``teacher_beats_floor`` (by more than the larger CI half-width of the two), ``student_score``, ``baseline_score``,
     ``margin`` (student minus baseline), ``ci`` (the larger half-width), ``student_beats_baseline``
     (margin > ci) and ``holds``: None where no teacher beats the floor (the task says nothing about
     distillation), else ``student_beats_baseline``. Tasks missing one of the models are left out.
@@ -62,7 +62,8 @@ def distillation_checks(best: Mapping[str, Mapping[str, Mapping[str, Any]]], *, 
         teachers = {m: e for m, e in models.items() if m.startswith("teacher:")}
         top = max(teachers, key=lambda m: teachers[m]["score"]) if teachers else None
         s, b, f = models[student], models[baseline], models[floor]
-        beats_floor = top is not None and teachers[top]["score"] > f["score"]
+        beats_floor = top is not None and teachers[top]["score"] - f["score"] > max(half_width(teachers[top]),
+                                                                                     half_width(f))
         margin = s["score"] - b["score"]
         ci = max(half_width(s), half_width(b))
         rows.append({"task": task, "teacher": top, "teacher_score": teachers[top]["score"] if top else None,

@@ -366,7 +366,7 @@ def _checks_html(checks: list[dict[str, Any]]) -> str:
     """The distillation check table (:func:`spear.evaluation.claims.distillation_checks`)."""
     rows = []
     for c in checks:
-        verdict = {True: "holds", False: "does not hold", None: "no teacher beats fbank: not a test"}[c["holds"]]
+        verdict = {True: "holds", False: "does not hold", None: "no teacher clearly beats fbank: not a test"}[c["holds"]]
         rows.append([c["task"], c["teacher"] or "-", "-" if c["teacher_score"] is None else f"{c['teacher_score']:.3f}",
                      f"{c['floor_score']:.3f}", f"{c['student_score']:.3f}", f"{c['baseline_score']:.3f}",
                      f"{c['margin']:+.3f}", f"{c['ci']:.3f}", verdict])
@@ -441,11 +441,12 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
         parts.append(f"<figure><img src='{plots['overview']}' alt='overview'></figure>")
 
     checks = distillation_checks(best)
-    if any(c["holds"] is not None for c in checks):
+    if checks:
         parts.append("<h2 id='distillation'>Did the teachers' knowledge reach the student?</h2>"
-                     "<p>Where a teacher beats the fbank floor it knows something fbank does not say; there the "
-                     "trained student should beat the random student (same architecture, untrained) by more than "
-                     "the larger CI half-width of the two.</p>" + _checks_html(checks))
+                     "<p>Where a teacher beats the fbank floor by more than the CI it knows something fbank does "
+                     "not say; there the trained student should beat the random student (same architecture, "
+                     "untrained) by more than the CI too (each: the larger 95 % CI half-width of the two).</p>"
+                     + _checks_html(checks))
     if ablation is not None:
         parts.append("<h2 id='ablation'>One teacher or two</h2>"
                      + _ablation_html(ablation, plots.get("ablation"), ablation.get("from_this_run", False)))

@@ -199,16 +199,18 @@ def test_ablation_and_distillation_sections(report, tmp_path):
     checks = {c["task"]: c for c in distillation_checks(best)}
     for t in TASKS:
         mfcc, rand, fb = best[t]["teacher:mfcc"], best[t]["random_student"], best[t]["fbank"]
-        assert checks[t]["teacher_beats_floor"] == (mfcc["score"] > fb["score"])
+        hw = max((mfcc["ci"][1] - mfcc["ci"][0]) / 2, (fb["ci"][1] - fb["ci"][0]) / 2)
+        assert checks[t]["teacher_beats_floor"] == (mfcc["score"] - fb["score"] > hw + 1e-9)
         assert checks[t]["margin"] == pytest.approx(mfcc["score"] - rand["score"], abs=1e-6)
-        assert checks[t]["holds"] in ((None,) if mfcc["score"] <= fb["score"] else (True, False))
+        assert checks[t]["holds"] in ((True, False) if checks[t]["teacher_beats_floor"] else (None,))
 
     out = tmp_path / "out"
     write_report(dict(d, best=best), str(out), ablation=dict(figures, from_this_run=False))
     page = (out / "index.html").read_text()
     assert "One teacher or two" in page and "the last saved figures, measured 2026-12-01T12:00:00Z" in page
     assert "mean over all tasks" in page and (out / "ablation.png").stat().st_size > 5000
-    assert ("Did the teachers' knowledge reach the student?" in page) == any(
-        c["holds"] is not None for c in checks.values())
+    assert "Did the teachers&#x27; knowledge reach the student?" in page or \
+        "Did the teachers' knowledge reach the student?" in page
+    assert page.count("not a test") == sum(c["holds"] is None for c in checks.values())
     saved = __import__("json").loads((out / "results.json").read_text())["extras"]
     assert saved["ablation"]["command"] == "spear demo --ablation" and len(saved["distillation_checks"]) == 3
