@@ -119,6 +119,16 @@ class LayerWeighting(nn.Module):
         return out
 
 
+_TIME_FEATURES = 4
+
+
+def _relative_time(lengths: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, 4] features of each frame's relative position r = (t + 0.5) / length in the utterance:
+    r, r^2, sin(pi r), cos(pi r) (past the length: anything, those frames are masked)."""
+    r = (torch.arange(T, device=lengths.device, dtype=dtype).unsqueeze(0) + 0.5) / lengths.clamp_min(1).unsqueeze(1)
+    return torch.stack([r, r.square(), torch.sin(math.pi * r), torch.cos(math.pi * r)], dim=-1)
+
+
 class AttentiveStatsPooling(nn.Module):
     """Channel-wise attentive statistics pooling with global context (ECAPA-TDNN), masked.
 
@@ -129,16 +139,23 @@ class AttentiveStatsPooling(nn.Module):
     would make an utterance's embedding depend on the batch. An utterance with no frames pools to
     zeros.
 
+    Pooled statistics do not see the order of frames: "which of two tones is higher" has no answer
+    in them unless the encoder writes the order into its frames. ``time_context`` adds each frame's
+    relative position in its utterance (r = (t + 0.5) / length: r, r^2, sin pi r, cos pi r) to the
+    attention's input, so that some channels can pool the beginning and others the end.
+
     >>> import torch
     >>> pool = AttentiveStatsPooling(8, hidden=16)
     >>> pool(torch.randn(2, 10, 8), torch.tensor([10, 4])).shape
     torch.Size([2, 16])
     """
 
-    def __init__(self, dim: int, hidden: int = 128, global_context: bool = True, eps: float = 1e-5):
+    def __init__(self, dim: int, hidden: int = 128, global_context: bool = True, eps: float = 1e-5,
+                 time_context: bool = False):
         super().__init__()
-        self.dim, self.global_context, self.eps = dim, global_context, eps
-        self.attention = nn.Sequential(nn.Linear(3 * dim if global_context else dim, hidden), nn.Tanh(),
+        self.dim, self.global_context, self.eps, self.time_context = dim, global_context, eps, time_context
+        extra = _TIME_FEATURES if time_context else 0
+        self.attention = nn.Sequential(nn.Linear((3 * dim if global_context else dim) + extra, hidden), nn.Tanh(),
                                        nn.Linear(hidden, dim))
 
     @property
@@ -169,6 +186,8 @@ class AttentiveStatsPooling(nn.Module):
             ctx = torch.cat([x, mean.unsqueeze(1).expand(B, T, D), std.unsqueeze(1).expand(B, T, D)], dim=-1)
         else:
             ctx = x
+        if self.time_context:
+            ctx = torch.cat([ctx, _relative_time(lengths, T, x.dtype)], dim=-1)
         scores = self.attention(ctx).masked_fill(~mask.unsqueeze(-1), float("-inf"))
         alpha = scores.softmax(dim=1)
         mean, std = self._stats(x, alpha)
@@ -186,10 +205,10 @@ class AttributeHead(nn.Module):
     torch.Size([2, 3])
     """
 
-    def __init__(self, layer_dims: Sequence[int], dim: int, pool_hidden: int = 128):
+    def __init__(self, layer_dims: Sequence[int], dim: int, pool_hidden: int = 128, time_context: bool = False):
         super().__init__()
         self.weighting = LayerWeighting(layer_dims)
-        self.pooling = AttentiveStatsPooling(self.weighting.dim, hidden=pool_hidden)
+        self.pooling = AttentiveStatsPooling(self.weighting.dim, hidden=pool_hidden, time_context=time_context)
         self.projection = nn.Linear(self.pooling.output_dim, dim)
         self.dim = dim
 
@@ -458,7 +477,8 @@ class AttributeSpec:
       ``semantic`` (``dim`` = the target sentence embedding's size; ``align``, ``contrastive_weight``,
       ``temperature``) or ``counting`` (``tasks``: task name -> number of classes; ``counting_loss``);
     - ``dim``: the embedding size; ``weight``: the attribute's weight in the total loss;
-    - ``pool_hidden``: the attention's hidden size.
+    - ``pool_hidden``: the attention's hidden size; ``time_context``: give the attention each frame's
+      relative position (:class:`AttentiveStatsPooling`; for order questions such as ``higher``).
 
     >>> AttributeSpec("spk", "speaker", dim=192, num_classes=100).kind
     'speaker'
@@ -481,6 +501,7 @@ class AttributeSpec:
     tasks: Mapping[str, int] = field(default_factory=dict)
     counting_loss: str = "classify"
     pool_hidden: int = 128
+    time_context: bool = False
 
     def __post_init__(self) -> None:
         where = f"attribute {self.name!r} ({self.kind})"
@@ -632,7 +653,8 @@ class PostTrainModel(nn.Module):
         self.student = student
         self.attributes = {a.name: a for a in attributes}
         self.layer_dims = [int(d) for d in student.layer_dims]
-        self.heads = nn.ModuleDict({a.name: AttributeHead(self.layer_dims, a.dim, a.pool_hidden) for a in attributes})
+        self.heads = nn.ModuleDict({a.name: AttributeHead(self.layer_dims, a.dim, a.pool_hidden, a.time_context)
+                                    for a in attributes})
         losses: dict[str, nn.Module] = {}
         for a in attributes:
             if a.kind == "speaker":
