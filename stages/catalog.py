@@ -25,7 +25,7 @@ import pyarrow as pa
 from spear.cluster.storage import FileEntry, Storage, StorageError, split_uri
 from spear.schemas.catalog import CATALOG_SCHEMA
 from spear.schemas.quarantine import QuarantineRecord, quarantine_record
-from spear.stages.lhotse_source import CUT_COLUMNS, list_cuts, source_format
+from spear.stages.lhotse_source import CUT_COLUMNS, drop_duplicate_cuts, list_cuts, source_format
 
 @dataclass
 class Catalog:
@@ -87,15 +87,16 @@ def build_catalog(sources: Sequence, storage: Storage | None = None) -> Catalog:
     a prefix that does not exist or cannot be read is recorded in ``Catalog.unreadable``.
     """
     storage = storage or Storage()
-    rows: dict[str, list] = {name: [] for name in CATALOG_SCHEMA.names}
+    tables: list[pa.Table] = []          # one per source, in the sources' order (the first listing of a cut wins)
     unreadable: list[QuarantineRecord] = []
     seen: set[str] = set()
+    cuts_listed = False
     for src in sources:
         if source_format(src, storage) != "files":
+            cuts_listed = True
             # a Lhotse manifest or Shar directory: one row per cut (stages/lhotse_source.py)
-            cut_rows, bad = list_cuts(src, storage, seen)
-            for name in CATALOG_SCHEMA.names:
-                rows[name].extend(cut_rows[name])
+            cut_rows, bad = list_cuts(src, storage)
+            tables.append(cut_rows)
             unreadable.extend(bad)
             continue
         exts = {e.lower() for e in src.extensions}
@@ -113,6 +114,7 @@ def build_catalog(sources: Sequence, storage: Storage | None = None) -> Catalog:
         for uri, reason in errors:
             unreadable.append(quarantine_record({"uri": uri, "source": src.source_name, "domain": src.domain,
                                                  "etag": ""}, "catalog", reason))
+        rows: dict[str, list] = {name: [] for name in CATALOG_SCHEMA.names}
         for e in entries:
             if e.uri in seen:  # overlapping sources: the first one wins
                 continue
@@ -124,6 +126,13 @@ def build_catalog(sources: Sequence, storage: Storage | None = None) -> Catalog:
             rows["size"].append(e.size)
             rows["etag"].append(e.etag)
             rows["mtime"].append(e.mtime)
-            for name in CUT_COLUMNS:
-                rows[name].append(None)
-    return Catalog(pa.table(rows, schema=CATALOG_SCHEMA), unreadable)
+        n = len(rows["uri"])
+        for name in CUT_COLUMNS:
+            rows[name] = pa.nulls(n, CATALOG_SCHEMA.field(name).type)
+        tables.append(pa.table(rows, schema=CATALOG_SCHEMA))
+    objects = pa.concat_tables(tables) if tables else CATALOG_SCHEMA.empty_table()
+    if cuts_listed:
+        # a cut id listed twice (in one manifest, or by several): the first wins, the others are set aside
+        objects, dups = drop_duplicate_cuts(objects)
+        unreadable.extend(dups)
+    return Catalog(objects, unreadable)

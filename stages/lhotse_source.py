@@ -57,6 +57,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spear.cluster.storage import Storage, StorageError, is_absolute_uri, join_uri, normalize_uri, split_uri
 from spear.config import DecodeConfig
@@ -156,18 +157,6 @@ class _LocalCopies:
 _WORKER_COPIES = _LocalCopies(capacity=4)
 
 
-def _cut_metadata(cut: Any) -> dict[str, Optional[str]]:
-    sups = list(getattr(cut, "supervisions", None) or [])
-    texts = [s.text for s in sups if s.text]
-    return {"speaker": sups[0].speaker if sups else None, "language": sups[0].language if sups else None,
-            "text": " ".join(texts) if texts else None}
-
-
-def _wanted_channels(cut: Any) -> list[int]:
-    ch = cut.channel
-    return list(ch) if isinstance(ch, (list, tuple)) else [int(ch)]
-
-
 def _resolve_audio(location: str, manifest_uri: str) -> str:
     """A recording's audio path as Lhotse would open it: absolute ones and URIs as given; relative ones against
     the working directory for a local manifest (Lhotse's rule), against the manifest's folder for an S3 one."""
@@ -181,46 +170,77 @@ def is_shar_shard(audio_uri: str) -> bool:
     return bool(_SHAR_RECORDING.match(audio_uri.rsplit("/", 1)[-1]))
 
 
-def _cut_row(cut: Any, src: Any, manifest_uri: str, shar_tar: Optional[str], mtime: float, supported: tuple,
-             resolved: dict[str, str]) -> tuple:
-    """The catalog row of one cut (values in CATALOG_SCHEMA's order); raises ValueError with the reason when the cut cannot be tokenised.
-    ``supported``: the cut classes tokenised; ``resolved``: audio locations resolved so far (a recording's
-    many cuts resolve it once)."""
+def _cut_row(cut: Any, manifest_uri: str, shar_tar: Optional[str], supported: tuple, resolved: dict) -> tuple:
+    """What one cut puts in its catalog row, as :data:`_PER_CUT` values; raises ValueError with the reason when the
+    cut cannot be tokenised. ``supported``: the cut classes tokenised; ``resolved``: audio locations resolved so
+    far (a recording's many cuts resolve it once)."""
     if not isinstance(cut, supported):
         raise ValueError(f"unsupported cut type {type(cut).__name__}: only MonoCut and MultiCut "
                          f"(one recording, no mixing or padding) are tokenised")
     rec = cut.recording
     if rec is None:
         raise ValueError("the cut has no recording (only features or custom data)")
-    changes = [t.get("name") if isinstance(t, dict) else type(t).__name__ for t in (rec.transforms or [])]
-    changes = [name for name in changes if name != "Resample"]  # decoding resamples to 16 kHz anyway
-    if changes:
-        raise ValueError(f"recording {rec.id} has audio transforms {changes}: unsupported (only Resample)")
-    wanted = _wanted_channels(cut)
-    holders = [s for s in rec.sources if set(wanted) <= set(s.channels)]
-    if not holders:
+    if rec.transforms:
+        changes = [t.get("name") if isinstance(t, dict) else type(t).__name__ for t in rec.transforms]
+        changes = [name for name in changes if name != "Resample"]  # decoding resamples to 16 kHz anyway
+        if changes:
+            raise ValueError(f"recording {rec.id} has audio transforms {changes}: unsupported (only Resample)")
+    ch = cut.channel
+    wanted = list(ch) if isinstance(ch, (list, tuple)) else [int(ch)]
+    for source in rec.sources:
+        have = source.channels
+        if all(c in have for c in wanted):
+            break
+    else:
         raise ValueError(f"channels {wanted} are spread over several audio sources of recording {rec.id}: unsupported")
-    source = holders[0]
     if shar_tar is not None:
         audio_uri, location = shar_tar, f"{shar_tar.rsplit('/', 1)[-1]}/{rec.id}"
-    elif source.type == "file" or (source.type == "url" and str(source.source).startswith(("s3://", "file://"))):
-        raw = str(source.source)
-        if raw not in resolved:
-            resolved[raw] = _resolve_audio(raw, manifest_uri)
-        audio_uri = location = resolved[raw]
     else:
-        what = "a shell command" if source.type == "command" else f"a {source.type} source"
-        raise ValueError(f"recording {rec.id} is read through {what}: unsupported (use files or s3:// URLs)")
-    positions = [list(source.channels).index(c) for c in wanted]
-    channels = None if positions == list(range(len(source.channels))) else positions
-    # What the cut takes from its recording: a change in any of these re-tokenises the cut.
-    key = json.dumps([location, source.channels, round(float(cut.start), 6), round(float(cut.duration), 6), wanted])
-    duration = float(cut.duration)
-    meta = _cut_metadata(cut)
-    # in CATALOG_SCHEMA's order (a million cuts list column by column, without a dict per row)
-    return (cut_uri(cut.id), src.source_name, audio_uri, src.domain, int(round(duration * 16000)) * 2,
-            hashlib.sha256(key.encode()).hexdigest()[:32], mtime, cut.id, audio_uri, manifest_uri, float(cut.start),
-            duration, channels, meta["speaker"], meta["language"], meta["text"])
+        raw = source.source
+        known = (source.type, raw) if isinstance(raw, str) else None   # not a memory source's bytes as a key
+        audio_uri = resolved.get(known) if known else None
+        if audio_uri is None:
+            if not (source.type == "file" or (source.type == "url" and str(raw).startswith(("s3://", "file://")))):
+                what = "a shell command" if source.type == "command" else f"a {source.type} source"
+                raise ValueError(f"recording {rec.id} is read through {what}: unsupported (use files or s3:// URLs)")
+            audio_uri = resolved[known] = _resolve_audio(str(raw), manifest_uri)
+        location = audio_uri
+    have = list(have)
+    positions = [have.index(c) for c in wanted]
+    channels = None if positions == list(range(len(have))) else positions
+    start, duration = float(cut.start), float(cut.duration)
+    # What the cut takes from its recording: a change in any of these re-tokenises the cut (the ledger's etag:
+    # keep this exact form, or every cut of every corpus would be tokenised again).
+    key = json.dumps([location, have, round(start, 6), round(duration, 6), wanted])
+    speaker = language = text = None
+    sups = cut.supervisions
+    if sups:
+        speaker, language = sups[0].speaker, sups[0].language
+        texts = [s.text for s in sups if s.text]
+        text = " ".join(texts) if texts else None
+    return (cut.id, audio_uri, int(round(duration * 16000)) * 2, hashlib.sha256(key.encode()).hexdigest()[:32],
+            start, duration, channels, speaker, language, text)
+
+
+#: The catalog columns a cut's own values fill (:func:`_cut_row`'s order); ``uri`` comes from ``cut_id``,
+#: ``relative_path`` is ``audio_uri``, and ``source``, ``domain``, ``mtime`` and ``cut_manifest`` are its manifest's.
+_PER_CUT = ("cut_id", "audio_uri", "size", "etag", "cut_start", "cut_duration", "cut_channels", "speaker",
+            "language", "text")
+
+#: Cuts per Arrow record batch while listing: the Python values of at most this many cuts are alive at once.
+LIST_CHUNK_ROWS = 65536
+
+
+def _cut_batch(cols: list[list], src: Any, manifest_uri: str, mtime: float) -> pa.RecordBatch:
+    """One CATALOG_SCHEMA record batch from the :data:`_PER_CUT` value lists of some cuts of one manifest."""
+    n = len(cols[0])
+    arrays = {name: pa.array(values, CATALOG_SCHEMA.field(name).type) for name, values in zip(_PER_CUT, cols)}
+    arrays["uri"] = pc.binary_join_element_wise(CUT_URI_PREFIX, arrays["cut_id"], "")
+    arrays["relative_path"] = arrays["audio_uri"]      # the same buffers: a cut's path is its recording's
+    for name, value in (("source", src.source_name), ("domain", src.domain), ("mtime", mtime),
+                        ("cut_manifest", manifest_uri)):
+        arrays[name] = pa.repeat(pa.scalar(value, CATALOG_SCHEMA.field(name).type), n)
+    return pa.RecordBatch.from_arrays([arrays[name] for name in CATALOG_SCHEMA.names], schema=CATALOG_SCHEMA)
 
 
 def _manifests(src: Any, fmt: str, storage: Storage) -> list[tuple[str, Optional[str], float]]:
@@ -252,20 +272,23 @@ def _manifests(src: Any, fmt: str, storage: Storage) -> list[tuple[str, Optional
 
 
 def iter_manifest_cuts(local_path: str, shar: bool) -> Iterator[Any]:
-    """The cuts of one manifest file (lazily for JSONL), parsed by Lhotse."""
+    """The cuts of one manifest file, parsed by Lhotse: lazily (one line at a time) for JSONL, gzipped or not, and
+    Shar cuts shards; a ``.json`` or ``.yaml`` manifest is read whole (Lhotse has no lazy reader for them)."""
     from lhotse import CutSet  # Lhotse is needed only when a source is a Lhotse manifest
 
-    cuts = CutSet.from_jsonl_lazy(local_path) if shar else CutSet.from_file(local_path)
+    if shar or ".jsonl" in PurePosixPath(local_path).suffixes:
+        return iter(CutSet.from_jsonl_lazy(local_path))
+    cuts = CutSet.from_file(local_path)
     return iter(cuts if cuts is not None else [])
 
 
-def list_cuts(src: Any, storage: Storage, seen: Optional[set[str]] = None
-              ) -> tuple[dict[str, list], list[QuarantineRecord]]:
-    """Catalog columns (CATALOG_SCHEMA names -> lists) of every cut of a Lhotse source, and the cuts and
-    manifests set aside (stage ``catalog``). ``seen``: catalog keys listed so far (updated): a cut id seen
-    before is a duplicate."""
-    seen = set() if seen is None else seen
-    rows: dict[str, list] = {name: [] for name in CATALOG_SCHEMA.names}
+def list_cuts(src: Any, storage: Storage) -> tuple[pa.Table, list[QuarantineRecord]]:
+    """The catalog rows (CATALOG_SCHEMA) of every cut of a Lhotse source, and the cuts and manifests set aside
+    (stage ``catalog``). Manifests are read lazily and the rows kept as Arrow record batches of
+    :data:`LIST_CHUNK_ROWS` cuts, so a manifest of millions of cuts costs its Arrow columns, not a Python object
+    per value. A manifest that fails part way (a damaged line) lists none of its cuts. Duplicate cut ids are
+    left for :func:`drop_duplicate_cuts` (they may span sources)."""
+    batches: list[pa.RecordBatch] = []
     bad: list[QuarantineRecord] = []
     fmt = source_format(src, storage)
 
@@ -279,36 +302,97 @@ def list_cuts(src: Any, storage: Storage, seen: Optional[set[str]] = None
         manifests = _manifests(src, fmt, storage)
     except StorageError as exc:
         reject(src.uri, f"unreadable Lhotse source: {exc}")
-        return rows, bad
+        return CATALOG_SCHEMA.empty_table(), bad
     from lhotse.cut import MonoCut, MultiCut  # Lhotse is needed only when a source is a Lhotse manifest
-    appends = [rows[name].append for name in CATALOG_SCHEMA.names]
 
+    supported = (MonoCut, MultiCut)
     copies = _LocalCopies(capacity=1)
     try:
         for manifest_uri, tar, mtime in manifests:
-            resolved: dict[str, str] = {}
+            resolved: dict = {}
+            mine: list[pa.RecordBatch] = []     # this manifest's rows: dropped if it fails part way
+            cols: list[list] = [[] for _ in _PER_CUT]
+            appends = [c.append for c in cols]
+            n_bad = len(bad)
             try:
                 local = copies.path(manifest_uri, storage)
                 for cut in iter_manifest_cuts(local, shar=tar is not None):
-                    key = cut_uri(cut.id)
-                    if key in seen:
-                        reject(key, f"duplicate cut id {cut.id!r} in {manifest_uri}: an earlier cut has it")
-                        continue
                     try:
-                        row = _cut_row(cut, src, manifest_uri, tar, mtime, (MonoCut, MultiCut), resolved)
+                        row = _cut_row(cut, manifest_uri, tar, supported, resolved)
                     except (ValueError, AttributeError) as exc:
-                        reject(key, f"{exc} (in {manifest_uri})")
+                        reject(cut_uri(cut.id), f"{exc} (in {manifest_uri})")
                         continue
-                    seen.add(key)
                     for append, value in zip(appends, row):
                         append(value)
+                    if len(cols[0]) >= LIST_CHUNK_ROWS:
+                        mine.append(_cut_batch(cols, src, manifest_uri, mtime))
+                        for c in cols:
+                            c.clear()
+                if cols[0]:
+                    mine.append(_cut_batch(cols, src, manifest_uri, mtime))
+                batches.extend(mine)
             except (FileNotFoundError, StorageError, OSError) as exc:
+                del bad[n_bad:]
                 reject(manifest_uri, f"unreadable manifest: {exc}")
             except Exception as exc:  # whatever Lhotse raises on a file that is not a CutSet manifest
+                del bad[n_bad:]
                 reject(manifest_uri, f"not a Lhotse CutSet manifest ({type(exc).__name__}: {exc})")
     finally:
         copies.close()
-    return rows, bad
+    return pa.Table.from_batches(batches, schema=CATALOG_SCHEMA), bad
+
+
+def drop_duplicate_cuts(objects: pa.Table) -> tuple[pa.Table, list[QuarantineRecord]]:
+    """``objects`` without the second and later rows of a ``uri`` (a cut id listed again: the first listed wins),
+    and those rows as quarantine records (stage ``catalog``).
+
+    Finds repeats by sorting 64-bit hashes of the keys (read a chunk at a time) and compares the strings only
+    where hashes meet: a million cuts cost a few arrays of integers, not a set of a million strings or Arrow's
+    hash table of them (``count_distinct`` holds a copy of every key).
+
+    >>> t = pa.table({"uri": ["lhotse-cut:a", "lhotse-cut:b", "lhotse-cut:a"], "cut_id": ["a", "b", "a"],
+    ...               "source": ["m"] * 3, "domain": ["speech"] * 3, "cut_manifest": ["x", "x", "y"]})
+    >>> kept, bad = drop_duplicate_cuts(t)
+    >>> kept["uri"].to_pylist(), [q["reason"] for q in bad]
+    (['lhotse-cut:a', 'lhotse-cut:b'], ["duplicate cut id 'a' in y: an earlier cut has it"])
+    """
+    n = objects.num_rows
+    if n < 2:
+        return objects, []
+    hashes = np.empty(n, dtype=np.int64)
+    at = 0
+    for chunk in objects["uri"].chunks:
+        k = len(chunk)
+        hashes[at:at + k] = np.fromiter(map(hash, chunk.to_pylist()), dtype=np.int64, count=k)
+        at += k
+    order = np.argsort(hashes, kind="stable")          # equal hashes keep their listing order
+    h = hashes[order]
+    meet = np.flatnonzero(h[1:] == h[:-1])
+    if meet.size == 0:
+        return objects, []
+    involved = np.zeros(n, dtype=bool)                  # sorted positions whose hash another row shares
+    involved[meet] = involved[meet + 1] = True
+    groups: dict[int, list[int]] = {}
+    for pos in np.flatnonzero(involved).tolist():
+        groups.setdefault(int(h[pos]), []).append(int(order[pos]))
+    uris = objects["uri"]
+    later: list[int] = []
+    for rows in groups.values():
+        first: set[str] = set()
+        for r in sorted(rows):                          # the same hash: compare the keys themselves
+            key = uris[r].as_py()
+            if key in first:
+                later.append(r)
+            first.add(key)
+    if not later:
+        return objects, []
+    dups = objects.take(pa.array(sorted(later), pa.int64())).select(["uri", "source", "domain", "cut_id", "cut_manifest"])
+    bad = [quarantine_record({"uri": r["uri"], "source": r["source"], "domain": r["domain"], "etag": ""}, "catalog",
+                             f"duplicate cut id {r['cut_id']!r} in {r['cut_manifest']}: an earlier cut has it")
+           for r in dups.to_pylist()]
+    keep = np.ones(n, dtype=bool)
+    keep[later] = False
+    return objects.filter(pa.array(keep)), bad
 
 
 # ----------------------------------------------------------------------------------------------- planning
