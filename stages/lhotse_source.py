@@ -386,7 +386,7 @@ def drop_duplicate_cuts(objects: pa.Table) -> tuple[pa.Table, list[QuarantineRec
             first.add(key)
     if not later:
         return objects, []
-    dups = objects.take(pa.array(sorted(later), pa.int64())).select(["uri", "source", "domain", "cut_id", "cut_manifest"])
+    dups = objects.select(["uri", "source", "domain", "cut_id", "cut_manifest"]).take(pa.array(sorted(later)))
     bad = [quarantine_record({"uri": r["uri"], "source": r["source"], "domain": r["domain"], "etag": ""}, "catalog",
                              f"duplicate cut id {r['cut_id']!r} in {r['cut_manifest']}: an earlier cut has it")
            for r in dups.to_pylist()]
@@ -396,6 +396,22 @@ def drop_duplicate_cuts(objects: pa.Table) -> tuple[pa.Table, list[QuarantineRec
 
 
 # ----------------------------------------------------------------------------------------------- planning
+
+
+def _run_starts(keys: pa.ChunkedArray) -> np.ndarray:
+    """Row numbers where ``keys`` differs from the row before (row 0 always)."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    if len(keys) < 2:
+        return np.zeros(min(len(keys), 1), dtype=np.int64)
+    differs = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).fill_null(True)
+    return np.r_[0, np.flatnonzero(differs.to_numpy(zero_copy_only=False)) + 1]
+
+
+def _ascending_in_runs(values: pa.ChunkedArray, starts: np.ndarray) -> bool:
+    """Whether ``values`` never decreases within a run (runs begin at ``starts``)."""
+    v = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
+    falls = np.flatnonzero(v[1:] < v[:-1]) + 1
+    return bool(np.isin(falls, starts).all())
 
 
 def plan_cut_blocks(cuts: pa.Table, objects_per_task: int, min_blocks: int) -> list[pa.Table]:
@@ -412,10 +428,15 @@ def plan_cut_blocks(cuts: pa.Table, objects_per_task: int, min_blocks: int) -> l
     n = cuts.num_rows
     if n == 0:
         return []
-    ordered = cuts.sort_by([("audio_uri", "ascending"), ("cut_start", "ascending")])
+    # Runs of one recording, found in Arrow (no Python string per cut). A manifest usually lists a recording's
+    # cuts together and in time order: then the rows are used as they are (the blocks are slices of ``cuts``,
+    # not of a sorted copy of every column).
+    ordered = cuts
+    starts = _run_starts(cuts["audio_uri"])
+    if len(starts) != pc.count_distinct(cuts["audio_uri"]).as_py() or not _ascending_in_runs(cuts["cut_start"], starts):
+        ordered = cuts.sort_by([("audio_uri", "ascending"), ("cut_start", "ascending")])
+        starts = _run_starts(ordered["audio_uri"])
     per_task = max(1, min(objects_per_task * CUTS_PER_OBJECT, -(-n // max(1, min_blocks))))
-    keys = ordered["audio_uri"].to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     ends = np.r_[starts[1:], n]
     spans: list[tuple[int, int]] = []          # (first row, rows) of each task, contiguous in ``ordered``
     first, rows = 0, 0
