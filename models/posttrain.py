@@ -571,11 +571,28 @@ class PostTrainBatch:
 
 
 @dataclass
+class PostTrainFeatures(StudentFeatures):
+    """:class:`StudentFeatures` plus ``inputs`` [B, T, num_mel_bins]: the frontend's log-mel frames at
+    the encoder's frame rate (only with ``input_layer``; None otherwise)."""
+
+    inputs: Optional[torch.Tensor] = None
+
+
+def _frames_at_rate(feats: torch.Tensor, T: int, factor: int, lengths: torch.Tensor) -> torch.Tensor:
+    """Fbank frames [B, T_in, F] averaged over windows of ``factor`` frames -> [B, T, F], zero past
+    ``lengths`` (the zero padding the frontend leaves is the same alone or in a batch)."""
+    need = T * factor
+    feats = F.pad(feats, (0, 0, 0, need - feats.shape[1])) if feats.shape[1] < need else feats[:, :need]
+    out = feats.reshape(feats.shape[0], T, factor, feats.shape[2]).mean(2)
+    return out * length_mask(lengths, T).unsqueeze(-1).to(out.dtype)
+
+
+@dataclass
 class PostTrainOutput:
     """``embeddings``: attribute -> [B, dim]; ``features``: the encoder's frame features."""
 
     embeddings: dict[str, torch.Tensor]
-    features: StudentFeatures
+    features: PostTrainFeatures
 
 
 @dataclass
@@ -636,12 +653,16 @@ class PostTrainModel(nn.Module):
     and gets no gradients) or ``full``. The mode is applied by setting ``requires_grad`` on the
     student's own parameters (the module passed in is shared, not copied).
 
+    ``input_layer``: the heads also weigh the frontend's log-mel frames, averaged to the encoder's
+    frame rate, as layer 0 (as SUPERB's weighted sum includes the input embedding); a small student
+    that kept little of the spectral envelope (speaker, pitch) can still use it.
+
     ``forward(wavs [B, S], lengths [B]) -> PostTrainOutput``; :meth:`loss` for training;
     :meth:`param_groups` for the optimiser. See the module docstring for an example.
     """
 
     def __init__(self, student: nn.Module, attributes: Sequence[AttributeSpec], freeze: str = "frozen",
-                 trainable_layers: int = 0):
+                 trainable_layers: int = 0, input_layer: bool = False):
         super().__init__()
         if not attributes:
             raise ValueError("PostTrainModel needs at least one attribute")
@@ -652,7 +673,14 @@ class PostTrainModel(nn.Module):
             raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {freeze!r}")
         self.student = student
         self.attributes = {a.name: a for a in attributes}
-        self.layer_dims = [int(d) for d in student.layer_dims]
+        self._differentiable = hasattr(student, "fbank") and hasattr(student, "encoder")
+        self.input_layer = bool(input_layer)
+        if self.input_layer and not self._differentiable:
+            raise ValueError(f"input_layer needs a StudentModel-like encoder (.fbank and .encoder); "
+                             f"{type(student).__name__} has no frontend to take it from")
+        # the heads' layers: the frontend's frames first (with input_layer), then every encoder layer
+        self.layer_dims = ([int(student.encoder.num_mel_bins)] if self.input_layer else []) + \
+            [int(d) for d in student.layer_dims]
         self.heads = nn.ModuleDict({a.name: AttributeHead(self.layer_dims, a.dim, a.pool_hidden, a.time_context)
                                     for a in attributes})
         losses: dict[str, nn.Module] = {}
@@ -665,7 +693,6 @@ class PostTrainModel(nn.Module):
                 losses[a.name] = CountingLoss(a.dim, a.tasks, a.counting_loss)
         self.losses = nn.ModuleDict(losses)
         self.freeze, self.trainable_layers = freeze, int(trainable_layers)
-        self._differentiable = hasattr(student, "fbank") and hasattr(student, "encoder")
         if freeze != "frozen" and not self._differentiable:
             raise ValueError(f"freeze={freeze!r} needs a StudentModel-like encoder (.fbank and .encoder); "
                              f"{type(student).__name__} only offers features without gradients: use freeze='frozen'")
@@ -742,14 +769,16 @@ class PostTrainModel(nn.Module):
     def config(self) -> dict[str, Any]:
         """What rebuilds the heads around the same encoder: attributes, freeze, trainable_layers."""
         return {"attributes": [a.to_dict() for a in self.attributes.values()], "freeze": self.freeze,
-                "trainable_layers": self.trainable_layers}
+                "trainable_layers": self.trainable_layers, "input_layer": self.input_layer}
 
     # -------------------------------------------------------------- forward
 
-    def features(self, wavs: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> StudentFeatures:
-        """Every layer's frame features, with gradients where the encoder trains."""
+    def features(self, wavs: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> "PostTrainFeatures":
+        """Every encoder layer's frame features, with gradients where the encoder trains (and, with
+        ``input_layer``, the frontend's frames at the encoder's rate in ``inputs``)."""
         if not self._differentiable:
-            return self.student.features(wavs, lengths)
+            f = self.student.features(wavs, lengths)
+            return PostTrainFeatures(list(f.layers), f.final, f.lengths)
         device = next(self.heads.parameters()).device
         wavs = wavs.to(device)
         lengths = None if lengths is None else torch.as_tensor(lengths).to(device)
@@ -760,7 +789,10 @@ class PostTrainModel(nn.Module):
             if short > 0:  # very short clips: pad so the convolutions run; the lengths keep them empty
                 feats = F.pad(feats, (0, 0, 0, short))
             out = encoder(feats, n, return_layers=True)
-        return StudentFeatures(list(out.layers), out.frames, out.lengths)
+        inputs = None
+        if self.input_layer:
+            inputs = _frames_at_rate(feats, out.layers[0].shape[1], encoder.subsampling, out.lengths)
+        return PostTrainFeatures(list(out.layers), out.frames, out.lengths, inputs)
 
     def embed(self, features: StudentFeatures, attributes: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
         """Embeddings [B, dim] of ``attributes`` (default: all) from frame features."""
@@ -768,7 +800,14 @@ class PostTrainModel(nn.Module):
         unknown = sorted(set(names) - set(self.heads))
         if unknown:
             raise ValueError(f"unknown attribute(s) {unknown}; this model has {list(self.heads)}")
-        return {n: self.heads[n](features.layers, features.lengths) for n in names}
+        layers = list(features.layers)
+        if self.input_layer:
+            inputs = getattr(features, "inputs", None)
+            if inputs is None:
+                raise ValueError("this model weighs the frontend's frames (input_layer): embed features from "
+                                 "PostTrainModel.features, which carry them")
+            layers = [inputs] + layers
+        return {n: self.heads[n](layers, features.lengths) for n in names}
 
     def forward(self, wavs: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                 attributes: Optional[Sequence[str]] = None) -> PostTrainOutput:

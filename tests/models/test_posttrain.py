@@ -425,8 +425,9 @@ def test_a_few_steps_fit_the_mixed_batch(speech):
     assert m["speaker/acc"] == 1.0 and m["count/rows"] == 3.0
 
 
-def test_utterance_embedding_does_not_depend_on_the_batch(speech):
-    model = PostTrainModel(_student(), _specs(), freeze="full").eval()
+@pytest.mark.parametrize("input_layer", [False, True])
+def test_utterance_embedding_does_not_depend_on_the_batch(speech, input_layer):
+    model = PostTrainModel(_student(), _specs(), freeze="full", input_layer=input_layer).eval()
     wavs, lengths = _pad([speech[("en-us", 0)], speech[("en+m3", 1)], speech[("en-us", 1)][:4000]])
     with torch.no_grad():
         batch = model(wavs, lengths).embeddings
@@ -485,13 +486,14 @@ def test_pivot_text_embedding_is_stable_and_shared_by_translations():
 
 def test_heads_state_and_config_rebuild_the_same_embeddings(speech):
     student = _student()
-    model = PostTrainModel(student, _specs(), freeze="top", trainable_layers=2)
+    model = PostTrainModel(student, _specs(), freeze="top", trainable_layers=2, input_layer=True)
     with torch.no_grad():
         for p in model.heads.parameters():
             p.add_(0.1 * torch.randn_like(p))
     config = model.config()
     rebuilt = PostTrainModel(student, [AttributeSpec.from_dict(a) for a in config["attributes"]],
-                             freeze=config["freeze"], trainable_layers=config["trainable_layers"])
+                             freeze=config["freeze"], trainable_layers=config["trainable_layers"],
+                             input_layer=config["input_layer"])
     assert all(k.startswith(("heads.", "losses.")) for k in model.heads_state_dict())
     rebuilt.load_heads_state_dict(model.heads_state_dict())
     wavs, lengths = _pad([speech[("en-us", 0)], speech[("en+m3", 1)]])
@@ -504,3 +506,22 @@ def test_heads_state_and_config_rebuild_the_same_embeddings(speech):
         fewer.load_heads_state_dict(model.heads_state_dict())
     with pytest.raises(ValueError, match="unknown field"):
         AttributeSpec.from_dict({"name": "x", "kind": "speaker", "num_classes": 3, "colour": "red"})
+
+
+def test_input_layer_is_the_fbank_at_the_encoder_rate(speech):
+    student = _student()
+    model = PostTrainModel(student, _specs(), input_layer=True).eval()
+    assert model.layer_dims == [80] + student.layer_dims
+    wav = torch.from_numpy(speech[("en-us", 0)])[None]
+    with torch.no_grad():
+        f = model.features(wav)
+        fbank, n = student.fbank(wav)
+    T = f.layers[0].shape[1]
+    assert f.inputs.shape == (1, T, 80) and student.encoder.subsampling == 2
+    for t in (0, T // 2, T - 1):  # frame t averages fbank frames 2t and 2t + 1
+        torch.testing.assert_close(f.inputs[0, t], fbank[0, 2 * t:2 * t + 2].mean(0))
+    # plain student features lack the frontend's frames: a clear error, not a silent mismatch
+    with torch.no_grad(), pytest.raises(ValueError, match="input_layer"):
+        model.embed(student.features(wav))
+    with pytest.raises(ValueError, match="no frontend"):
+        PostTrainModel(_FeaturesOnly(student), _specs(), input_layer=True)
