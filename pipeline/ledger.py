@@ -166,19 +166,20 @@ class TokenStore:
         m = self.latest_manifest()
         if m is None or not m.ledger_files:
             return LEDGER_SCHEMA.empty_table()
-        tables = []
-        for order, uri in enumerate(self._resolved(m)[1]):
-            t = pq.read_table(pa.BufferReader(self.storage.read_bytes(uri)))
-            tables.append(t.append_column("_order", pa.array(np.full(t.num_rows, order, np.int64))))
+        tables = [pq.read_table(pa.BufferReader(self.storage.read_bytes(uri))) for uri in self._resolved(m)[1]]
         all_rows = pa.concat_tables(tables)
         if all_rows.num_columns and all_rows.column(0).num_chunks > 64:
-            all_rows = all_rows.combine_chunks()  # old ledgers' 256-row groups: thousands of chunks group slowly
-        # keep the last entry per source_uri
-        idx = np.arange(all_rows.num_rows)
-        all_rows = all_rows.append_column("_idx", pa.array(idx))
-        last = all_rows.group_by("source_uri").aggregate([("_idx", "max")])
-        keep = pc.is_in(all_rows["_idx"], value_set=last["_idx_max"])
-        return all_rows.filter(keep).drop_columns(["_order", "_idx"]).sort_by("source_uri").cast(LEDGER_SCHEMA)
+            all_rows = all_rows.combine_chunks()  # old ledgers' 256-row groups: thousands of chunks sort slowly
+        # sorted by source_uri, an object's entries in commit order (Arrow's sort is stable): its last one is the
+        # latest. One sorted copy and no hash table of the keys (a ledger may hold millions of cuts).
+        rows = all_rows.take(pc.sort_indices(all_rows, sort_keys=[("source_uri", "ascending")]))
+        keys = rows["source_uri"]
+        if rows.num_rows > 1:
+            later = pc.not_equal(keys.slice(1), keys.slice(0, rows.num_rows - 1))     # row i+1 starts a new object
+            last = np.r_[later.to_numpy(zero_copy_only=False), True]
+            if not last.all():
+                rows = rows.filter(pa.array(last))
+        return rows.cast(LEDGER_SCHEMA)
 
     # ----------------------------------------------------------------- reading
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -203,6 +204,8 @@ def _cut_row(cut: Any, manifest_uri: str, shar_tar: Optional[str], supported: tu
             if not (source.type == "file" or (source.type == "url" and str(raw).startswith(("s3://", "file://")))):
                 what = "a shell command" if source.type == "command" else f"a {source.type} source"
                 raise ValueError(f"recording {rec.id} is read through {what}: unsupported (use files or s3:// URLs)")
+            if len(resolved) > _RESOLVED_KEPT:
+                resolved.clear()    # one file per cut (clips): keep the cache small, a recording's cuts are adjacent
             audio_uri = resolved[known] = _resolve_audio(str(raw), manifest_uri)
         location = audio_uri
     have = list(have)
@@ -210,8 +213,19 @@ def _cut_row(cut: Any, manifest_uri: str, shar_tar: Optional[str], supported: tu
     channels = None if positions == list(range(len(have))) else positions
     start, duration = float(cut.start), float(cut.duration)
     # What the cut takes from its recording: a change in any of these re-tokenises the cut (the ledger's etag:
-    # keep this exact form, or every cut of every corpus would be tokenised again).
-    key = json.dumps([location, have, round(start, 6), round(duration, 6), wanted])
+    # keep this exact form, ``json.dumps([location, have, round(start, 6), round(duration, 6), wanted])``, or every
+    # cut of every corpus would be tokenised again). Written out here with the recording's part cached: json.dumps
+    # was a third of a cut's listing time; it writes a finite float as repr() and an int as str().
+    r_start, r_duration = round(start, 6), round(duration, 6)
+    if math.isfinite(r_start) and math.isfinite(r_duration) and all(type(c) is int for c in wanted + have):
+        head = resolved.get((location, *have)) if shar_tar is None else None
+        if head is None:
+            head = json.dumps([location, have])[:-1]
+            if shar_tar is None:
+                resolved[(location, *have)] = head
+        key = f"{head}, {r_start!r}, {r_duration!r}, [{', '.join(map(str, wanted))}]]"
+    else:
+        key = json.dumps([location, have, r_start, r_duration, wanted])
     speaker = language = text = None
     sups = cut.supervisions
     if sups:
@@ -221,6 +235,9 @@ def _cut_row(cut: Any, manifest_uri: str, shar_tar: Optional[str], supported: tu
     return (cut.id, audio_uri, int(round(duration * 16000)) * 2, hashlib.sha256(key.encode()).hexdigest()[:32],
             start, duration, channels, speaker, language, text)
 
+
+# Audio locations (and their etag key prefixes) remembered while listing one manifest, at most.
+_RESOLVED_KEPT = 4096
 
 #: The catalog columns a cut's own values fill (:func:`_cut_row`'s order); ``uri`` comes from ``cut_id``,
 #: ``relative_path`` is ``audio_uri``, and ``source``, ``domain``, ``mtime`` and ``cut_manifest`` are its manifest's.
