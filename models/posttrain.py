@@ -854,6 +854,8 @@ class PostTrainModel(nn.Module):
                 if spec.kind != "semantic":
                     correct[name] = 0
                 continue
+            if name not in batch.labels:
+                raise ValueError(f"attribute {name!r}: masks[{name!r}] marks rows but the batch has no labels for it")
             e = emb[name][m]
             label = batch.labels[name].to(device)[idx][m]
             if spec.kind == "semantic" and (label.dim() != 2 or label.shape[1] != spec.dim):

@@ -337,6 +337,8 @@ def test_bad_labels_are_named(speech):
         model.loss(PostTrainBatch(wavs, lengths, labels={"semantic": torch.randn(2, 7)}))
     with pytest.raises(ValueError, match="unknown attribute"):
         model.loss(PostTrainBatch(wavs, lengths, labels={"emotion": torch.tensor([0, 1])}))
+    with pytest.raises(ValueError, match="no labels for it"):
+        model.loss(PostTrainBatch(wavs, lengths, masks={"speaker": torch.tensor([True, False])}))
     with pytest.raises(ValueError, match="needs tasks"):
         model.loss(PostTrainBatch(wavs, lengths, labels={"count": torch.tensor([0, 1])}))
 
