@@ -9,7 +9,10 @@ file first) and hands Lhotse a local path.
 
 What a cut becomes:
 
-- **Listing** (:func:`list_cuts`): one catalog row per cut (:data:`~spear.schemas.catalog.CATALOG_SCHEMA`)
+- **Listing** (:func:`list_cuts`): one catalog row per cut (:data:`~spear.schemas.catalog.CATALOG_SCHEMA`),
+  read lazily from JSONL (a line at a time) into Arrow record batches of :data:`LIST_CHUNK_ROWS` cuts
+  (a million cuts cost their Arrow columns, not Python objects), repeated ids set aside afterwards
+  (:func:`drop_duplicate_cuts`),
   keyed ``lhotse-cut:<cut id>`` whichever manifest lists it, so a new manifest holding known cuts
   redoes only the new or changed ones. Its etag hashes what the cut takes from its recording
   (audio location, offset, duration, channels): changing any of them re-tokenises the cut and

@@ -91,6 +91,26 @@ def test_a_manifest_lists_one_row_per_cut_with_its_metadata_and_sets_bad_cuts_as
     assert again.select(["uri", "etag", "size"]).equals(cat.objects.select(["uri", "etag", "size"]))
 
 
+def test_listing_in_small_batches_gives_the_same_catalog_and_a_damaged_manifest_lists_nothing(corpus, tmp_path,
+                                                                                            monkeypatch):
+    import gzip
+
+    import spear.stages.lhotse_source as lhotse_source
+
+    whole = build_catalog([SourceConfig(uri=str(corpus.manifest1), domain="speech", name="m")])
+    monkeypatch.setattr(lhotse_source, "LIST_CHUNK_ROWS", 2)    # a batch per two cuts: duplicates across batches
+    small = build_catalog([SourceConfig(uri=str(corpus.manifest1), domain="speech", name="m")])
+    assert small.objects.column("uri").num_chunks > 1 and small.objects.equals(whole.objects)
+    assert sorted(q["reason"] for q in small.unreadable) == sorted(q["reason"] for q in whole.unreadable)
+    # good lines, then a damaged one: read lazily, the manifest still lists none of its cuts
+    lines = gzip.open(corpus.manifest1, "rt").read().splitlines()
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text("\n".join(lines[:3] + ['{"id": "broken", "start": ']) + "\n")
+    cat = build_catalog([SourceConfig(uri=str(damaged), domain="speech", name="d")])
+    assert cat.num_objects == 0 and len(cat.unreadable) == 1
+    assert "not a Lhotse CutSet manifest" in cat.unreadable[0]["reason"] and cat.unreadable[0]["uri"] == str(damaged)
+
+
 def test_a_cut_changes_its_etag_when_its_range_channel_or_audio_changes(corpus, tmp_path):
     from lhotse import CutSet
 
