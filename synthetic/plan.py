@@ -81,24 +81,25 @@ class SizeSpec:
     long_seconds: tuple[float, float]
     mixed_seconds: tuple[float, float]
     stereo_prob: float
+    test_every: tuple[tuple[str, int], ...] = ()  # kinds whose every n-th clip is test (default: every 5th)
 
 
 #: The corpus sizes: "tiny" for tests, "demo" for `spear demo`.
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(speakers=3, words=6, word_clips=8, sentence_clips=3, event_clips=10, mixed_clips=4,
                       pitched_clips=6, long_speech=0, long_audio=0, event_seconds=(1.0, 2.5),
-                      long_seconds=(60, 120), mixed_seconds=(2.0, 4.0), stereo_prob=0.4),
+                      long_seconds=(60, 120), mixed_seconds=(2.0, 4.0), stereo_prob=0.4),  # every 5th test
     # Mixtures are many and short: their tasks (mixed_*) need ~350 test clips for a 95 % CI of about
     # +-0.05; half of them are test clips (MIXED_TEST_EVERY).
     "demo": SizeSpec(speakers=len(SPEAKERS), words=len(WORDS), word_clips=None, sentence_clips=100,
                       event_clips=320, mixed_clips=700, pitched_clips=240, long_speech=2, long_audio=2,
                       event_seconds=(1.5, 4.0), long_seconds=(30, 60), mixed_seconds=(1.0, 2.0),
-                      stereo_prob=0.35),
+                      stereo_prob=0.35, test_every=(("mixed", 2), ("pitched", 2))),
 }
 
-#: Every n-th clip of a stratum is a test clip: 1 in 5 in general, 1 in 2 for the mixtures and pitched
-#: tones (their tasks need many test items for tight intervals; a probe needs far fewer to train).
-TEST_EVERY = {"mixed": 2, "pitched": 2}
+#: Every n-th clip of a stratum is a test clip: 1 in 5 unless the size says otherwise (the demo: 1 in 2
+#: for the mixtures and pitched tones, whose tasks need many test items for tight intervals; a probe
+#: needs far fewer to train).
 DEFAULT_TEST_EVERY = 5
 
 
@@ -210,9 +211,10 @@ def plan_corpus(size: str, seed: int) -> list[ClipPlan]:
         p.relpath = f"{p.domain}/{prefix}_{p.index:04d}{FORMATS[p.fmt][2]}"
 
     # Split: stratified systematic sampling, every n-th file of each stratum (random order) is test.
+    test_every = dict(spec.test_every)
     keyed = sorted(plans, key=lambda p: (p.group, float(rng.random())))
     offset = int(rng.integers(DEFAULT_TEST_EVERY))
     for pos, p in enumerate(keyed):
-        p.split = "test" if (pos + offset) % TEST_EVERY.get(p.kind, DEFAULT_TEST_EVERY) == 0 else "train"
+        p.split = "test" if (pos + offset) % test_every.get(p.kind, DEFAULT_TEST_EVERY) == 0 else "train"
     return plans
 
