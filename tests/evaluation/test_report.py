@@ -214,3 +214,7 @@ def test_ablation_and_distillation_sections(report, tmp_path):
     assert page.count("not a test") == sum(c["holds"] is None for c in checks.values())
     saved = __import__("json").loads((out / "results.json").read_text())["extras"]
     assert saved["ablation"]["command"] == "spear demo --ablation" and len(saved["distillation_checks"]) == 3
+    # headless Chromium loads every image of the page, the ablation plot among them
+    dom = _chromium_run(out / "index.html", tmp_path / "profile", "--dump-dom", "--virtual-time-budget=10000").stdout
+    marks = _image_marks(dom)
+    assert marks.get("ablation.png") == "1" and set(marks.values()) == {"1"}, marks
