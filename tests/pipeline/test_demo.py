@@ -72,3 +72,42 @@ def test_the_demo_token_dataset_holds_no_probe_test_clip(ray_cluster, tiny_corpu
     tokenised = {os.path.realpath(r["source_uri"]) for r in rows}
     assert tokenised and not tokenised & split["test"]
     assert tokenised == split["train"] - {os.path.realpath(q["uri"]) for q in summary.quarantined}
+
+
+@pytest.mark.slow
+def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_path):
+    """`spear demo --ablation` on the tiny corpus (few steps): the pretrained teachers tokenise, the
+    dual-teacher and both single-teacher students train on the same shards, the ablation is probed and
+    saved, the report shows it and the distillation check; a later demo without --ablation shows the
+    saved figures as such."""
+    import json
+
+    from spear.pipeline.demo import ABLATION_DIR, ABLATION_FILE, demo_config, run_demo
+
+    cfg = demo_config(None, ("train.max_steps=3", "train.checkpoint_every=3", "train.batch_seconds=8",
+                             "mvq.speech_codebooks=2", "mvq.audio_codebooks=2", "mvq.codebook_size=16",
+                             "mvq.sample_frames=1000", "evaluate.seeds=[0]"))
+    assert (cfg.teachers.speech.kind, cfg.teachers.audio.kind) == ("resemblyzer", "crepe")
+    work = tmp_path / "spear-demo"
+    summary = run_demo(cfg, workdir=str(work), size="tiny", ablation=True, progress=False).to_dict()
+    saved = json.loads((work / ABLATION_DIR / ABLATION_FILE).read_text())
+    assert saved["teachers"] == {"speech": "resemblyzer", "audio": "crepe"}
+    assert saved["command"] == "spear demo --ablation --size tiny"
+    assert set(saved["means"]["all"]) == {"dual", "speech-only", "audio-only", "random_student", "fbank"}
+    assert saved["best"]["all"] in ("dual", "speech-only", "audio-only")
+    # the single-teacher students learned from one teacher each: their checkpoints' heads say so
+    from spear.pipeline.train_job import checkpoints, load_checkpoint_objective
+
+    for label, role in (("speech-only", "speech"), ("audio-only", "audio"), ("dual", None)):
+        out = str(work / "iter1" / "student") if role is None else str(work / ABLATION_DIR / label / "student")
+        objective, _ = load_checkpoint_objective(checkpoints(out, Storage())[-1][1], Storage())
+        assert set(objective.heads) == ({"speech", "audio"} if role is None else {role}), label
+    assert summary["ablation"]["from_this_run"] is True and summary["distillation_checks"]
+    page = (work / "iter1" / "evaluation" / "index.html").read_text()
+    assert "One teacher or two" in page and "measured in this evaluation" in page
+    assert (work / "iter1" / "evaluation" / "ablation.png").is_file()
+    assert "One teacher or two" in (work / ABLATION_DIR / "evaluation" / "index.html").read_text()
+
+    again = run_demo(cfg, workdir=str(work), size="tiny", progress=False).to_dict()
+    assert again["ablation"]["from_this_run"] is False and again["ablation"]["measured"] == saved["measured"]
+    assert "the last saved figures, measured" in (work / "iter1" / "evaluation" / "index.html").read_text()
