@@ -102,7 +102,12 @@ def select_token_store(shards: str, storage: Storage, version: Optional[str] = N
 
 
 def checkpoints(output: str, storage: Storage) -> list[tuple[int, str]]:
-    """(step, URI) of every complete checkpoint under ``OUTPUT/train``, by step."""
+    """(step, URI) of every complete checkpoint under ``OUTPUT/train``, by step.
+
+    A checkpoint whose state file is still empty is being persisted by Ray Train right now (the
+    file exists before its bytes do) and is not complete yet; a state file that is not valid JSON
+    raises ValueError.
+    """
     root = join_uri(output, RUN_NAME)
     if not storage.exists(root):
         return []
@@ -112,7 +117,9 @@ def checkpoints(output: str, storage: Storage) -> list[tuple[int, str]]:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         state_uri = join_uri(root, name, STATE_FILE)
         if name.startswith("checkpoint") and storage.exists(state_uri):
-            found.append((int(json.loads(storage.read_text(state_uri))["step"]), join_uri(root, name)))
+            text = storage.read_text(state_uri)
+            if text.strip():
+                found.append((int(json.loads(text)["step"]), join_uri(root, name)))
     return sorted(found)
 
 

@@ -176,3 +176,21 @@ def test_init_from_starts_the_student_at_a_released_model(ray_cluster, shards, t
     with pytest.raises(TrainError, match="init_from.*num_mel_bins"):
         run_train(_cfg(shard_uri, str(tmp_path / "bad"), 2, extra=[f"train.init_from={release}",
                                                                    "train.student.num_mel_bins=80"]), progress=False)
+
+
+def test_checkpoints_skip_one_being_persisted_and_refuse_a_corrupt_one(tmp_path):
+    """A checkpoint whose state file exists but is still empty is being copied by Ray Train (not yet a
+    checkpoint: a poller must not fail on it); one whose state file is not JSON is an error."""
+    from spear.stages.train_loop import STATE_FILE
+
+    st, out = Storage(), str(tmp_path / "out")
+    for name, text in (("checkpoint_a", '{"step": 2}'), ("checkpoint_b", '{"step": 4}'), ("checkpoint_c", "")):
+        d = tmp_path / "out" / "train" / name
+        d.mkdir(parents=True)
+        (d / STATE_FILE).write_text(text)
+    assert [s for s, _ in checkpoints(out, st)] == [2, 4]
+    (tmp_path / "out" / "train" / "checkpoint_c" / STATE_FILE).write_text('{"step": 6}')
+    assert [s for s, _ in checkpoints(out, st)] == [2, 4, 6]
+    (tmp_path / "out" / "train" / "checkpoint_c" / STATE_FILE).write_text('{"ste')
+    with pytest.raises(ValueError):
+        checkpoints(out, st)
