@@ -192,7 +192,7 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
               help="2: the first iteration's student becomes the speech teacher.")
 @click.option("--ablation", is_flag=True,
               help="Also train single-teacher students (speech-only, audio-only) on the same shards and "
-                   "compare them with the dual-teacher student (about 15 more minutes on 2 cores).")
+                   "compare them with the dual-teacher student (about 8 more minutes on 2 cores).")
 @click.option("--weight-free-teachers", is_flag=True,
               help="mfcc + fbank teachers instead of the pretrained ones (faster; they know nothing fbank "
                    "does not, so the student cannot beat fbank).")
