@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +158,24 @@ def file_sha256(paths: Iterable[Path]) -> str:
             for block in iter(lambda: f.read(1 << 23), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def read_weights(path: str | Path, what: str, suffixes: tuple[str, ...] = ()) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint file (no pickled code runs), on the CPU.
+
+    With ``suffixes``, ``path`` may also be a folder holding exactly one file with one of them.
+    ``what`` names the checkpoint in errors: FileNotFoundError for a folder without exactly one
+    such file, ValueError for a file holding objects other than tensors and plain values.
+    """
+    p = Path(path).expanduser()
+    if suffixes and p.is_dir():
+        files = sorted(q for q in p.iterdir() if q.suffix in suffixes)
+        if len(files) != 1:
+            raise FileNotFoundError(f"{what} folder {p} must hold exactly one {'/'.join(suffixes)} file, "
+                                    f"found {len(files)}")
+        p = files[0]
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{what} {p} holds objects other than tensors and plain values; it cannot be loaded "
+                         f"without executing code (torch.load weights_only=True): {exc}") from None

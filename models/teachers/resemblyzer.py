@@ -48,14 +48,13 @@ Example::
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Teacher, hash_state_dict, make_version
+from .base import Teacher, hash_state_dict, make_version, read_weights
 from .wheels import packaged_file
 
 SAMPLE_RATE = 16000
@@ -142,16 +141,7 @@ def load_resemblyzer_state(path: str | Path | None = None) -> dict[str, torch.Te
     """The encoder's tensors (``lstm.*``, ``linear.*``) from ``pretrained.pt`` (or a folder holding one),
     read with ``torch.load(weights_only=True)``; default: the installed wheel's file."""
     p = Path(path).expanduser() if path is not None else resemblyzer_weights_path()
-    if p.is_dir():
-        files = sorted(q for q in p.iterdir() if q.suffix in (".pt", ".pth"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"resemblyzer checkpoint folder {p} must hold exactly one .pt/.pth file, found {len(files)}")
-        p = files[0]
-    try:
-        dump = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"resemblyzer weights {p} hold objects other than tensors; they cannot be loaded "
-                         f"without executing code (torch.load weights_only=True): {exc}") from None
+    dump = read_weights(p, "resemblyzer checkpoint", (".pt", ".pth"))
     state = dump.get("model_state", dump) if isinstance(dump, dict) else None
     expected = {f"lstm.{w}_l{k}" for k in range(NUM_LAYERS) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
     expected |= {"linear.weight", "linear.bias"}
