@@ -269,6 +269,9 @@ def commented_default_config() -> str:
                 if isinstance(value, SecretStr):
                     value = None
                 plain = list(value) if isinstance(value, tuple) else value
+                if isinstance(plain, list):  # a list of sections (posttrain.attributes): their non-default fields
+                    plain = [v.model_dump(mode="json", exclude_defaults=True) if isinstance(v, BaseModel) else v
+                             for v in plain]
                 rendered = yaml.safe_dump({name: plain}, default_flow_style=True, width=10_000).strip()
                 if rendered.startswith("{") and rendered.endswith("}"):
                     rendered = rendered[1:-1]

@@ -401,6 +401,114 @@ class EvaluateConfig(_Section):
     manifests: list[str] = Field(default_factory=list, description="extra labelled manifests (CSV/JSONL: uri,label[,split])")
 
 
+# --------------------------------------------------------------------------- post-training
+
+AttributeKind = Literal["speaker", "semantic", "counting"]
+#: The synthetic counting tasks (:data:`spear.synthetic.counting.COUNTING_TASKS`; kept here as plain
+#: names so that loading a config imports no signal code).
+COUNTING_TASK_NAMES = ("tones", "partials", "onsets", "sweeps", "longer", "higher")
+
+
+class AttributeConfig(_Section):
+    """One utterance-level attribute to post-train (one head, one loss).
+
+    ``speaker``: AAM softmax over the training speakers (the manifests' ``speaker`` field);
+    ``semantic``: alignment with a sentence embedding of the manifests' ``pivot`` (else ``text``)
+    field, from ``text_encoder`` when set, else the weight-free pivot embedding; ``counting``:
+    SpectCount-style synthetic signals generated on the fly (``tasks``), no files.
+    """
+
+    name: str = Field(..., min_length=1, description="the attribute's name: key of its embedding and metrics")
+    kind: AttributeKind = Field(..., description="speaker | semantic | counting")
+    dim: int = Field(192, ge=1, description="embedding size (semantic: the target sentence embedding's size when "
+                                            "the targets are weight-free; a text encoder fixes it)")
+    loss_weight: float = Field(1.0, ge=0, description="weight of this attribute's loss in the total")
+    sample_weight: float = Field(1.0, gt=0, description="share of batch rows drawn for this attribute, relative to "
+                                                       "the others (counting: the synthetic share of every batch)")
+    margin: float = Field(0.2, ge=0, le=1, description="speaker: the AAM angular margin")
+    scale: float = Field(30.0, gt=0, description="speaker: the AAM logit scale")
+    margin_warmup_steps: int = Field(0, ge=0, description="speaker: steps over which the margin grows from 0")
+    align: Literal["cosine", "mse"] = Field("cosine", description="semantic: the alignment term")
+    contrastive_weight: float = Field(1.0, ge=0, description="semantic: weight of the in-batch InfoNCE term")
+    temperature: float = Field(0.05, gt=0, description="semantic: InfoNCE temperature")
+    target_field: Literal["pivot", "text"] = Field(
+        "pivot", description="semantic: the manifest field embedded as the target (pivot: a translation into one "
+                             "pivot language, so translations of a sentence share a target; rows without it use text)")
+    text_encoder: Optional[str] = Field(
+        None, description="semantic: a local or s3:// folder of a transformers sentence encoder (mean pooling); "
+                          "unset: the weight-free pivot embedding (feature hashing)")
+    tasks: list[str] = Field(list(COUNTING_TASK_NAMES), description="counting: the synthetic tasks, any of "
+                             + ", ".join(COUNTING_TASK_NAMES))
+    counting_loss: Literal["classify", "regress", "both"] = Field("classify", description="counting: the loss")
+    time_context: bool = Field(False, description="give the pooling each frame's relative position (order questions)")
+    pool_hidden: int = Field(128, ge=1, description="attention hidden size of the pooling")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in COUNTING_TASK_NAMES]
+        if unknown:
+            raise ValueError(f"unknown counting task(s) {unknown}; known: {', '.join(COUNTING_TASK_NAMES)}")
+        return v
+
+
+def _default_attributes() -> list[AttributeConfig]:
+    return [AttributeConfig(name="speaker", kind="speaker"),
+            AttributeConfig(name="semantic", kind="semantic", dim=256),
+            AttributeConfig(name="counting", kind="counting", dim=64, sample_weight=0.25)]
+
+
+class PostTrainConfig(_Section):
+    """`spear posttrain`: one encoder post-trained into utterance-level embeddings (speaker, meaning, counting)."""
+
+    model: Optional[str] = Field(None, description="the input model: a `spear export` folder, a training output or "
+                                                   "checkpoint, or a released SPEAR model (local or s3://)")
+    train_manifests: list[str] = Field(default_factory=list, description="labelled manifests to post-train on "
+                                       "(CSV/JSONL: audio, speaker, language, text, pivot, ...; or Lhotse CutSets)")
+    eval_manifests: list[str] = Field(default_factory=list, description="held-out manifests for `spear evaluate`: "
+                                      "speakers for verification trials, sentences for cross-lingual retrieval")
+    attributes: list[AttributeConfig] = Field(default_factory=_default_attributes, min_length=1,
+                                              description="the attributes, each {name, kind, ...}")
+    freeze: Literal["frozen", "top", "full"] = Field("top", description="frozen encoder, top N layers trainable, "
+                                                                         "or full fine-tuning")
+    trainable_layers: int = Field(2, ge=1, description="with freeze=top: how many top encoder layers train")
+    input_layer: bool = Field(True, description="the heads also weigh the frontend's log-mel frames as layer 0")
+    head_lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the heads")
+    encoder_lr: float = Field(2e-4, ge=0, description="AdamW learning rate of the trainable encoder layers")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    max_steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=2, description="utterances per worker batch (labelled and synthetic together)")
+    max_seconds: float = Field(6.0, gt=0, description="longer utterances are cropped at random to this length")
+    checkpoint_every: int = Field(100, ge=1)
+    workers: tuple[int, int] = Field((1, 1), description="elastic (min, max) Ray Train workers")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPU reservation per worker")
+    max_failures: int = Field(3, ge=0, description="worker failures (and elastic shrinks) retried from the latest "
+                                                   "checkpoint")
+    elastic_monitor_s: float = Field(60.0, ge=0, description="how often Ray Train considers growing the worker group")
+    collective_timeout_s: float = Field(600.0, gt=0, description="seconds a worker waits for the others before the "
+                                                                 "run ends with an error naming it")
+    counting_clip_seconds: float = Field(2.0, gt=0, le=10, description="length of a synthetic counting clip")
+    seed: int = 0
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_forms(cls, v: Any) -> tuple[int, int]:
+        lo, hi = parse_workers(v)
+        if lo < 1 or hi < lo:
+            raise ValueError("expected MIN:MAX with 1 <= MIN <= MAX, such as 2:4")
+        return lo, hi
+
+    @field_validator("attributes")
+    @classmethod
+    def _unique_names(cls, v: list[AttributeConfig]) -> list[AttributeConfig]:
+        names = [a.name for a in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"attribute names must be unique; repeated: {', '.join(dup)}")
+        return v
+
+
 # --------------------------------------------------------------------------- the whole config
 
 
@@ -417,3 +525,4 @@ class SpearConfig(_Section):
     tokenize: TokenizeConfig = TokenizeConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    posttrain: PostTrainConfig = PostTrainConfig()

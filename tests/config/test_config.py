@@ -130,3 +130,23 @@ def test_secret_values_never_appear_in_config_errors(tmp_path):
         with pytest.raises(ConfigError) as ei:
             load_config(path, overrides)
         assert not [v for v in secrets.values() if v in str(ei.value)], str(ei.value)
+
+
+def test_posttrain_counting_task_names_are_the_generators():
+    from spear.config import COUNTING_TASK_NAMES
+    from spear.synthetic.counting import COUNTING_TASKS
+
+    assert tuple(COUNTING_TASK_NAMES) == tuple(COUNTING_TASKS)
+
+
+def test_posttrain_config_errors_name_the_field():
+    import pytest
+
+    from spear.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"posttrain\.attributes.*unique; repeated: a"):
+        load_config(None, ["posttrain.attributes=[{name: a, kind: speaker}, {name: a, kind: counting}]"])
+    with pytest.raises(ConfigError, match=r"posttrain\.attributes\.0\.kind"):
+        load_config(None, ["posttrain.attributes=[{name: a, kind: emotion}]"])
+    cfg = load_config(None, ["posttrain.workers=1:2"])
+    assert cfg.posttrain.workers == (1, 2) and [a.kind for a in cfg.posttrain.attributes] == ["speaker", "semantic", "counting"]
