@@ -12,6 +12,8 @@ bytes and back; this module moves the bytes through :class:`~spear.cluster.stora
   a temporary name and renamed, so concurrent actors on one node never read a half-written file.
 - :func:`save_quantizer` / :func:`load_quantizer`: the versioned codebook artefact.
 - :func:`export_student` / :func:`load_student`: a trained student as safetensors + config.json.
+- :func:`export_posttrained` / :func:`load_posttrained`: a post-trained model (``spear posttrain``):
+  the student export plus the attribute heads (:mod:`spear.schemas.posttrain_export`).
 - :func:`load_spear_release` / :func:`save_spear_release`: the SPEAR authors' released models
   (an icefall ``.pt`` holding ``{"model": state_dict}``, or the transformers-style
   ``model.safetensors`` + ``config.json``) to and from this project's Zipformer2, through the key
@@ -57,7 +59,9 @@ from spear.models.student.convert import (HF, HF_PREFIX, ICEFALL, check_matches,
                                           hf_config, to_icefall)
 from spear.models.student.export import encoder_of
 from spear.models.teachers.base import file_sha256
+from spear.models.posttrain import AttributeSpec, PostTrainModel
 from spear.schemas import codebooks as codebook_format
+from spear.schemas import posttrain_export as posttrain_format
 from spear.schemas import student_export as student_format
 from spear.schemas.versioning import parse_json_object
 
@@ -391,3 +395,69 @@ def initialise_encoder(encoder: nn.Module, path: Union[str, Path], storage: Opti
     encoder.load_state_dict(student.encoder.state_dict(), strict=True)
     return {"init_from": str(path), "weights_sha256": student.config.get("weights_sha256"),
             "layout": student.config.get("conversion", {}).get("layout", "spear")}
+
+
+# --------------------------------------------------------------------------- post-trained models
+
+
+def export_posttrained(model: PostTrainModel, path: Union[str, Path], metadata: Optional[Mapping[str, Any]] = None,
+                       storage: Optional[Storage] = None) -> dict[str, Any]:
+    """Write a :class:`~spear.models.posttrain.PostTrainModel` to ``path``: its encoder as a student
+    export (``model.safetensors`` + ``config.json``), then the heads (``posttrain.safetensors``) and
+    ``posttrain.json`` (attributes, freezing, ``metadata``) last. Returns ``posttrain.json``'s object.
+
+    >>> import tempfile, torch
+    >>> from spear.models.posttrain import AttributeSpec, PostTrainModel
+    >>> from spear.models.student import build_encoder, build_student, export_fields, export_state
+    >>> enc = build_encoder("zipformer2", "tiny", num_mel_bins=80)
+    >>> model = PostTrainModel(build_student(export_fields(enc), export_state(enc), device="cpu"),
+    ...                        [AttributeSpec("spk", "speaker", dim=8, num_classes=3)])
+    >>> d = tempfile.mkdtemp()
+    >>> _ = export_posttrained(model, d, metadata={"speakers": ["a", "b", "c"]})
+    >>> loaded = load_posttrained(d, device="cpu")
+    >>> list(loaded.attributes), is_posttrained_export(d)
+    (['spk'], True)
+    """
+    storage = storage or Storage()
+    student_meta = {"posttrained": True, **dict(metadata or {})}
+    export_student(model.student, path, metadata=student_meta, storage=storage)
+    blob, config = posttrain_format.encode_heads(model.heads_state_dict(), model.config(), metadata)
+    base = str(path)
+    storage.write_bytes(join_uri(base, posttrain_format.HEADS_FILE), blob)
+    storage.write_text(join_uri(base, posttrain_format.CONFIG_FILE), posttrain_format.encode_config(config))
+    return config
+
+
+def is_posttrained_export(local: Union[str, Path]) -> bool:
+    """Whether a local folder holds a post-trained export (:func:`export_posttrained`)."""
+    return posttrain_format.is_posttrained(Path(local))
+
+
+def load_posttrained(path: Union[str, Path], storage: Optional[Storage] = None,
+                     device: Optional[Union[str, torch.device]] = None,
+                     cache_dir: Optional[str] = None) -> PostTrainModel:
+    """Load a post-trained export from a local folder or an ``s3://`` prefix (cached locally), in eval
+    mode on ``device`` (default: CUDA if present). Safetensors only: nothing executes from the files.
+    ``model.posttrain_info`` holds ``posttrain.json`` (its ``metadata``: speakers, target info, input model).
+
+    Raises FileNotFoundError when files are missing and ValueError for a folder that is not a
+    post-trained export (a plain student export names :func:`load_student`) or whose weights do not fit.
+    """
+    local = Path(fetch_checkpoint(str(path), storage, cache_dir, patterns=posttrain_format.FILES))
+    if not local.is_dir() or not (local / posttrain_format.CONFIG_FILE).is_file():
+        hint = " (a student export: load it with load_student)" if local.is_dir() and is_student_export(local) else ""
+        raise FileNotFoundError(f"{path}: no post-trained export there: {posttrain_format.CONFIG_FILE} is missing{hint}")
+    config, heads = posttrain_format.read_heads(local, where=str(path))
+    student = load_student(local, device=device)
+    m = config["model"]
+    try:
+        specs = [AttributeSpec.from_dict(a) for a in m["attributes"]]
+        model = PostTrainModel(student, specs, freeze=m.get("freeze", "frozen"),
+                               trainable_layers=int(m.get("trainable_layers", 0)),
+                               input_layer=bool(m.get("input_layer", False)))
+        model.to(next(student.parameters()).device)
+        model.load_heads_state_dict({k: v.to(next(student.parameters()).device) for k, v in heads.items()})
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"{path}: {posttrain_format.CONFIG_FILE} does not fit its weights: {exc}") from None
+    model.posttrain_info = config
+    return model.eval()
