@@ -39,9 +39,7 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -52,6 +50,7 @@ from typing import Any, Callable, Iterable, Literal, Optional, Sequence
 import numpy as np
 
 from spear.cluster.storage import Storage, join_uri
+from spear.stages.manifests import read_manifest_rows, resolve_manifest_path
 
 FRAME_HOP_SECONDS = 0.25  # frame tasks: one labelled point every 0.25 s
 TEST_FRACTION = 0.2  # hash split of manifests without a split column
@@ -176,24 +175,6 @@ def hash_split(key: str, test_fraction: float = TEST_FRACTION) -> str:
     return "test" if h % 10_000 < int(round(test_fraction * 10_000)) else "train"
 
 
-def _manifest_rows(uri: str, storage: Storage) -> list[dict[str, Any]]:
-    text = storage.read_text(uri)
-    lower = uri.lower()
-    if lower.endswith((".jsonl", ".json", ".ndjson")):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as exc:
-                    raise ValueError(f"{uri}: line {n} is not JSON ({exc})") from None
-        return rows
-    if lower.endswith((".csv", ".tsv")):
-        dialect = "excel-tab" if lower.endswith(".tsv") else "excel"
-        return list(csv.DictReader(io.StringIO(text), dialect=dialect))
-    raise ValueError(f"{uri}: a manifest must be .csv, .tsv or .jsonl")
-
-
 def load_manifest_task(uri: str, items: ItemTable, storage: Storage, name: Optional[str] = None) -> Task:
     """A labelled manifest (CSV/TSV with a header, or JSONL) as an utterance task.
 
@@ -203,10 +184,9 @@ def load_manifest_task(uri: str, items: ItemTable, storage: Storage, name: Optio
     go to test for a fixed 20 % of their uri strings (sha256), so the split survives
     reordering and appending. The task is named after the file (``speakers.csv`` -> ``speakers``).
     """
-    rows = _manifest_rows(uri, storage)
+    rows = [row for _, row in read_manifest_rows(uri, storage)]
     if not rows:
         raise ValueError(f"{uri}: the manifest has no rows")
-    base = posixpath.dirname(uri) if "://" in uri else os.path.dirname(os.path.abspath(uri))
     task_name = name or os.path.splitext(posixpath.basename(uri.rstrip("/")))[0]
     item_ids, labels, splits = [], [], []
     for n, row in enumerate(rows, 1):
@@ -215,7 +195,7 @@ def load_manifest_task(uri: str, items: ItemTable, storage: Storage, name: Optio
         if not audio or label is None or str(label) == "":
             raise ValueError(f"{uri}: row {n} needs `uri` and `label` (got keys {sorted(row)})")
         audio = str(audio)
-        resolved = audio if ("://" in audio or os.path.isabs(audio)) else join_uri(base, audio)
+        resolved = resolve_manifest_path(uri, audio)
         split = str(row.get("split") or "").strip().lower()
         if not split:
             split = hash_split(audio)
