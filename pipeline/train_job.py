@@ -28,12 +28,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from spear.cluster.ray_runtime import ray_session
-from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri, split_uri
+from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, list_token_versions
+from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
 from spear.stages.artefacts import export_student
 from spear.stages.train_data import TrainDataError, TrainDataPlan
-from spear.stages.train_loop import (METRICS_FILE, MODEL_FILE, STATE_FILE, NonRetryableError, build_objective, first_line,
+from spear.stages.train_loop import (METRICS_FILE, MODEL_FILE, STATE_FILE, build_objective, first_line,
                                      train_loop_per_worker)
 
 RUN_NAME = "train"
@@ -134,16 +135,6 @@ def worker_group_starts(output: str, storage: Storage, since: float = 0.0) -> li
     return sorted((e for e in events if e["time"] >= since), key=lambda e: e["time"])
 
 
-def _ray_storage(output: str, storage: Storage) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
-    scheme, path = split_uri(output)
-    if scheme == "file":
-        os.makedirs(path, exist_ok=True)
-        return path, None
-    fs, path = storage.pyarrow_filesystem(output)
-    return path, fs
-
-
 def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     """Train (or resume training) the student described by ``cfg.train`` on ``cfg.train.shards``."""
     import sys
@@ -194,8 +185,8 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
             resources = {"CPU": cfg.train.cpus_per_worker}
             if use_gpu:
                 resources["GPU"] = 1
-            scaling = _scaling_config(lo, hi, use_gpu, resources, cfg.train.elastic_monitor_s)
-            storage_path, storage_fs = _ray_storage(cfg.output, storage)
+            scaling = scaling_config(lo, hi, use_gpu, resources, cfg.train.elastic_monitor_s)
+            storage_path, storage_fs = ray_storage(cfg.output, storage)
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"train": cfg.train.model_dump(mode="json"), "plan": plan,
@@ -208,7 +199,7 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                 run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
                                      failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                                      checkpoint_config=CheckpointConfig(num_to_keep=3),
-                                     callbacks=[_stop_retries_callback()]),
+                                     callbacks=[stop_retries_callback()]),
             )
             from ray.train import TrainingFailedError
 
@@ -231,72 +222,6 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                         resumed_from_step=resumed_from, world_sizes=world_sizes, checkpoint=ckpt_uri,
                         output=cfg.output, token_version=store.version, metrics=metrics,
                         wall_seconds=time.monotonic() - t0)
-
-
-def failure_line(exc: BaseException, max_failures: int) -> str:
-    """One line for a failed Ray Train run: the root cause, not Ray's wrapper around it."""
-    from ray.exceptions import RayActorError
-    from ray.train import ControllerError, WorkerGroupError
-
-    if isinstance(exc, ControllerError):
-        cause = exc.controller_failure
-        if isinstance(cause, NonRetryableError):
-            return str(cause)
-        return f"Ray Train's controller failed: {first_line(cause)}"
-    if isinstance(exc, WorkerGroupError) and exc.worker_failures:
-        failures = sorted((rank, _worker_failure(err)) for rank, err in exc.worker_failures.items())
-        restarts = f"after {max_failures} restart{'s' if max_failures != 1 else ''} (train.max_failures)"
-        for rank, err in failures:  # a dead worker first: the others' errors (a timed-out collective) follow from it
-            if isinstance(err, RayActorError):
-                return f"training worker rank {rank} died {restarts}: {first_line(err)}"
-        for rank, err in failures:
-            if isinstance(err, NonRetryableError):
-                return str(err)
-        rank, err = failures[0]
-        return f"training worker rank {rank} failed {restarts}: {first_line(err)}"
-    return first_line(exc)
-
-
-def _worker_failure(err: BaseException) -> BaseException:
-    # a killed worker shows as a failed health check whose cause is the ActorDiedError
-    return getattr(err, "health_check_failure", None) or err
-
-
-def _stop_retries_callback():
-    """A Ray Train controller callback that ends the run at the first NonRetryableError of a worker.
-
-    Ray Train retries every worker failure up to ``max_failures`` times, each from the latest
-    checkpoint; a missing shard or an unreadable checkpoint fails the same way every time, so the
-    run would end only minutes later. Raising from the state-update hook makes the controller
-    treat it as a controller error, which it does not retry. A worker that died is retried as
-    before (the others' errors are then collateral), so killed workers and elastic shrinks resume.
-    """
-    from ray.exceptions import RayActorError
-    from ray.train import WorkerGroupError
-    from ray.train.v2._internal.execution.callback import ControllerCallback
-
-    class StopOnNonRetryable(ControllerCallback):
-        def after_controller_state_update(self, previous_state, current_state):
-            error = getattr(current_state, "training_failed_error", None)
-            if not isinstance(error, WorkerGroupError):
-                return
-            failures = [_worker_failure(e) for e in error.worker_failures.values()]
-            if any(isinstance(e, RayActorError) for e in failures):
-                return
-            for e in failures:
-                if isinstance(e, NonRetryableError):
-                    raise e
-
-    return StopOnNonRetryable()
-
-
-def _scaling_config(lo: int, hi: int, use_gpu: bool, resources: dict[str, float], monitor_s: float):
-    from ray.train import ScalingConfig
-
-    if lo == hi:
-        return ScalingConfig(num_workers=lo, use_gpu=use_gpu, resources_per_worker=resources)
-    return ScalingConfig(num_workers=(lo, hi), use_gpu=use_gpu, resources_per_worker=resources,
-                         elastic_resize_monitor_interval_s=monitor_s)
 
 
 def write_metrics_report(rows: list[dict[str, str]], directory: str, storage: Storage) -> dict[str, str]:
@@ -332,16 +257,17 @@ def write_metrics_report(rows: list[dict[str, str]], directory: str, storage: St
             tb_dir = ""
         steps = [int(float(r["step"])) for r in rows]
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        for key in [k for k in keys if k == "loss" or k.endswith("/ce")]:
+        # pre-training: loss, <role>/ce, <role>/acc_mean...; post-training: loss, <attribute>/loss, <attribute>/acc
+        for key in [k for k in keys if k == "loss" or k.endswith("/ce") or k.endswith("/loss")]:
             ax[0].plot(steps, [float(r[key]) if r.get(key) not in (None, "", "nan") else float("nan") for r in rows],
                        label=key)
         ax[0].set_xlabel("step")
         ax[0].set_title("loss")
         ax[0].legend()
-        for key in [k for k in keys if "acc" in k and "mean" in k]:
+        for key in [k for k in keys if ("acc" in k and "mean" in k) or k.endswith("/acc")]:
             ax[1].plot(steps, [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows], label=key)
         ax[1].set_xlabel("step")
-        ax[1].set_title("token accuracy")
+        ax[1].set_title("accuracy")
         if ax[1].lines:
             ax[1].legend(fontsize=7)
         fig.tight_layout()

@@ -217,8 +217,8 @@ class ResumePoint:
 def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float, kind: str = "adamw") -> ResumePoint:
     """Load model, optimiser and scheduler state from a Ray Train checkpoint (None: a fresh start).
 
-    ``lr`` (AdamW's peak or ScaledAdam's base lr, from the config) replaces the saved one: the world size
-    or the config may have changed. ``kind`` must be the optimiser the checkpoint was trained with
+    ``lr`` (AdamW's peak or ScaledAdam's base lr, from the config; or one per parameter group) replaces the
+    saved one: the world size or the config may have changed. ``kind`` must be the optimiser the checkpoint was trained with
     (checkpoints from before ``train.optimizer`` existed were trained with AdamW).
 
     A checkpoint that does not load now never will (every restart would resume from it), so any
@@ -238,8 +238,9 @@ def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float, kind: s
                                         f"run uses {kind}: set train.optimizer={saved_kind} to resume it, or train "
                                         "into a new output")
             optimizer.load_state_dict(opt_state["optimizer"])
-            for g in optimizer.param_groups:  # the world size or the config may have changed
-                g["initial_lr" if kind == "adamw" else "base_lr"] = lr
+            lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(optimizer.param_groups)
+            for g, group_lr in zip(optimizer.param_groups, lrs):  # the world size or the config may have changed
+                g["initial_lr" if kind == "adamw" else "base_lr"] = group_lr
             scheduler.load_state_dict(opt_state["scheduler"])  # Eden sets each group's lr from base_lr here
             with open(os.path.join(d, METRICS_FILE)) as f:
                 metrics_rows = list(csv.DictReader(f))

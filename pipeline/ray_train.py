@@ -1,0 +1,94 @@
+"""Ray Train plumbing shared by the training jobs (`spear train`, `spear posttrain`).
+
+- :func:`scaling_config`: fixed or elastic (min, max) workers;
+- :func:`ray_storage`: Ray Train's ``storage_path`` / ``storage_filesystem`` for an output URI;
+- :func:`stop_retries_callback`: ends a run at the first :class:`NonRetryableError` of a worker;
+- :func:`failure_line`: one line naming the root cause of a failed run.
+
+Ray is imported inside the functions: the jobs import this module before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from spear.cluster.storage import Storage, split_uri
+from spear.stages.train_loop import NonRetryableError, first_line
+
+
+def ray_storage(output: str, storage: Storage) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+    scheme, path = split_uri(output)
+    if scheme == "file":
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    fs, path = storage.pyarrow_filesystem(output)
+    return path, fs
+
+
+def failure_line(exc: BaseException, max_failures: int, option: str = "train.max_failures") -> str:
+    """One line for a failed Ray Train run: the root cause, not Ray's wrapper around it (``option``: the
+    setting that bounds restarts, named in the line)."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError, WorkerGroupError
+
+    if isinstance(exc, ControllerError):
+        cause = exc.controller_failure
+        if isinstance(cause, NonRetryableError):
+            return str(cause)
+        return f"Ray Train's controller failed: {first_line(cause)}"
+    if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+        failures = sorted((rank, _worker_failure(err)) for rank, err in exc.worker_failures.items())
+        restarts = f"after {max_failures} restart{'s' if max_failures != 1 else ''} ({option})"
+        for rank, err in failures:  # a dead worker first: the others' errors (a timed-out collective) follow from it
+            if isinstance(err, RayActorError):
+                return f"training worker rank {rank} died {restarts}: {first_line(err)}"
+        for rank, err in failures:
+            if isinstance(err, NonRetryableError):
+                return str(err)
+        rank, err = failures[0]
+        return f"training worker rank {rank} failed {restarts}: {first_line(err)}"
+    return first_line(exc)
+
+
+def _worker_failure(err: BaseException) -> BaseException:
+    # a killed worker shows as a failed health check whose cause is the ActorDiedError
+    return getattr(err, "health_check_failure", None) or err
+
+
+def stop_retries_callback():
+    """A Ray Train controller callback that ends the run at the first NonRetryableError of a worker.
+
+    Ray Train retries every worker failure up to ``max_failures`` times, each from the latest
+    checkpoint; a missing shard or an unreadable checkpoint fails the same way every time, so the
+    run would end only minutes later. Raising from the state-update hook makes the controller
+    treat it as a controller error, which it does not retry. A worker that died is retried as
+    before (the others' errors are then collateral), so killed workers and elastic shrinks resume.
+    """
+    from ray.exceptions import RayActorError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class StopOnNonRetryable(ControllerCallback):
+        def after_controller_state_update(self, previous_state, current_state):
+            error = getattr(current_state, "training_failed_error", None)
+            if not isinstance(error, WorkerGroupError):
+                return
+            failures = [_worker_failure(e) for e in error.worker_failures.values()]
+            if any(isinstance(e, RayActorError) for e in failures):
+                return
+            for e in failures:
+                if isinstance(e, NonRetryableError):
+                    raise e
+
+    return StopOnNonRetryable()
+
+
+def scaling_config(lo: int, hi: int, use_gpu: bool, resources: dict[str, float], monitor_s: float):
+    from ray.train import ScalingConfig
+
+    if lo == hi:
+        return ScalingConfig(num_workers=lo, use_gpu=use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=(lo, hi), use_gpu=use_gpu, resources_per_worker=resources,
+                         elastic_resize_monitor_interval_s=monitor_s)
