@@ -1,0 +1,221 @@
+"""Utterance-level attribute evaluation on real espeak-ng speech: verification, cross-lingual retrieval,
+counting, the comparisons, the plots and the report section (rendered by headless Chromium)."""
+
+from __future__ import annotations
+
+import doctest
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soxr
+import torch
+
+from spear.evaluation import attributes
+from spear.evaluation.attributes import (POOLED, System, Utterances, evaluate_attributes, fbank_system,
+                                         mean_pooled_system, posttrained_system, read_utterances,
+                                         utterances_from_table, weight_free_targets)
+from spear.models.posttrain import AttributeSpec, PostTrainModel
+from spear.models.student import build_encoder, build_student, export_fields, export_state
+from spear.stages.audio import flac_encode, float_to_pcm16
+from spear.synthetic.counting import CountingGenerator
+from spear.synthetic.speech import ESPEAK_RATE, synth_speech
+
+# Four sentences in three languages; the English text is the pivot.
+SENTENCES = {
+    "s1": {"en": "the cat is red", "de": "die Katze ist rot", "fr": "le chat est rouge"},
+    "s2": {"en": "open the door", "de": "öffne die Tür", "fr": "ouvre la porte"},
+    "s3": {"en": "I like green apples", "de": "ich mag grüne Äpfel", "fr": "j'aime les pommes vertes"},
+    "s4": {"en": "the dog runs fast", "de": "der Hund läuft schnell", "fr": "le chien court vite"},
+}
+# A speaker is an espeak-ng voice variant with its own pitch and rate, in every language.
+SPEAKERS = {"m3": (145, 30), "f2": (170, 75), "m1": (160, 50), "f4": (150, 62)}
+TRAIN_SPEAKERS = ["m1"]
+SEEN = {"s1", "s2"}
+
+
+def _rows() -> list[dict]:
+    rows = []
+
+    def add(utt, lang, sid, spk, voice, speed, pitch):
+        x = synth_speech(SENTENCES[sid][lang], voice, speed, pitch)
+        pcm = float_to_pcm16(soxr.resample(x, ESPEAK_RATE, 16000).astype(np.float32) * 0.8)
+        rows.append({"utt_id": utt, "split": "eval", "audio": flac_encode(pcm), "num_samples": len(pcm),
+                     "speaker": spk, "language": lang, "text": SENTENCES[sid][lang], "pivot": SENTENCES[sid]["en"],
+                     "sentence": sid, "seen_sentence": sid in SEEN, "source": "test", "row": len(rows) + 2})
+
+    for spk, (speed, pitch) in SPEAKERS.items():
+        for lang in ("en", "de", "fr"):
+            for sid in SENTENCES:
+                add(f"{spk}-{lang}-{sid}", lang, sid, spk, f"{lang}+{spk}", speed, pitch)
+    add("nospk-en-s1", "en", "s1", None, "en", 150, 50)  # no speaker label: kept for retrieval only
+    return rows
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    return pa.Table.from_pylist(_rows())
+
+
+@pytest.fixture(scope="module")
+def utts(table) -> Utterances:
+    return utterances_from_table(table)
+
+
+def _key(wav: torch.Tensor) -> str:
+    return hashlib.sha1(np.ascontiguousarray(wav.numpy(), dtype=np.float32).tobytes()).hexdigest()
+
+
+def oracle_system(name: str, wavs, labels, dim: int, noise: float, seed: int = 0, kinds=None,
+                  vectors=None) -> System:
+    """A system whose embedding of a clip is its label's one-hot (or ``vectors[label]``) plus noise: it
+    finds the clip by its samples, so it runs through the same batching as a real system."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(labels))
+    lookup = {_key(torch.as_tensor(w)): labels[i] for i, w in enumerate(wavs)}
+
+    def embed(x, lengths):
+        rows = []
+        for b in range(len(x)):
+            lab = lookup[_key(x[b, : int(lengths[b])])]
+            v = vectors[lab] if vectors is not None else np.eye(dim)[classes.index(lab)]
+            rows.append(v + noise * rng.standard_normal(dim))
+        key = next(iter(kinds)) if kinds else POOLED
+        return {key: np.stack(rows).astype(np.float32)}
+
+    return System(name, embed, dict(kinds or {}))
+
+
+def random_system(name: str, dim: int = 16, seed: int = 1) -> System:
+    rng = np.random.default_rng(seed)
+    return System(name, lambda x, lengths: {POOLED: rng.standard_normal((len(x), dim)).astype(np.float32)})
+
+
+def tiny_posttrained() -> PostTrainModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        enc = build_encoder("zipformer2", "tiny")
+        student = build_student(export_fields(enc), export_state(enc), device="cpu")
+        return PostTrainModel(student, [AttributeSpec("speaker", "speaker", dim=16, num_classes=4),
+                                        AttributeSpec("semantic", "semantic", dim=32),
+                                        AttributeSpec("count", "counting", dim=8, tasks={"tones": 6, "higher": 2})],
+                              input_layer=True).eval()
+
+
+def test_doctests():
+    assert doctest.testmod(attributes).failed == 0
+
+
+def test_table_reading(table, utts, tmp_path):
+    assert len(utts) == table.num_rows == 49
+    assert utts.wavs[0].dtype == np.float32 and len(utts.wavs[0]) == table["num_samples"][0].as_py()
+    assert utts.column("speaker")[-1] is None and utts.seen[0] is True and utts.seen[-1] is True
+    # a missing sentence falls back to the pivot; the parquet file reads the same
+    t2 = table.set_column(table.schema.get_field_index("sentence"), "sentence", pa.array([None] * table.num_rows,
+                                                                                          pa.string()))
+    assert utterances_from_table(t2).sentence[0] == "the cat is red"
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp_path / "eval.parquet")
+    back = read_utterances(str(tmp_path / "eval.parquet"))
+    assert back.utt_id == utts.utt_id and np.array_equal(back.wavs[3], utts.wavs[3])
+    with pytest.raises(ValueError, match="utt_id and audio"):
+        utterances_from_table([{"id": "x"}])
+
+
+def test_oracles_on_real_audio(utts):
+    """Embeddings that are the label plus noise score perfectly; random ones score at chance."""
+    spk = utts.column("speaker")
+    sent = utts.column("sentence")
+    targets = weight_free_targets([p for p in utts.column("pivot")], 32)
+    by_sentence = {s: targets[i] for i, s in enumerate(sent)}
+    speaker_oracle = oracle_system("speaker_oracle", utts.wavs, [s or "?" for s in spk], dim=5, noise=0.05)
+    sentence_oracle = oracle_system("sentence_oracle", utts.wavs, sent, dim=32, noise=0.02, seed=2,
+                                    kinds={"semantic": "semantic"}, vectors=by_sentence)
+    rnd = random_system("random")
+    res = evaluate_attributes([speaker_oracle, sentence_oracle, rnd], utts, train_speakers=TRAIN_SPEAKERS,
+                              n_bootstrap=200)
+    # held-out speakers only, with the exclusions counted
+    assert res["data"]["excluded"]["verification"] == {"no speaker label": 1, "speaker seen in training": 12}
+    ver = res["verification"]
+    assert ver["trials"]["speakers"] == 3 and ver["trials"]["utterances"] == 36
+    assert ver["trials"]["target"] == 3 * 66 and ver["trials"]["nontarget"] == 198
+    assert ver["systems"]["speaker_oracle"]["eer"] == 0.0
+    assert ver["systems"]["speaker_oracle"]["min_dcf"]["0.01"] == 0.0
+    r = ver["systems"]["random"]
+    assert 0.3 < r["eer"] < 0.7 and r["eer_ci"][0] <= r["eer"] <= r["eer_ci"][1] and r["eer_ci"][1] > 0.4
+    assert r["min_dcf"]["0.01"] > 0.5
+    det = ver["systems"]["random"]["det"]
+    assert det["fa"][0] == 1.0 and det["miss"][-1] == 1.0 and np.all(np.diff(det["miss"]) >= 0)
+    # retrieval: identical sentence embeddings across languages find each other
+    block = res["retrieval"]["subsets"]["all"]
+    assert res["retrieval"]["languages"] == ["de", "en", "fr"] and block["utterances"] == 49
+    s2s = block["speech_to_speech"]
+    assert s2s["sentence_oracle"]["recall"] == {"R@1": 1.0, "R@5": 1.0}
+    assert len(s2s["sentence_oracle"]["pairs"]) == 6 and s2s["sentence_oracle"]["pairs"]["en->de"]["num_queries"] == 17
+    m = np.array(s2s["sentence_oracle"]["matrix"], dtype=float)
+    assert np.isnan(np.diag(m)).all() and np.nanmin(m) == 1.0
+    assert s2s["random"]["recall"]["R@1"] < 0.6  # 4 sentences, 4 speakers each: chance 0.25
+    # speech -> text: the oracle's semantic embedding is its pivot's target
+    s2t = block["speech_to_text"]
+    assert s2t["sentence_oracle"]["recall"]["R@1"] == 1.0 and s2t["sentence_oracle"]["gallery"] == 4
+    assert set(s2t["sentence_oracle"]["by_language"]) == {"de", "en", "fr"}
+    assert "no semantic embedding" in s2t["random"]["not_applicable"]
+    # seen and unseen sentences apart
+    subsets = res["retrieval"]["subsets"]
+    assert subsets["seen"]["sentences"] == 2 and subsets["unseen"]["sentences"] == 2
+    assert subsets["unseen"]["speech_to_speech"]["sentence_oracle"]["recall"]["R@1"] == 1.0
+    # which is better by more than the CI
+    cmp = res["comparisons"]
+    assert ver["systems"]["sentence_oracle"] == {"not_applicable": "no speaker embedding"}
+    assert cmp["verification/eer"]["best"] == "speaker_oracle"
+    assert cmp["verification/eer"]["better"] == [["speaker_oracle", "random"]]
+    assert cmp["retrieval/all/speech_to_speech/R@1"]["best"] == "sentence_oracle"
+    assert "counting" not in res
+    # a semantic embedding of another size than the text targets: not applicable, said so
+    small = oracle_system("small", utts.wavs, sent, dim=4, noise=0.0, kinds={"semantic": "semantic"})
+    res2 = evaluate_attributes([small], utts, n_bootstrap=20)
+    assert "size" in res2["retrieval"]["subsets"]["all"]["speech_to_text"]["small"]["not_applicable"] or \
+        "dim" in res2["retrieval"]["subsets"]["all"]["speech_to_text"]["small"]["not_applicable"]
+
+
+def test_real_systems(utts, tmp_path):
+    """The post-trained model, the input model's mean-pooled features and fbank on real audio, with a
+    held-out synthetic counting set and the demo corpus's event_count."""
+    from spear.synthetic.corpus import generate_demo_corpus
+
+    corpus = generate_demo_corpus(tmp_path / "corpus", size="tiny", seed=0)
+    model = tiny_posttrained()
+    systems = [posttrained_system(model), mean_pooled_system(model.student), fbank_system()]
+    seed = attributes.counting_eval_seed([0])
+    items = CountingGenerator(tasks=("tones", "higher"), seed=seed).balanced(2)
+    torch.set_num_threads(1)
+    res = evaluate_attributes(systems, utts, train_speakers=TRAIN_SPEAKERS, counting_items=items,
+                              counting_info={"seed": seed}, corpus_root=str(corpus.root), probe_seeds=(0,),
+                              l2_grid=(1e-2,), n_bootstrap=100)
+    names = ["posttrained", "input", "fbank"]
+    assert [s["name"] for s in res["systems"]] == names
+    assert res["systems"][0]["embedding_for"] == {"speaker": "speaker", "semantic": "semantic", "counting": "count"}
+    for n in names:
+        v = res["verification"]["systems"][n]
+        assert 0.0 <= v["eer"] <= 1.0 and 0.0 <= v["eer_ci"][0] <= v["eer_ci"][1] <= 1.0
+    # espeak-ng voices differ in pitch and rate: fbank's mean + std separate them better than chance
+    assert res["verification"]["systems"]["fbank"]["eer"] < 0.4
+    s2t = res["retrieval"]["subsets"]["all"]["speech_to_text"]
+    assert 0.0 <= s2t["posttrained"]["recall"]["R@1"] <= 1.0 and "not_applicable" in s2t["fbank"]
+    syn = res["counting"]["synthetic"]
+    assert syn["seed"] == seed and syn["tasks"] == ["tones", "higher"] and syn["num_test"] == 8
+    assert set(syn["systems"]["posttrained"]) == {"embedding", "probe", "head"}
+    assert syn["systems"]["posttrained"]["head"]["num_test"] == 8 and "head" not in syn["systems"]["fbank"]
+    for n in names:
+        p = syn["systems"][n]["probe"]
+        assert 0.0 <= p["accuracy"] <= 1.0 and set(p["tasks"]) == {"tones", "higher"}
+    ev = res["counting"]["event_count"]
+    assert ev["files"] == 10 and ev["systems"]["fbank"]["num_test"] == 2
+    assert set(res["comparisons"]) >= {"verification/eer", "retrieval/all/speech_to_speech/R@1",
+                                       "retrieval/seen/speech_to_text/R@1", "counting/synthetic/probe",
+                                       "counting/event_count/probe"}
+    import json
+
+    json.dumps(res)  # JSON-ready
