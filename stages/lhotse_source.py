@@ -120,7 +120,7 @@ def source_format(src: Any, storage: Optional[Storage] = None) -> str:
 # ----------------------------------------------------------------------------------------------- listing
 
 
-class _LocalCopies:
+class LocalCopies:
     """Local paths for manifest and shard objects: local files as they are, S3 objects fetched through
     Storage into a private folder, the ``capacity`` most recent kept (the others deleted)."""
 
@@ -158,7 +158,7 @@ class _LocalCopies:
 
 
 # One per worker process: a decode task reading cuts of a Shar shard another task of this process read.
-_WORKER_COPIES = _LocalCopies(capacity=4)
+_WORKER_COPIES = LocalCopies(capacity=4)
 
 
 def _resolve_audio(location: str, manifest_uri: str) -> str:
@@ -174,7 +174,7 @@ def is_shar_shard(audio_uri: str) -> bool:
     return bool(_SHAR_RECORDING.match(audio_uri.rsplit("/", 1)[-1]))
 
 
-def _cut_row(cut: Any, manifest_uri: str, shar_tar: Optional[str], supported: tuple, resolved: dict) -> tuple:
+def cut_row(cut: Any, manifest_uri: str, shar_tar: Optional[str], supported: tuple, resolved: dict) -> tuple:
     """What one cut puts in its catalog row, as :data:`_PER_CUT` values; raises ValueError with the reason when the
     cut cannot be tokenised. ``supported``: the cut classes tokenised; ``resolved``: audio locations resolved so
     far (a recording's many cuts resolve it once)."""
@@ -242,7 +242,7 @@ def _cut_row(cut: Any, manifest_uri: str, shar_tar: Optional[str], supported: tu
 # Audio locations (and their etag key prefixes) remembered while listing one manifest, at most.
 _RESOLVED_KEPT = 4096
 
-#: The catalog columns a cut's own values fill (:func:`_cut_row`'s order); ``uri`` comes from ``cut_id``,
+#: The catalog columns a cut's own values fill (:func:`cut_row`'s order); ``uri`` comes from ``cut_id``,
 #: ``relative_path`` is ``audio_uri``, and ``source``, ``domain``, ``mtime`` and ``cut_manifest`` are its manifest's.
 _PER_CUT = ("cut_id", "audio_uri", "size", "etag", "cut_start", "cut_duration", "cut_channels", "speaker",
             "language", "text")
@@ -326,7 +326,7 @@ def list_cuts(src: Any, storage: Storage) -> tuple[pa.Table, list[QuarantineReco
     from lhotse.cut import MonoCut, MultiCut  # Lhotse is needed only when a source is a Lhotse manifest
 
     supported = (MonoCut, MultiCut)
-    copies = _LocalCopies(capacity=1)
+    copies = LocalCopies(capacity=1)
     try:
         for manifest_uri, tar, mtime in manifests:
             resolved: dict = {}
@@ -338,7 +338,7 @@ def list_cuts(src: Any, storage: Storage) -> tuple[pa.Table, list[QuarantineReco
                 local = copies.path(manifest_uri, storage)
                 for cut in iter_manifest_cuts(local, shar=tar is not None):
                     try:
-                        row = _cut_row(cut, manifest_uri, tar, supported, resolved)
+                        row = cut_row(cut, manifest_uri, tar, supported, resolved)
                     except (ValueError, AttributeError) as exc:
                         reject(cut_uri(cut.id), f"{exc} (in {manifest_uri})")
                         continue
