@@ -173,6 +173,8 @@ class _Reader:
         if first is not None:
             self.reject(*where, "duplicate id", f"id {item['utt_id']!r} is already used by {first[0]} row {first[1]}")
             return
+        if item["pivot"] is not None and not _WORD.search(item["pivot"]):
+            item["pivot"] = None   # punctuation only: nothing a sentence embedding could say
         if item["speaker"] is None and item["text"] is None and item["pivot"] is None:
             self.reject(*where, "no label", "no speaker, text or pivot: nothing to post-train on")
             return
