@@ -145,6 +145,11 @@ def test_wrong_tables_and_manifests_are_one_line_errors(corpus, tmp_path, ray_cl
     pq.write_table(pa.table({"utt_id": ["x"]}), other)
     with pytest.raises(FormatError, match="not a prepared post-training table"):
         read_prepared(str(other), Storage())
+    newer = POSTTRAIN_UTTERANCE_SCHEMA.empty_table().replace_schema_metadata(
+        {**POSTTRAIN_UTTERANCE_SCHEMA.metadata, b"spear.version": b"99"})
+    pq.write_table(newer, other)
+    with pytest.raises(FormatError, match="version 99, newer than this spear reads"):
+        read_prepared(str(other), Storage())
     with pytest.raises(ConfigError, match=r"posttrain.eval_manifests\[0\]: .*nope.csv does not exist"):
         prepare_posttrain_data([paths["train"]], [str(root / "nope.csv")], str(tmp_path / "d"), Storage())
     with pytest.raises(ConfigError, match="posttrain.train_manifests is empty"):
@@ -154,6 +159,16 @@ def test_wrong_tables_and_manifests_are_one_line_errors(corpus, tmp_path, ray_cl
     with pytest.raises(PostTrainDataError, match="no usable training utterance.*missing audio: 1"):
         prepare_posttrain_data([str(only_bad)], [], str(tmp_path / "d"), Storage(), progress=False)
     assert len(Storage().read_text(str(tmp_path / "d/quarantine.jsonl")).splitlines()) == 2
+
+
+def test_home_relative_manifest(corpus, tmp_path, monkeypatch):
+    root, _ = corpus
+    monkeypatch.setenv("HOME", str(tmp_path))
+    items, bad, notes = read_manifests(["~/corpus/train.csv"], [], Storage())
+    assert {i["audio"] for i in items} >= {str(root / "audio/a.wav"), str(root / "audio/st.flac")}
+    assert items[0]["source"] == str(root / "train.csv")
+    assert notes == {NOTE_EMPTY_TEXT: 1} and {q["kind"] for q in bad} == {"duplicate id", "no label",
+                                                                          "bad start/duration"}
 
 
 def test_manifest_and_audio_on_s3(corpus, s3_server, s3_storage, ray_cluster):
