@@ -577,7 +577,7 @@ def weight_free_targets(texts: Sequence[str], dim: int) -> np.ndarray:
 
 def evaluate_attributes(systems: Sequence[System], utterances: Optional[Utterances] = None, *,
                         train_speakers: Sequence[str] = (), text_targets: Optional[TextTargets] = weight_free_targets,
-                        counting_items: Optional[Sequence[Any]] = None,
+                        target_field: str = "pivot", counting_items: Optional[Sequence[Any]] = None,
                         counting_info: Optional[Mapping[str, Any]] = None, corpus_root: Optional[str] = None,
                         storage: Optional[Storage] = None, probe_seeds: Sequence[int] = (0, 1, 2),
                         l2_grid: Sequence[float] = L2_GRID, n_bootstrap: int = 1000, max_target_trials: int = 20000,
@@ -587,7 +587,8 @@ def evaluate_attributes(systems: Sequence[System], utterances: Optional[Utteranc
 
     ``utterances``: the held-out table (None: no verification or retrieval). ``train_speakers``: the
     post-training's speakers, excluded from verification. ``text_targets(texts, dim) -> [N, dim]``:
-    the semantic targets of pivot texts (None: no speech -> text). ``counting_items``: the held-out
+    the semantic targets of texts (None: no speech -> text); ``target_field``: which text is a row's target,
+    ``pivot`` (falling back to the transcript where a row has none, as in training) or ``text``. ``counting_items``: the held-out
     synthetic counting set (:func:`synthetic_counting`; None: skipped), ``counting_info`` its provenance. ``corpus_root``: a demo corpus for ``event_count``.
     """
     names = [s.name for s in systems]
@@ -595,8 +596,10 @@ def evaluate_attributes(systems: Sequence[System], utterances: Optional[Utteranc
         raise ValueError(f"system names must be unique, got {names}")
     res: dict[str, Any] = {"systems": [s.describe() for s in systems]}
     if utterances is not None and len(utterances):
-        res.update(_table_metrics(systems, utterances, train_speakers, text_targets, n_bootstrap, max_target_trials,
-                                  seed, batch_seconds, log))
+        if target_field not in ("pivot", "text"):
+            raise ValueError(f"target_field must be 'pivot' or 'text', got {target_field!r}")
+        res.update(_table_metrics(systems, utterances, train_speakers, text_targets, target_field, n_bootstrap,
+                                  max_target_trials, seed, batch_seconds, log))
     if counting_items is not None or corpus_root is not None:
         res["counting"] = {}
     if counting_items is not None:
@@ -612,9 +615,12 @@ def evaluate_attributes(systems: Sequence[System], utterances: Optional[Utteranc
 
 
 def _table_metrics(systems: Sequence[System], utts: Utterances, train_speakers: Sequence[str],
-                   text_targets: Optional[TextTargets], n_bootstrap: int, max_target: int, seed: int,
-                   batch_seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
-    speaker, language, sentence, pivot = (utts.column(c) for c in ("speaker", "language", "sentence", "pivot"))
+                   text_targets: Optional[TextTargets], target_field: str, n_bootstrap: int, max_target: int,
+                   seed: int, batch_seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
+    speaker, language, sentence, pivot, text = (utts.column(c) for c in ("speaker", "language", "sentence", "pivot",
+                                                                          "text"))
+    # each row's semantic target text, as training chose it
+    target = text if target_field == "text" else [p if p is not None else t for p, t in zip(pivot, text)]
     seen = utts.seen
     embs: dict[str, dict[str, np.ndarray]] = {}
     for s in systems:
@@ -682,14 +688,14 @@ def _table_metrics(systems: Sequence[System], utts: Utterances, train_speakers: 
                 continue
             r = speech_retrieval(embs[s.name][key][idx], lang_s, sent_s, n_bootstrap=n_bootstrap, seed=seed)
             block["speech_to_speech"][s.name] = dict(r, embedding=key)
-            block["speech_to_text"][s.name] = _speech_to_text(s, embs[s.name], idx, pivot, lang_s, sent_s,
+            block["speech_to_text"][s.name] = _speech_to_text(s, embs[s.name], idx, target, lang_s, sent_s,
                                                               text_targets, n_bootstrap, seed)
         retrieval["subsets"][name] = block
     out["retrieval"] = retrieval
     return out
 
 
-def _speech_to_text(system: System, emb: dict[str, np.ndarray], idx: list[int], pivot: list[Optional[str]],
+def _speech_to_text(system: System, emb: dict[str, np.ndarray], idx: list[int], target: list[Optional[str]],
                     lang: list[str], sent: list[str], text_targets: Optional[TextTargets], n_bootstrap: int,
                     seed: int) -> dict[str, Any]:
     key = system.key_for("semantic")
@@ -697,16 +703,14 @@ def _speech_to_text(system: System, emb: dict[str, np.ndarray], idx: list[int], 
         return {"not_applicable": "no semantic embedding (speech -> text needs one aligned with the text targets)"}
     if text_targets is None:
         return {"not_applicable": "no text targets given"}
-    rows = [k for k, i in enumerate(idx) if pivot[i] is not None]
+    rows = [k for k, i in enumerate(idx) if target[i] is not None]
     if not rows:
-        return {"not_applicable": "no utterance has a pivot text"}
-    first: dict[str, str] = {}
-    for k in rows:
-        first.setdefault(sent[k], pivot[idx[k]])
-    ids = list(first)
+        return {"not_applicable": "no utterance has a target text"}
+    gallery = list(dict.fromkeys((sent[k], target[idx[k]]) for k in rows))  # one item per distinct text of a sentence
+    ids = [g[0] for g in gallery]
     dim = int(emb[key].shape[1])
     try:
-        targets = np.asarray(text_targets([first[i] for i in ids], dim), dtype=np.float32)
+        targets = np.asarray(text_targets([g[1] for g in gallery], dim), dtype=np.float32)
     except ValueError as exc:
         return {"not_applicable": f"text targets: {exc}"}
     if targets.ndim != 2 or targets.shape[1] != dim:

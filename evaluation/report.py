@@ -14,6 +14,10 @@ folder can be copied or served as is)::
                                 from metrics.csv), when a training output is given
     codebook_<name>.png         copied from TOKENS/codebooks/<name>/usage.png, when a
                                 tokenize output is given (layout: :mod:`spear.schemas.shards`)
+    attributes_det.png          a post-trained model's utterance-level attributes
+    attributes_retrieval.png    (:mod:`spear.evaluation.attributes`): DET curves of every
+    attributes_bars.png         system, the language x language retrieval matrix, and
+                                each metric per system with its CI
 
 :func:`format_results_table` renders the same results as plain text for the CLI.
 
@@ -114,6 +118,28 @@ def format_results_table(summary: Any) -> str:
     metric = d["probes"][0]["metric"] if d.get("probes") else "accuracy"
     lines.append(f"({metric}, mean over seeds {d.get('seeds', [])}; ± half-width of the 95 % bootstrap CI over "
                  f"test items; @Lk: the layer chosen on validation, not on test)")
+    return "\n".join(lines)
+
+
+def format_attributes_table(attrs: Mapping[str, Any]) -> str:
+    """Plain-text table of the attribute metrics: one row per metric, one column per system, each cell the
+    value ± half its 95 % CI; ``*`` marks the system that beats every other by more than the CI."""
+    systems = [s["name"] for s in attrs.get("systems", [])]
+    cmp = attrs.get("comparisons", {})
+    rows = [["metric"] + systems]
+    for key, _, _ in _ATTRIBUTE_METRICS:
+        c = cmp.get(key)
+        if c is None:
+            continue
+        row = [key]
+        for s in systems:
+            v = c["values"].get(s)
+            row.append("-" if v is None else f"{v[0]:.3f}±{(v[1][1] - v[1][0]) / 2:.3f}"
+                       + ("*" if c.get("best") == s else ""))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append("(± half-width of the 95 % bootstrap CI; *: better than every other system by more than the CI)")
     return "\n".join(lines)
 
 
@@ -398,6 +424,250 @@ def _ablation_html(figures: dict[str, Any], plot: Optional[str], from_this_run: 
     return "".join(parts)
 
 
+# --------------------------------------------------------------------------- utterance-level attributes
+
+# Metrics of the attribute section: (comparison key, label, what the value is, lower is better).
+_ATTRIBUTE_METRICS = [
+    ("verification/eer", "speaker verification EER", False),
+    ("verification/min_dcf@0.01", "speaker verification minDCF (p=0.01)", False),
+    ("retrieval/all/speech_to_speech/R@1", "cross-lingual retrieval speech->speech R@1", True),
+    ("retrieval/all/speech_to_speech/R@5", "cross-lingual retrieval speech->speech R@5", True),
+    ("retrieval/seen/speech_to_speech/R@1", "speech->speech R@1, sentences seen in post-training", True),
+    ("retrieval/unseen/speech_to_speech/R@1", "speech->speech R@1, unseen sentences", True),
+    ("retrieval/all/speech_to_text/R@1", "speech->text R@1", True),
+    ("counting/synthetic/probe", "counting accuracy (held-out synthetic set, probe)", True),
+    ("counting/event_count/probe", "demo corpus event_count accuracy (probe)", True),
+]
+_ATTRIBUTE_COLORS = ["#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
+
+
+def _probit(p: Any) -> Any:
+    """The standard normal deviate of probabilities (a DET plot's axes), clipped to [1e-4, 1 - 1e-4]."""
+    import numpy as np
+    from statistics import NormalDist
+
+    nd = NormalDist()
+    return np.array([nd.inv_cdf(min(max(float(v), 1e-4), 1 - 1e-4)) for v in np.atleast_1d(p)])
+
+
+def plot_det(verification: dict[str, Any], path: str) -> None:
+    """DET curves (miss against false-alarm rate on normal-deviate axes) of every system, EER marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    systems = [(n, v) for n, v in verification["systems"].items() if "det" in v]
+    for k, (name, v) in enumerate(systems):
+        color = _ATTRIBUTE_COLORS[k % len(_ATTRIBUTE_COLORS)]
+        ax.plot(_probit(v["det"]["fa"]), _probit(v["det"]["miss"]), color=color,
+                label=f"{name} (EER {100 * v['eer']:.1f} %)", lw=2 if k == 0 else 1.5)
+        ax.plot(_probit(v["eer"]), _probit(v["eer"]), "o", color=color, ms=5)
+    ticks = [0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8]
+    ax.set_xticks(_probit(ticks), [f"{100 * t:g}" for t in ticks], fontsize=8)
+    ax.set_yticks(_probit(ticks), [f"{100 * t:g}" for t in ticks], fontsize=8)
+    lim = _probit([0.0005, 0.9])
+    ax.set_xlim(*lim)
+    ax.set_ylim(*lim)
+    ax.plot(lim, lim, color="#999", lw=0.8, ls=":")
+    ax.set_xlabel("false-alarm rate (%)")
+    ax.set_ylabel("miss rate (%)")
+    t = verification["trials"]
+    ax.set_title(f"speaker verification: {t['target']} target / {t['nontarget']} non-target trials, "
+                 f"{t['speakers']} held-out speakers", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_retrieval_matrix(block: dict[str, Any], languages: list[str], system: str, path: str) -> None:
+    """Language x language recall@1 (query language in rows, gallery language in columns) of one system."""
+    import numpy as np
+
+    plt = _plt()
+    grid = np.array([[np.nan if v is None else v for v in row] for row in block["matrix"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.8 + 0.8 * len(languages), 1.4 + 0.7 * len(languages)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(languages)), languages)
+    ax.set_yticks(range(len(languages)), languages)
+    for i in range(len(languages)):
+        for j in range(len(languages)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if grid[i, j] < 0.6 else "black")
+    ax.set_xlabel("gallery language")
+    ax.set_ylabel("query language")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(f"{system}: speech->speech recall@1", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_attribute_bars(comparisons: dict[str, Any], systems: list[str], path: str) -> None:
+    """One panel per attribute metric: each system's value with its 95 % CI as error bars."""
+    plt = _plt()
+    metrics = [(k, label) for k, label, _ in _ATTRIBUTE_METRICS if k in comparisons]
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax, (key, label) in zip(axes.flat, metrics):
+        c = comparisons[key]
+        names = [s for s in systems if s in c["values"]]
+        vals = [c["values"][s][0] for s in names]
+        err = [[max(0.0, v - c["values"][s][1][0]) for s, v in zip(names, vals)],
+               [max(0.0, c["values"][s][1][1] - v) for s, v in zip(names, vals)]]
+        ax.bar(range(len(names)), vals, yerr=err, capsize=3,
+               color=[_ATTRIBUTE_COLORS[systems.index(s) % len(_ATTRIBUTE_COLORS)] for s in names])
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(label + (" (lower is better)" if not c["higher_is_better"] else ""), fontsize=8, wrap=True)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_attributes(attrs: dict[str, Any], folder: str) -> dict[str, str]:
+    """The attribute section's plots under ``folder``: {plot name: file name}."""
+    plots: dict[str, str] = {}
+    systems = [s["name"] for s in attrs.get("systems", [])]
+    ver = attrs.get("verification", {})
+    if any("det" in v for v in ver.get("systems", {}).values()):
+        plot_det(ver, os.path.join(folder, "attributes_det.png"))
+        plots["attributes_det"] = "attributes_det.png"
+    block = attrs.get("retrieval", {}).get("subsets", {}).get("all", {}).get("speech_to_speech", {})
+    main = next((s for s in systems if "matrix" in block.get(s, {})), None)
+    if main is not None:
+        plot_retrieval_matrix(block[main], attrs["retrieval"]["languages"], main,
+                              os.path.join(folder, "attributes_retrieval.png"))
+        plots["attributes_retrieval"] = "attributes_retrieval.png"
+    if any(k in attrs.get("comparisons", {}) for k, _, _ in _ATTRIBUTE_METRICS):
+        plot_attribute_bars(attrs["comparisons"], systems, os.path.join(folder, "attributes_bars.png"))
+        plots["attributes_bars"] = "attributes_bars.png"
+    return plots
+
+
+def frame_probe_changes(best: Mapping[str, Mapping[str, Mapping[str, Any]]], before: str, after: str
+                        ) -> list[dict[str, Any]]:
+    """Per probe task, the frame-level probes before and after post-training: both scores, the change
+    and the verdict: ``regression`` / ``gain`` when it exceeds the larger CI half-width, else ``same``.
+
+    >>> rows = frame_probe_changes({"t": {"in": {"score": 0.9, "ci": [0.85, 0.95]},
+    ...                                   "out": {"score": 0.7, "ci": [0.65, 0.75]}}}, "in", "out")
+    >>> rows[0]["change"] < 0, rows[0]["verdict"]
+    (True, 'regression')
+    """
+    from spear.evaluation.claims import half_width
+
+    rows = []
+    for task, models in best.items():
+        if before not in models or after not in models:
+            continue
+        b, a = models[before], models[after]
+        change, hw = a["score"] - b["score"], max(half_width(a), half_width(b))
+        verdict = "same" if abs(change) <= hw + 1e-12 else ("gain" if change > 0 else "regression")
+        rows.append({"task": task, "before": b["score"], "before_layer": b.get("layer"), "after": a["score"],
+                     "after_layer": a.get("layer"), "change": change, "ci": hw, "verdict": verdict})
+    return rows
+
+
+def _value_ci(v: Any, ci: Any) -> str:
+    return f"{v:.3f} {_fmt_ci(ci)}".strip()
+
+
+def _attributes_html(attrs: dict[str, Any], plots: dict[str, str], best: Mapping[str, Any]) -> str:
+    systems = [s["name"] for s in attrs.get("systems", [])]
+    cmp = attrs.get("comparisons", {})
+    parts = ["<p>Utterance-level embeddings side by side: " + ", ".join(
+        f"<code>{_e(s['name'])}</code> ({_e(s['kind'])})" for s in attrs.get("systems", []))
+        + ". Each metric uses a system's embedding of that kind (speaker, semantic, counting) or its one pooled "
+          "embedding. CIs: 95 % bootstrap (verification: over speakers; retrieval: over sentences; accuracies: "
+          "over test items). Bold: the system that beats every other by more than the larger CI half-width of "
+          "each pair.</p>"]
+    rows = []
+    for key, label, _ in _ATTRIBUTE_METRICS:
+        c = cmp.get(key)
+        if c is None:
+            continue
+        cells = [f"<td>{_e(label)}</td>"]
+        for s in systems:
+            v = c["values"].get(s)
+            if v is None:
+                cells.append("<td class='muted'>-</td>")
+            else:
+                cls = " class='best'" if c.get("best") == s else ""
+                cells.append(f"<td{cls}>{_e(_value_ci(v[0], v[1]))}</td>")
+        beats = "; ".join(f"{a} &gt; {b}" for a, b in c["better"]) or "none by more than the CI"
+        cells.append(f"<td>{beats}</td>")
+        rows.append(cells)
+    if rows:
+        parts.append(_table(["metric"] + systems + ["better by more than the CI"], rows, raw=True))
+    if "attributes_bars" in plots:
+        parts.append(f"<figure><img src='{plots['attributes_bars']}' alt='attribute metrics per system'></figure>")
+    excluded = attrs.get("data", {}).get("excluded", {})
+    notes = [f"{_e(what)}: " + ", ".join(f"{_e(r)} ({n})" for r, n in reasons.items())
+             for what, reasons in excluded.items() if reasons]
+    if notes:
+        parts.append("<p class='muted'>rows left out: " + "; ".join(notes) + "</p>")
+    ver = attrs.get("verification", {})
+    if ver.get("not_applicable"):
+        parts.append(f"<p class='muted'>speaker verification not run: {_e(ver['not_applicable'])}</p>")
+    if "attributes_det" in plots:
+        t = ver["trials"]
+        parts.append(f"<figure><img src='{plots['attributes_det']}' alt='DET curves'><figcaption>{t['target']} target "
+                     f"and {t['nontarget']} non-target trials over {t['speakers']} held-out speakers "
+                     f"({t['utterances']} utterances), cosine scoring.</figcaption></figure>")
+    ret = attrs.get("retrieval", {})
+    if ret.get("not_applicable"):
+        parts.append(f"<p class='muted'>retrieval not run: {_e(ret['not_applicable'])}</p>")
+    if "attributes_retrieval" in plots:
+        parts.append(f"<figure><img src='{plots['attributes_retrieval']}' alt='retrieval matrix'></figure>")
+    for subset, block in ret.get("subsets", {}).items():
+        s2s = block.get("speech_to_speech", {})
+        pairs = sorted({p for v in s2s.values() for p in v.get("pairs", {})})
+        if pairs:
+            parts.append(f"<details><summary>speech->speech recall@1 per language pair ({_e(subset)} sentences: "
+                         f"{block['sentences']} sentences, {block['utterances']} utterances)</summary>" + _table(
+                             ["query->gallery"] + systems,
+                             [[p] + [_value_ci(s2s[s]["pairs"][p]["recall"]["R@1"], s2s[s]["pairs"][p]["recall_ci"]["R@1"])
+                                     if p in s2s.get(s, {}).get("pairs", {}) else "-" for s in systems] for p in pairs])
+                         + "</details>")
+        for s, v in block.get("speech_to_text", {}).items():
+            if "not_applicable" in v and subset == "all":
+                parts.append(f"<p class='muted'>speech->text for {_e(s)}: not applicable ({_e(v['not_applicable'])})</p>")
+    syn = attrs.get("counting", {}).get("synthetic")
+    if syn:
+        tasks = syn["tasks"]
+        trows = []
+        for s in systems:
+            v = syn["systems"].get(s, {})
+            if "probe" in v:
+                trows.append([f"{s} (probe on {v['embedding']})"] + [_value_ci(v["probe"]["tasks"][t]["accuracy"],
+                             v["probe"]["tasks"][t]["ci"]) for t in tasks]
+                             + [_value_ci(v["probe"]["accuracy"], v["probe"]["ci"])])
+            if "head" in v:
+                trows.append([f"{s} (its counting head)"] + [
+                    "-" if t not in v["head"]["tasks"] else f"{v['head']['tasks'][t]:.3f}" for t in tasks]
+                    + [_value_ci(v["head"]["accuracy"], v["head"]["ci"])])
+        parts.append(f"<p>Counting: a held-out synthetic set (seed {_e(syn.get('seed', '?'))}, "
+                     f"{syn['num_train']} probe-training / {syn['num_test']} test clips, balanced over every count); "
+                     f"chance per task is 1 / classes ({_e(syn['num_classes'])}).</p>"
+                     + _table(["system"] + tasks + ["all tasks"], trows))
+    changes = attrs.get("frame_probes")
+    if changes:
+        rows = frame_probe_changes(best, changes["before"], changes["after"])
+        if rows:
+            parts.append(f"<p>Frame-level probes before (<code>{_e(changes['before'])}</code>) and after "
+                         f"(<code>{_e(changes['after'])}</code>) post-training, each at its validation-chosen "
+                         "layer: a regression is a drop by more than the larger CI half-width.</p>" + _table(
+                             ["task", "before", "after", "change", "CI half-width", "verdict"],
+                             [[r["task"], f"{r['before']:.3f}", f"{r['after']:.3f}", f"{r['change']:+.3f}",
+                               f"{r['ci']:.3f}", r["verdict"]] for r in rows]))
+    return "".join(parts)
+
+
 def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[dict[str, Any]],
                  codebooks: list[dict[str, Any]], ablation: Optional[dict[str, Any]] = None) -> str:
     best = d["best"]
@@ -450,6 +720,9 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
     if ablation is not None:
         parts.append("<h2 id='ablation'>One teacher or two</h2>"
                      + _ablation_html(ablation, plots.get("ablation"), ablation.get("from_this_run", False)))
+    if d.get("attributes"):
+        parts.append("<h2 id='attributes'>Utterance-level attributes (post-training)</h2>"
+                     + _attributes_html(d["attributes"], plots, best))
 
     # Per task.
     parts.append("<h2 id='tasks'>Score per layer, per task</h2>")
@@ -561,6 +834,8 @@ def write_report(summary: Any, output: str, storage: Optional[Storage] = None, *
         if ablation is not None:
             plot_ablation(ablation, os.path.join(tmp, "ablation.png"))
             plots["ablation"] = "ablation.png"
+        if d.get("attributes"):
+            plots.update(plot_attributes(d["attributes"], tmp))
         training = _training_section(train_output, storage, tmp) if train_output else None
         codebooks = _codebook_section(tokens_output, storage, tmp) if tokens_output else []
         extras = {"training": training, "codebooks": codebooks, "plots": plots,

@@ -21,7 +21,7 @@ import numpy as np
 
 from spear.evaluation.features import Features
 from spear.evaluation.probes import L2_GRID, run_probe
-from spear.evaluation.report import format_results_table
+from spear.evaluation.report import format_attributes_table, format_results_table
 from spear.evaluation.tasks import Task, task_arrays
 
 
@@ -98,6 +98,8 @@ class EvaluateSummary:
     skipped_tasks: list[dict[str, str]] = field(default_factory=list)
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)  # report sections: training curves, codebooks
+    # utterance-level attributes of a post-trained model (spear.evaluation.attributes.evaluate_attributes)
+    attributes: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +109,8 @@ class EvaluateSummary:
         lines = [format_results_table(self), "", f"report: {self.report}", f"results: {self.results_json}"]
         if self.skipped_tasks:
             lines.append("skipped tasks: " + "; ".join(f"{s['task']} ({s['reason']})" for s in self.skipped_tasks))
+        if self.attributes:
+            lines[1:1] = ["", format_attributes_table(self.attributes)]
         if self.skipped_files:
             lines.append(f"skipped {len(self.skipped_files)} unreadable file(s): "
                          + ", ".join(s["uri"] for s in self.skipped_files[:5]))

@@ -15,6 +15,10 @@ test items.
 Output (``output``: a local path or s3:// prefix): ``index.html`` with PNG plots next to it
 and ``results.json`` (= :meth:`EvaluateSummary.to_dict`).
 
+A post-trained export (``spear posttrain``) as the student adds the utterance-level attribute
+evaluation (:mod:`spear.pipeline.posttrain_eval`: speaker verification, cross-lingual retrieval,
+counting; ``summary.attributes``) and probes the input model beside the post-trained encoder.
+
 Example::
 
     from spear.config import TeacherConfig
@@ -42,6 +46,8 @@ from spear.evaluation.report import write_report
 from spear.evaluation.results import EvaluateSummary, best_layers, probe_model
 from spear.evaluation.tasks import Task, TaskSources, frame_grid, label_counts, load_tasks, skip_reason
 from spear.models.device import default_device
+from spear.pipeline.posttrain_eval import (AttributeEvalSettings, evaluate_posttrained, input_model_of,
+                                           posttrained_config, with_input_model)
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class EvaluateSettings:
     train_output: Optional[str] = None
     tokens_output: Optional[str] = None
     batch_seconds: float = 60.0
+    attributes: AttributeEvalSettings = AttributeEvalSettings()
 
 
 def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teachers: Sequence[Any] = (),
@@ -72,7 +79,10 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
                  tokens_output: Optional[str] = None, storage: Optional[Storage] = None,
                  device: Optional[Union[str, torch.device]] = None, batch_seconds: float = 60.0,
                  num_threads: Optional[int] = None, progress: bool = True,
-                 released: Sequence[str] = (), other_students: Sequence[tuple[str, str]] = ()) -> EvaluateSummary:
+                 released: Sequence[str] = (), other_students: Sequence[tuple[str, str]] = (),
+                 eval_table: Optional[str] = None, eval_manifests: Sequence[str] = (),
+                 input_model: Optional[str] = None, counting_per_class: int = 12,
+                 attribute_bootstrap: int = 1000) -> EvaluateSummary:
     """Probe frozen features of a student, a random student, teachers and raw fbank; write a report.
 
     ``student_dir``: an exported student (None: no ``student`` rows). ``corpus_root``: a
@@ -92,6 +102,12 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     probed layer by layer beside the student as ``released:<name>``. ``other_students``: (label,
     export dir) pairs of further trained students, probed as ``student:<label>``.
 
+    With a post-trained export as ``student_dir``: ``eval_table`` (a prepared ``eval.parquet``) or
+    ``eval_manifests`` (held-out manifests) for verification and retrieval (default: the table
+    ``spear posttrain`` prepared next to the export), ``input_model`` (default: the export's metadata),
+    ``counting_per_class`` held-out synthetic clips per count, ``attribute_bootstrap`` resamples
+    (:mod:`spear.pipeline.posttrain_eval`).
+
     Returns an :class:`EvaluateSummary`; writes ``output/index.html``, its PNG plots and
     ``output/results.json``.
     """
@@ -104,7 +120,9 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
                             released=tuple(str(r) for r in released),
                             other_students=tuple((str(n), str(p)) for n, p in other_students)), seeds=seeds,
         l2_grid=tuple(l2_grid) if l2_grid is not None else L2_GRID, train_output=train_output,
-        tokens_output=tokens_output, batch_seconds=batch_seconds)
+        tokens_output=tokens_output, batch_seconds=batch_seconds,
+        attributes=AttributeEvalSettings(eval_table, tuple(str(m) for m in eval_manifests), input_model,
+                                         int(counting_per_class), int(attribute_bootstrap)))
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     device = torch.device(device) if device is not None else default_device()
     before = torch.get_num_threads()
@@ -128,10 +146,18 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
     grids = {i: frame_grid(clips[i].seconds) for t in tasks if t.level == "frame" for i in t.items}
     task_info, runnable, skipped_tasks = _probeable(tasks, grids, log)
 
+    # A post-trained export: its input model is probed beside it (frame-level probes before / after).
+    models, posttrained = settings.models, posttrained_config(settings.models.student_dir, storage)
+    if posttrained is not None:
+        input_model = input_model_of(posttrained, settings.attributes.input_model)
+        models, before, note = with_input_model(models, input_model, storage)
+        log(f"[evaluate] {models.student_dir} is a post-trained export"
+            + (f"; input model probed as {before}" if before else f" ({note})"))
+
     # Models, loaded one at a time (only one model's features are in memory at once).
     probe_rows: list[dict[str, Any]] = []
     model_info: list[dict[str, Any]] = []
-    for name, load in extractor_loaders(settings.models, storage, device):
+    for name, load in extractor_loaders(models, storage, device):
         t0 = time.monotonic()
         ex = load()
         feats = extract(ex, clips, grids, len(items.uris), device, settings.batch_seconds, log)
@@ -150,12 +176,22 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    attributes: dict[str, Any] = {}
+    if posttrained is not None:
+        attributes = evaluate_posttrained(
+            str(models.student_dir), posttrained, settings.attributes, input_model=input_model,
+            corpus_root=settings.tasks.corpus_root, storage=storage, device=device, probe_seeds=settings.seeds,
+            l2_grid=settings.l2_grid, batch_seconds=settings.batch_seconds, log=log)
+        attributes["frame_probes"] = {"before": before, "after": "student"} if before else None
+        if note:
+            attributes["notes"].append(note)
+
     output = settings.output
     summary = EvaluateSummary(
         output=output, report=join_uri(output, "index.html"), results_json=join_uri(output, "results.json"),
         probes=probe_rows, best=best_layers(probe_rows), tasks=task_info, models=model_info,
         corpus=corpus_summary(clips, items.domains), seeds=list(settings.seeds), skipped_tasks=skipped_tasks,
-        skipped_files=skipped_files)
+        skipped_files=skipped_files, attributes=attributes)
     summary.wall_seconds = round(time.monotonic() - t_start, 3)
     write_report(summary, output, storage=storage, train_output=settings.train_output,
                  tokens_output=settings.tokens_output)

@@ -219,3 +219,53 @@ def test_real_systems(utts, tmp_path):
     import json
 
     json.dumps(res)  # JSON-ready
+
+
+def test_evaluate_a_posttrained_export(table, tmp_path):
+    """`spear evaluate` on a post-trained export laid out as `spear posttrain` writes it: the attribute
+    section, the input model probed beside the post-trained encoder, and the report in headless Chromium."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from spear.pipeline.evaluate_job import run_evaluate
+    from spear.stages.artefacts import export_posttrained, export_student
+    from spear.synthetic.corpus import generate_demo_corpus
+    from support.browser import dump_dom, image_marks
+
+    corpus = generate_demo_corpus(tmp_path / "corpus", size="tiny", seed=0)
+    model = tiny_posttrained()
+    out = tmp_path / "run" / "posttrain"
+    export_student(model.student, str(out / "input-model"))
+    export_posttrained(model, str(out / "model"), metadata={
+        "input_model": "runs/student", "input_model_loaded_from": str(out / "input-model"), "speakers": TRAIN_SPEAKERS,
+        "attributes": {"count": {"kind": "counting", "tasks": ["tones", "higher"], "clip_seconds": 1.5}}})
+    (out / "data").mkdir()
+    pq.write_table(table, out / "data" / "eval.parquet")
+    summary = run_evaluate(str(out / "model"), str(corpus.root), output=str(tmp_path / "eval"), seeds=(0,),
+                           tasks=["event_count", "speaker"], l2_grid=(1e-2,), random_student=False, fbank_floor=False,
+                           counting_per_class=2, attribute_bootstrap=50, num_threads=1, progress=False)
+    attrs = summary.attributes
+    assert [s["name"] for s in attrs["systems"]] == ["posttrained", "input", "fbank"]
+    assert attrs["data"]["source"] == {"table": str(out / "data" / "eval.parquet")}
+    assert attrs["data"]["excluded"]["verification"] == {"no speaker label": 1, "speaker seen in training": 12}
+    # 1.5 s clips hold at most 5 tones: 5 + 2 classes, 2 clips each, half of them test clips
+    assert attrs["counting"]["synthetic"]["clip_seconds"] == 1.5 and attrs["counting"]["synthetic"]["num_test"] == 7
+    assert attrs["counting"]["event_count"]["files"] == 10
+    # the frame-level probes before and after: the input model is probed as student:input
+    assert {r["model"] for r in summary.probes} == {"student", "student:input"}
+    assert attrs["frame_probes"] == {"before": "student:input", "after": "student"}
+    # the encoder was not changed here: the same features, the same probe scores before and after
+    for t in ("event_count", "speaker"):
+        assert summary.best[t]["student"]["score"] == summary.best[t]["student:input"]["score"]
+    page = (tmp_path / "eval" / "index.html").read_text()
+    assert "Utterance-level attributes" in page and "speaker verification EER" in page
+    assert page.count("<td>same</td>") == 2  # before / after table: no regression
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["attributes"]["comparisons"].keys() == attrs["comparisons"].keys()
+    assert "verification/eer" in summary.human() and "counting/synthetic/probe" in summary.human()
+    for name in ("attributes_det.png", "attributes_retrieval.png", "attributes_bars.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 5000
+    marks = image_marks(dump_dom(tmp_path / "eval" / "index.html", tmp_path / "profile"))
+    assert {"attributes_det.png", "attributes_retrieval.png", "attributes_bars.png"} <= set(marks)
+    assert set(marks.values()) == {"1"}, marks
