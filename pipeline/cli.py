@@ -234,13 +234,13 @@ def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     _run_job(as_json, lambda: run_tokenize(cfg))
 
 
-def _workers(value: str) -> str:
-    """--workers N, MIN:MAX or [MIN, MAX] as a train.workers override (the config's own parser)."""
+def _workers(value: str, section: str = "train") -> str:
+    """--workers N, MIN:MAX or [MIN, MAX] as a ``<section>.workers`` override (the config's own parser)."""
     try:
         lo, hi = parse_workers(value)
     except ValueError as exc:
         raise SpearCLIError(f"--workers {value!r}: {exc}") from None
-    return f"train.workers=[{lo}, {hi}]"
+    return f"{section}.workers=[{lo}, {hi}]"
 
 
 @main.command()
@@ -270,6 +270,47 @@ def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], 
     from spear.pipeline.train_job import run_train
 
     _run_job(as_json, lambda: run_train(cfg))
+
+
+@main.command()
+@config_options
+@click.option("--model", default=None, help="The input model: a `spear export` folder, a released SPEAR model, or a "
+                                            "training output / checkpoint (overrides posttrain.model).")
+@click.option("--train-manifest", "train_manifests", multiple=True, metavar="URI",
+              help="Labelled manifest to post-train on (CSV/TSV/JSONL with audio and speaker/text/pivot..., or a "
+                   "Lhotse CutSet); repeatable (replaces posttrain.train_manifests).")
+@click.option("--eval-manifest", "eval_manifests", multiple=True, metavar="URI",
+              help="Held-out manifest for `spear evaluate`; repeatable (replaces posttrain.eval_manifests).")
+@click.option("--output", default=None, help="Where OUTPUT/posttrain/ goes (overrides `output`).")
+@click.option("--workers", default=None, metavar="MIN:MAX", help="Ray Train workers; MIN:MAX makes the run elastic.")
+@click.option("--max-steps", type=int, default=None, help="Train until this step (overrides posttrain.max_steps).")
+def posttrain(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
+              model: Optional[str], train_manifests: tuple[str, ...], eval_manifests: tuple[str, ...],
+              output: Optional[str], workers: Optional[str], max_steps: Optional[int]) -> None:
+    """Post-train an encoder into utterance-level embeddings (speaker, meaning, counting) with Ray Train.
+
+    Writes OUTPUT/posttrain/: prepared data, checkpoints, metrics and the exported model (model/).
+    A re-run with the same --output resumes from its latest checkpoint.
+    """
+    extra = []
+    if model:
+        extra.append(f"posttrain.model={json.dumps(model)}")
+    if train_manifests:
+        extra.append(f"posttrain.train_manifests={json.dumps(list(train_manifests))}")
+    if eval_manifests:
+        extra.append(f"posttrain.eval_manifests={json.dumps(list(eval_manifests))}")
+    if output:
+        extra.append(f"output={json.dumps(output)}")
+    if address:
+        extra.append(f"ray.address={json.dumps(address)}")
+    if workers:
+        extra.append(_workers(workers, "posttrain"))
+    if max_steps is not None:
+        extra.append(f"posttrain.max_steps={max_steps}")
+    cfg = _load(config, sets, extra)
+    from spear.pipeline.posttrain_job import run_posttrain  # start-up: torch and Ray load with the command
+
+    _run_job(as_json, lambda: run_posttrain(cfg))
 
 
 @main.command()

@@ -3,8 +3,8 @@
 The prepared training table (:mod:`spear.schemas.posttrain_data`: FLAC audio plus ``speaker``,
 ``text``, ``pivot``, ``sentence`` per utterance) becomes a :class:`PostTrainPlan` on the driver
 (:func:`plan_posttrain`): per attribute the rows that carry its label, the speakers' class indexes
-(the sorted training speakers), and the semantic targets (one vector per distinct target text,
-:func:`semantic_target_vectors`) with sentence groups (translations of one sentence share a group,
+(the sorted training speakers), and the semantic targets (one vector per distinct target text, from
+the ``targets`` function the job passes: :func:`~spear.stages.text_targets.build_text_targets`) with sentence groups (translations of one sentence share a group,
 so they are not each other's negatives).
 
 Every row of a batch is drawn for one attribute by the attributes' ``sample_weight``: a speaker
@@ -24,7 +24,8 @@ ranks' consumed positions (:func:`~spear.stages.train_data.resume_state`) and sp
 
 Example::
 
-    plan = plan_posttrain(train_table, cfg.posttrain.attributes, clip_seconds=2.0, counting_generator=CountingGenerator)
+    plan = plan_posttrain(train_table, cfg.posttrain.attributes, clip_seconds=2.0, targets=text_vectors,
+                          counting_generator=CountingGenerator)
     specs = plan.specs()                                  # AttributeSpecs for PostTrainModel
     loader = PostTrainBatches(train_table, plan, rank=0, world_size=1, batch_size=16, max_seconds=6.0, seed=0)
     batch, ids = loader.next_batch()                      # a models.posttrain.PostTrainBatch
@@ -43,8 +44,9 @@ import pyarrow as pa
 import torch
 
 from spear.config import AttributeConfig, ConfigError
-from spear.models.posttrain import AttributeSpec, PostTrainBatch, pivot_text_embedding
+from spear.models.posttrain import AttributeSpec, PostTrainBatch
 from spear.stages.audio import flac_decode
+from spear.stages.text_targets import target_texts
 from spear.stages.train_data import StreamState
 
 SAMPLE_RATE = 16000
@@ -54,18 +56,6 @@ COLUMNS = ("utt_id", "audio", "num_samples", "speaker", "text", "pivot", "senten
 
 class PostTrainDataError(RuntimeError):
     """The training rows cannot give a batch (one line; a retry cannot help)."""
-
-
-def semantic_target_vectors(texts: Sequence[str], attribute: AttributeConfig) -> np.ndarray:
-    """Target sentence embeddings [len(texts), dim] float32 for a semantic attribute.
-
-    The weight-free pivot embedding (:func:`~spear.models.posttrain.pivot_text_embedding`, feature
-    hashing at the attribute's ``dim``); a ``text_encoder`` is not read here.
-    """
-    if attribute.text_encoder:
-        raise ConfigError(f"posttrain.attributes {attribute.name!r}: text_encoder is not supported by this "
-                          "version; leave it unset for the weight-free pivot embedding")
-    return pivot_text_embedding(list(texts), attribute.dim).numpy().astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -149,16 +139,22 @@ def _strings(table: pa.Table, column: str) -> list[Optional[str]]:
 
 
 def plan_posttrain(table: pa.Table, attributes: Sequence[AttributeConfig], clip_seconds: float = 2.0,
-                   targets: Callable[[Sequence[str], AttributeConfig], np.ndarray] = semantic_target_vectors,
+                                  targets: Optional[Callable[[Sequence[str], AttributeConfig], np.ndarray]] = None,
                    counting_generator: Optional[Callable[..., Any]] = None) -> PostTrainPlan:
-    """The :class:`PostTrainPlan` of the training rows ``table`` for ``attributes`` (``targets``: text ->
-    target vectors; ``counting_generator``: what makes counting clips, needed by counting attributes). Raises :class:`~spear.config.ConfigError` naming the attribute when no row can train it.
+    """The :class:`PostTrainPlan` of the training rows ``table`` for ``attributes``.
+
+    ``targets(distinct sorted texts, attribute) -> [N, dim]``: the semantic attributes' target vectors
+    (the job: :func:`~spear.stages.text_targets.build_text_targets`, cached); ``counting_generator``:
+    what makes counting clips. Each is needed only by attributes of its kind. Raises :class:`~spear.config.ConfigError` naming the attribute when no row can train it.
 
     >>> import pyarrow as pa
     >>> from spear.config import AttributeConfig
-    >>> t = pa.table({"utt_id": ["a", "b", "c"], "speaker": ["s2", "s1", None], "text": ["hi", None, "yo"]})
+    >>> from spear.models.posttrain import pivot_text_embedding
+    >>> t = pa.table({"utt_id": ["a", "b", "c"], "speaker": ["s2", "s1", None], "text": ["hi", None, "yo"],
+    ...               "pivot": [None, None, None]})
     >>> plan = plan_posttrain(t, [AttributeConfig(name="spk", kind="speaker"),
-    ...                           AttributeConfig(name="sem", kind="semantic", dim=16, target_field="text")])
+    ...                           AttributeConfig(name="sem", kind="semantic", dim=16)],
+    ...                       targets=lambda texts, a: pivot_text_embedding(texts, a.dim).numpy())
     >>> plan.speakers, plan.speaker_index.tolist(), plan.semantic["sem"].index.tolist()
     (('s1', 's2'), [1, 0, -1], [0, -1, 1])
     """
@@ -180,9 +176,9 @@ def plan_posttrain(table: pa.Table, attributes: Sequence[AttributeConfig], clip_
             pos = {s: i for i, s in enumerate(speakers)}
             speaker_index = np.array([pos[s] if s is not None else -1 for s in speakers_col], np.int64)
         elif a.kind == "semantic":
-            primary = _strings(table, a.target_field)
-            fallback = _strings(table, "text")
-            texts = [p if p is not None else f for p, f in zip(primary, fallback)]
+            if targets is None:
+                raise ValueError(f"{where}: plan_posttrain needs targets (text -> vectors) for semantic attributes")
+            texts = target_texts(table, a.target_field)
             distinct = sorted({t for t in texts if t is not None})
             if not distinct:
                 raise ConfigError(f"{where} needs training rows with a {a.target_field}"

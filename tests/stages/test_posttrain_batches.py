@@ -33,6 +33,10 @@ def _table(n: int = 20, seed: int = 0) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
+def TARGETS(texts, attribute):
+    return pivot_text_embedding(texts, attribute.dim).numpy()
+
+
 ATTRS = [AttributeConfig(name="spk", kind="speaker", dim=8, sample_weight=2.0),
          AttributeConfig(name="sem", kind="semantic", dim=16),
          AttributeConfig(name="cnt", kind="counting", dim=8, tasks=["tones", "higher"], sample_weight=1.0)]
@@ -45,7 +49,7 @@ def _loader(table, plan, rank=0, world=1, state=None, step=0, batch_size=6, max_
 
 def test_plan_labels_speakers_targets_and_groups():
     t = _table()
-    plan = plan_posttrain(t, ATTRS, clip_seconds=1.0, counting_generator=CountingGenerator)
+    plan = plan_posttrain(t, ATTRS, clip_seconds=1.0, counting_generator=CountingGenerator, targets=TARGETS)
     assert plan.speakers == ("s0", "s1", "s2", "s3")
     assert plan.speaker_index.tolist()[:6] == [0, 1, 2, 3, -1, 1]
     sem = plan.semantic["sem"]
@@ -65,15 +69,16 @@ def test_plan_labels_speakers_targets_and_groups():
 def test_plan_refuses_an_attribute_no_row_can_train():
     t = _table().drop_columns(["speaker"])
     with pytest.raises(ConfigError, match="'spk' \\(speaker\\).*no row has a speaker"):
-        plan_posttrain(t, ATTRS)
-    t = _table().drop_columns(["pivot", "text"])
+        plan_posttrain(t, ATTRS, targets=TARGETS)
+    none = pa.array([None] * 20, pa.string())
+    t = _table().set_column(6, "text", none).set_column(7, "pivot", none)
     with pytest.raises(ConfigError, match="'sem' \\(semantic\\).*pivot or text"):
-        plan_posttrain(t, ATTRS)
+        plan_posttrain(t, ATTRS, targets=TARGETS)
 
 
 def test_batches_carry_each_rows_labels_crop_and_follow_sample_weights():
     t = _table()
-    plan = plan_posttrain(t, ATTRS, clip_seconds=1.0, counting_generator=CountingGenerator)
+    plan = plan_posttrain(t, ATTRS, clip_seconds=1.0, counting_generator=CountingGenerator, targets=TARGETS)
     loader = _loader(t, plan, batch_size=8, max_seconds=1.0)
     counts = {"spk": 0, "cnt": 0, "labelled": 0}
     for _ in range(30):
@@ -97,7 +102,7 @@ def test_batches_carry_each_rows_labels_crop_and_follow_sample_weights():
 
 def test_resumed_loader_gives_the_same_batches():
     t = _table()
-    plan = plan_posttrain(t, ATTRS, clip_seconds=1.0, counting_generator=CountingGenerator)
+    plan = plan_posttrain(t, ATTRS, clip_seconds=1.0, counting_generator=CountingGenerator, targets=TARGETS)
     ref = _loader(t, plan)
     want = [ref.next_batch() for _ in range(8)]
     first = _loader(t, plan)

@@ -1,0 +1,161 @@
+"""`spear posttrain` on Ray Train: a killed run resumes exactly, world sizes change across restarts,
+manifests and output on SeaweedFS, and the export gives the checkpoint's embeddings."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from spear.cluster.storage import Storage, join_uri
+from spear.config import ConfigError, load_config
+from spear.pipeline.posttrain_job import run_posttrain
+from spear.pipeline.train_job import checkpoints
+
+from support.configs import storage_sets
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = ("the cat sat on the mat", "turn right at the green door", "three sheep and a dog")
+VOICES = (("en", 160, 45), ("en-us+f2", 165, 70), ("en+m3", 145, 30), ("de+m2", 140, 40))
+# tiny and fast: a 2-layer top of the tiny student, small heads, 4-row batches of at most 1.5 s
+TINY = ["posttrain.batch_size=4", "posttrain.max_seconds=1.5", "posttrain.checkpoint_every=2",
+        "posttrain.warmup_steps=2", "posttrain.trainable_layers=1", "posttrain.counting_clip_seconds=1.0",
+        "posttrain.attributes=" + json.dumps([
+            {"name": "speaker", "kind": "speaker", "dim": 16, "pool_hidden": 16, "margin_warmup_steps": 4},
+            {"name": "semantic", "kind": "semantic", "dim": 32, "pool_hidden": 16},
+            {"name": "counting", "kind": "counting", "dim": 8, "pool_hidden": 16, "tasks": ["tones", "higher"],
+             "sample_weight": 0.5}])]
+
+
+def _corpus(st: Storage, root: str) -> str:
+    """4 espeak-ng voices x 3 sentences as WAV files and a CSV manifest with relative audio paths."""
+    from spear.synthetic.speech import ESPEAK_RATE, synth_speech
+
+    lines = ["audio,speaker,language,text,pivot"]
+    for v, (voice, speed, pitch) in enumerate(VOICES):
+        for s, text in enumerate(SENTENCES):
+            buf = io.BytesIO()
+            sf.write(buf, (synth_speech(text, voice, speed, pitch) * 0.8).astype(np.float32), ESPEAK_RATE,
+                     format="WAV", subtype="PCM_16")
+            st.write_bytes(join_uri(root, "audio", f"v{v}-s{s}.wav"), buf.getvalue())
+            lines.append(f"audio/v{v}-s{s}.wav,spk{v},{voice[:2]},{text},{text}")
+    manifest = join_uri(root, "train.csv")
+    st.write_text(manifest, "\n".join(lines) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from spear.models.student import build_encoder
+    from spear.stages.artefacts import export_student
+
+    root = tmp_path_factory.mktemp("posttrain")
+    torch.manual_seed(0)
+    export_student(build_encoder("zipformer2", "tiny"), str(root / "student"))
+    return root, _corpus(Storage(), str(root / "corpus")), str(root / "student")
+
+
+def _cfg(model, manifest, out, steps, st=None, extra=()):
+    sets = [f"posttrain.model={model}", f"posttrain.train_manifests={json.dumps([manifest])}", f"output={out}",
+            f"posttrain.max_steps={steps}"] + TINY + list(extra)
+    return load_config(None, sets + (storage_sets(st) if st is not None else []))
+
+
+def _rows(st, out):
+    _, uri = checkpoints(join_uri(out, "posttrain"), st)[-1]
+    return list(csv.DictReader(io.StringIO(st.read_text(join_uri(uri, "metrics.csv")))))
+
+
+def test_killed_posttrain_resumes_exactly(ray_cluster, inputs):
+    st = Storage()
+    root, manifest, model = inputs
+    clean = run_posttrain(_cfg(model, manifest, str(root / "clean"), 8), progress=False)
+    assert clean.step == 8 and clean.resumed_from_step is None and clean.world_sizes == [1]
+    assert clean.data["rows"]["train"] == 12 and clean.attributes["speaker"]["rows"] == 12
+    assert set(clean.attributes) == {"speaker", "semantic", "counting"}
+
+    out = str(root / "killed")
+    cmd = [sys.executable, "-m", "spear.pipeline.cli", "posttrain", "--model", model, "--train-manifest", manifest,
+           "--output", out, "--max-steps", "8"] + [a for s in TINY for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, RAY_ADDRESS=ray_cluster.address),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(checkpoints(join_uri(out, "posttrain"), st)) < 2:
+        time.sleep(0.2)
+    assert proc.poll() is None, "post-training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = checkpoints(join_uri(out, "posttrain"), st)[-1][0]
+    assert 2 <= killed_at < 8
+
+    resumed = run_posttrain(_cfg(model, manifest, out, 8), progress=False)
+    assert resumed.resumed_from_step == killed_at and resumed.step == 8
+    want, got = _rows(st, str(root / "clean")), _rows(st, out)
+    # the same batches step for step, and the same losses: model, optimiser and data resumed exactly
+    assert [r["batch_digest"] for r in got] == [r["batch_digest"] for r in want]
+    np.testing.assert_allclose([float(r["loss"]) for r in got], [float(r["loss"]) for r in want], rtol=1e-4)
+    from spear.stages.artefacts import load_posttrained
+
+    a, b = load_posttrained(clean.model, device="cpu"), load_posttrained(resumed.model, device="cpu")
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-5), k
+
+
+def test_export_gives_the_checkpoints_embeddings_and_world_sizes_change_on_restart(ray_cluster, inputs):
+    from spear.stages.artefacts import load_posttrained
+    from spear.stages.posttrain_loop import load_posttrain_checkpoint
+
+    st = Storage()
+    root, manifest, model = inputs
+    out = str(root / "resize")
+    first = run_posttrain(_cfg(model, manifest, out, 4), progress=False)
+    # two workers from step 4 (the data positions split anew), then one again: nothing lost or repeated
+    second = run_posttrain(_cfg(model, manifest, out, 6, extra=["posttrain.workers=[2, 2]"]), progress=False)
+    third = run_posttrain(_cfg(model, manifest, out, 8), progress=False)
+    assert (first.world_sizes, second.world_sizes, third.world_sizes) == ([1], [2], [1])
+    state = json.loads(st.read_text(join_uri(third.checkpoint, "train_state.json")))
+    assert state["world_sizes"] == [1, 2, 1] and third.step == 8
+
+    ckpt_model, _ = load_posttrain_checkpoint(third.checkpoint, st)
+    exported = load_posttrained(third.model, device="cpu")
+    assert exported.posttrain_info["metadata"]["speakers"] == ["spk0", "spk1", "spk2", "spk3"]
+    wavs, lengths = torch.randn(2, 20000) * 0.1, torch.tensor([20000, 12000])
+    with torch.no_grad():
+        want, got = ckpt_model(wavs, lengths).embeddings, exported(wavs, lengths).embeddings
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+    assert st.exists(join_uri(out, "posttrain", "metrics", "loss_curve.png"))
+
+
+@pytest.mark.s3
+def test_manifests_and_output_on_seaweedfs(ray_cluster, s3_storage, inputs, tmp_path):
+    root, _, model = inputs
+    manifest = _corpus(s3_storage, "s3://spear/posttrain-corpus")
+    out = "s3://spear/posttrain-out"
+    s = run_posttrain(_cfg(model, manifest, out, 2, s3_storage), progress=False)
+    assert s.step == 2 and s.checkpoint.startswith("s3://") and s.model == f"{out}/posttrain/model"
+    from spear.stages.artefacts import load_posttrained
+
+    m = load_posttrained(s.model, storage=s3_storage, device="cpu", cache_dir=str(tmp_path / "cache"))
+    assert set(m.attributes) == {"speaker", "semantic", "counting"}
+
+
+def test_one_line_errors_name_the_field(inputs, tmp_path):
+    root, manifest, model = inputs
+    with pytest.raises(ConfigError, match="posttrain.model"):
+        run_posttrain(load_config(None, [f"output={tmp_path}"]), progress=False)
+    with pytest.raises(ConfigError, match="posttrain.train_manifests"):
+        run_posttrain(load_config(None, [f"output={tmp_path}", f"posttrain.model={model}"]), progress=False)
+    with pytest.raises(ConfigError, match="posttrain.model .*does not exist"):
+        run_posttrain(_cfg(str(tmp_path / "nothing"), manifest, str(tmp_path / "o"), 2), progress=False)
