@@ -325,7 +325,11 @@ def _decode_kind(reason: str) -> str:
 def _decode_item(item: dict[str, Any], audio: str | bytes) -> np.ndarray:
     """One item's 16 kHz mono int16 samples from its recording (a local path or the encoded bytes)."""
     if item["start"] is None and item["duration"] is None and item["channels"] is None:
-        data = audio if isinstance(audio, bytes) else open(audio, "rb").read()
+        if isinstance(audio, bytes):
+            data = audio
+        else:
+            with open(audio, "rb") as f:
+                data = f.read()
         # The whole file as one piece: decode_segments checks truncation and damage as the decode stage does.
         _, segments = decode_segments(data, target_rate=SAMPLE_RATE, max_segment_seconds=1e7)
         return np.concatenate([pcm for _, pcm in segments]) if segments else np.zeros(0, np.int16)
