@@ -22,7 +22,11 @@ length (the kit pads); the module must batch internally. Here:
   frames its conv subsampling sees, as the encoder's ``output_frame_mask``), whose 25 ms
   window is centred at ``c * 10 + 12.5`` ms; so ``42.5 + 20 * i`` ms at 50 Hz, spaced
   ``1000 / frame_rate``;
-- the scene embedding is the mean of the timestamp embeddings over time.
+- the scene embedding is the mean of the timestamp embeddings over time; or, for a post-trained
+  export (``spear posttrain``), one attribute's utterance embedding (``attribute`` keyword of
+  :func:`load_model`, e.g. ``--model-options '{"attribute": "speaker"}'``): the attribute head's
+  pooling over the whole sound, with the head's own size; timestamp embeddings stay the encoder's
+  frames of ``layer``.
 
 Pick ``layer`` from the evaluation report (the layer its probes chose on validation for the
 tasks that resemble yours, marked "chosen" in the per-task tables). The module is plain torch (no Ray), so HEAR's runner can import it as
@@ -48,8 +52,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from spear.models.posttrain import PostTrainModel
 from spear.models.student import StudentModel
-from spear.stages.artefacts import load_student
+from spear.stages.artefacts import load_posttrained, load_student
 
 LayerChoice = Union[int, str]
 MAX_BATCH_SECONDS = 120.0  # audio seconds per forward pass (bounds attention memory on long sounds)
@@ -67,13 +72,21 @@ class HearModel(nn.Module):
     """A loaded student with the attributes HEAR asks for.
 
     ``sample_rate`` (16000), ``scene_embedding_size`` and ``timestamp_embedding_size`` (the
-    chosen layer's dimension), ``frame_rate`` (Hz) and ``layer``.
+    chosen layer's dimension), ``frame_rate`` (Hz) and ``layer``. With ``posttrained`` (the
+    :class:`~spear.models.posttrain.PostTrainModel` around ``student``) and ``attribute``, the scene
+    embedding is that attribute's embedding and ``scene_embedding_size`` its size.
     """
 
     sample_rate = StudentModel.sample_rate  # 16 kHz
 
-    def __init__(self, student: StudentModel, layer: LayerChoice = "final"):
+    def __init__(self, student: StudentModel, layer: LayerChoice = "final",
+                 posttrained: Optional[PostTrainModel] = None, attribute: Optional[str] = None):
         super().__init__()
+        if (posttrained is None) != (attribute is None):
+            raise ValueError("an attribute scene embedding needs both posttrained and attribute")
+        if posttrained is not None and attribute not in posttrained.attributes:
+            raise ValueError(f"unknown attribute {attribute!r}; this post-trained model has "
+                             f"{', '.join(posttrained.attributes)}")
         if isinstance(layer, str) and layer not in ("final", "all"):
             layer = int(layer)  # "6" from a command line
         if isinstance(layer, int) and not 1 <= layer <= student.num_layers:
@@ -85,7 +98,10 @@ class HearModel(nn.Module):
         # Centre (ms) of output frame 0; later frames follow every 1000 / frame_rate ms.
         self.first_timestamp_ms = ((enc.receptive_field - 1) // 2 * opts.frame_shift_ms + opts.frame_length_ms / 2)
         self.timestamp_embedding_size = _layer_dims(student, layer)
-        self.scene_embedding_size = self.timestamp_embedding_size
+        self.posttrained = None if posttrained is None else posttrained.eval()
+        self.attribute = attribute
+        self.scene_embedding_size = (self.timestamp_embedding_size if posttrained is None
+                                     else int(posttrained.attributes[attribute].dim))
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +131,25 @@ class HearModel(nn.Module):
             out[start:start + len(wavs)] = y[:, :num_frames].float()
         return out
 
+    @torch.no_grad()
+    def attribute_embeddings(self, audio: torch.Tensor) -> torch.Tensor:
+        """[n_sounds, n_samples] -> [n_sounds, scene_embedding_size]: the post-trained attribute's
+        embedding of every sound (batched by duration)."""
+        if self.posttrained is None:
+            raise ValueError("this model serves no attribute embedding (load_model(..., attribute=...) on a "
+                             "post-trained export)")
+        if audio.dim() != 2:
+            raise ValueError(f"audio must be [n_sounds, n_samples], got shape {tuple(audio.shape)}")
+        n, S = audio.shape
+        out = torch.zeros(n, self.scene_embedding_size, device=self.device)
+        per_batch = max(1, int(MAX_BATCH_SECONDS * self.sample_rate // max(S, 1)))
+        lengths = torch.full((n,), S, dtype=torch.long)
+        for start in range(0, n, per_batch):
+            wavs = audio[start:start + per_batch].to(self.device, torch.float32)
+            emb = self.posttrained(wavs, lengths[: len(wavs)], attributes=[self.attribute]).embeddings
+            out[start:start + len(wavs)] = emb[self.attribute].float()
+        return out
+
     def timestamps(self, n_sounds: int, n_frames: int) -> torch.Tensor:
         """Frame centres in ms, [n_sounds, n_frames]."""
         t = self.first_timestamp_ms + torch.arange(n_frames, dtype=torch.float32, device=self.device) * (
@@ -126,11 +161,20 @@ class HearModel(nn.Module):
 
 
 def load_model(model_file_path: str = "", layer: LayerChoice = "final",
-               device: Optional[Union[str, torch.device]] = None) -> HearModel:
-    """HEAR ``load_model``: the exported student at ``model_file_path`` (on CUDA when present)."""
+               device: Optional[Union[str, torch.device]] = None, attribute: Optional[str] = None) -> HearModel:
+    """HEAR ``load_model``: the exported student at ``model_file_path`` (on CUDA when present).
+
+    ``attribute``: a post-trained export's attribute (``speaker``, ...) whose utterance embedding is the
+    scene embedding (the folder must be a ``spear posttrain`` export)."""
     if not model_file_path:
         raise ValueError("model_file_path must be an exported SPEAR student directory (see `spear export`)")
-    return HearModel(load_student(model_file_path, device=device), layer=layer).eval()
+    if attribute is None:
+        return HearModel(load_student(model_file_path, device=device), layer=layer).eval()
+    try:
+        model = load_posttrained(model_file_path, device=device)
+    except FileNotFoundError as exc:
+        raise ValueError(f"attribute={attribute!r} needs a post-trained export (`spear posttrain`): {exc}") from None
+    return HearModel(model.student, layer=layer, posttrained=model, attribute=attribute).eval()
 
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +186,10 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[tor
 
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """HEAR ``get_scene_embeddings``: [n_sounds, D], the mean of the timestamp embeddings
-    over time (zeros for sounds too short for one frame)."""
+    over time (zeros for sounds too short for one frame), or the post-trained attribute's embedding
+    when the model was loaded with ``attribute``."""
+    if model.attribute is not None:
+        return model.attribute_embeddings(audio)
     emb = model.frames(audio)
     if emb.shape[1] == 0:
         return emb.new_zeros(emb.shape[0], emb.shape[2])

@@ -107,3 +107,58 @@ def test_s3prl_style_upstream(exported):
     # padding does not change the shorter utterance's features
     alone = up([wavs[1]])["hidden_states"][-1]
     torch.testing.assert_close(out["hidden_states"][-1][1, : lengths[1]], alone[0], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- post-trained exports
+
+
+@pytest.fixture(scope="module")
+def posttrained(tmp_path_factory) -> tuple[str, str]:
+    """(a post-trained export, the plain student export it started from)."""
+    from spear.models.posttrain import AttributeSpec, PostTrainModel
+    from spear.stages.artefacts import export_posttrained
+
+    root = tmp_path_factory.mktemp("hear-posttrained")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        export_student(build_encoder("zipformer2", "tiny"), str(root / "input"))
+        model = PostTrainModel(load_student(str(root / "input"), device="cpu"),
+                               [AttributeSpec("speaker", "speaker", dim=12, num_classes=5),
+                                AttributeSpec("count", "counting", dim=6, tasks={"tones": 4})], input_layer=True)
+    export_posttrained(model, str(root / "model"), metadata={"speakers": ["a", "b", "c", "d", "e"]})
+    return str(root / "model"), str(root / "input")
+
+
+def test_attribute_scene_embeddings(posttrained):
+    from spear.stages.artefacts import load_posttrained
+
+    path, _ = posttrained
+    model = hear.load_model(path, attribute="speaker")
+    assert model.scene_embedding_size == 12 and hear.load_model(path, attribute="count").scene_embedding_size == 6
+    assert model.timestamp_embedding_size == model.student.encoder.output_dim
+    audio = _audio(3, 1.2, seed=5)
+    scene = hear.get_scene_embeddings(audio, model)
+    assert scene.shape == (3, 12) and scene.dtype == torch.float32
+    # the attribute head's embedding of the whole sound, as the post-trained model gives it
+    direct = load_posttrained(path, device="cpu")(audio, torch.full((3,), audio.shape[1])).embeddings["speaker"]
+    torch.testing.assert_close(scene, direct, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(scene[0], scene[1])
+    # timestamp embeddings stay the encoder's frames; without attribute, the scene is their mean
+    emb, ts = hear.get_timestamp_embeddings(audio, model)
+    plain = hear.load_model(path)
+    torch.testing.assert_close(emb, hear.get_timestamp_embeddings(audio, plain)[0])
+    torch.testing.assert_close(hear.get_scene_embeddings(audio, plain), emb.mean(dim=1))
+    assert hear.get_scene_embeddings(torch.zeros(0, 16000), model).shape == (0, 12)
+
+
+def test_attribute_batching_and_errors(posttrained, monkeypatch):
+    path, plain = posttrained
+    model = hear.load_model(path, attribute="speaker", layer=2)
+    audio = _audio(4, 1.0, seed=6)
+    whole = hear.get_scene_embeddings(audio, model)
+    monkeypatch.setattr(hear, "MAX_BATCH_SECONDS", 1.5)  # one sound per forward pass
+    torch.testing.assert_close(whole, hear.get_scene_embeddings(audio, model), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown attribute 'semantic'.*speaker, count"):
+        hear.load_model(path, attribute="semantic")
+    with pytest.raises(ValueError, match="needs a post-trained export"):
+        hear.load_model(plain, attribute="speaker")
