@@ -17,6 +17,8 @@ Example::
     >>> from spear.cluster.storage import Storage
     >>> read_manifest_rows(p, Storage())
     [(2, {'audio': 'a.wav', 'speaker': 's1'})]
+    >>> read_manifest_rows("m.tsv", Storage(), text="\\ufeffaudio\\tlabel\\nb.flac\\tx\\n")
+    [(2, {'audio': 'b.flac', 'label': 'x'})]
     >>> resolve_manifest_path(p, "a.wav") == os.path.join(d, "a.wav")
     True
 """
@@ -91,6 +93,7 @@ def read_manifest_rows(uri: str, storage: Storage, *, text: Optional[str] = None
     kind = manifest_kind(uri)
     if text is None:
         text = storage.read_text(uri)
+    text = text.removeprefix("\ufeff")   # a byte-order mark (spreadsheet exports) is not part of the first name
     rows: list[tuple[int, dict[str, Any]]] = []
     if kind == "jsonl":
         for n, line in enumerate(text.splitlines(), 1):
