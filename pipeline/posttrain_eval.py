@@ -108,13 +108,25 @@ def with_input_model(models: ProbedModels, input_model: Optional[str], storage: 
     return replace(models, released=released), released_names(released)[-1], None
 
 
-def find_eval_table(export_uri: str, storage: Storage) -> Optional[str]:
-    """``OUTPUT/posttrain/data/eval.parquet`` beside an export at ``OUTPUT/posttrain/model`` (None: absent)."""
+def find_prepared(export_uri: str, split: str, storage: Storage) -> Optional[str]:
+    """``OUTPUT/posttrain/data/<split>.parquet`` beside an export at ``OUTPUT/posttrain/model`` (None: absent)."""
     parent = posixpath.dirname(str(export_uri).rstrip("/"))
     if not parent:
         return None
-    uri = join_uri(parent, "data", DATA_FILES["eval"])
+    uri = join_uri(parent, "data", DATA_FILES[split])
     return uri if storage.exists(uri) else None
+
+
+def mark_seen(utts: Utterances, train_uri: str, storage: Storage) -> int:
+    """Mark which held-out utterances say a sentence of the training table (``sentence``, else ``pivot``):
+    the prepared tables do not keep a manifest's ``seen_sentence``, the training rows say it exactly.
+    Returns how many are marked seen."""
+    from spear.stages.posttrain_data import read_prepared
+
+    train = read_prepared(train_uri, storage, columns=["sentence", "pivot"])
+    known = {s if s else p for s, p in zip(train["sentence"].to_pylist(), train["pivot"].to_pylist())} - {None, ""}
+    utts.seen = [None if s is None else s in known for s in utts.column("sentence")]
+    return sum(1 for v in utts.seen if v)
 
 
 def load_eval_utterances(settings: AttributeEvalSettings, export_uri: str, storage: Storage,
@@ -136,7 +148,7 @@ def load_eval_utterances(settings: AttributeEvalSettings, export_uri: str, stora
             f"{len(bad)} set aside")
         return utterances_from_table(table), {"manifests": list(settings.eval_manifests), "set_aside": reasons,
                                               "label_notes": dict(notes)}
-    found = find_eval_table(export_uri, storage)
+    found = find_prepared(export_uri, "eval", storage)
     if found:
         return read_utterances(found, storage), {"table": found}
     return None, {"not_found": "no evaluation table: give --eval-manifest (posttrain.eval_manifests) or post-train "
@@ -168,6 +180,10 @@ def evaluate_posttrained(export_uri: str, config: dict[str, Any], settings: Attr
     utts, source = load_eval_utterances(settings, export_uri, storage, log)
     if utts is None:
         notes.append(source["not_found"])
+    elif utts.seen is None or all(v is None for v in utts.seen):
+        train_uri = find_prepared(export_uri, "train", storage)
+        if train_uri:
+            source["seen"] = {"from": train_uri, "utterances": mark_seen(utts, train_uri, storage)}
     # semantic targets: the weight-free pivot embedding, unless training used a text encoder
     attr_info = meta.get("attributes", {}) if isinstance(meta.get("attributes"), dict) else {}
     semantic = [v for v in attr_info.values() if isinstance(v, dict) and v.get("kind") == "semantic"]

@@ -269,3 +269,50 @@ def test_evaluate_a_posttrained_export(table, tmp_path):
     marks = image_marks(dump_dom(tmp_path / "eval" / "index.html", tmp_path / "profile"))
     assert {"attributes_det.png", "attributes_retrieval.png", "attributes_bars.png"} <= set(marks)
     assert set(marks.values()) == {"1"}, marks
+
+
+def test_eval_manifests_of_the_multilingual_corpus(tmp_path):
+    """Held-out manifests (the multilingual demo corpus's eval.jsonl, plus rows that cannot be used) read and
+    decoded by the post-training data's own reader; seen / unseen sentences from the training table."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from spear.cluster.storage import Storage
+    from spear.pipeline.posttrain_eval import AttributeEvalSettings, evaluate_posttrained, posttrained_config
+    from spear.schemas.posttrain_data import POSTTRAIN_UTTERANCE_SCHEMA
+    from spear.stages.artefacts import export_posttrained
+    from spear.stages.posttrain_data import decode_items, read_manifests
+    from spear.synthetic.multilingual import generate_multilingual_corpus
+
+    corpus = generate_multilingual_corpus(tmp_path / "ml", size="tiny")
+    storage = Storage()
+    out = tmp_path / "run" / "posttrain"
+    (out / "data").mkdir(parents=True)
+    items, _, _ = read_manifests([str(corpus.train_manifest)], [], storage)
+    train, _ = decode_items(items, storage)
+    pq.write_table(train.replace_schema_metadata(POSTTRAIN_UTTERANCE_SCHEMA.metadata), out / "data" / "train.parquet")
+    export_posttrained(tiny_posttrained(), str(out / "model"), metadata={"speakers": corpus.speakers["train"]})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "gone", "audio": "nowhere.flac", "speaker": "x", "language": "en"}) + "\n")
+
+    settings = AttributeEvalSettings(eval_manifests=(str(corpus.eval_manifest), str(bad)), counting_per_class=2,
+                                     n_bootstrap=50)
+    export = str(out / "model")
+    res = evaluate_posttrained(export, posttrained_config(export, storage), settings, input_model=None,
+                               corpus_root=None, storage=storage, device=torch.device("cpu"), probe_seeds=(0,),
+                               l2_grid=(1e-2,))
+    source = res["data"]["source"]
+    assert source["manifests"] == [str(corpus.eval_manifest), str(bad)] and source["set_aside"] == {"missing audio": 1}
+    assert [s["name"] for s in res["systems"]] == ["posttrained", "fbank"]
+    assert any("no input model" in n for n in res["notes"])
+    # held-out speakers only: nothing excluded from the trials
+    assert res["data"]["excluded"]["verification"] == {}
+    assert res["verification"]["trials"]["speakers"] == len(corpus.speakers["eval"])
+    # seen / unseen as the manifest says, found from the training rows
+    rows = [json.loads(line) for line in corpus.eval_manifest.read_text().splitlines()]
+    subsets = res["retrieval"]["subsets"]
+    assert source["seen"]["utterances"] == sum(r["seen_sentence"] for r in rows)
+    assert subsets["seen"]["sentences"] == len({r["sentence"] for r in rows if r["seen_sentence"]})
+    assert subsets["unseen"]["sentences"] == len({r["sentence"] for r in rows if not r["seen_sentence"]})
+    assert res["retrieval"]["languages"] == sorted({r["language"] for r in rows})
