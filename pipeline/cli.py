@@ -360,12 +360,21 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
 @click.option("--released", "released", multiple=True, metavar="PATH",
               help="A released SPEAR model (the authors' icefall .pt or transformers-style folder) or another "
                    "spear export, probed layer by layer beside the student; repeatable.")
+@click.option("--eval-manifest", "eval_manifests", multiple=True, metavar="PATH",
+              help="With a post-trained --student (`spear posttrain`): a held-out manifest for speaker verification "
+                   "and cross-lingual retrieval (as posttrain.eval_manifests); repeatable.")
+@click.option("--eval-table", default=None, metavar="PATH",
+              help="With a post-trained --student: a prepared held-out table (OUTPUT/posttrain/data/eval.parquet; "
+                   "the default when it sits beside the export).")
 def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
              student: Optional[str], corpus: Optional[str], manifests: tuple[str, ...], output: str,
-             train_output: Optional[str], tokens_output: Optional[str], released: tuple[str, ...]) -> None:
+             train_output: Optional[str], tokens_output: Optional[str], released: tuple[str, ...],
+             eval_manifests: tuple[str, ...], eval_table: Optional[str]) -> None:
     """Probe frozen features (student layers, a random student, the teachers, raw fbank); write a report.
 
     Teachers come from the config's `teachers` section; seeds and extra manifests from `evaluate`.
+    A post-trained --student adds speaker verification, cross-lingual retrieval and counting beside
+    the input model's mean-pooled features and fbank, and probes the input model too.
     """
     cfg = _load(config, sets, [])
     if not corpus and not manifests and not cfg.evaluate.manifests:
@@ -377,7 +386,8 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
         student, corpus, teachers=teachers, output=output, seeds=cfg.evaluate.seeds,
         manifests=list(cfg.evaluate.manifests) + list(manifests), train_output=train_output,
         tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage)),
-        released=list(released), random_student=student is not None))
+        released=list(released), random_student=student is not None, eval_table=eval_table,
+        eval_manifests=list(eval_manifests) or list(cfg.posttrain.eval_manifests)))
 
 
 @main.command()
