@@ -387,7 +387,9 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
         manifests=list(cfg.evaluate.manifests) + list(manifests), train_output=train_output,
         tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage)),
         released=list(released), random_student=student is not None, eval_table=eval_table,
-        eval_manifests=list(eval_manifests) or list(cfg.posttrain.eval_manifests)))
+        eval_manifests=list(eval_manifests) or list(cfg.posttrain.eval_manifests),
+        text_encoder=next((a.text_encoder for a in cfg.posttrain.attributes if a.kind == "semantic" and a.text_encoder),
+                          None)))
 
 
 @main.command()

@@ -82,7 +82,7 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
                  released: Sequence[str] = (), other_students: Sequence[tuple[str, str]] = (),
                  eval_table: Optional[str] = None, eval_manifests: Sequence[str] = (),
                  input_model: Optional[str] = None, counting_per_class: int = 12,
-                 attribute_bootstrap: int = 1000) -> EvaluateSummary:
+                 attribute_bootstrap: int = 1000, text_encoder: Optional[str] = None) -> EvaluateSummary:
     """Probe frozen features of a student, a random student, teachers and raw fbank; write a report.
 
     ``student_dir``: an exported student (None: no ``student`` rows). ``corpus_root``: a
@@ -105,7 +105,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     With a post-trained export as ``student_dir``: ``eval_table`` (a prepared ``eval.parquet``) or
     ``eval_manifests`` (held-out manifests) for verification and retrieval (default: the table
     ``spear posttrain`` prepared next to the export), ``input_model`` (default: the export's metadata),
-    ``counting_per_class`` held-out synthetic clips per count, ``attribute_bootstrap`` resamples
+    ``counting_per_class`` held-out synthetic clips per count, ``attribute_bootstrap`` resamples,
+    ``text_encoder`` the sentence encoder of the semantic targets when one was used
     (:mod:`spear.pipeline.posttrain_eval`).
 
     Returns an :class:`EvaluateSummary`; writes ``output/index.html``, its PNG plots and
@@ -122,7 +123,7 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
         l2_grid=tuple(l2_grid) if l2_grid is not None else L2_GRID, train_output=train_output,
         tokens_output=tokens_output, batch_seconds=batch_seconds,
         attributes=AttributeEvalSettings(eval_table, tuple(str(m) for m in eval_manifests), input_model,
-                                         int(counting_per_class), int(attribute_bootstrap)))
+                                         int(counting_per_class), int(attribute_bootstrap), text_encoder))
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     device = torch.device(device) if device is not None else default_device()
     before = torch.get_num_threads()

@@ -33,6 +33,7 @@ import posixpath
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from spear.cluster.storage import Storage, join_uri
@@ -58,7 +59,9 @@ class AttributeEvalSettings:
     ``eval_table``: a prepared evaluation table; ``eval_manifests``: held-out manifests (CSV/TSV/JSONL or
     Lhotse) read when no table is given; ``input_model``: the model post-training started from (default:
     the export's metadata); ``counting_per_class``: held-out synthetic clips per (task, count);
-    ``n_bootstrap``: bootstrap resamples of every interval.
+    ``n_bootstrap``: bootstrap resamples of every interval; ``text_encoder``: the transformers sentence
+    encoder folder the semantic targets came from, when post-training used one (default: the export's
+    metadata; without it speech -> text is not evaluated).
     """
 
     eval_table: Optional[str] = None
@@ -66,6 +69,7 @@ class AttributeEvalSettings:
     input_model: Optional[str] = None
     counting_per_class: int = 12
     n_bootstrap: int = 1000
+    text_encoder: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.counting_per_class < 2:
@@ -187,10 +191,20 @@ def evaluate_posttrained(export_uri: str, config: dict[str, Any], settings: Attr
     # semantic targets: the weight-free pivot embedding, unless training used a text encoder
     attr_info = meta.get("attributes", {}) if isinstance(meta.get("attributes"), dict) else {}
     semantic = [v for v in attr_info.values() if isinstance(v, dict) and v.get("kind") == "semantic"]
-    text_targets = weight_free_targets
+    text_targets: Optional[Callable[[Sequence[str], int], np.ndarray]] = weight_free_targets
+    encoder_uri = None
     if any(v.get("targets") == "text_encoder" for v in semantic):
-        text_targets = None
-        notes.append("the semantic targets came from a text encoder: speech -> text is not evaluated")
+        encoder_uri = settings.text_encoder or next((v["text_encoder"] for v in semantic if v.get("text_encoder")),
+                                                    None)
+        if encoder_uri is None:
+            text_targets = None
+            notes.append("the semantic targets came from a text encoder that the export does not name: speech -> "
+                         "text is not evaluated (give the encoder folder: posttrain.attributes[].text_encoder)")
+        else:
+            from spear.stages.text_targets import load_text_encoder  # transformers: only when configured
+
+            encoder, _ = load_text_encoder(encoder_uri, storage, "text_encoder")
+            text_targets = lambda texts, dim: encoder.encode(list(texts))  # noqa: E731 - its width is its own
     target_field = semantic[0].get("target_field", "pivot") if semantic else "pivot"
 
     counting = [s for s in model.attributes.values() if s.kind == "counting"]
@@ -208,7 +222,7 @@ def evaluate_posttrained(export_uri: str, config: dict[str, Any], settings: Attr
         corpus_root=corpus_root, storage=storage, probe_seeds=probe_seeds, l2_grid=l2_grid,
         n_bootstrap=settings.n_bootstrap, batch_seconds=batch_seconds, log=log)
     res.setdefault("data", {}).update(source=source)
-    res["model"] = {"export": str(export_uri), "input_model": input_model,
+    res["model"] = {"export": str(export_uri), "input_model": input_model, "text_encoder": encoder_uri,
                     "attributes": {n: s.kind for n, s in model.attributes.items()}, "step": meta.get("step")}
     res["notes"] = notes
     del model

@@ -316,3 +316,52 @@ def test_eval_manifests_of_the_multilingual_corpus(tmp_path):
     assert subsets["seen"]["sentences"] == len({r["sentence"] for r in rows if r["seen_sentence"]})
     assert subsets["unseen"]["sentences"] == len({r["sentence"] for r in rows if not r["seen_sentence"]})
     assert res["retrieval"]["languages"] == sorted({r["language"] for r in rows})
+
+
+def test_text_encoder_targets(table, tmp_path):
+    """Semantic targets from a transformers sentence encoder: speech -> text against the encoder's embeddings
+    of the pivot texts; without the encoder's folder it is not evaluated, and said so."""
+    from spear.cluster.storage import Storage
+    from spear.pipeline.posttrain_eval import AttributeEvalSettings, evaluate_posttrained, posttrained_config
+    from spear.stages.artefacts import export_posttrained
+    from spear.stages.text_targets import load_text_encoder
+    from support.text_encoders import tiny_bert
+
+    words = sorted({w for s in SENTENCES.values() for w in s["en"].lower().split()})
+    folder = tiny_bert(tmp_path / "bert", words, hidden=24)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        enc = build_encoder("zipformer2", "tiny")
+        model = PostTrainModel(build_student(export_fields(enc), export_state(enc), device="cpu"),
+                               [AttributeSpec("meaning", "semantic", dim=24)])
+    export = str(tmp_path / "model")
+    export_posttrained(model, export, metadata={"attributes": {"meaning": {"kind": "semantic", "target_field": "pivot",
+                                                                            "targets": "text_encoder"}}})
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp_path / "eval.parquet")
+    storage = Storage()
+    run = lambda encoder: evaluate_posttrained(  # noqa: E731
+        export, posttrained_config(export, storage),
+        AttributeEvalSettings(eval_table=str(tmp_path / "eval.parquet"), counting_per_class=2, n_bootstrap=20,
+                              text_encoder=encoder),
+        input_model=None, corpus_root=None, storage=storage, device=torch.device("cpu"), probe_seeds=(0,),
+        l2_grid=(1e-2,))
+    res = run(folder)
+    assert res["model"]["text_encoder"] == folder
+    s2t = res["retrieval"]["subsets"]["all"]["speech_to_text"]["posttrained"]
+    assert s2t["gallery"] == 4 and s2t["num_queries"] == 49 and 0.0 <= s2t["recall"]["R@1"] <= 1.0
+    # the encoder's targets are what the retrieval ranks against: an oracle holding them finds every sentence
+    encoder, _ = load_text_encoder(folder, storage, "text_encoder")
+    sent = [s for s in table["sentence"].to_pylist()]
+    vectors = dict(zip(SENTENCES, encoder.encode([SENTENCES[s]["en"] for s in SENTENCES])))
+    # (a random BERT's sentence vectors lie close together: no noise on them)
+    oracle = oracle_system("oracle", utterances_from_table(table).wavs, sent, dim=24, noise=0.0,
+                           kinds={"meaning": "semantic"}, vectors=vectors)
+    r = evaluate_attributes([oracle], utterances_from_table(table), n_bootstrap=20,
+                            text_targets=lambda texts, dim: encoder.encode(list(texts)))
+    assert r["retrieval"]["subsets"]["all"]["speech_to_text"]["oracle"]["recall"]["R@1"] == 1.0
+    # without the folder: not evaluated, with the reason
+    res = run(None)
+    assert any("text encoder" in n for n in res["notes"])
+    assert res["retrieval"]["subsets"]["all"]["speech_to_text"]["posttrained"] == {"not_applicable": "no text targets given"}
