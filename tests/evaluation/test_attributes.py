@@ -104,7 +104,10 @@ def tiny_posttrained() -> PostTrainModel:
 
 
 def test_doctests():
+    from spear.evaluation import report
+
     assert doctest.testmod(attributes).failed == 0
+    assert doctest.testmod(report).failed == 0  # frame_probe_changes
 
 
 def test_table_reading(table, utts, tmp_path):
@@ -365,3 +368,36 @@ def test_text_encoder_targets(table, tmp_path):
     res = run(None)
     assert any("text encoder" in n for n in res["notes"])
     assert res["retrieval"]["subsets"]["all"]["speech_to_text"]["posttrained"] == {"not_applicable": "no text targets given"}
+
+
+def test_posttrained_export_on_s3(table, tmp_path, s3_storage, s3_server):
+    """The export and the prepared tables on SeaweedFS, laid out as `spear posttrain` writes them: the held-out
+    table is found beside the export and the training table marks the seen sentences."""
+    import io
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from spear.cluster.storage import join_uri
+    from spear.pipeline.posttrain_eval import AttributeEvalSettings, evaluate_posttrained, posttrained_config
+    from spear.schemas.posttrain_data import utterance_table
+    from spear.stages.artefacts import export_posttrained
+
+    root = f"s3://{s3_server.bucket}/post-{uuid.uuid4().hex[:8]}/posttrain"
+    export = join_uri(root, "model")
+    export_posttrained(tiny_posttrained(), export, metadata={"speakers": TRAIN_SPEAKERS}, storage=s3_storage)
+    rows = table.to_pylist()  # as prepared tables (their schema keeps no seen_sentence)
+    for name, t in (("eval.parquet", utterance_table(rows)),
+                    ("train.parquet", utterance_table([dict(r, split="train") for r in rows if r["sentence"] in SEEN]))):
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        s3_storage.write_bytes(join_uri(root, "data", name), buf.getvalue())
+    config = posttrained_config(export, s3_storage)
+    assert config is not None and posttrained_config(str(tmp_path), s3_storage) is None
+    res = evaluate_posttrained(export, config, AttributeEvalSettings(counting_per_class=2, n_bootstrap=20),
+                               input_model=None, corpus_root=None, storage=s3_storage, device=torch.device("cpu"),
+                               probe_seeds=(0,), l2_grid=(1e-2,))
+    assert res["data"]["source"]["table"] == join_uri(root, "data", "eval.parquet")
+    assert res["data"]["source"]["seen"] == {"from": join_uri(root, "data", "train.parquet"), "utterances": 25}
+    assert res["retrieval"]["subsets"]["seen"]["sentences"] == 2 and res["retrieval"]["subsets"]["unseen"]["sentences"] == 2
+    assert res["data"]["excluded"]["verification"] == {"no speaker label": 1, "speaker seen in training": 12}
