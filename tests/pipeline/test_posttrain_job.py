@@ -39,17 +39,18 @@ TINY = ["posttrain.batch_size=4", "posttrain.max_seconds=1.5", "posttrain.checkp
 
 
 def _corpus(st: Storage, root: str) -> str:
-    """4 espeak-ng voices x 3 sentences as WAV files and a CSV manifest with relative audio paths."""
+    """4 espeak-ng voices x 3 sentences as WAV files and a CSV manifest with relative audio paths (ids given:
+    the same corpus on local disk and on S3 has the same utterance ids)."""
     from spear.synthetic.speech import ESPEAK_RATE, synth_speech
 
-    lines = ["audio,speaker,language,text,pivot"]
+    lines = ["id,audio,speaker,language,text,pivot"]
     for v, (voice, speed, pitch) in enumerate(VOICES):
         for s, text in enumerate(SENTENCES):
             buf = io.BytesIO()
             sf.write(buf, (synth_speech(text, voice, speed, pitch) * 0.8).astype(np.float32), ESPEAK_RATE,
                      format="WAV", subtype="PCM_16")
             st.write_bytes(join_uri(root, "audio", f"v{v}-s{s}.wav"), buf.getvalue())
-            lines.append(f"audio/v{v}-s{s}.wav,spk{v},{voice[:2]},{text},{text}")
+            lines.append(f"v{v}-s{s},audio/v{v}-s{s}.wav,spk{v},{voice[:2]},{text},{text}")
     manifest = join_uri(root, "train.csv")
     st.write_text(manifest, "\n".join(lines) + "\n")
     return manifest
@@ -77,14 +78,14 @@ def _rows(st, out):
     return list(csv.DictReader(io.StringIO(st.read_text(join_uri(uri, "metrics.csv")))))
 
 
-def test_killed_posttrain_resumes_exactly(ray_cluster, inputs):
+@pytest.fixture(scope="module")
+def killed_and_resumed(ray_cluster, s3_storage, inputs, tmp_path_factory):
+    """An uninterrupted run with manifests, audio and output on SeaweedFS; the same corpus on local disk
+    post-trained by `spear posttrain`, killed after a checkpoint, and resumed."""
     st = Storage()
     root, manifest, model = inputs
-    clean = run_posttrain(_cfg(model, manifest, str(root / "clean"), 8), progress=False)
-    assert clean.step == 8 and clean.resumed_from_step is None and clean.world_sizes == [1]
-    assert clean.data["rows"]["train"] == 12 and clean.attributes["speaker"]["rows"] == 12
-    assert set(clean.attributes) == {"speaker", "semantic", "counting"}
-
+    clean = run_posttrain(_cfg(model, _corpus(s3_storage, "s3://spear/posttrain-corpus"), "s3://spear/posttrain-out",
+                               8, s3_storage), progress=False)
     out = str(root / "killed")
     cmd = [sys.executable, "-m", "spear.pipeline.cli", "posttrain", "--model", model, "--train-manifest", manifest,
            "--output", out, "--max-steps", "8"] + [a for s in TINY for a in ("--set", s)]
@@ -92,63 +93,69 @@ def test_killed_posttrain_resumes_exactly(ray_cluster, inputs):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and len(checkpoints(join_uri(out, "posttrain"), st)) < 2:
-        time.sleep(0.2)
-    assert proc.poll() is None, "post-training finished before it could be killed"
+        time.sleep(0.1)
+    finished = proc.poll() is not None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     killed_at = checkpoints(join_uri(out, "posttrain"), st)[-1][0]
-    assert 2 <= killed_at < 8
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:  # relative spellings of the same model, manifest and output: it resumes the same run
+        resumed = run_posttrain(_cfg("student", "corpus/train.csv", "killed", 8), progress=False)
+    finally:
+        os.chdir(cwd)
+    return clean, resumed, out, killed_at, finished
 
-    resumed = run_posttrain(_cfg(model, manifest, out, 8), progress=False)
-    assert resumed.resumed_from_step == killed_at and resumed.step == 8
-    want, got = _rows(st, str(root / "clean")), _rows(st, out)
+
+@pytest.mark.s3
+def test_killed_posttrain_resumes_exactly(killed_and_resumed, s3_storage, tmp_path):
+    from spear.stages.artefacts import load_posttrained
+
+    st = Storage()
+    clean, resumed, out, killed_at, finished = killed_and_resumed
+    assert not finished, "post-training finished before it could be killed"
+    assert clean.step == 8 and clean.resumed_from_step is None and clean.world_sizes == [1]
+    assert clean.checkpoint.startswith("s3://") and clean.model == "s3://spear/posttrain-out/posttrain/model"
+    assert clean.data["rows"]["train"] == 12 and clean.attributes["speaker"]["rows"] == 12
+    assert set(clean.attributes) == {"speaker", "semantic", "counting"}
+    assert 2 <= killed_at < 8 and resumed.resumed_from_step == killed_at and resumed.step == 8
+    assert resumed.output == join_uri(out, "posttrain") and "speaker (speaker, dim 16): 12 training rows" in resumed.human()
+    want, got = _rows(s3_storage, "s3://spear/posttrain-out"), _rows(st, out)
     # the same batches step for step, and the same losses: model, optimiser and data resumed exactly
     assert [r["batch_digest"] for r in got] == [r["batch_digest"] for r in want]
     np.testing.assert_allclose([float(r["loss"]) for r in got], [float(r["loss"]) for r in want], rtol=1e-4)
-    from spear.stages.artefacts import load_posttrained
-
-    a, b = load_posttrained(clean.model, device="cpu"), load_posttrained(resumed.model, device="cpu")
+    a = load_posttrained(clean.model, storage=s3_storage, device="cpu", cache_dir=str(tmp_path / "cache"))
+    b = load_posttrained(resumed.model, device="cpu")
+    assert a.posttrain_info["metadata"]["speakers"] == ["spk0", "spk1", "spk2", "spk3"]
     for k, v in a.state_dict().items():
         assert torch.allclose(v, b.state_dict()[k], atol=1e-5), k
 
 
-def test_export_gives_the_checkpoints_embeddings_and_world_sizes_change_on_restart(ray_cluster, inputs):
+@pytest.mark.s3
+def test_world_sizes_change_on_restart_and_the_export_gives_the_checkpoints_embeddings(killed_and_resumed, inputs):
     from spear.stages.artefacts import load_posttrained
     from spear.stages.posttrain_loop import load_posttrain_checkpoint
 
     st = Storage()
-    root, manifest, model = inputs
-    out = str(root / "resize")
-    first = run_posttrain(_cfg(model, manifest, out, 4), progress=False)
-    # two workers from step 4 (the data positions split anew), then one again: nothing lost or repeated
-    second = run_posttrain(_cfg(model, manifest, out, 6, extra=["posttrain.workers=[2, 2]"]), progress=False)
-    third = run_posttrain(_cfg(model, manifest, out, 8), progress=False)
-    assert (first.world_sizes, second.world_sizes, third.world_sizes) == ([1], [2], [1])
+    _, manifest, model = inputs
+    out = killed_and_resumed[2]
+    # two workers from step 8 (the data positions split anew), then one again: nothing lost or repeated
+    second = run_posttrain(_cfg(model, manifest, out, 10, extra=["posttrain.workers=[2, 2]"]), progress=False)
+    third = run_posttrain(_cfg(model, manifest, out, 12), progress=False)
+    assert (second.world_sizes, third.world_sizes) == ([2], [1]) and third.step == 12
     state = json.loads(st.read_text(join_uri(third.checkpoint, "train_state.json")))
-    assert state["world_sizes"] == [1, 2, 1] and third.step == 8
-
+    assert state["world_sizes"] == [1, 2, 1]
+    # every rank's data position was saved at step 10 (and merged for the one worker after it)
+    second_state = json.loads(st.read_text(join_uri(second.checkpoint, "train_state.json")))
+    assert len(second_state["data_states"]) == 2 and len(state["data_states"]) == 1
     ckpt_model, _ = load_posttrain_checkpoint(third.checkpoint, st)
     exported = load_posttrained(third.model, device="cpu")
-    assert exported.posttrain_info["metadata"]["speakers"] == ["spk0", "spk1", "spk2", "spk3"]
     wavs, lengths = torch.randn(2, 20000) * 0.1, torch.tensor([20000, 12000])
     with torch.no_grad():
         want, got = ckpt_model(wavs, lengths).embeddings, exported(wavs, lengths).embeddings
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6), name
     assert st.exists(join_uri(out, "posttrain", "metrics", "loss_curve.png"))
-
-
-@pytest.mark.s3
-def test_manifests_and_output_on_seaweedfs(ray_cluster, s3_storage, inputs, tmp_path):
-    root, _, model = inputs
-    manifest = _corpus(s3_storage, "s3://spear/posttrain-corpus")
-    out = "s3://spear/posttrain-out"
-    s = run_posttrain(_cfg(model, manifest, out, 2, s3_storage), progress=False)
-    assert s.step == 2 and s.checkpoint.startswith("s3://") and s.model == f"{out}/posttrain/model"
-    from spear.stages.artefacts import load_posttrained
-
-    m = load_posttrained(s.model, storage=s3_storage, device="cpu", cache_dir=str(tmp_path / "cache"))
-    assert set(m.attributes) == {"speaker", "semantic", "counting"}
 
 
 def test_one_line_errors_name_the_field(inputs, tmp_path):
