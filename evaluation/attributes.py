@@ -239,7 +239,8 @@ def embed_all(system: System, wavs: Sequence[np.ndarray], batch_seconds: float =
 @dataclass
 class Utterances:
     """Held-out utterances: ids, float32 16 kHz waveforms and labels (None where unknown); ``seen``:
-    whether each utterance's sentence was in the post-training data (None: not marked)."""
+    whether each utterance's sentence was in the post-training data (None: not marked); ``skipped``:
+    rows of the table left out, per reason."""
 
     utt_id: list[str]
     wavs: list[np.ndarray]
@@ -249,6 +250,7 @@ class Utterances:
     pivot: Optional[list[Optional[str]]] = None
     sentence: Optional[list[Optional[str]]] = None
     seen: Optional[list[Optional[bool]]] = None
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.utt_id)
@@ -271,10 +273,20 @@ class Utterances:
 def utterances_from_table(table: Any) -> Utterances:
     """:class:`Utterances` from a prepared table (``spear posttrain``'s ``eval.parquet``: utt_id, audio FLAC
     bytes, speaker, language, text, pivot, sentence[, seen_sentence]); a pyarrow Table or a list of dicts.
-    A ``sentence`` that is missing falls back to the pivot text (translations of one sentence share it)."""
+    A ``sentence`` that is missing falls back to the pivot text (translations of one sentence share it).
+    A row whose audio does not decode is left out and counted in ``skipped``."""
     rows = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
     if rows and ("utt_id" not in rows[0] or "audio" not in rows[0]):
         raise ValueError(f"an evaluation table needs utt_id and audio columns, got {sorted(rows[0])}")
+    wavs, kept, skipped = [], [], {}
+    for r in rows:
+        try:
+            wavs.append(flac_decode(r["audio"]))
+            kept.append(r)
+        except (RuntimeError, ValueError, TypeError) as exc:  # soundfile: LibsndfileError is a RuntimeError
+            reason = f"audio does not decode ({type(exc).__name__})"
+            skipped[reason] = skipped.get(reason, 0) + 1
+    rows = kept
 
     def col(name: str) -> Optional[list[Any]]:
         return [r.get(name) for r in rows] if rows and name in rows[0] else None
@@ -284,9 +296,8 @@ def utterances_from_table(table: Any) -> Utterances:
     if pivot is not None:
         sentence = [s if s not in (None, "") else p for s, p in zip(sentence or [None] * len(rows), pivot)]
     seen = col("seen_sentence")
-    return Utterances([str(r["utt_id"]) for r in rows], [flac_decode(r["audio"]) for r in rows], col("speaker"),
-                      col("language"), col("text"), pivot, sentence,
-                      None if seen is None else [None if v is None else bool(v) for v in seen])
+    return Utterances([str(r["utt_id"]) for r in rows], wavs, col("speaker"), col("language"), col("text"), pivot,
+                      sentence, None if seen is None else [None if v is None else bool(v) for v in seen], skipped)
 
 
 def read_utterances(uri: str, storage: Optional[Storage] = None) -> Utterances:
@@ -626,7 +637,7 @@ def _table_metrics(systems: Sequence[System], utts: Utterances, train_speakers: 
     for s in systems:
         embs[s.name] = embed_all(s, utts.wavs, batch_seconds)
         log(f"[attributes] embedded {len(utts)} utterances with {s.name}")
-    out: dict[str, Any] = {"data": {"utterances": len(utts), "excluded": {}}}
+    out: dict[str, Any] = {"data": {"utterances": len(utts), "excluded": {"table": dict(utts.skipped)}}}
 
     # Verification: held-out speakers only.
     known = set(str(s) for s in train_speakers)

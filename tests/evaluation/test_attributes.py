@@ -125,6 +125,9 @@ def test_table_reading(table, utts, tmp_path):
     assert back.utt_id == utts.utt_id and np.array_equal(back.wavs[3], utts.wavs[3])
     with pytest.raises(ValueError, match="utt_id and audio"):
         utterances_from_table([{"id": "x"}])
+    # a row whose audio does not decode is left out, counted
+    broken = utterances_from_table(table.to_pylist()[:3] + [dict(table.to_pylist()[3], audio=b"fLaC-not-really")])
+    assert broken.utt_id == utts.utt_id[:3] and sum(broken.skipped.values()) == 1
 
 
 def test_oracles_on_real_audio(utts):
@@ -141,6 +144,7 @@ def test_oracles_on_real_audio(utts):
                               n_bootstrap=200)
     # held-out speakers only, with the exclusions counted
     assert res["data"]["excluded"]["verification"] == {"no speaker label": 1, "speaker seen in training": 12}
+    assert res["data"]["excluded"]["table"] == {}
     ver = res["verification"]
     assert ver["trials"]["speakers"] == 3 and ver["trials"]["utterances"] == 36
     assert ver["trials"]["target"] == 3 * 66 and ver["trials"]["nontarget"] == 198
