@@ -180,6 +180,13 @@ def test_oracles_on_real_audio(utts):
     assert cmp["verification/eer"]["better"] == [["speaker_oracle", "random"]]
     assert cmp["retrieval/all/speech_to_speech/R@1"]["best"] == "sentence_oracle"
     assert "counting" not in res
+    # one language and one held-out speaker: neither metric can be measured, and the reasons say why
+    en = [i for i, lang in enumerate(utts.language) if lang == "en" and spk[i] in ("m1", "f2")]
+    one = Utterances([utts.utt_id[i] for i in en], [utts.wavs[i] for i in en], [spk[i] for i in en],
+                     [utts.language[i] for i in en], sentence=[sent[i] for i in en])
+    res1 = evaluate_attributes([rnd], one, train_speakers=TRAIN_SPEAKERS, n_bootstrap=20)
+    assert "single speaker" in res1["verification"]["not_applicable"]
+    assert "needs two languages" in res1["retrieval"]["not_applicable"] and res1["retrieval"]["subsets"] == {}
     # a semantic embedding of another size than the text targets: not applicable, said so
     small = oracle_system("small", utts.wavs, sent, dim=4, noise=0.0, kinds={"semantic": "semantic"})
     res2 = evaluate_attributes([small], utts, n_bootstrap=20)
