@@ -1,5 +1,6 @@
-"""`spear posttrain` on Ray Train: a killed run resumes exactly, world sizes change across restarts,
-manifests and output on SeaweedFS, and the export gives the checkpoint's embeddings."""
+"""`spear posttrain` on Ray Train: a killed run resumes exactly (against an uninterrupted run with its data and
+output on SeaweedFS), an elastic run grows from 1 to 2 workers and shrinks back, and the export gives the
+checkpoint's embeddings."""
 
 from __future__ import annotations
 
@@ -132,30 +133,40 @@ def test_killed_posttrain_resumes_exactly(killed_and_resumed, s3_storage, tmp_pa
 
 
 @pytest.mark.s3
-def test_world_sizes_change_on_restart_and_the_export_gives_the_checkpoints_embeddings(killed_and_resumed, inputs):
+def test_the_export_gives_the_checkpoints_embeddings(killed_and_resumed):
     from spear.stages.artefacts import load_posttrained
     from spear.stages.posttrain_loop import load_posttrain_checkpoint
 
     st = Storage()
-    _, manifest, model = inputs
-    out = killed_and_resumed[2]
-    # two workers from step 8 (the data positions split anew), then one again: nothing lost or repeated
-    second = run_posttrain(_cfg(model, manifest, out, 10, extra=["posttrain.workers=[2, 2]"]), progress=False)
-    third = run_posttrain(_cfg(model, manifest, out, 12), progress=False)
-    assert (second.world_sizes, third.world_sizes) == ([2], [1]) and third.step == 12
-    state = json.loads(st.read_text(join_uri(third.checkpoint, "train_state.json")))
-    assert state["world_sizes"] == [1, 2, 1]
-    # every rank's data position was saved at step 10 (and merged for the one worker after it)
-    second_state = json.loads(st.read_text(join_uri(second.checkpoint, "train_state.json")))
-    assert len(second_state["data_states"]) == 2 and len(state["data_states"]) == 1
-    ckpt_model, _ = load_posttrain_checkpoint(third.checkpoint, st)
-    exported = load_posttrained(third.model, device="cpu")
+    _, resumed, out, _, _ = killed_and_resumed
+    ckpt_model, state = load_posttrain_checkpoint(resumed.checkpoint, st)
+    exported = load_posttrained(resumed.model, device="cpu")
+    assert state["step"] == 8 and exported.posttrain_info["metadata"]["step"] == 8
     wavs, lengths = torch.randn(2, 20000) * 0.1, torch.tensor([20000, 12000])
     with torch.no_grad():
         want, got = ckpt_model(wavs, lengths).embeddings, exported(wavs, lengths).embeddings
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6), name
     assert st.exists(join_uri(out, "posttrain", "metrics", "loss_curve.png"))
+
+
+def test_elastic_posttrain_grows_to_two_nodes_shrinks_back_and_finishes(inputs, tmp_path):
+    root, manifest, model = inputs
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "support", "elastic_train.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    sets = [f"posttrain.model={model}", f"posttrain.train_manifests={json.dumps([manifest])}",
+            "posttrain.max_steps=30"] + TINY
+    r = subprocess.run([sys.executable, script, "--posttrain", str(tmp_path / "elastic"), json.dumps(sets)],
+                       capture_output=True, text=True, timeout=900, env=env)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    assert lines, r.stderr[-4000:]
+    report = json.loads(lines[-1])
+    assert "error" not in report["result"], report
+    summary = report["result"]["summary"]
+    assert summary["step"] == 30
+    # each resize restarted from the latest checkpoint with the data positions merged or split anew
+    sizes = summary["world_sizes"]
+    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, (sizes, report["events"])
 
 
 def test_one_line_errors_name_the_field(inputs, tmp_path):

@@ -1,8 +1,10 @@
 """Run an elastic training job on a multi-node `ray.cluster_utils.Cluster`: grow 1 -> 2 nodes, shrink back.
 
 Run as a script (its own process: the test session already has a Ray connection):
-    python elastic_train.py SHARDS OUTPUT
-Prints one JSON line: the train summary plus the node events.
+    python elastic_train.py SHARDS OUTPUT                       (spear train)
+    python elastic_train.py --posttrain OUTPUT SETS_JSON        (spear posttrain: the --set list of its model, data
+                                                                 and sizes; tests/pipeline/test_posttrain_job.py)
+Prints one JSON line: the job's summary plus the node events.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(shards: str, output: str) -> None:
+def main(shards: str, output: str, posttrain_sets: list[str] | None = None) -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray.cluster_utils import Cluster
@@ -37,15 +39,25 @@ def main(shards: str, output: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp, "include_dashboard": True,
                                                             "dashboard_port": dash, "dashboard_host": "127.0.0.1"})
     ray.init(address=cluster.address)
-    cfg = load_config(None, [f"train.shards={shards}", f"output={output}", "train.max_steps=40",
-                             "train.checkpoint_every=2", "train.batch_seconds=6", "train.warmup_steps=2",
-                             "train.workers=[1, 2]", "train.cpus_per_worker=1", "train.elastic_monitor_s=2",
-                             "train.max_failures=5"])
+    if posttrain_sets is None:
+        cfg = load_config(None, [f"train.shards={shards}", f"output={output}", "train.max_steps=40",
+                                 "train.checkpoint_every=2", "train.batch_seconds=6", "train.warmup_steps=2",
+                                 "train.workers=[1, 2]", "train.cpus_per_worker=1", "train.elastic_monitor_s=2",
+                                 "train.max_failures=5"])
+        run, runs_root = run_train, output
+    else:
+        from spear.cluster.storage import join_uri
+        from spear.pipeline.posttrain_job import run_posttrain
+
+        cfg = load_config(None, posttrain_sets + [f"output={output}", "posttrain.workers=[1, 2]",
+                                                  "posttrain.cpus_per_worker=1", "posttrain.elastic_monitor_s=2",
+                                                  "posttrain.max_failures=5"])
+        run, runs_root = run_posttrain, join_uri(output, "posttrain")
     result: dict = {}
 
     def fit():
         try:
-            result["summary"] = run_train(cfg, progress=False).to_dict()
+            result["summary"] = run(cfg, progress=False).to_dict()
         except Exception as exc:  # noqa: BLE001 - reported to the test
             result["error"] = repr(exc)
 
@@ -63,15 +75,15 @@ def main(shards: str, output: str) -> None:
         return False
 
     def world_sizes():
-        return [e["world_size"] for e in worker_group_starts(output, st)]
+        return [e["world_size"] for e in worker_group_starts(runs_root, st)]
 
-    wait_for(lambda: len(checkpoints(output, st)) >= 2)
+    wait_for(lambda: len(checkpoints(runs_root, st)) >= 2)
     node = cluster.add_node(num_cpus=1)  # main thread: cluster_utils requires it
-    events.append(("add_node", checkpoints(output, st)[-1][0]))
+    events.append(("add_node", checkpoints(runs_root, st)[-1][0]))
     grew = wait_for(lambda: 2 in world_sizes())
     events.append(("grew", grew, world_sizes()))
     cluster.remove_node(node)
-    events.append(("remove_node", checkpoints(output, st)[-1][0]))
+    events.append(("remove_node", checkpoints(runs_root, st)[-1][0]))
     thread.join(timeout=600)
     print(json.dumps({"result": result, "events": events}), flush=True)
     ray.shutdown()
@@ -79,4 +91,7 @@ def main(shards: str, output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--posttrain":
+        main("", sys.argv[2], posttrain_sets=json.loads(sys.argv[3]))
+    else:
+        main(sys.argv[1], sys.argv[2])
