@@ -88,8 +88,8 @@ class PostTrainSummary:
                  f"loss {_fmt(self.first_loss)} -> {_fmt(self.last_loss)}"]
         for name, a in self.attributes.items():
             acc = f", accuracy {a['acc']:.3f}" if a.get("acc") is not None else ""
-            lines.append(f"  {name} ({a['kind']}, dim {a['dim']}): {a['rows']} training rows, "
-                         f"loss {_fmt(a.get('loss'))}{acc} (last steps)")
+            rows = "synthetic clips" if a["kind"] == "counting" else f"{a['rows']} training rows"
+            lines.append(f"  {name} ({a['kind']}, dim {a['dim']}): {rows}, loss {_fmt(a.get('loss'))}{acc} (last steps)")
         lines += [f"model: {self.model}", f"checkpoint: {self.checkpoint}",
                   f"metrics: {self.metrics.get('csv')}  plot: {self.metrics.get('plot')}"]
         return "\n".join(lines)

@@ -169,6 +169,35 @@ def test_elastic_posttrain_grows_to_two_nodes_shrinks_back_and_finishes(inputs, 
     assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, (sizes, report["events"])
 
 
+def test_a_training_output_is_post_trained_from_its_students_export(tmp_path):
+    """posttrain.model may name a `spear train` output: its latest checkpoint's student is exported once
+    (OUTPUT/posttrain/input-model) and the workers load that."""
+    from spear.config import TrainConfig
+    from spear.pipeline.posttrain_job import resolve_input_model
+    from spear.stages.artefacts import load_any_student
+    from spear.stages.train_data import TrainDataPlan
+    from spear.stages.train_loop import MODEL_FILE, STATE_FILE, build_objective, heads_info
+
+    cfg = TrainConfig.model_validate({"student": {"size": "tiny"}})
+    plan = TrainDataPlan(files=(), live_keys=frozenset(), seconds_by_domain={}, roles=("speech",),
+                         codebooks={"speech": 4}, frame_rates={"speech": 50.0})
+    torch.manual_seed(3)
+    objective = build_objective(cfg, plan)
+    ckpt = tmp_path / "train-out" / "train" / "checkpoint_1"
+    ckpt.mkdir(parents=True)
+    torch.save(objective.state_dict(), ckpt / MODEL_FILE)
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 7, "heads": heads_info(plan), "train": cfg.model_dump(mode="json")}))
+    st = Storage()
+    uri = resolve_input_model(str(tmp_path / "train-out"), str(tmp_path / "out" / "posttrain"), st)
+    assert uri == str(tmp_path / "out" / "posttrain" / "input-model")
+    student = load_any_student(uri, device="cpu")
+    assert student.config["metadata"]["step"] == 7
+    for k, v in objective.encoder.state_dict().items():
+        assert torch.equal(student.encoder.state_dict()[k], v), k
+    # an export or a release is used where it is
+    assert resolve_input_model(uri, str(tmp_path / "other"), st) == uri
+
+
 def test_one_line_errors_name_the_field(inputs, tmp_path):
     root, manifest, model = inputs
     with pytest.raises(ConfigError, match="posttrain.model"):
