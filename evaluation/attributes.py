@@ -117,14 +117,16 @@ class System:
     counting_head: Optional[Callable[[str, np.ndarray, Sequence[str]], np.ndarray]] = None
     counting_tasks: dict[str, list[str]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    pooled: bool = False  # a system with attributes whose embed also returns POOLED
 
     def key_for(self, kind: str) -> Optional[str]:
-        """The embedding that serves ``kind``: the first attribute of that kind; :data:`POOLED` for a system
-        without attributes; None for a system whose attributes have none of that kind."""
+        """The embedding that serves ``kind``: the first attribute of that kind, else :data:`POOLED` where
+        the system has it (a model post-trained without the counting tasks is measured on its encoder's
+        pooled features), else None."""
         for name, k in self.kinds.items():
             if k == kind:
                 return name
-        return None if self.kinds else POOLED
+        return POOLED if self.pooled or not self.kinds else None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "attributes": dict(self.kinds),
@@ -132,14 +134,17 @@ class System:
 
 
 def posttrained_system(model: PostTrainModel, name: str = "posttrained") -> System:
-    """A post-trained model: one embedding per attribute, and its counting heads' predictions."""
+    """A post-trained model: one embedding per attribute, its encoder's mean-pooled layers (:data:`POOLED`,
+    for a kind it has no attribute of), and its counting heads' predictions."""
     model.eval()
     specs = dict(model.attributes)
 
     def embed(wavs: torch.Tensor, lengths: torch.Tensor) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             out = model(wavs, lengths)
-        return {k: v.float().cpu().numpy() for k, v in out.embeddings.items()}
+            # the encoder's own layers mean-pooled, as the input model's (for attributes it was not trained for)
+            pooled, _ = _masked_mean_std(_layer_average(out.features.layers), out.features.lengths)
+        return {POOLED: pooled.cpu().numpy(), **{k: v.float().cpu().numpy() for k, v in out.embeddings.items()}}
 
     def head(attribute: str, emb: np.ndarray, tasks: Sequence[str]) -> np.ndarray:
         order = list(specs[attribute].tasks)
@@ -152,7 +157,7 @@ def posttrained_system(model: PostTrainModel, name: str = "posttrained") -> Syst
     counting = {n: list(s.tasks) for n, s in specs.items() if s.kind == "counting"}
     return System(name, embed, {n: s.kind for n, s in specs.items()}, "posttrained",
                   head if counting else None, counting,
-                  {"dims": {n: int(s.dim) for n, s in specs.items()}, "freeze": model.freeze})
+                  {"dims": {n: int(s.dim) for n, s in specs.items()}, "freeze": model.freeze}, pooled=True)
 
 
 def _layer_average(layers: Sequence[torch.Tensor]) -> torch.Tensor:

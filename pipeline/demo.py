@@ -29,6 +29,8 @@ Layout under ``workdir``::
     iter2/                       the second iteration
     ablation/                    --ablation: speech-only/ and audio-only/ students (student/, export/),
                                  evaluation/ (all three students probed together), ablation.json
+    posttrain/                   --posttrain: the multilingual corpus, the post-trained students (with and
+                                 without the counting tasks), their evaluation (:mod:`spear.pipeline.demo_posttrain`)
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from spear.config import SourceConfig, SpearConfig, TeacherConfig, load_config
 from spear.evaluation.claims import ABLATION_STUDENTS, ablation_figures, distillation_checks
 from spear.evaluation.report import write_report
 from spear.evaluation.tasks import TaskSources, probe_test_uris
+from spear.pipeline.demo_posttrain import PostTrainDemoSummary, run_demo_posttrain
 from spear.pipeline.evaluate_job import run_evaluate
 from spear.pipeline.run_job import EVALUATION_DIR, EXPORT_DIR, STUDENT_DIR, TOKENS_DIR, RunSummary, run_all
 from spear.pipeline.train_job import run_export, run_train
@@ -116,6 +119,7 @@ class DemoSummary:
     corpus: dict[str, Any]
     run: RunSummary
     ablation: Optional[dict[str, Any]] = None  # the figures the report shows (this run's or the last saved)
+    posttrain: Optional[PostTrainDemoSummary] = None  # --posttrain
 
     def to_dict(self) -> dict[str, Any]:
         d = {"workdir": self.workdir, "iteration": self.iteration, "corpus": self.corpus, **self.run.to_dict()}
@@ -123,6 +127,7 @@ class DemoSummary:
         d["probes"], d["report"] = ev.get("probes", []), ev.get("report")
         d["distillation_checks"] = distillation_checks(ev.get("best", {})) if ev else []
         d["ablation"] = self.ablation
+        d["posttrain"] = self.posttrain.to_dict() if self.posttrain else None
         return d
 
     def human(self) -> str:
@@ -139,6 +144,8 @@ class DemoSummary:
                               f"{'holds' if r['holds'] else 'does NOT hold'}" for r in checks)
         if self.ablation:
             out += "\n" + format_ablation(self.ablation)
+        if self.posttrain:
+            out += "\n" + self.posttrain.human()
         return out
 
 
@@ -213,13 +220,17 @@ def run_ablation(cfg: SpearConfig, workdir: str, corpus_root: str, run: RunSumma
 
 
 def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo", iteration: int = 1,
-             ablation: bool = False, weight_free_teachers: bool = False, progress: bool = True) -> DemoSummary:
+             ablation: bool = False, weight_free_teachers: bool = False, posttrain: bool = False,
+             progress: bool = True) -> DemoSummary:
     """Generate the demo corpus under ``workdir`` and run the whole pipeline on it (:func:`run_all`);
-    ``ablation``: then the single-teacher students too (:func:`run_ablation`)."""
+    ``ablation``: then the single-teacher students too (:func:`run_ablation`); ``posttrain``: then
+    post-train the student into utterance-level embeddings (:func:`~spear.pipeline.demo_posttrain.run_demo_posttrain`)."""
     if iteration not in (1, 2):
         raise ValueError("iteration must be 1 or 2")
     if ablation and iteration != 1:
         raise ValueError("the ablation compares first-iteration students: run it with iteration 1")
+    if posttrain and iteration != 1:
+        raise ValueError("the post-training demo starts from the first iteration's student: run it with iteration 1")
     workdir = os.path.abspath(workdir)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     corpus = generate_demo_corpus(os.path.join(workdir, "corpus"), size=size, seed=0,
@@ -254,4 +265,9 @@ def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo
             write_report(run.evaluate, out, Storage(StorageOptions.from_config(cfg.storage)),
                          train_output=join_uri(cfg.output, STUDENT_DIR),
                          tokens_output=join_uri(cfg.output, TOKENS_DIR), ablation=figures)
-    return DemoSummary(workdir=workdir, iteration=iteration, corpus=corpus_info, run=run, ablation=figures)
+    post = None
+    if posttrain:
+        post = run_demo_posttrain(cfg, workdir=workdir, input_model=join_uri(cfg.output, STUDENT_DIR, EXPORT_DIR),
+                                  corpus_root=str(corpus.root), size=size, progress=progress)
+    return DemoSummary(workdir=workdir, iteration=iteration, corpus=corpus_info, run=run, ablation=figures,
+                       posttrain=post)

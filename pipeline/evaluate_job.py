@@ -100,7 +100,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     ~8), the tiny student ran 10x faster on one thread than on two. ``released``: released SPEAR
     models (the authors' icefall ``.pt`` or transformers-style folder, or other spear exports),
     probed layer by layer beside the student as ``released:<name>``. ``other_students``: (label,
-    export dir) pairs of further trained students, probed as ``student:<label>``.
+    export dir) pairs of further trained students, probed as ``student:<label>`` (post-trained exports
+    among them also join the attribute evaluation, as ``<label>``).
 
     With a post-trained export as ``student_dir``: ``eval_table`` (a prepared ``eval.parquet``) or
     ``eval_manifests`` (held-out manifests) for verification and retrieval (default: the table
@@ -182,7 +183,9 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
         attributes = evaluate_posttrained(
             str(models.student_dir), posttrained, settings.attributes, input_model=input_model,
             corpus_root=settings.tasks.corpus_root, storage=storage, device=device, probe_seeds=settings.seeds,
-            l2_grid=settings.l2_grid, batch_seconds=settings.batch_seconds, log=log)
+            l2_grid=settings.l2_grid, batch_seconds=settings.batch_seconds,
+            others=[(label, path) for label, path in models.other_students
+                    if posttrained_config(path, storage) is not None], log=log)
         attributes["frame_probes"] = {"before": before, "after": "student"} if before else None
         if note:
             attributes["notes"].append(note)

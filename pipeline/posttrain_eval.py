@@ -163,14 +163,19 @@ def evaluate_posttrained(export_uri: str, config: dict[str, Any], settings: Attr
                          input_model: Optional[str], corpus_root: Optional[str], storage: Storage,
                          device: torch.device, probe_seeds: Sequence[int] = (0, 1, 2),
                          l2_grid: Sequence[float] = L2_GRID, batch_seconds: float = 60.0,
+                         others: Sequence[tuple[str, str]] = (),
                          log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """The attribute evaluation of the post-trained export at ``export_uri`` (``config``: its
     ``posttrain.json``): a JSON-ready dict (:func:`spear.evaluation.attributes.evaluate_attributes`)
-    plus ``data`` (where the held-out utterances came from) and ``notes``."""
+    plus ``data`` (where the held-out utterances came from) and ``notes``. ``others``: (label, export)
+    pairs of further post-trained models evaluated beside it under their label (the demo's post-training
+    without the counting tasks)."""
     notes: list[str] = []
     model = load_posttrained(export_uri, storage=storage, device=device)
     meta = config.get("metadata", {})
     systems = [posttrained_system(model)]
+    for label, uri in others:  # further post-trained exports (e.g. trained without one attribute), side by side
+        systems.append(posttrained_system(load_posttrained(uri, storage=storage, device=device), name=label))
     if input_model:
         try:
             systems.append(mean_pooled_system(load_any_student(input_model, storage=storage, device=device),

@@ -108,6 +108,24 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
     assert (work / "iter1" / "evaluation" / "ablation.png").is_file()
     assert "One teacher or two" in (work / ABLATION_DIR / "evaluation" / "index.html").read_text()
 
-    again = run_demo(cfg, workdir=str(work), size="tiny", progress=False).to_dict()
+    # a later demo shows the saved ablation; with --posttrain it post-trains the student with and without
+    # the counting tasks on the multilingual corpus and compares both with the input student and fbank
+    post_cfg = cfg.model_copy(update={"posttrain": cfg.posttrain.model_copy(
+        update={"max_steps": 4, "checkpoint_every": 4, "batch_size": 8, "warmup_steps": 1})})
+    result = run_demo(post_cfg, workdir=str(work), size="tiny", posttrain=True, progress=False)
+    again = result.to_dict()
     assert again["ablation"]["from_this_run"] is False and again["ablation"]["measured"] == saved["measured"]
     assert "the last saved figures, measured" in (work / "iter1" / "evaluation" / "index.html").read_text()
+    post = again["posttrain"]
+    assert {label: run["step"] for label, run in post["runs"].items()} == {"with-counting": 4, "without-counting": 4}
+    assert set(post["runs"]["with-counting"]["attributes"]) == {"speaker", "semantic", "counting"}
+    assert set(post["runs"]["without-counting"]["attributes"]) == {"speaker", "semantic"}
+    assert [c["metric"] for c in post["checks"]] == ["verification/eer", "retrieval/all/speech_to_speech/R@1",
+                                                     "counting/synthetic/probe"]
+    assert all(c["model_value"] is not None and set(c["baselines"]) == {"input", "fbank"} for c in post["checks"])
+    measures = {r["measure"] for r in post["with_without"]}
+    assert {"verification/eer", "counting/synthetic/probe", "probe/speaker"} <= measures
+    assert "posttrain_demo.json" in os.listdir(work / "posttrain")
+    page = (work / "posttrain" / "evaluation" / "index.html").read_text()
+    assert "Utterance-level attributes" in page and "without-counting" in page
+    assert "with vs without the synthetic counting tasks" in result.human()
