@@ -87,6 +87,27 @@ def load_posttrain_checkpoint(checkpoint: str, storage: Storage, device: Any = "
     return model.eval(), state
 
 
+#: Rank 0 prints a progress line every this many steps (Ray forwards it to the driver's terminal).
+PROGRESS_EVERY = 25
+
+
+def progress_line(rows: list[dict[str, Any]], step: int, max_steps: int) -> str:
+    """``[posttrain] step 50/600: loss 7.1, speaker acc 0.42, ..., 83 utterances/s`` over ``rows`` (the last steps).
+
+    >>> progress_line([{"loss": 2.0, "speaker/acc": 0.5, "utterances_per_s": 80.0},
+    ...                {"loss": 1.0, "speaker/acc": float("nan"), "utterances_per_s": 40.0}], 2, 10)
+    '[posttrain] step 2/10: loss 1.500, speaker/acc 0.500, 53 utterances/s'
+    """
+    def mean(key: str) -> float:
+        vals = [float(r[key]) for r in rows if key in r and r[key] == r[key]]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    accs = sorted({k for r in rows for k in r if k.endswith("/acc")})
+    rate = len(rows) / sum(1.0 / max(float(r["utterances_per_s"]), 1e-9) for r in rows) if rows else 0.0
+    parts = [f"loss {mean('loss'):.3f}"] + [f"{k} {mean(k):.3f}" for k in accs]
+    return f"[posttrain] step {step}/{max_steps}: " + ", ".join(parts) + f", {rate:.0f} utterances/s"
+
+
 def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` = {"posttrain": PostTrainConfig dict, "plan": PostTrainPlan,
     "train_uri": the prepared training table, "model": the input model's URI, "storage_options",
@@ -149,6 +170,8 @@ def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
             # which rows this step trained on (rank 0's batch): audits resume and reproducibility
             "batch_digest": hashlib.sha1("|".join(ids).encode()).hexdigest()[:16], **res.metrics()})
         t_last = now
+        if rank == 0 and (step % PROGRESS_EVERY == 0 or step >= cfg.max_steps):
+            print(progress_line(metrics_rows[-PROGRESS_EVERY:], step, cfg.max_steps), flush=True)
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
             all_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s)
             metrics = {"step": step, "loss": float(res.loss.detach()), "world_size": world}

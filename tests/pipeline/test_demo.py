@@ -124,7 +124,7 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
                                                      "counting/synthetic/probe"]
     assert all(c["model_value"] is not None and set(c["baselines"]) == {"input", "fbank"} for c in post["checks"])
     measures = {r["measure"] for r in post["with_without"]}
-    assert {"verification/eer", "counting/synthetic/probe", "probe/speaker"} <= measures
+    assert {"verification/eer", "counting/synthetic/probe", "probe/speaker", "probe/pitch"} <= measures
     assert "posttrain_demo.json" in os.listdir(work / "posttrain")
     page = (work / "posttrain" / "evaluation" / "index.html").read_text()
     assert "Utterance-level attributes" in page and "without-counting" in page
