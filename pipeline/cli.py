@@ -407,12 +407,17 @@ def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -
     """Export a student checkpoint (or a training output's latest) as a standalone model.
 
     The export loads without Ray: spear.stages.artefacts.load_student(DIR).features(wavs, lengths)
-    gives every layer's frame features.
+    gives every layer's frame features. A `spear posttrain` checkpoint or output exports the
+    post-trained model: spear.stages.artefacts.load_posttrained(DIR)(wavs, lengths).embeddings.
     """
     cfg = _load(None, sets, [])
+    from spear.pipeline.posttrain_job import posttrain_checkpoint, run_posttrain_export
     from spear.pipeline.train_job import run_export
 
     storage = Storage(StorageOptions.from_config(cfg.storage))
+    if posttrain_checkpoint(checkpoint, storage) is not None:  # a `spear posttrain` checkpoint or output
+        _run_job(as_json, lambda: run_posttrain_export(checkpoint, output, storage))
+        return
     _run_job(as_json, lambda: run_export(checkpoint, output, storage))
 
 

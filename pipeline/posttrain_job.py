@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import sys
 import time
@@ -226,12 +227,9 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
     step, ckpt_uri = after[-1]
     rows = list(csv.DictReader(io.StringIO(storage.read_text(join_uri(ckpt_uri, METRICS_FILE)))))
     metrics = write_metrics_report(rows, join_uri(root, METRICS_DIR), storage)
-    model, state = load_posttrain_checkpoint(ckpt_uri, storage)
     export_uri = join_uri(root, MODEL_DIR)
-    export_posttrained(model, export_uri, storage=storage, metadata={
-        "step": step, "checkpoint": ckpt_uri, "input_model": p.model, "input_model_loaded_from": model_uri,
-        "speakers": list(plan.speakers), "languages": prepared.languages.get("train", []),
-        "attributes": plan.info()["attributes"], "max_seconds": p.max_seconds})
+    state = export_posttrain_checkpoint(ckpt_uri, export_uri, storage,
+                                        metadata={"languages": prepared.languages.get("train", [])})
     losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
     sizes = [e["world_size"] for e in worker_group_starts(root, storage, since=started)]
     world_sizes = [n for i, n in enumerate(sizes) if i == 0 or n != sizes[i - 1]] or state["world_sizes"]
@@ -240,3 +238,72 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
                             world_sizes=world_sizes, checkpoint=ckpt_uri, model=export_uri, input_model=p.model,
                             output=root, attributes=_attribute_summary(plan, specs, rows), data=prepared.to_dict(),
                             metrics=metrics, wall_seconds=time.monotonic() - t0)
+
+
+def posttrain_checkpoint(uri: str, storage: Storage) -> Optional[str]:
+    """The post-training checkpoint ``uri`` names: itself (a checkpoint folder), or the latest one of a
+    post-training output (``OUTPUT`` or ``OUTPUT/posttrain``); None when it is neither (e.g. a pre-training
+    checkpoint or output)."""
+    uri = normalize_uri(uri)
+    state_uri = join_uri(uri, STATE_FILE)
+    if storage.exists(state_uri):
+        return uri if "specs" in json.loads(storage.read_text(state_uri)) else None
+    for root in (join_uri(uri, POSTTRAIN_DIR), uri):
+        try:
+            found = checkpoints(root, storage)
+        except (ValueError, KeyError):
+            continue
+        if found and "specs" in json.loads(storage.read_text(join_uri(found[-1][1], STATE_FILE))):
+            return found[-1][1]
+    return None
+
+
+def export_posttrain_checkpoint(checkpoint: str, output: str, storage: Storage,
+                                metadata: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """`spear export` of a post-training checkpoint (or output: its latest checkpoint): the post-trained
+    model at ``output`` (:func:`~spear.stages.artefacts.export_posttrained`: the student export plus the
+    heads), with what it was trained on in its metadata; returns the checkpoint's state.
+
+    Example::
+
+        export_posttrain_checkpoint("runs/post", "models/post", Storage())
+        load_posttrained("models/post")(wavs, lengths).embeddings["speaker"]
+    """
+    found = posttrain_checkpoint(checkpoint, storage)
+    if found is None:
+        raise ConfigError(f"{checkpoint} is neither a post-training checkpoint nor a `spear posttrain` output")
+    model, state = load_posttrain_checkpoint(found, storage)
+    info = state.get("info", {})
+    export_posttrained(model, output, storage=storage, metadata={
+        "step": state["step"], "checkpoint": found, "input_model": state["posttrain"].get("model"),
+        "input_model_loaded_from": state["model"], "speakers": list(info.get("speakers", [])),
+        "attributes": info.get("attributes", {}), "max_seconds": state["posttrain"].get("max_seconds"),
+        **(metadata or {})})
+    return dict(state, checkpoint=found)
+
+
+@dataclass
+class PostTrainExportSummary:
+    """What `spear export` of a post-training checkpoint wrote; ``to_dict()`` is the ``--json`` object."""
+
+    checkpoint: str
+    output: str
+    step: int
+    attributes: dict[str, str]
+    input_model: Optional[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def human(self) -> str:
+        attrs = ", ".join(f"{n} ({k})" for n, k in self.attributes.items())
+        return f"exported the post-trained model of step {self.step} ({attrs}) from {self.checkpoint} to {self.output}"
+
+
+def run_posttrain_export(checkpoint: str, output: str, storage: Optional[Storage] = None) -> PostTrainExportSummary:
+    """`spear export CHECKPOINT OUTPUT` for a post-training checkpoint or output."""
+    storage = storage or Storage()
+    state = export_posttrain_checkpoint(checkpoint, output, storage)
+    return PostTrainExportSummary(checkpoint=state["checkpoint"], output=output, step=int(state["step"]),
+                                  attributes={s["name"]: s["kind"] for s in state["specs"]},
+                                  input_model=state["posttrain"].get("model"))

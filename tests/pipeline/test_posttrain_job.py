@@ -148,6 +148,18 @@ def test_the_export_gives_the_checkpoints_embeddings(killed_and_resumed):
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6), name
     assert st.exists(join_uri(out, "posttrain", "metrics", "loss_curve.png"))
+    # `spear export` of the post-training output (its latest checkpoint), run the way a user types it
+    res = subprocess.run([sys.executable, "-m", "spear.pipeline.cli", "export", "killed", "--output", "exported", "--json"],
+                         cwd=os.path.dirname(out), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["step"] == 8 and summary["attributes"] == {"speaker": "speaker", "semantic": "semantic",
+                                                              "counting": "counting"}
+    again = load_posttrained(os.path.join(os.path.dirname(out), "exported"), device="cpu")
+    assert again.posttrain_info["metadata"]["speakers"] == ["spk0", "spk1", "spk2", "spk3"]
+    with torch.no_grad():
+        for name, v in again(wavs, lengths).embeddings.items():
+            assert torch.allclose(v, want[name], atol=1e-6), name
 
 
 def test_elastic_posttrain_grows_to_two_nodes_shrinks_back_and_finishes(inputs, tmp_path):
