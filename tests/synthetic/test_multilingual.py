@@ -23,12 +23,12 @@ def tiny(tmp_path_factory):
 
 def test_demo_plan_has_held_out_speakers_and_sentences():
     train_spk, eval_spk, utts = plan_multilingual("demo", 0)
-    assert len(train_spk) == 24 and len(eval_spk) == 8 and len(SENTENCES) >= 36 and len(LANGUAGES) >= 4
+    assert len(train_spk) == 24 and len(eval_spk) == 16 and len(SENTENCES) >= 36 and len(LANGUAGES) >= 4
     voices = {(s.variant, s.pitch, s.rate) for s in train_spk + eval_spk}
-    assert len(voices) == 32                                            # every speaker sounds different
+    assert len(voices) == 40                                            # every speaker sounds different
     train = [u for u in utts if u["split"] == "train"]
     ev = [u for u in utts if u["split"] == "eval"]
-    assert (len(train), len(ev)) == (576, 336)
+    assert (len(train), len(ev)) == (576, 672)
     assert not {u["speaker"] for u in train} & {u["speaker"] for u in ev}
     per_speaker = defaultdict(set)
     for u in train:
