@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from spear.cluster.storage import Storage, join_uri
 from spear.config import TeacherConfig
 from spear.pipeline.evaluate_job import run_evaluate
 from spear.evaluation.report import format_results_table, write_report
+from support.browser import dump_dom, image_marks, run_chromium
 
 TASKS = ["speech_vs_audio", "event_count", "frame_speech"]
 
@@ -117,41 +116,13 @@ def test_report_to_s3(report, s3_storage, s3_server):
 # ----------------------------------------------------------------------------- headless Chromium
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        exe = shutil.which(name)
-        if exe:
-            return exe
-    pytest.fail("Chromium is a set-up requirement of the report tests (it renders the HTML report): install it "
-                "with `apt-get install -y chromium` on Debian/Ubuntu (the bootstrap script does this).")
-
-
-def _chromium_run(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args, page.as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
-
-
-def _image_marks(dom: str) -> dict[str, str]:
-    """src -> data-loaded ("1" / "0") of every <img> in a dumped DOM."""
-    marks = {}
-    for tag in re.findall(r"<img\b[^>]*>", dom):
-        src = re.search(r'src="([^"]+)"', tag).group(1)
-        loaded = re.search(r'data-loaded="([01])"', tag)
-        marks[src] = loaded.group(1) if loaded else "unmarked"
-    return marks
-
-
 def test_report_renders_in_headless_chromium(report, tmp_path):
     import matplotlib.image as mpimg
 
     _, out = report
     page = out / "index.html"
     shot = tmp_path / "shot.png"
-    _chromium_run(page, tmp_path / "profile1", f"--screenshot={shot}", "--window-size=1200,2000",
+    run_chromium(page, tmp_path / "profile1", f"--screenshot={shot}", "--window-size=1200,2000",
                   "--virtual-time-budget=10000")
     assert shot.stat().st_size > 50_000
     pixels = mpimg.imread(str(shot))
@@ -160,8 +131,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert rgb.std() > 0.05  # not a blank page
     assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 200  # text, tables and plots
 
-    dom = _chromium_run(page, tmp_path / "profile2", "--dump-dom", "--virtual-time-budget=10000").stdout
-    marks = _image_marks(dom)
+    dom = dump_dom(page, tmp_path / "profile2")
+    marks = image_marks(dom)
     expected_imgs = re.findall(r"<img src='([^']+)'", page.read_text())
     assert sorted(marks) == sorted(expected_imgs) and len(marks) >= 6
     assert set(marks.values()) == {"1"}, marks
@@ -173,8 +144,8 @@ def test_chromium_check_detects_a_missing_plot(report, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "task_event_count.png").unlink()
-    dom = _chromium_run(copy / "index.html", tmp_path / "profile", "--dump-dom", "--virtual-time-budget=10000").stdout
-    marks = _image_marks(dom)
+    dom = dump_dom(copy / "index.html", tmp_path / "profile")
+    marks = image_marks(dom)
     assert marks["task_event_count.png"] == "0"
     assert marks["task_speech_vs_audio.png"] == "1"
     assert 'id="broken-images"' in dom
@@ -215,6 +186,6 @@ def test_ablation_and_distillation_sections(report, tmp_path):
     saved = __import__("json").loads((out / "results.json").read_text())["extras"]
     assert saved["ablation"]["command"] == "spear demo --ablation" and len(saved["distillation_checks"]) == 3
     # headless Chromium loads every image of the page, the ablation plot among them
-    dom = _chromium_run(out / "index.html", tmp_path / "profile", "--dump-dom", "--virtual-time-budget=10000").stdout
-    marks = _image_marks(dom)
+    dom = dump_dom(out / "index.html", tmp_path / "profile")
+    marks = image_marks(dom)
     assert marks.get("ablation.png") == "1" and set(marks.values()) == {"1"}, marks

@@ -23,15 +23,19 @@ def chromium() -> str:
                 "with `apt-get install -y chromium` on Debian/Ubuntu (the bootstrap script does this).")
 
 
-def dump_dom(page: Path, profile: Path) -> str:
-    """The page's DOM after load (scripts run), from headless Chromium."""
+def run_chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``page`` with its own ``profile`` folder and extra ``args`` (--dump-dom, --screenshot=...)."""
     cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--dump-dom", "--virtual-time-budget=10000",
-           page.as_uri()]
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args, page.as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
+    return proc
+
+
+def dump_dom(page: Path, profile: Path) -> str:
+    """The page's DOM after load (scripts run), from headless Chromium."""
+    return run_chromium(page, profile, "--dump-dom", "--virtual-time-budget=10000").stdout
 
 
 def image_marks(dom: str) -> dict[str, str]:
