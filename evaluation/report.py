@@ -42,7 +42,7 @@ import time
 from typing import Any, Mapping, Optional
 
 from spear.cluster.storage import Storage, join_uri
-from spear.evaluation.claims import distillation_checks
+from spear.evaluation.claims import distillation_checks, posttrain_checks, with_without
 from spear.schemas.codebooks import META_NAME as CODEBOOK_META_FILE
 
 # Where the producers keep what the report copies: the training job writes its metrics under
@@ -577,6 +577,43 @@ def _value_ci(v: Any, ci: Any) -> str:
     return f"{v:.3f} {_fmt_ci(ci)}".strip()
 
 
+def posttrain_claims(attrs: Mapping[str, Any], best: Mapping[str, Any]) -> dict[str, Any]:
+    """The post-training claims of an attribute evaluation: ``checks`` (the post-trained model against its
+    input and fbank, :func:`~spear.evaluation.claims.posttrain_checks`) and, per further post-trained system
+    (e.g. trained without the counting tasks), ``with_without[name]`` (:func:`~spear.evaluation.claims.with_without`
+    on the attribute metrics and the frame-level probes)."""
+    cmp = attrs.get("comparisons", {})
+    others = [s["name"] for s in attrs.get("systems", []) if s.get("kind") == "posttrained" and s["name"] != "posttrained"]
+    return {"checks": posttrain_checks(cmp),
+            "with_without": {o: with_without(cmp, best, without_model=o, without_student=f"student:{o}")
+                             for o in others}}
+
+
+def _posttrain_claims_html(attrs: Mapping[str, Any], best: Mapping[str, Any]) -> str:
+    claims = posttrain_claims(attrs, best)
+    rows = []
+    for c in claims["checks"]:
+        verdict = {True: "holds", False: "does not hold", None: "not measured"}[c["holds"]]
+        rows.append([c["what"], "-" if c["model_value"] is None else f"{c['model_value']:.3f}"]
+                    + ["-" if c["baselines"].get(b) is None else f"{c['baselines'][b]:.3f}" for b in ("input", "fbank")]
+                    + [verdict])
+    parts = ["<h3>Did post-training give better utterance embeddings than its input model and fbank?</h3>",
+             "<p>Each claim holds when the post-trained model beats both by more than the larger CI half-width.</p>",
+             _table(["claim", "post-trained", "input (mean-pooled)", "fbank", "verdict"], rows)]
+    for other, table in claims["with_without"].items():
+        counts = {v: sum(1 for r in table if r["verdict"] == v) for v in ("with", "without", "same")}
+        parts.append(f"<h3>The same post-training with and without what <code>{_e(other)}</code> lacks</h3>"
+                     f"<p>{len(table)} measures (the attribute metrics and the frame-level probes): better with "
+                     f"{counts['with']}, better without {counts['without']}, the same within the CI {counts['same']}."
+                     "</p>")
+        parts.append(_table(["measure", "post-trained", other, "difference (+: post-trained better)",
+                             "CI half-width", "better"],
+                            [[r["measure"], f"{r['with']:.3f}", f"{r['without']:.3f}", f"{r['difference']:+.3f}",
+                              f"{r['ci']:.3f}", {"with": "post-trained", "without": other, "same": "same"}[r["verdict"]]]
+                             for r in table]))
+    return "".join(parts)
+
+
 def _attributes_html(attrs: dict[str, Any], plots: dict[str, str], best: Mapping[str, Any]) -> str:
     systems = [s["name"] for s in attrs.get("systems", [])]
     cmp = attrs.get("comparisons", {})
@@ -604,6 +641,7 @@ def _attributes_html(attrs: dict[str, Any], plots: dict[str, str], best: Mapping
         rows.append(cells)
     if rows:
         parts.append(_table(["metric"] + systems + ["better by more than the CI"], rows, raw=True))
+    parts.append(_posttrain_claims_html(attrs, best))
     if "attributes_bars" in plots:
         parts.append(f"<figure><img src='{plots['attributes_bars']}' alt='attribute metrics per system'></figure>")
     excluded = attrs.get("data", {}).get("excluded", {})
@@ -839,7 +877,8 @@ def write_report(summary: Any, output: str, storage: Optional[Storage] = None, *
         training = _training_section(train_output, storage, tmp) if train_output else None
         codebooks = _codebook_section(tokens_output, storage, tmp) if tokens_output else []
         extras = {"training": training, "codebooks": codebooks, "plots": plots,
-                  "distillation_checks": distillation_checks(d["best"]), "ablation": ablation}
+                  "distillation_checks": distillation_checks(d["best"]), "ablation": ablation,
+                  "posttrain_claims": posttrain_claims(d["attributes"], d["best"]) if d.get("attributes") else None}
         if hasattr(summary, "extras"):
             summary.extras = extras
         d["extras"] = extras

@@ -8,8 +8,8 @@ synthetic counting tasks) and once the same without the counting attributes (Spe
 comparison) -> `spear evaluate` the post-trained model with the other one beside it: speaker
 verification on held-out speakers, cross-lingual retrieval, counting, and the frame-level probes of
 the demo corpus before (the input student) and after -> the claims
-(:func:`spear.evaluation.claims.posttrain_checks`, :func:`~spear.evaluation.claims.with_without`)
-printed and in the report.
+(:func:`spear.evaluation.report.posttrain_claims`: :func:`spear.evaluation.claims.posttrain_checks` and
+:func:`~spear.evaluation.claims.with_without`) printed and in the report.
 
 Layout under ``workdir``::
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from spear.cluster.storage import Storage, StorageOptions, join_uri
 from spear.config import ConfigError, SpearConfig
-from spear.evaluation.claims import posttrain_checks, with_without
+from spear.evaluation.report import posttrain_claims
 from spear.pipeline.evaluate_job import run_evaluate
 from spear.pipeline.posttrain_job import MODEL_DIR, POSTTRAIN_DIR, run_posttrain
 from spear.synthetic.multilingual import generate_multilingual_corpus
@@ -138,13 +138,12 @@ def run_demo_posttrain(cfg: SpearConfig, *, workdir: str, input_model: str, corp
                       random_student=False, tasks=list(FRAME_PROBE_TASKS), other_students=[(WITHOUT, exports[WITHOUT])],
                       storage=Storage(StorageOptions.from_config(cfg.storage)), progress=progress)
     comparisons = (ev.attributes or {}).get("comparisons", {})
+    claims = posttrain_claims(ev.attributes or {}, ev.best)
     summary = PostTrainDemoSummary(
         workdir=os.path.abspath(workdir),
         corpus={"root": str(corpus.root), "utterances": corpus.utterances, "total_seconds": corpus.total_seconds,
                 "languages": corpus.languages, "speakers": corpus.speakers},
-        runs=runs, report=ev.report, checks=posttrain_checks(comparisons),
-        with_without=with_without(comparisons, ev.best, with_model="posttrained", without_model=WITHOUT,
-                                  without_student=f"student:{WITHOUT}"),
+        runs=runs, report=ev.report, checks=claims["checks"], with_without=claims["with_without"].get(WITHOUT, []),
         comparisons=comparisons, wall_seconds=time.monotonic() - t0)
     with open(os.path.join(root, SUMMARY_FILE), "w", encoding="utf-8") as f:
         json.dump(summary.to_dict(), f, indent=1)

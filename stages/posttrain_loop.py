@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import tempfile
 import time
 from typing import Any, Optional
@@ -171,7 +172,9 @@ def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
             "batch_digest": hashlib.sha1("|".join(ids).encode()).hexdigest()[:16], **res.metrics()})
         t_last = now
         if rank == 0 and (step % PROGRESS_EVERY == 0 or step >= cfg.max_steps):
-            print(progress_line(metrics_rows[-PROGRESS_EVERY:], step, cfg.max_steps), flush=True)
+            # to the process's own stdout, which Ray forwards once: Ray Train's patched print() would
+            # both tee it and log it, so the driver showed every line twice
+            print(progress_line(metrics_rows[-PROGRESS_EVERY:], step, cfg.max_steps), file=sys.__stdout__, flush=True)
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
             all_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s)
             metrics = {"step": step, "loss": float(res.loss.detach()), "world_size": world}

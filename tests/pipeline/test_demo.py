@@ -128,4 +128,5 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
     assert "posttrain_demo.json" in os.listdir(work / "posttrain")
     page = (work / "posttrain" / "evaluation" / "index.html").read_text()
     assert "Utterance-level attributes" in page and "without-counting" in page
+    assert "Did post-training give better utterance embeddings" in page and "with and without what" in page
     assert "with vs without the synthetic counting tasks" in result.human()
