@@ -125,6 +125,7 @@ class PostTrainPlan:
                 "attributes": {a.name: {"kind": a.kind, "rows": int(len(self.eligible(a.name))),
                                         **({"target_field": a.target_field, "target_dim": self.semantic[a.name].dim,
                                             "targets": "text_encoder" if a.text_encoder else "pivot_text_embedding",
+                                            "text_encoder": a.text_encoder,
                                             "distinct_targets": len(self.semantic[a.name].texts)}
                                            if a.kind == "semantic" else {}),
                                         **({"tasks": self.counting[a.name], "clip_seconds": self.clip_seconds}

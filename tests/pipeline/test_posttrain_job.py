@@ -218,3 +218,35 @@ def test_one_line_errors_name_the_field(inputs, tmp_path):
         run_posttrain(load_config(None, [f"output={tmp_path}", f"posttrain.model={model}"]), progress=False)
     with pytest.raises(ConfigError, match="posttrain.model .*does not exist"):
         run_posttrain(_cfg(str(tmp_path / "nothing"), manifest, str(tmp_path / "o"), 2), progress=False)
+
+
+def test_semantic_targets_from_a_text_encoder_train_and_evaluate(inputs, tmp_path):
+    """posttrain.attributes[].text_encoder: a transformers sentence encoder in a local folder gives the semantic
+    targets (its width, not the attribute's dim, sizes the head); the export names it, and the attribute
+    evaluation embeds the sentences with it for speech -> text retrieval."""
+    from support.text_encoders import tiny_bert
+
+    from spear.pipeline.posttrain_eval import AttributeEvalSettings, evaluate_posttrained, posttrained_config
+    from spear.stages.artefacts import load_posttrained
+
+    root, manifest, model = inputs
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    encoder = tiny_bert(tmp_path / "bert", words, hidden=24)
+    attrs = [{"name": "speaker", "kind": "speaker", "dim": 16, "pool_hidden": 16},
+             {"name": "meaning", "kind": "semantic", "dim": 32, "pool_hidden": 16, "target_field": "text",
+              "text_encoder": encoder}]
+    cfg = _cfg(model, manifest, str(tmp_path / "out"), 2, extra=[f"posttrain.attributes={json.dumps(attrs)}"])
+    summary = run_posttrain(cfg, progress=False)
+    assert summary.step == 2 and summary.attributes["meaning"]["dim"] == 24
+    st = Storage()
+    data = join_uri(summary.output, "data")
+    assert st.exists(join_uri(data, "targets-meaning.npy"))
+    post = load_posttrained(summary.model, device="cpu")
+    info = post.posttrain_info["metadata"]["attributes"]["meaning"]
+    assert (info["targets"], info["text_encoder"], info["target_dim"]) == ("text_encoder", encoder, 24)
+    res = evaluate_posttrained(summary.model, posttrained_config(summary.model, st),
+                               AttributeEvalSettings(eval_manifests=(manifest,), n_bootstrap=50, counting_per_class=2),
+                               input_model=None, corpus_root=None, storage=st, device=torch.device("cpu"),
+                               probe_seeds=(0,))
+    assert res["model"]["text_encoder"] == encoder
+    assert "posttrained" in res["comparisons"]["retrieval/all/speech_to_text/R@1"]["values"]
