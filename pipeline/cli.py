@@ -415,10 +415,13 @@ def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -
     from spear.pipeline.train_job import run_export
 
     storage = Storage(StorageOptions.from_config(cfg.storage))
-    if posttrain_checkpoint(checkpoint, storage) is not None:  # a `spear posttrain` checkpoint or output
-        _run_job(as_json, lambda: run_posttrain_export(checkpoint, output, storage))
-        return
-    _run_job(as_json, lambda: run_export(checkpoint, output, storage))
+
+    def run():
+        if posttrain_checkpoint(checkpoint, storage) is not None:  # a `spear posttrain` checkpoint or output
+            return run_posttrain_export(checkpoint, output, storage)
+        return run_export(checkpoint, output, storage)
+
+    _run_job(as_json, run)
 
 
 @main.command("export-tokens")

@@ -244,16 +244,22 @@ def posttrain_checkpoint(uri: str, storage: Storage) -> Optional[str]:
     """The post-training checkpoint ``uri`` names: itself (a checkpoint folder), or the latest one of a
     post-training output (``OUTPUT`` or ``OUTPUT/posttrain``); None when it is neither (e.g. a pre-training
     checkpoint or output)."""
+    def is_posttrain_state(state_uri: str) -> bool:  # an unreadable state is left to the pre-training export's error
+        try:
+            return "specs" in json.loads(storage.read_text(state_uri))
+        except ValueError:
+            return False
+
     uri = normalize_uri(uri)
     state_uri = join_uri(uri, STATE_FILE)
     if storage.exists(state_uri):
-        return uri if "specs" in json.loads(storage.read_text(state_uri)) else None
+        return uri if is_posttrain_state(state_uri) else None
     for root in (join_uri(uri, POSTTRAIN_DIR), uri):
         try:
             found = checkpoints(root, storage)
         except (ValueError, KeyError):
             continue
-        if found and "specs" in json.loads(storage.read_text(join_uri(found[-1][1], STATE_FILE))):
+        if found and is_posttrain_state(join_uri(found[-1][1], STATE_FILE)):
             return found[-1][1]
     return None
 
