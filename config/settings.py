@@ -18,10 +18,10 @@ message names the file, the dotted field path and what was expected.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 Domain = Literal["speech", "audio"]
@@ -91,6 +91,18 @@ def parse_workers(value: Any) -> tuple[int, int]:
     if isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         return int(v[0]), int(v[-1])
     raise ValueError(f"expected {WORKERS_EXPECTED}")
+
+
+def elastic_workers(value: Any) -> tuple[int, int]:
+    """``(min, max)`` Ray Train workers from any form :func:`parse_workers` accepts, with 1 <= min <= max."""
+    lo, hi = parse_workers(value)
+    if lo < 1 or hi < lo:
+        raise ValueError("expected MIN:MAX with 1 <= MIN <= MAX, such as 2:4")
+    return lo, hi
+
+
+#: A ``workers`` setting (pre-training and post-training): N or MIN:MAX, validated as :func:`elastic_workers`.
+Workers = Annotated[tuple[int, int], BeforeValidator(elastic_workers)]
 
 
 # --------------------------------------------------------------------------- storage / ray
@@ -361,7 +373,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(500, ge=0)
     max_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    workers: tuple[int, int] = Field((1, 1), description="elastic (min, max) Ray Train workers")
+    workers: Workers = Field((1, 1), description="elastic (min, max) Ray Train workers")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPU reservation per worker (fractional leaves room for data loading)")
     max_failures: int = Field(3, ge=0, description="worker failures (and elastic shrinks) retried from the latest checkpoint")
     elastic_monitor_s: float = Field(60.0, ge=0, description="how often Ray Train considers growing the worker group")
@@ -386,14 +398,6 @@ class TrainConfig(_Section):
         if self.optimizer is not None:
             return self.optimizer
         return "scaled_adam" if self.student.architecture == "zipformer2" else "adamw"
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _workers_forms(cls, v: Any) -> tuple[int, int]:
-        lo, hi = parse_workers(v)
-        if lo < 1 or hi < lo:
-            raise ValueError("expected MIN:MAX with 1 <= MIN <= MAX, such as 2:4")
-        return lo, hi
 
 
 class EvaluateConfig(_Section):
@@ -481,7 +485,7 @@ class PostTrainConfig(_Section):
     batch_size: int = Field(32, ge=2, description="utterances per worker batch (labelled and synthetic together)")
     max_seconds: float = Field(6.0, gt=0, description="longer utterances are cropped at random to this length")
     checkpoint_every: int = Field(100, ge=1)
-    workers: tuple[int, int] = Field((1, 1), description="elastic (min, max) Ray Train workers")
+    workers: Workers = Field((1, 1), description="elastic (min, max) Ray Train workers")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPU reservation per worker")
     max_failures: int = Field(3, ge=0, description="worker failures (and elastic shrinks) retried from the latest "
                                                    "checkpoint")
@@ -490,14 +494,6 @@ class PostTrainConfig(_Section):
                                                                  "run ends with an error naming it")
     counting_clip_seconds: float = Field(2.0, gt=0, le=10, description="length of a synthetic counting clip")
     seed: int = 0
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _workers_forms(cls, v: Any) -> tuple[int, int]:
-        lo, hi = parse_workers(v)
-        if lo < 1 or hi < lo:
-            raise ValueError("expected MIN:MAX with 1 <= MIN <= MAX, such as 2:4")
-        return lo, hi
 
     @field_validator("attributes")
     @classmethod
