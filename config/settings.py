@@ -304,6 +304,20 @@ class StudentConfig(_Section):
     frame_rate: Literal[50, 25] = Field(50, description="student output frames per second: 50, or 25 as the "
                                         "authors' unified runs (Zipformer2 output downsampling 2; WavLM's 50 Hz "
                                         "tokens are then predicted two frames per student frame)")
+    whitening_limit: float = Field(0.0, ge=0, description="icefall's Whiten on every Zipformer2 layer output: a "
+                                   "gradient that keeps frames from collapsing onto a few directions, applied "
+                                   "when D / participation ratio of the batch's frames exceeds this; 0 is off "
+                                   "(icefall: 4)")
+    whitening_grad_scale: float = Field(0.01, gt=0, le=1, description="the Whiten gradient's size relative to "
+                                        "the training gradient (icefall: 0.01)")
+    whitening_prob: float = Field(0.25, gt=0, le=1, description="share of training steps the Whiten check "
+                                  "runs on (icefall: 0.025-0.25)")
+
+    @model_validator(mode="after")
+    def _whitening_architecture(self) -> "StudentConfig":
+        if self.whitening_limit and self.architecture != "zipformer2":
+            raise ValueError("whitening_limit applies to the zipformer2 student only (set it to 0)")
+        return self
 
 
 class MaskingConfig(_Section):

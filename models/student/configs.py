@@ -52,6 +52,12 @@ class ZipformerConfig:
     dropout: float = 0.1
     # 1: 50 Hz output; 2: 25 Hz (icefall's downsample_output; the authors' unified SPEAR runs).
     output_downsampling_factor: int = 1
+    # icefall's Whiten on every layer's output (gradient-only; no parameters, so checkpoints are
+    # unaffected): limit 0 is off. icefall's layers use limit 4 (rising to 12 over 20k batches),
+    # grad_scale 0.01, prob 0.025-0.25.
+    whitening_limit: float = 0.0
+    whitening_grad_scale: float = 0.01
+    whitening_prob: float = 0.25
 
     @property
     def frame_rate(self) -> float:

@@ -160,6 +160,9 @@ def build_encoder(architecture: Any = "zipformer2", size: str = "tiny", num_mel_
         cfg = encoder_config(architecture, size, num_mel_bins, **overrides)
     elif all(hasattr(architecture, a) for a in ("architecture", "size", "num_mel_bins")):
         overrides.setdefault("frame_rate", getattr(architecture, "frame_rate", None))
+        if architecture.architecture == "zipformer2" and getattr(architecture, "whitening_limit", 0):
+            for name in ("whitening_limit", "whitening_grad_scale", "whitening_prob"):
+                overrides.setdefault(name, getattr(architecture, name))
         cfg = encoder_config(architecture.architecture, architecture.size, architecture.num_mel_bins, **overrides)
     else:
         raise TypeError(f"build_encoder: expected an architecture name, an encoder config or a StudentConfig, "

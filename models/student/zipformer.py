@@ -32,8 +32,12 @@ conv, SwooshR), the learned bypass scales, SimpleDownsample (softmax-weighted fr
 and SimpleUpsample (repetition), the channel conversion between stacks and the full-dim output.
 ScaledLinear's small initial scales are kept as plain initialisation.
 
+Kept as an option (``whitening_limit`` > 0; the recipes turn it on): icefall's Whiten on every
+layer's output and on the front end's output, a gradient-only regulariser that keeps frames from
+collapsing onto a few directions (constant limit and probability here, scheduled in icefall).
+
 Dropped or simplified (they only matter for ScaledAdam / early-training schedules):
-Balancer and Whiten (gradient-only regularisers, identity in the forward pass),
+Balancer and the other Whiten modules (gradient-only regularisers, identity in the forward pass),
 ScheduledFloat schedules (dropout is a constant), random layer / module skipping
 (``*_skip_rate``, ``const_attention_rate``, ``pos_emb_skip_rate``, the per-frame feature masks),
 ``penalize_abs_values_gt``, the bypass-scale lower-bound schedule (a constant clamp to
@@ -100,6 +104,65 @@ class BiasNorm(nn.Module):
         return (xf * scale * self.log_scale.float().clamp(-1.5, 1.5).exp()).to(x.dtype)
 
 
+def whitening_metric(x: torch.Tensor) -> torch.Tensor:
+    """How far frames x [N, D] are from white: D * tr(C^2) / tr(C)^2 for their covariance C.
+
+    1 when every direction carries the same variance, D when all of it lies in one direction;
+    it is D over the participation ratio of the covariance's eigenvalues (icefall's whitening metric).
+    """
+    x = x - x.mean(0)
+    cov = x.t() @ x
+    return (cov ** 2).sum() * cov.shape[0] / (cov.diagonal().sum() ** 2 + 1e-20)
+
+
+class _WhitenGrad(torch.autograd.Function):
+    """Identity forward; backward adds the gradient of the whitening metric, scaled to
+    ``grad_scale`` times the norm of the incoming gradient, when the metric exceeds ``limit``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, valid: torch.Tensor, limit: float, grad_scale: float) -> torch.Tensor:
+        ctx.save_for_backward(x, valid)
+        ctx.limit, ctx.grad_scale = limit, grad_scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, valid = ctx.saved_tensors
+        with torch.enable_grad():
+            frames = x.detach().float()[valid].requires_grad_(True)
+            if frames.shape[0] > 1:
+                metric = whitening_metric(frames)
+                if float(metric.detach()) > ctx.limit:
+                    (g,) = torch.autograd.grad(metric, frames)
+                    scale = ctx.grad_scale * grad[valid].float().norm() / (g.norm() + 1e-20)
+                    extra = torch.zeros_like(x, dtype=torch.float32)
+                    extra[valid] = g * scale
+                    grad = grad + extra.to(grad.dtype)
+        return grad, None, None, None
+
+
+class Whiten(nn.Module):
+    """icefall's Whiten: a gradient-only regulariser (identity in the forward pass) that keeps a
+    layer's output from collapsing onto a few directions.
+
+    With probability ``prob`` per training step it measures :func:`whitening_metric` over the
+    batch's valid frames and, above ``limit``, pushes them back toward white with a gradient of
+    ``grad_scale`` times the size of the task's gradient. ``limit`` 0 switches it off.
+    """
+
+    def __init__(self, limit: float, grad_scale: float, prob: float):
+        super().__init__()
+        self.limit, self.grad_scale, self.prob = float(limit), float(grad_scale), float(prob)
+
+    def forward(self, x: torch.Tensor, pad: Optional[torch.Tensor]) -> torch.Tensor:
+        if not (self.training and self.limit > 0 and self.grad_scale > 0 and x.requires_grad):
+            return x
+        if self.prob < 1.0 and float(torch.rand(())) >= self.prob:
+            return x
+        valid = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if pad is None else ~pad
+        return _WhitenGrad.apply(x, valid, self.limit, self.grad_scale)
+
+
 def scaled_linear(in_dim: int, out_dim: int, initial_scale: float, bias: bool = True) -> nn.Linear:
     """nn.Linear with weights (and bias range) scaled down at init, as icefall's ScaledLinear."""
     lin = nn.Linear(in_dim, out_dim, bias=bias)
@@ -150,7 +213,7 @@ class Conv2dSubsampling(nn.Module):
     """
 
     def __init__(self, num_mel_bins: int, dim: int, channels: tuple[int, int, int] = (8, 32, 128),
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, whiten: tuple[float, float, float] = (0.0, 0.0, 0.0)):
         super().__init__()
         c1, c2, c3 = channels
         self.conv1 = nn.Conv2d(1, c1, 3, padding=(0, 1))
@@ -159,6 +222,7 @@ class Conv2dSubsampling(nn.Module):
         self.convnext = ConvNeXt(c3)
         out_width = ((num_mel_bins - 1) // 2 - 1) // 2
         self.out = nn.Linear(out_width * c3, dim)
+        self.out_whiten = Whiten(*whiten)  # (limit, grad_scale, prob)
         self.out_norm = BiasNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -176,7 +240,7 @@ class Conv2dSubsampling(nn.Module):
         x = x * length_mask(out_lengths, x.shape[2])[:, None, :, None].to(x.dtype)
         x = self.convnext(x)
         b, c, t, f = x.shape
-        x = self.out(x.transpose(1, 2).reshape(b, t, c * f))
+        x = self.out_whiten(self.out(x.transpose(1, 2).reshape(b, t, c * f)), ~length_mask(out_lengths, t))
         return self.dropout(self.out_norm(x)), out_lengths
 
 
@@ -313,7 +377,8 @@ class ConvModule(nn.Module):
 
 class Zipformer2Layer(nn.Module):
     def __init__(self, dim: int, pos_dim: int, num_heads: int, query_head_dim: int, pos_head_dim: int,
-                 value_head_dim: int, feedforward_dim: int, kernel: int, dropout: float):
+                 value_head_dim: int, feedforward_dim: int, kernel: int, dropout: float,
+                 whiten: tuple[float, float, float] = (0.0, 0.0, 0.0)):
         super().__init__()
         self.self_attn_weights = RelPositionAttentionWeights(dim, pos_dim, num_heads, query_head_dim, pos_head_dim)
         self.self_attn1 = SelfAttention(dim, num_heads, value_head_dim)
@@ -327,6 +392,7 @@ class Zipformer2Layer(nn.Module):
         self.norm = BiasNorm(dim)
         self.bypass_mid = Bypass(dim)
         self.bypass = Bypass(dim)
+        self.whiten = Whiten(*whiten)  # (limit, grad_scale, prob)
 
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor, pad: Optional[torch.Tensor]) -> torch.Tensor:
         orig = x
@@ -341,7 +407,7 @@ class Zipformer2Layer(nn.Module):
         x = x + self.conv_module2(x, pad)
         x = x + self.feed_forward3(x)
         x = self.norm(x)
-        return self.bypass(orig, x)
+        return self.whiten(self.bypass(orig, x), pad)
 
 
 def downsample(x: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -427,12 +493,15 @@ class Zipformer2(StudentEncoder):
     def __init__(self, config: ZipformerConfig):
         super().__init__(config)
         c = config
-        self.encoder_embed = Conv2dSubsampling(c.num_mel_bins, c.encoder_dim[0], c.subsampling_channels, c.dropout)
+        whiten = (c.whitening_limit, c.whitening_grad_scale, c.whitening_prob)
+        self.encoder_embed = Conv2dSubsampling(c.num_mel_bins, c.encoder_dim[0], c.subsampling_channels, c.dropout,
+                                               whiten)
         self.stacks = nn.ModuleList(
             Zipformer2Stack(c.num_layers[i], c.downsampling_factor[i], c.encoder_dim[i], c.pos_dim,
                             num_heads=c.num_heads[i], query_head_dim=c.query_head_dim, pos_head_dim=c.pos_head_dim,
                             value_head_dim=c.value_head_dim, feedforward_dim=c.feedforward_dim[i],
-                            kernel=c.cnn_module_kernel[i], dropout=c.dropout)
+                            kernel=c.cnn_module_kernel[i], dropout=c.dropout,
+                            whiten=whiten)
             for i in range(len(c.downsampling_factor)))
         ods = c.output_downsampling_factor
         if ods > 1:  # absent at 1, so 50 Hz checkpoints keep their exact key set

@@ -26,6 +26,7 @@ def test_recipe_loads_by_name_and_by_path_and_holds_the_authors_settings(name):
     size, mix = name.rsplit("-", 1)
     t = cfg.train
     assert t.student.architecture == "zipformer2" and t.student.size == size and t.student.num_mel_bins == 128
+    assert (t.student.whitening_limit, t.student.whitening_grad_scale, t.student.whitening_prob) == (4.0, 0.01, 0.25)
     assert t.optimizer_kind == "scaled_adam" and t.scaled_adam.base_lr in (0.045, 0.04)
     assert t.scaled_adam.lr_batches == 7500 and t.warmup_steps == 500 and t.audio_loss_weight == 0.1
     assert (t.masking.mask_length, t.masking.channel_mask_prob) == (10, 0.25)
