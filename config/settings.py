@@ -304,7 +304,7 @@ class StudentConfig(_Section):
     frame_rate: Literal[50, 25] = Field(50, description="student output frames per second: 50, or 25 as the "
                                         "authors' unified runs (Zipformer2 output downsampling 2; WavLM's 50 Hz "
                                         "tokens are then predicted two frames per student frame)")
-    whitening_limit: float = Field(0.0, ge=0, description="icefall's Whiten on every Zipformer2 layer output: a "
+    whitening_limit: float = Field(0.0, ge=0, description="icefall's Whiten on every Zipformer2 layer's output and the front end's: a "
                                    "gradient that keeps frames from collapsing onto a few directions, applied "
                                    "when D / participation ratio of the batch's frames exceeds this; 0 is off "
                                    "(icefall: 4)")

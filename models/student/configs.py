@@ -52,7 +52,7 @@ class ZipformerConfig:
     dropout: float = 0.1
     # 1: 50 Hz output; 2: 25 Hz (icefall's downsample_output; the authors' unified SPEAR runs).
     output_downsampling_factor: int = 1
-    # icefall's Whiten on every layer's output (gradient-only; no parameters, so checkpoints are
+    # icefall's Whiten on every layer's output and the front end's (gradient-only; no parameters, so checkpoints are
     # unaffected): limit 0 is off. icefall's layers use limit 4 (rising to 12 over 20k batches),
     # grad_scale 0.01, prob 0.025-0.25.
     whitening_limit: float = 0.0

@@ -237,10 +237,11 @@ class Conv2dSubsampling(nn.Module):
         x = swoosh_r(self.conv3(x))  # [B, C, T', F']
         out_lengths = self.output_lengths(lengths)
         # ConvNeXt pads in time: zero the padded frames so valid frames see what they would alone.
-        x = x * length_mask(out_lengths, x.shape[2])[:, None, :, None].to(x.dtype)
+        valid = length_mask(out_lengths, x.shape[2])
+        x = x * valid[:, None, :, None].to(x.dtype)
         x = self.convnext(x)
         b, c, t, f = x.shape
-        x = self.out_whiten(self.out(x.transpose(1, 2).reshape(b, t, c * f)), ~length_mask(out_lengths, t))
+        x = self.out_whiten(self.out(x.transpose(1, 2).reshape(b, t, c * f)), ~valid)
         return self.dropout(self.out_norm(x)), out_lengths
 
 
