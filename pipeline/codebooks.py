@@ -17,6 +17,7 @@ Example (inside a Ray session, as the tokenize job does)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -227,7 +228,8 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
              "sample_sources": sample.sources}
     fit_kwargs = dict(num_codebooks=num_codebooks, codebook_size=size, seed=cfg.mvq.seed,
                       teacher_id=desc["version"], layer=tcfg.layer, extra=extra,
-                      min_frames_per_entry=cfg.mvq.min_frames_per_entry, normalize=tcfg.normalize_features)
+                      min_frames_per_entry=cfg.mvq.min_frames_per_entry, normalize=tcfg.normalize_features,
+                      refine_iters=cfg.mvq.refine_iters)
     if rinfo.gpus > 0:  # fit where the GPU is
         import ray
 
@@ -311,6 +313,27 @@ def recorded_codebooks(info: dict[str, Any], out: str) -> dict[str, CodebookInfo
     return codebooks
 
 
+PROGRESS_EVERY_S = 15.0  # pass 1's progress lines, at most this often within a slice
+
+
+def next_slice_objects(seen: int, read: int, want_seen: int, first: int) -> int:
+    """How many objects pass 1 reads next: what the frames still wanted need at the rate of the
+    ``read`` objects so far (``seen`` frames), plus a quarter, and never fewer than ``first``.
+
+    >>> next_slice_objects(seen=3200, read=64, want_seen=42000, first=64)
+    970
+    >>> next_slice_objects(seen=0, read=64, want_seen=42000, first=64)  # nothing yet: twice as many
+    128
+    """
+    if seen <= 0:
+        return max(first, 2 * read)
+    return max(first, math.ceil((want_seen - seen) * read / seen * 1.25))
+
+
+def _pass1_line(kind: str, segments: int, seconds: float, seen: int, t0: float) -> str:
+    return f"pass 1 ({kind}): {segments} segments, {seconds / 3600:.3f} h, {seen} frames seen in {time.monotonic() - t0:.0f} s"
+
+
 def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, storage_options: StorageOptions | None,
                           *, sample_frames: int, heldout_fraction: float, seed: int, dim: int, frame_rate: float,
                           domains: Sequence[str] | None = None, pool_kwargs: dict | None = None,
@@ -321,7 +344,7 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
     large corpus is only read as far as the reservoirs need.
     """
     # imported here, as in the tokenize job: the teacher stage loads torch, which a run with nothing new never needs
-    from spear.stages.teacher import TeacherStage, plan_teacher_pool
+    from spear.stages.teacher import TeacherStage, plan_teacher_pool, teacher_stage_kwargs
 
     ordered = balanced_sample(objects, seed, domains)
     if ordered.num_rows == 0:
@@ -334,14 +357,20 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
     plan = pool_kwargs or plan_teacher_pool(teacher_cfg).map_batches_kwargs()
     segments, seconds, sources = 0, 0.0, {}
     prefix = "fit"
-    # Feed the objects in slices so a large corpus is only read as far as needed.
-    step = max(8, int(decode_cfg.objects_per_task) * 8)
-    t0 = time.monotonic()
-    for start in range(0, ordered.num_rows, step):
+    # Feed the objects in slices so that a large corpus is only read as far as needed: a first small
+    # slice measures the frames an object gives, the next is sized (with a margin) to fill the
+    # reservoirs. Each slice is a dataset of its own and starts its own actor pool, so few large
+    # slices beat many small ones; every slice is read whole, which keeps the sample (and so the
+    # codebooks) the same from run to run.
+    first = max(8, int(decode_cfg.objects_per_task) * 8)
+    start, step = 0, first
+    t0 = last_report = time.monotonic()
+    while start < ordered.num_rows:
         chunk = ordered.slice(start, step)
+        start += chunk.num_rows
         ds = decode_dataset(chunk, decode_cfg, storage_options)
-        ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={"teacher": teacher_cfg, "column_prefix": prefix,
-                                                                 "storage_options": storage_options}, **plan)
+        ds = ds.map_batches(TeacherStage, **teacher_stage_kwargs(plan, teacher=teacher_cfg, column_prefix=prefix,
+                                                                 storage_options=storage_options))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for sid, src, dur, emb, nf in zip(batch["segment_id"], batch["source"], batch["duration"],
                                               batch[f"{prefix}_emb"], batch[f"{prefix}_num_frames"]):
@@ -352,11 +381,15 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
                 segments += 1
                 seconds += float(dur)
                 sources[str(src)] = sources.get(str(src), 0) + 1
-        if progress:
-            progress(f"pass 1 ({teacher_cfg.kind}): {segments} segments, {seconds / 3600:.3f} h, "
-                     f"{train_res.seen + held_res.seen} frames seen in {time.monotonic() - t0:.0f} s")
-        if train_res.seen + held_res.seen >= want_seen:
+            if progress and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                progress(_pass1_line(teacher_cfg.kind, segments, seconds, train_res.seen + held_res.seen, t0))
+        seen = train_res.seen + held_res.seen
+        if seen >= want_seen:
             break
+        step = next_slice_objects(seen, start, want_seen, first)
+    if progress:
+        progress(_pass1_line(teacher_cfg.kind, segments, seconds, train_res.seen + held_res.seen, t0))
     train, heldout = train_res.sample(), held_res.sample()
     if heldout.shape[0] == 0 and train.shape[0] > 1:
         # few segments: the segment split left none out; hold out a key-ordered (random) slice of frames instead

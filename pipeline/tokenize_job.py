@@ -433,17 +433,16 @@ class OpenedVersion:
 def _pass2_dataset(cfg: SpearConfig, roles: dict[str, TeacherConfig], codebooks: dict[str, CodebookInfo],
                    opened: OpenedVersion, run_id: str, options: StorageOptions, plan_stages):
     """Pass 2 on Ray Data: decode -> each active role's teacher + MVQ (one actor each) -> shard writer."""
-    from spear.stages.teacher import TeacherStage
+    from spear.stages.teacher import TeacherStage, teacher_stage_kwargs
 
     # only the teachers whose domains have rows in this run
     active = {r: t for r, t in roles.items() if r in codebooks and role_has_data(opened.todo, r)}
     pools, decode_cfg = plan_stages(active)
     ds = decode_dataset(opened.todo, decode_cfg, options)
     for role, tcfg in active.items():
-        ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={
-            "teacher": tcfg, "column_prefix": role, "storage_options": options,
-            "encode": QuantizerEncoder(codebooks[role].uri, options), "only_domains": ROLE_DOMAINS[role]},
-            **pools[role])
+        ds = ds.map_batches(TeacherStage, **teacher_stage_kwargs(
+            pools[role], teacher=tcfg, column_prefix=role, storage_options=options,
+            encode=QuantizerEncoder(codebooks[role].uri, options), only_domains=ROLE_DOMAINS[role]))
     role_meta = {r: ({"domains": ROLE_DOMAINS[r], "num_codebooks": codebooks[r].num_codebooks,
                       "frame_rate": codebooks[r].frame_rate, "codebook": codebooks[r].version}
                      if r in active else None) for r in roles}

@@ -21,12 +21,12 @@ Example::
 
     import ray
     from spear.config import TeacherConfig
-    from spear.stages.teacher import TeacherStage, plan_teacher_pool
+    from spear.stages.teacher import TeacherStage, plan_teacher_pool, teacher_stage_kwargs
 
     cfg = TeacherConfig(kind="mfcc")
     pool = plan_teacher_pool(cfg)                     # from the cluster's GPUs / CPUs
-    out = segments.map_batches(TeacherStage, fn_constructor_kwargs={"teacher": cfg, "column_prefix": "speech"},
-                               **pool.map_batches_kwargs())
+    out = segments.map_batches(TeacherStage, **teacher_stage_kwargs(pool.map_batches_kwargs(), teacher=cfg,
+                                                                    column_prefix="speech"))
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def _ray_counters(teacher_name: str):
 
 @dataclass(frozen=True)
 class TeacherPoolPlan:
-    """How many teacher actors, with which resources, and the rows per Ray batch."""
+    """How many teacher actors, with which resources, the rows per Ray batch, and the torch threads of a CPU actor."""
 
     min_actors: int
     max_actors: int
@@ -202,6 +202,9 @@ class TeacherPoolPlan:
     num_cpus: float
     batch_size: int
     reason: str = field(default="", compare=False)
+    # Ray starts an actor that reserves less than one CPU with OMP_NUM_THREADS=1; a CPU teacher
+    # given 2 CPUs per actor then runs at half speed (CREPE: pass 1 took 91 s on 1 thread, 61 s on 2).
+    num_threads: int | None = None
 
     def map_batches_kwargs(self) -> dict[str, Any]:
         """``compute``, ``num_gpus``, ``num_cpus``, ``batch_size`` and ``max_restarts`` for ``Dataset.map_batches``.
@@ -226,7 +229,22 @@ class TeacherPoolPlan:
         }
         if self.num_gpus:
             kwargs["num_gpus"] = self.num_gpus
+        if self.num_threads:
+            kwargs["fn_constructor_kwargs"] = {"num_threads": self.num_threads}
         return kwargs
+
+
+def teacher_stage_kwargs(pool_kwargs: Mapping[str, Any], **constructor: Any) -> dict[str, Any]:
+    """``map_batches(TeacherStage, **...)`` kwargs: a pool's ``map_batches`` kwargs with ``constructor``
+    (the stage's arguments) added to the constructor arguments the pool plan sets (its thread count).
+
+    >>> kw = teacher_stage_kwargs({"batch_size": 16, "fn_constructor_kwargs": {"num_threads": 2}}, teacher="t")
+    >>> kw["fn_constructor_kwargs"], kw["batch_size"]
+    ({'num_threads': 2, 'teacher': 't'}, 16)
+    """
+    kwargs = dict(pool_kwargs)
+    kwargs["fn_constructor_kwargs"] = {**kwargs.get("fn_constructor_kwargs", {}), **constructor}
+    return kwargs
 
 
 def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None = None, actors: int | None = None,
@@ -234,8 +252,8 @@ def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None 
     """Size the teacher actor pool from the cluster's resources (default: ``ray.cluster_resources()``).
 
     GPUs present: one actor per ``cfg.num_gpus`` GPUs (or per the GPU share given, when that
-    is less), 1 CPU each. No GPU: about one
-    single-CPU actor per 2 CPUs, leaving the rest to decoding. ``actors`` overrides the
+    is less), 1 CPU each. No GPU: about one actor per 2 CPUs, each running torch on 2 threads
+    (the CPUs over the actors), the decode tasks in between. ``actors`` overrides the
     count (``tokenize.teacher_actors``). Rows per Ray batch: about eight full teacher
     sub-batches (``8 * batch_seconds / expected_segment_seconds``, at least 16): sorting
     by length inside a larger batch wastes less on padding (``bench/teacher.py``: ~15% with
@@ -256,6 +274,7 @@ def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None 
         reason = f"no GPU: {cpus:g} CPUs / 2"
     if actors:
         n, reason = max(1, int(actors)), f"{actors} actors requested"
+    threads = None if num_gpus else max(1, int(cpus // n))
     rows = max(16, math.ceil(8 * cfg.batch_seconds / expected_segment_seconds))
     return TeacherPoolPlan(min_actors=1, max_actors=n, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=rows,
-                           reason=reason)
+                           reason=reason, num_threads=threads)

@@ -187,3 +187,18 @@ def test_teacher_pools_and_decode_tasks_share_the_cluster():
     gpu = [teacher_pool_kwargs(TeacherConfig(kind="mfcc", num_gpus=1.0), {"CPU": 16.0, "GPU": 1.0}, 2, None)
            for _ in range(2)]
     assert [kw["num_gpus"] for kw in gpu] == [0.5, 0.5] and all(kw["compute"].max_size == 1 for kw in gpu)
+    # torch threads per CPU actor: its pool's CPUs over its actors (pass 2's two pools on 2 CPUs: 1 each;
+    # pass 1's single pool: 2); a GPU actor keeps torch's own setting
+    threads = [[kw.get("fn_constructor_kwargs", {}).get("num_threads") for kw in pools] for pools in (
+        [teacher_pool_kwargs(t, {"CPU": 2.0}, 2, None) for t in teachers], [teacher_pool_kwargs(teachers[0], {"CPU": 2.0}, 1, None)],
+        sixteen, gpu)]
+    assert threads == [[1, 1], [2], [2, 2], [None, None]]
+
+
+def test_pass_one_reads_a_small_slice_then_what_the_reservoirs_still_need():
+    from spear.pipeline.codebooks import next_slice_objects
+
+    # 64 objects gave 3200 frames (50 each): the 38800 still wanted need 776 more, +25 %
+    assert next_slice_objects(seen=3200, read=64, want_seen=42000, first=64) == 970
+    assert next_slice_objects(seen=41000, read=900, want_seen=42000, first=64) == 64  # never below the first slice
+    assert next_slice_objects(seen=0, read=64, want_seen=42000, first=64) == 128  # no frames yet: twice the objects

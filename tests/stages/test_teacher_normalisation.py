@@ -76,6 +76,9 @@ def test_fit_codebooks_fits_with_the_role_setting_and_reuse_or_load_never_mixes_
     cb, _ = cbmod.fit_codebooks(cfg, "audio", dasheng, desc, objects, raw_uri, storage, None, _RInfo(),
                                 lambda line: None, lambda roles: ({"audio": {}}, cfg.decode))
     assert cb.normalize is False and cb.fitted_now
+    from spear.stages.artefacts import load_quantizer
+
+    assert load_quantizer(raw_uri, storage=storage).metadata["fit"]["refine_iters"] == 1  # mvq.refine_iters is used
     loaded = cbmod.load_codebooks("audio", raw_uri, desc, shape, storage, None, "tv", normalize=False)
     assert loaded.version == cb.version and loaded.normalize is False
     # asked for normalised codebooks, the raw ones are refused with the way on, never used silently

@@ -11,7 +11,7 @@ from spear.stages.teacher_loading import load_teacher
 from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode, flac_encode, float_to_pcm16
 from spear.stages.batching import plan_subbatches
-from spear.stages.teacher import TeacherStage, TeacherStats, plan_teacher_pool
+from spear.stages.teacher import TeacherStage, TeacherStats, plan_teacher_pool, teacher_stage_kwargs
 
 LENGTHS = [16000, 4000, 9000, 300, 23456, 12000, 7000]
 
@@ -133,6 +133,13 @@ def test_pool_plan_from_resources():
     kw = gpu.map_batches_kwargs()
     assert kw["num_gpus"] == 0.5 and kw["batch_size"] == gpu.batch_size and kw["compute"].max_size == 8
     assert "num_gpus" not in cpu.map_batches_kwargs()
+    # a CPU actor runs torch on the CPUs its pool has per actor (Ray would start it on one thread); a GPU actor as set
+    assert (cpu.num_threads, gpu.num_threads, "fn_constructor_kwargs" in kw) == (2, None, False)
+    assert plan_teacher_pool(TeacherConfig(kind="mfcc"), {"CPU": 16}, actors=3).num_threads == 5
+    assert plan_teacher_pool(TeacherConfig(kind="mfcc"), {"CPU": 1}).num_threads == 1
+    stage_kw = teacher_stage_kwargs(cpu.map_batches_kwargs(), teacher="t", column_prefix="speech")
+    assert stage_kw["fn_constructor_kwargs"] == {"num_threads": 2, "teacher": "t", "column_prefix": "speech"}
+    assert stage_kw["compute"].max_size == cpu.max_actors
 
 
 @pytest.mark.slow
@@ -169,7 +176,7 @@ def test_teacher_pool_actors_come_up_without_the_restart_warning(ray_cluster, ca
     kw = plan_teacher_pool(cfg, {"CPU": 2}).map_batches_kwargs()
     assert kw["max_restarts"] == 0
     rows = _segments(LENGTHS[:3])
-    out = ray.data.from_items(rows).map_batches(TeacherStage, fn_constructor_kwargs={"teacher": cfg, "num_threads": 1},
-                                                **dict(kw, num_cpus=0.5)).take_all()
+    out = ray.data.from_items(rows).map_batches(
+        TeacherStage, **teacher_stage_kwargs(dict(kw, num_cpus=0.5), teacher=cfg, num_threads=1)).take_all()
     assert sorted(r["segment_id"] for r in out) == [r["segment_id"] for r in rows]
     assert "constructor arguments in the object store" not in capfd.readouterr().err
