@@ -186,8 +186,9 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
 @main.command()
 @config_options
 @click.option("--workdir", default="spear-demo", show_default=True, help="Where the demo corpus and results go.")
-@click.option("--size", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True,
-              help="Corpus size: tiny (tests, seconds) or demo (about an hour of audio).")
+@click.option("--size", type=click.Choice(["tiny", "small", "demo"]), default="demo", show_default=True,
+              help="Corpus size: tiny (tests, seconds), small (a few minutes: 120 sound-event clips, every "
+                   "other one a probe test clip) or demo (about an hour of audio).")
 @click.option("--iteration", type=click.IntRange(1, 2), default=1, show_default=True,
               help="2: the first iteration's student becomes the speech teacher.")
 @click.option("--ablation", is_flag=True,

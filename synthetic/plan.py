@@ -84,11 +84,17 @@ class SizeSpec:
     test_every: tuple[tuple[str, int], ...] = ()  # kinds whose every n-th clip is test (default: every 5th)
 
 
-#: The corpus sizes: "tiny" for tests, "demo" for `spear demo`.
+#: The corpus sizes: "tiny" for tests, "small" for the test that a student learns what its teachers
+#: know (many sound-event test frames), "demo" for `spear demo`.
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(speakers=3, words=6, word_clips=8, sentence_clips=3, event_clips=10, mixed_clips=4,
                       pitched_clips=6, long_speech=0, long_audio=0, event_seconds=(1.0, 2.5),
                       long_seconds=(60, 120), mixed_seconds=(2.0, 4.0), stereo_prob=0.4),  # every 5th test
+    # Every other sound-event clip is a test clip: 60 clips, ~660 frame_event test points.
+    "small": SizeSpec(speakers=3, words=6, word_clips=12, sentence_clips=4, event_clips=120, mixed_clips=8,
+                       pitched_clips=8, long_speech=0, long_audio=0, event_seconds=(1.5, 4.0),
+                       long_seconds=(60, 120), mixed_seconds=(1.0, 2.0), stereo_prob=0.35,
+                       test_every=(("events", 2),)),
     # Mixtures are many and short: their tasks (mixed_*) need ~350 test clips for a 95 % CI of about
     # +-0.05; half of them are test clips (MIXED_TEST_EVERY).
     "demo": SizeSpec(speakers=len(SPEAKERS), words=len(WORDS), word_clips=None, sentence_clips=100,

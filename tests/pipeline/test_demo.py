@@ -130,3 +130,30 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
     assert "Utterance-level attributes" in page and "without-counting" in page
     assert "Did post-training give better utterance embeddings" in page and "with and without what" in page
     assert "with vs without the synthetic counting tasks" in result.human()
+
+
+@pytest.mark.slow
+def test_the_student_learns_what_a_teacher_knows_and_fbank_does_not(ray_cluster, tmp_path):
+    """The demo on the `small` corpus (many sound-event test clips), its pretrained teachers and a 200-step
+    student: frame_event (is a sound event active, every 0.25 s) is a teacher-knowledge task (CREPE beats
+    fbank by more than the CI), and the student trained on the demo's shards beats the random student of
+    the same architecture on it and, on the mean, on every knowledge task.
+
+    At this scale the student's lead on frame_event (+0.03 to +0.08 over four corpus/step settings
+    tried) is about the size of the 95 % CI (+-0.05 to +-0.07), so the test checks the direction; the
+    demo's table (more data, 300 steps) is where the lead is checked against the CI. A student whose
+    training did not reach it (a broken loss, targets not read) stays where the random student is."""
+    from spear.pipeline.demo import demo_config, run_demo
+
+    cfg = demo_config(None, ("train.max_steps=200", "train.checkpoint_every=200", "train.batch_seconds=16",
+                             "train.warmup_steps=10", "train.audio_loss_weight=1.0", "mvq.speech_codebooks=4",
+                             "mvq.audio_codebooks=4", "mvq.codebook_size=32", "mvq.sample_frames=3000",
+                             "evaluate.seeds=[0]"))
+    summary = run_demo(cfg, workdir=str(tmp_path / "spear-demo"), size="small", progress=False).to_dict()
+    assert summary["train"]["step"] == 200
+    checks = {r["task"]: r for r in summary["distillation_checks"]}
+    frame_event = checks["frame_event"]
+    assert frame_event["teacher"] == "teacher:crepe" and frame_event["teacher_beats_floor"], frame_event
+    assert frame_event["student_score"] > frame_event["baseline_score"], frame_event
+    knowledge = [r for r in checks.values() if r["teacher_beats_floor"]]
+    assert sum(r["margin"] for r in knowledge) > 0, knowledge

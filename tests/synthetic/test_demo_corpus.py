@@ -130,6 +130,18 @@ def test_splits():
     assert [p.split for p in plan_corpus("demo", 1)] != [p.split for p in plans]
 
 
+def test_small_size_holds_half_its_sound_event_clips_out_and_the_cli_offers_every_size():
+    from spear.pipeline.cli import main
+    from spear.synthetic.plan import SIZES
+
+    plans = plan_corpus("small", 0)
+    events = [p for p in plans if p.kind == "events"]
+    assert len(events) == 120 and sum(p.split == "test" for p in events) == 60  # frame_event: ~660 test points
+    assert {p.split for p in plans if p.kind == "word"} == {"train", "test"}
+    size = next(p for p in main.commands["demo"].params if p.name == "size")
+    assert list(size.type.choices) == list(SIZES)
+
+
 def test_deterministic_cached_and_forced(tiny, tmp_path):
     first = tiny[0]
     twin = generate_demo_corpus(tmp_path / "twin", size="tiny", seed=0)
