@@ -355,7 +355,7 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
     held_res = FrameReservoir(heldout_cap, dim, seed + 1)
     want_seen = 2 * (sample_frames + heldout_cap)
     plan = pool_kwargs or plan_teacher_pool(teacher_cfg).map_batches_kwargs()
-    segments, seconds, sources = 0, 0.0, {}
+    segments, seconds, sources, seen = 0, 0.0, {}, 0
     prefix = "fit"
     # Feed the objects in slices so that a large corpus is only read as far as needed: a first small
     # slice measures the frames an object gives, the next is sized (with a margin) to fill the
@@ -389,7 +389,7 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
             break
         step = next_slice_objects(seen, start, want_seen, first)
     if progress:
-        progress(_pass1_line(teacher_cfg.kind, segments, seconds, train_res.seen + held_res.seen, t0))
+        progress(_pass1_line(teacher_cfg.kind, segments, seconds, seen, t0))
     train, heldout = train_res.sample(), held_res.sample()
     if heldout.shape[0] == 0 and train.shape[0] > 1:
         # few segments: the segment split left none out; hold out a key-ordered (random) slice of frames instead

@@ -207,7 +207,9 @@ class TeacherPoolPlan:
     num_threads: int | None = None
 
     def map_batches_kwargs(self) -> dict[str, Any]:
-        """``compute``, ``num_gpus``, ``num_cpus``, ``batch_size`` and ``max_restarts`` for ``Dataset.map_batches``.
+        """``compute``, ``num_gpus``, ``num_cpus``, ``batch_size`` and ``max_restarts`` for ``Dataset.map_batches``,
+        and ``fn_constructor_kwargs`` with ``num_threads`` where the plan sets threads (CPU actors): merge
+        it with the stage's own constructor arguments through :func:`teacher_stage_kwargs`.
 
         ``max_restarts=0``: Ray Data gives every pool actor its UDF and its context as object-store
         references (ray.put, whatever their size) and by default restarts a dead actor without end
