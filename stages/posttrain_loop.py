@@ -41,8 +41,8 @@ from spear.stages.posttrain_batches import COLUMNS, PostTrainBatches, PostTrainD
 from spear.stages.posttrain_data import read_prepared
 from spear.stages.train_data import resume_state
 from spear.stages.train_loop import (MODEL_FILE, STATE_FILE, NonRetryableError, collective_timeout_ends_run,
-                                     first_line, gather_data_states, lr_lambda, record_group_start, restore_checkpoint,
-                                     save_checkpoint)
+                                     cpu_worker_threads, first_line, gather_data_states, lr_lambda,
+                                     record_group_start, restore_checkpoint, save_checkpoint)
 
 
 class _LossForward(nn.Module):
@@ -123,6 +123,8 @@ def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
     storage = cached_storage(config.get("storage_options"))
     cfg = PostTrainConfig.model_validate(config["posttrain"])
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_worker_threads(ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)  # the same fresh heads on every rank
     try:  # the same inputs on every rank: all fail alike, none waits for another
         specs = plan.specs()

@@ -100,6 +100,22 @@ def agree_have_batch(have: bool, rank: int, world: int, device, step: int, timeo
     return [int(x) for x in flags.tolist()]
 
 
+def cpu_worker_threads(local_workers: int, cpus: Optional[int] = None) -> int:
+    """Torch threads for a training worker on CPU: the node's CPUs shared among its workers.
+
+    Ray starts a worker that reserves less than one CPU (``train.cpus_per_worker``, 0.5 by
+    default, leaving room for data loading) with ``OMP_NUM_THREADS=1``, so without this a CPU
+    run trains on one core whatever the machine has. ``cpus``: the CPUs this process may run on
+    (default: its affinity).
+
+    >>> cpu_worker_threads(1, cpus=2), cpu_worker_threads(2, cpus=2), cpu_worker_threads(3, cpus=16)
+    (2, 1, 5)
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, int(cpus) // max(1, int(local_workers)))
+
+
 def lr_lambda(warmup: int, max_steps: int):
     """Linear warm-up, then cosine decay to 10% of the peak (a multiplier for LambdaLR)."""
     def f(step: int) -> float:
@@ -254,9 +270,11 @@ def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float, kind: s
 
 
 def record_group_start(config: dict[str, Any], world: int, resumed_from: Optional[int]) -> None:
-    """One object per worker-group start (rank 0): the sizes a run went through, whichever checkpoint it resumed from."""
+    """One object per worker-group start (rank 0): the sizes a run went through, whichever checkpoint it
+    resumed from, and the torch threads rank 0 computes on."""
     if config.get("events_uri"):
-        event = {"time": time.time(), "world_size": world, "resumed_from_step": resumed_from, "pid": os.getpid()}
+        event = {"time": time.time(), "world_size": world, "resumed_from_step": resumed_from, "pid": os.getpid(),
+                 "torch_threads": torch.get_num_threads()}
         cached_storage(config.get("storage_options")).write_text(
             join_uri(config["events_uri"], f"{time.time_ns()}-start.json"), json.dumps(event))
 
@@ -300,6 +318,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     except ValueError as exc:
         raise NonRetryableError(f"bad training config: {first_line(exc)}") from None
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_worker_threads(ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)
 
     kind = cfg.optimizer_kind

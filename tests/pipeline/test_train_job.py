@@ -15,7 +15,9 @@ import torch
 
 from spear.cluster.storage import Storage, join_uri
 from spear.config import load_config
-from spear.pipeline.train_job import checkpoints, load_checkpoint_objective, run_export, run_train
+from spear.pipeline.train_job import (checkpoints, load_checkpoint_objective, run_export, run_train,
+                                     worker_group_starts)
+from spear.stages.train_loop import cpu_worker_threads
 
 from support.configs import storage_sets
 from support.shards import make_token_store
@@ -48,6 +50,8 @@ def test_killed_trainer_resumes_at_last_checkpoint_without_repeating_data(ray_cl
     root, shard_uri = shards
     clean = run_train(_cfg(shard_uri, join_uri(root, "clean"), 10), progress=False)
     assert clean.step == 10 and clean.resumed_from_step is None and clean.world_sizes == [1]
+    # the one CPU worker computes on every CPU of the node (Ray would start it on one: it reserves 0.5 CPU)
+    assert [e["torch_threads"] for e in worker_group_starts(join_uri(root, "clean"), st)] == [cpu_worker_threads(1)]
 
     out = join_uri(root, "killed")
     cmd = [sys.executable, "-m", "spear.pipeline.cli", "train", "--shards", shard_uri, "--output", out,
