@@ -404,6 +404,8 @@ def _ablation_html(figures: dict[str, Any], plot: Optional[str], from_this_run: 
     src = ("measured in this evaluation" if from_this_run else
            f"the last saved figures, measured {_e(figures['measured'])} with <code>{_e(figures['command'])}</code>"
            " (not this run's students)")
+    if figures.get("train_steps"):
+        src += f"; each student trained {int(figures['train_steps'])} steps"
     labels = list(figures["students"]) + [b for b in ("random_student", "fbank")
                                           if any(b in v for v in figures["tasks"].values())]
     rows = []

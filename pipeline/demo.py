@@ -152,6 +152,8 @@ class DemoSummary:
 def format_ablation(figures: dict[str, Any]) -> str:
     """The ablation's means as text, with where the figures come from."""
     src = "this run" if figures.get("from_this_run") else f"saved {figures['measured']}, `{figures['command']}`"
+    if figures.get("train_steps"):
+        src += f", {figures['train_steps']} training steps"
     lines = [f"== one teacher or two ({src})"]
     for group, title in (("all", "mean over all tasks"), ("mixed", "mean over mixed tasks")):
         m = figures["means"].get(group, {})
@@ -212,6 +214,7 @@ def run_ablation(cfg: SpearConfig, workdir: str, corpus_root: str, run: RunSumma
     figures = ablation_figures(ev.best, measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                command=command, students=ABLATION_STUDENTS)
     figures["teachers"] = _teacher_kinds(cfg)
+    figures["train_steps"] = cfg.train.max_steps  # saved figures shown by a later demo say which training they had
     figures["report"] = ev.report
     with open(os.path.join(root, ABLATION_FILE), "w", encoding="utf-8") as f:
         json.dump(figures, f, indent=1)

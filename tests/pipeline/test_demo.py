@@ -82,7 +82,7 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
     saved figures as such."""
     import json
 
-    from spear.pipeline.demo import ABLATION_DIR, ABLATION_FILE, demo_config, run_demo
+    from spear.pipeline.demo import ABLATION_DIR, ABLATION_FILE, demo_config, format_ablation, run_demo
 
     cfg = demo_config(None, ("train.max_steps=3", "train.checkpoint_every=3", "train.batch_seconds=8",
                              "mvq.speech_codebooks=2", "mvq.audio_codebooks=2", "mvq.codebook_size=16",
@@ -92,7 +92,7 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
     summary = run_demo(cfg, workdir=str(work), size="tiny", ablation=True, progress=False).to_dict()
     saved = json.loads((work / ABLATION_DIR / ABLATION_FILE).read_text())
     assert saved["teachers"] == {"speech": "resemblyzer", "audio": "crepe"}
-    assert saved["command"] == "spear demo --ablation --size tiny"
+    assert saved["command"] == "spear demo --ablation --size tiny" and saved["train_steps"] == 3
     assert set(saved["means"]["all"]) == {"dual", "speech-only", "audio-only", "random_student", "fbank"}
     assert saved["best"]["all"] in ("dual", "speech-only", "audio-only")
     # the single-teacher students learned from one teacher each: their checkpoints' heads say so
@@ -116,6 +116,8 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
     again = result.to_dict()
     assert again["ablation"]["from_this_run"] is False and again["ablation"]["measured"] == saved["measured"]
     assert "the last saved figures, measured" in (work / "iter1" / "evaluation" / "index.html").read_text()
+    assert "each student trained 3 steps" in (work / "iter1" / "evaluation" / "index.html").read_text()
+    assert ", 3 training steps)" in format_ablation(again["ablation"])
     post = again["posttrain"]
     assert {label: run["step"] for label, run in post["runs"].items()} == {"with-counting": 4, "without-counting": 4}
     assert set(post["runs"]["with-counting"]["attributes"]) == {"speaker", "semantic", "counting"}
