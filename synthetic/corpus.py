@@ -54,7 +54,7 @@ from spear.synthetic.render import render_clip, render_indexed
 from spear.synthetic.speech import SPEAKERS, WORDS, espeak_binary
 
 #: Bumped when the same size and seed would give another corpus: a cached one is then regenerated.
-CORPUS_VERSION = 2  # 2: pitched tones, 700 shorter mixtures with half of them test clips
+CORPUS_VERSION = 3  # 2: pitched tones, 700 shorter mixtures with half of them test clips; 3: 480 event clips, half test
 
 
 @dataclass(frozen=True)
@@ -135,9 +135,9 @@ def generate_demo_corpus(root: str | Path, *, size: Literal["tiny", "demo"] = "d
     """Generate (once; cached) the labelled demo corpus under the local directory ``root``.
 
     ``size="tiny"`` (tests): 31 files, about a minute of audio, every format, sample rate
-    and channel count. ``size="demo"`` (``spear demo``): 1760 files, about 50 minutes: every
-    one of 44 words by each of 9 voices, 100 sentences, 320 event clips, 700 short speech + event
-    mixtures and 240 pitched tones (half of each are test clips), and 4 files of 30-60 s.
+    and channel count. ``size="demo"`` (``spear demo``): 1920 files, about an hour: every
+    one of 44 words by each of 9 voices, 100 sentences, 480 event clips, 700 short speech + event
+    mixtures and 240 pitched tones (half of these three kinds are test clips), and 4 files of 30-60 s.
 
     Each line of ``labels.jsonl`` holds: ``path`` (relative to root), ``domain``
     ("speech" | "audio"), ``kind`` (word | sentence | long_speech | events | mixed |

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from spear.synthetic.corpus import DemoCorpus, generate_demo_corpus
+from spear.synthetic.corpus import CORPUS_VERSION, DemoCorpus, generate_demo_corpus
 from spear.synthetic.events import EVENT_CLASSES, synth_event
 from spear.synthetic.formats import FORMATS, LOSSLESS_FORMATS, SAMPLE_RATES
 from spear.synthetic.plan import plan_corpus
@@ -41,7 +41,7 @@ def test_layout_and_summary(tiny):
     assert 10 < corpus.total_seconds < 120
     assert corpus.total_seconds == pytest.approx(sum(r["duration"] for r in rows), abs=0.01)
     meta = json.loads((corpus.root / "corpus.json").read_text())
-    assert (meta["version"], meta["size"], meta["seed"], meta["num_files"]) == (2, "tiny", 0, len(rows))
+    assert (meta["version"], meta["size"], meta["seed"], meta["num_files"]) == (CORPUS_VERSION, "tiny", 0, len(rows))
     for r in rows:
         assert r["path"].startswith(f"{r['domain']}/")
         assert (corpus.root / r["path"]).parent == (corpus.speech_dir if r["domain"] == "speech" else corpus.audio_dir)
@@ -116,10 +116,12 @@ def test_splits():
     assert {p.split for p in plans} == {"train", "test"}
     share = {k: sum(p.split == "test" for p in plans if p.kind == k) / sum(p.kind == k for p in plans)
              for k in ("word", "sentence", "events", "mixed", "pitched")}
-    assert all(0.15 < share[k] < 0.25 for k in ("word", "sentence", "events")), share
-    # mixtures and pitched tones: half test (their tasks need ~350 / 150 test clips for tight intervals)
-    assert all(0.45 < share[k] < 0.55 for k in ("mixed", "pitched")), share
-    assert sum(p.split == "test" for p in plans if p.kind == "mixed") >= 340 and len(plans) == 1760
+    assert all(0.15 < share[k] < 0.25 for k in ("word", "sentence")), share
+    # sound events, mixtures and pitched tones: half test (their tasks need ~240 / 350 / 120 test clips
+    # for tight intervals)
+    assert all(0.45 < share[k] < 0.55 for k in ("events", "mixed", "pitched")), share
+    assert sum(p.split == "test" for p in plans if p.kind == "mixed") >= 340 and len(plans) == 1920
+    assert sum(p.split == "test" for p in plans if p.kind == "events") == 240
     # Stratified: every word has clips in both splits.
     by_word: dict[str, set[str]] = {}
     for p in plans:
