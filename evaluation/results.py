@@ -14,8 +14,8 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -101,9 +101,21 @@ class EvaluateSummary:
     # utterance-level attributes of a post-trained model (spear.evaluation.attributes.evaluate_attributes)
     attributes: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    # What the caller says the results were computed from (`spear run`: the student export, the labelled
+    # data, the teachers, the probe seeds); a later run with the same provenance reuses them. Empty: not given.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EvaluateSummary":
+        """The summary back from :meth:`to_dict` (a ``results.json``); keys it does not know are ignored.
+
+        Raises TypeError when a field without a default is missing.
+        """
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     def human(self) -> str:
         lines = [format_results_table(self), "", f"report: {self.report}", f"results: {self.results_json}"]

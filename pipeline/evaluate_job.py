@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -69,6 +69,7 @@ class EvaluateSettings:
     tokens_output: Optional[str] = None
     batch_seconds: float = 60.0
     attributes: AttributeEvalSettings = AttributeEvalSettings()
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # recorded in results.json (EvaluateSummary)
 
 
 def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teachers: Sequence[Any] = (),
@@ -82,7 +83,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
                  released: Sequence[str] = (), other_students: Sequence[tuple[str, str]] = (),
                  eval_table: Optional[str] = None, eval_manifests: Sequence[str] = (),
                  input_model: Optional[str] = None, counting_per_class: int = 12,
-                 attribute_bootstrap: int = 1000, text_encoder: Optional[str] = None) -> EvaluateSummary:
+                 attribute_bootstrap: int = 1000, text_encoder: Optional[str] = None,
+                 provenance: Optional[Mapping[str, Any]] = None) -> EvaluateSummary:
     """Probe frozen features of a student, a random student, teachers and raw fbank; write a report.
 
     ``student_dir``: an exported student (None: no ``student`` rows). ``corpus_root``: a
@@ -110,6 +112,9 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     ``text_encoder`` the sentence encoder of the semantic targets when one was used
     (:mod:`spear.pipeline.posttrain_eval`).
 
+    ``provenance``: what the caller says these results are computed from, recorded as they are in
+    ``results.json`` (`spear run` re-uses an evaluation whose provenance matches its own).
+
     Returns an :class:`EvaluateSummary`; writes ``output/index.html``, its PNG plots and
     ``output/results.json``.
     """
@@ -124,7 +129,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
         l2_grid=tuple(l2_grid) if l2_grid is not None else L2_GRID, train_output=train_output,
         tokens_output=tokens_output, batch_seconds=batch_seconds,
         attributes=AttributeEvalSettings(eval_table, tuple(str(m) for m in eval_manifests), input_model,
-                                         int(counting_per_class), int(attribute_bootstrap), text_encoder))
+                                         int(counting_per_class), int(attribute_bootstrap), text_encoder),
+        provenance=dict(provenance or {}))
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     device = torch.device(device) if device is not None else default_device()
     before = torch.get_num_threads()
@@ -195,7 +201,7 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
         output=output, report=join_uri(output, "index.html"), results_json=join_uri(output, "results.json"),
         probes=probe_rows, best=best_layers(probe_rows), tasks=task_info, models=model_info,
         corpus=corpus_summary(clips, items.domains), seeds=list(settings.seeds), skipped_tasks=skipped_tasks,
-        skipped_files=skipped_files, attributes=attributes)
+        skipped_files=skipped_files, attributes=attributes, provenance=dict(settings.provenance))
     summary.wall_seconds = round(time.monotonic() - t_start, 3)
     write_report(summary, output, storage=storage, train_output=settings.train_output,
                  tokens_output=settings.tokens_output)

@@ -10,7 +10,9 @@ The same config runs on the embedded local Ray and on a remote cluster (only
 
 Each step is the job of its own command, so a re-run is incremental: tokenize only
 processes new or changed objects, train resumes from its latest checkpoint (and stops at
-once when ``train.max_steps`` is reached). Evaluation needs labelled data: a demo corpus
+once when ``train.max_steps`` is reached), and the evaluation already under ``OUTPUT/evaluation``
+is reused when it was computed from the same student weights, labelled data, teachers and
+probe seeds (:func:`evaluation_provenance`; delete the folder to probe again). Evaluation needs labelled data: a demo corpus
 (a ``labels.jsonl`` next to or above the sources) and/or ``evaluate.manifests``; without
 either it is skipped (``evaluate`` is null and ``evaluate_skipped`` says why).
 
@@ -24,6 +26,8 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -33,10 +37,12 @@ from typing import Any, Optional
 from spear.cluster.storage import Storage, StorageOptions, join_uri, split_uri
 from spear.cluster.ray_runtime import ray_session
 from spear.config import SpearConfig
-from spear.evaluation.tasks import TaskSources, probe_test_uris
+from spear.evaluation.results import EvaluateSummary
+from spear.evaluation.tasks import LABELS_FILE, TaskSources, probe_test_uris
 from spear.pipeline.evaluate_job import run_evaluate
 from spear.pipeline.tokenize_job import run_tokenize
 from spear.pipeline.train_job import run_export, run_train
+from spear.schemas.student_export import CONFIG_FILE, decode_config
 
 TOKENS_DIR, STUDENT_DIR, EXPORT_DIR, EVALUATION_DIR = "tokens", "student", "export", "evaluation"
 
@@ -87,6 +93,42 @@ def find_labelled_corpus(cfg: SpearConfig) -> Optional[str]:
         if os.path.isfile(os.path.join(d, "labels.jsonl")):
             return d
     return None
+
+
+def evaluation_provenance(cfg: SpearConfig, export: str, corpus_root: Optional[str],
+                          storage: Storage) -> dict[str, Any]:
+    """What the run's evaluation is computed from, as recorded in its ``results.json``: the student
+    export's config (it holds the weights' sha256; the checkpoint's path is left out, so a moved output
+    folder still matches), the sha256 of the labelled data (the corpus' ``labels.jsonl``, each
+    manifest), the teachers and the probe seeds."""
+    student = decode_config(storage.read_text(join_uri(export, CONFIG_FILE)), export)
+    student["metadata"] = {k: v for k, v in (student.get("metadata") or {}).items() if k != "checkpoint"}
+
+    def sha256(uri: str) -> str:
+        return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+    return {"student": student,
+            "labels_sha256": sha256(join_uri(corpus_root, LABELS_FILE)) if corpus_root else None,
+            "manifests": [[m, sha256(m)] for m in cfg.evaluate.manifests],
+            "teachers": [t.model_dump(mode="json") for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None],
+            "seeds": list(cfg.evaluate.seeds)}
+
+
+def reusable_evaluation(output: str, provenance: dict[str, Any], storage: Storage) -> Optional[EvaluateSummary]:
+    """The evaluation under ``output`` when its ``results.json`` records ``provenance`` (and its report is
+    there), with its paths set to ``output``; else None (none, unreadable, or computed from other inputs)."""
+    try:
+        if not storage.exists(join_uri(output, "index.html")):
+            return None
+        saved = json.loads(storage.read_text(join_uri(output, "results.json")))
+        if json.loads(json.dumps(provenance)) != saved.get("provenance"):  # as JSON: tuples are lists there
+            return None
+        summary = EvaluateSummary.from_dict(saved)
+    except (FileNotFoundError, ValueError, TypeError, AttributeError):
+        return None
+    summary.output, summary.report = output, join_uri(output, "index.html")
+    summary.results_json = join_uri(output, "results.json")
+    return summary
 
 
 def probe_test_files_in_sources(test_uris: set[str], cfg: SpearConfig) -> int:
@@ -145,11 +187,17 @@ def run_all(cfg: SpearConfig, *, progress: bool = True, corpus_root: Optional[st
         skipped = "no labelled data: the sources have no labels.jsonl (demo corpus) and evaluate.manifests is empty"
     else:
         out = join_uri(cfg.output, EVALUATION_DIR)
-        log(f"[spear run] 4/4 evaluate -> {out}")
-        teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
-        ev = run_evaluate(export, corpus_root, teachers=teachers, output=out, seeds=cfg.evaluate.seeds,
-                          manifests=cfg.evaluate.manifests, train_output=student, tokens_output=tokens,
-                          storage=storage, progress=progress)
+        provenance = evaluation_provenance(cfg, export, corpus_root, storage)
+        ev = reusable_evaluation(out, provenance, storage)
+        if ev is not None:
+            log(f"[spear run] 4/4 evaluate: {out} already holds this student's evaluation on the same labelled "
+                "data, teachers and seeds; reusing it (delete the folder to probe again)")
+        else:
+            log(f"[spear run] 4/4 evaluate -> {out}")
+            teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
+            ev = run_evaluate(export, corpus_root, teachers=teachers, output=out, seeds=cfg.evaluate.seeds,
+                              manifests=cfg.evaluate.manifests, train_output=student, tokens_output=tokens,
+                              storage=storage, progress=progress, provenance=provenance)
         test_uris = probe_test_uris(TaskSources(corpus_root, tuple(cfg.evaluate.manifests)), storage)
         overlap = probe_test_files_in_sources(test_uris, cfg)
         if overlap:

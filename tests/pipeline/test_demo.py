@@ -114,6 +114,9 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
         update={"max_steps": 4, "checkpoint_every": 4, "batch_size": 8, "warmup_steps": 1})})
     result = run_demo(post_cfg, workdir=str(work), size="tiny", posttrain=True, progress=False)
     again = result.to_dict()
+    # the student, corpus, teachers and seeds are unchanged: the evaluation of the first run is reused, not re-probed
+    assert again["evaluate"]["wall_seconds"] == summary["evaluate"]["wall_seconds"]
+    assert again["evaluate"]["provenance"]["student"]["metadata"]["step"] == summary["export"]["step"] == 3
     assert again["ablation"]["from_this_run"] is False and again["ablation"]["measured"] == saved["measured"]
     assert "the last saved figures, measured" in (work / "iter1" / "evaluation" / "index.html").read_text()
     assert "each student trained 3 steps" in (work / "iter1" / "evaluation" / "index.html").read_text()
