@@ -37,8 +37,8 @@ from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from spear.schemas.tensor_file import save_tensors
 from spear.schemas.versioning import FormatError, check_version, parse_json_object
 
 FORMAT = "spear-mvq-codebooks"
@@ -58,7 +58,7 @@ def encode_tensors(codebooks: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     """``codebooks.safetensors``: the three tensors as contiguous CPU float32."""
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous()
                for name, t in zip(_TENSORS, (codebooks, mean, std))}
-    return st_save(tensors, metadata={"format": FORMAT, "version": version})
+    return save_tensors(tensors, metadata={"format": FORMAT, "version": version})
 
 
 def encode_meta(meta: Mapping[str, Any]) -> str:

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from spear.schemas import student_export
+from spear.schemas.tensor_file import save_tensors
 from spear.schemas.versioning import FormatError, check_version, parse_json_object
 
 FORMAT = "spear-posttrained"
@@ -53,7 +54,7 @@ def encode_heads(state: Mapping[str, torch.Tensor], model_config: Mapping[str, A
     """(``posttrain.safetensors`` bytes, ``posttrain.json``'s object) for the heads' weights ``state`` and
     the model's :meth:`~spear.models.posttrain.PostTrainModel.config`; ``metadata`` is stored as is."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    blob = save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    blob = save_tensors(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dict(model_config),
               "heads_sha256": hashlib.sha256(blob).hexdigest(), "metadata": dict(metadata or {})}
     return blob, config

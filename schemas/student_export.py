@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
+from spear.schemas.tensor_file import save_tensors
 from spear.schemas.versioning import FormatError, check_version, parse_json_object
 
 FORMAT = "spear-student"
@@ -52,7 +53,7 @@ def encode_export(state: Mapping[str, torch.Tensor], fields: Mapping[str, Any],
                   metadata: Optional[Mapping[str, Any]] = None) -> tuple[bytes, dict[str, Any]]:
     """(``model.safetensors`` bytes, the config) for weights ``state`` and the model's config ``fields``
     (``encoder``, ``frontend``, ``frame_rate``, ...); ``metadata`` is stored as is."""
-    blob = save(dict(state), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    blob = save_tensors(state, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, **fields,
               "weights_sha256": hashlib.sha256(blob).hexdigest(), "metadata": dict(metadata or {})}
     return blob, config
