@@ -265,6 +265,10 @@ class TeachersConfig(_Section):
     speech: TeacherConfig = Field(TeacherConfig(kind="mfcc"), description="teacher for all data (SPEAR: WavLM Large layer 21)")
     audio: Optional[TeacherConfig] = Field(TeacherConfig(kind="fbank"), description="teacher for audio-domain data (SPEAR: Dasheng); null disables")
 
+    def configured(self) -> list[TeacherConfig]:
+        """The teachers that are set, speech first (the order evaluation rows and provenance use)."""
+        return [t for t in (self.speech, self.audio) if t is not None]
+
 
 class MVQConfig(_Section):
     speech_codebooks: int = Field(16, ge=1, le=64, description="codebooks (bytes per frame) for the speech teacher")
@@ -417,6 +421,8 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     seeds: list[int] = Field([0, 1, 2], description="probe seeds; scores carry a confidence interval over them")
     manifests: list[str] = Field(default_factory=list, description="extra labelled manifests (CSV/JSONL: uri,label[,split])")
+    probe_tokens: bool = Field(False, description="also probe each teacher as its tokens render it (encoded with the "
+                               "token set's codebooks and decoded back): what the student is trained to predict")
 
 
 # --------------------------------------------------------------------------- post-training

@@ -53,7 +53,9 @@ def distillation_checks(best: Mapping[str, Mapping[str, Mapping[str, Any]]], *, 
     ``teacher_beats_floor`` (by more than the larger CI half-width of the two), ``student_score``, ``baseline_score``,
     ``margin`` (student minus baseline), ``ci`` (the larger half-width), ``student_beats_baseline``
     (margin > ci) and ``holds``: None where no teacher beats the floor (the task says nothing about
-    distillation), else ``student_beats_baseline``. Tasks missing one of the models are left out.
+    distillation), else ``student_beats_baseline``. ``tokens_score``: the best teacher's tokens
+    (``tokens:<kind>``, the teacher decoded from its codebooks: what the student is trained to predict)
+    where they were probed, else None. Tasks missing one of the models are left out.
     """
     rows = []
     for task, models in best.items():
@@ -66,7 +68,9 @@ def distillation_checks(best: Mapping[str, Mapping[str, Mapping[str, Any]]], *, 
                                                                                      half_width(f))
         margin = s["score"] - b["score"]
         ci = max(half_width(s), half_width(b))
+        tokens = models.get("tokens:" + top.split(":", 1)[1]) if top else None
         rows.append({"task": task, "teacher": top, "teacher_score": teachers[top]["score"] if top else None,
+                     "tokens_score": tokens["score"] if tokens else None,
                      "floor_score": f["score"], "teacher_beats_floor": beats_floor, "student_score": s["score"],
                      "baseline_score": b["score"], "margin": round(margin, 6), "ci": ci,
                      "student_beats_baseline": margin > ci, "holds": (margin > ci) if beats_floor else None})

@@ -10,6 +10,10 @@ Models (the ``model`` field of every probe result):
   ``teacher:wavlm``, ...; ``@<layer>`` is appended when a layer is set and two teachers would
   otherwise share a name). Note that ``teacher:fbank`` is the *audio teacher* (log-mel pooled
   to 25 Hz) and differs from the floor below;
+- ``tokens:<name>``: a teacher as its tokens see it (:class:`TokenTarget`): its embeddings
+  quantised with the token set's MVQ codebooks and decoded back, i.e. what the student is trained
+  to predict. Below ``teacher:<name>``, the codebooks lost that knowledge; far above ``student``,
+  training has not reached it yet;
 - ``fbank``: the raw 128-bin Kaldi log-mel fbank at 100 Hz, the floor every learned
   representation should beat.
 
@@ -44,7 +48,7 @@ from spear.config import TeacherConfig
 from spear.evaluation.clips import Clip
 from spear.models.frontend import KaldiFbank
 from spear.models.student import StudentModel, build_encoder, config_from_dict, encoder_config
-from spear.stages.artefacts import load_any_student, load_student
+from spear.stages.artefacts import load_any_student, load_quantizer, load_student
 from spear.stages.teacher_loading import load_teacher
 from spear.schemas.segments import SAMPLE_RATE
 from spear.stages.audio import pcm16_to_float
@@ -152,6 +156,44 @@ def teacher_extractor(name: str, cfg: TeacherConfig, storage: Storage, device: t
                      {"kind": cfg.kind, "layer": cfg.layer, "dim": teacher.dim, "version": teacher.version})
 
 
+@dataclass(frozen=True)
+class TokenTarget:
+    """A teacher and the MVQ codebooks its tokens were made with (a token version's ``teachers[role]``)."""
+
+    role: str                # speech | audio
+    teacher: TeacherConfig
+    codebooks: str           # the codebook artefact's URI
+
+
+def token_names(targets: Sequence[TokenTarget]) -> list[str]:
+    """``tokens:<kind>`` per target, named as its teacher's row (:func:`teacher_names`) so the two pair up."""
+    return ["tokens:" + n.split(":", 1)[1] for n in teacher_names([t.teacher for t in targets])]
+
+
+def token_target_extractor(name: str, target: TokenTarget, storage: Storage, device: torch.device) -> Extractor:
+    """The teacher's embeddings encoded with the token set's codebooks and decoded back (what the student's
+    loss asks it to predict, in the teacher's space)."""
+    teacher = teacher_extractor(name, target.teacher, storage, device)
+    quantizer = load_quantizer(target.codebooks, storage, device=device)
+    if quantizer.dim != teacher.info["dim"]:
+        raise ValueError(f"the {target.role} codebooks at {target.codebooks} are for {quantizer.dim}-dim frames; "
+                         f"teacher {target.teacher.kind} gives {teacher.info['dim']}-dim ones")
+    embed = teacher.fn
+    assert embed is not None
+
+    def fn(wavs: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        (frames,), num_frames = embed(wavs, lengths)
+        B, T, D = frames.shape
+        codes = quantizer.encode(frames.reshape(B * T, D).float())
+        return [quantizer.decode(codes).reshape(B, T, D)], num_frames
+
+    meta = quantizer.metadata
+    return Extractor(name, "tokens", teacher.frame_rate, [None], fn,
+                     dict(teacher.info, role=target.role, codebooks=target.codebooks, codebook_version=quantizer.version,
+                          num_codebooks=quantizer.num_codebooks, codebook_size=quantizer.codebook_size,
+                          heldout_relative_loss=meta.get("heldout_relative_loss")))
+
+
 def fbank_extractor(device: torch.device) -> Extractor:
     """The raw Kaldi log-mel fbank floor (:data:`FBANK_BINS` bins at 100 Hz)."""
     fbank = KaldiFbank(num_mel_bins=FBANK_BINS).to(device)
@@ -178,7 +220,8 @@ class ProbedModels:
     SPEAR models (the authors' icefall ``.pt`` or transformers-style folder) or other spear
     exports, probed layer by layer beside the student as ``released:<name>``. ``other_students``:
     (label, export dir) pairs of further trained students, probed as ``student:<label>`` (the
-    demo's ablation: single-teacher students beside the dual-teacher one).
+    demo's ablation: single-teacher students beside the dual-teacher one). ``token_targets``:
+    teachers with the codebooks of a token set, probed as ``tokens:<kind>`` after the teachers.
     """
 
     student_dir: Optional[str] = None
@@ -188,6 +231,7 @@ class ProbedModels:
     layers: LayerChoice = "all"
     released: Sequence[str] = ()
     other_students: Sequence[tuple[str, str]] = ()
+    token_targets: Sequence[TokenTarget] = ()
 
     def __post_init__(self) -> None:
         if self.random_student is True and self.student_dir is None:
@@ -200,7 +244,7 @@ class ProbedModels:
 
 def extractor_loaders(models: ProbedModels, storage: Storage, device: torch.device
                       ) -> list[tuple[str, Callable[[], Extractor]]]:
-    """(model name, loader) in probing order: student, random student, teachers, fbank.
+    """(model name, loader) in probing order: students, random student, teachers, token targets, fbank.
 
     Loaders are called in this order (the random student copies the trained one's encoder
     config when ``random_student`` is True, so the student loads first)."""
@@ -245,6 +289,8 @@ def extractor_loaders(models: ProbedModels, storage: Storage, device: torch.devi
     teachers = models.teacher_configs()
     for name, tcfg in zip(teacher_names(teachers), teachers):
         loaders.append((name, lambda name=name, tcfg=tcfg: teacher_extractor(name, tcfg, storage, device)))
+    for name, target in zip(token_names(models.token_targets), models.token_targets):
+        loaders.append((name, lambda name=name, target=target: token_target_extractor(name, target, storage, device)))
     if models.fbank_floor:
         loaders.append(("fbank", lambda: fbank_extractor(device)))
     return loaders

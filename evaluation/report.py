@@ -389,15 +389,18 @@ def plot_ablation(figures: dict[str, Any], path: str) -> None:
 
 
 def _checks_html(checks: list[dict[str, Any]]) -> str:
-    """The distillation check table (:func:`spear.evaluation.claims.distillation_checks`)."""
+    """The distillation check table (:func:`spear.evaluation.claims.distillation_checks`), with the best
+    teacher's tokens where they were probed (between the teacher and the student: what the codebooks kept)."""
+    with_tokens = any(c.get("tokens_score") is not None for c in checks)
     rows = []
     for c in checks:
         verdict = {True: "holds", False: "does not hold", None: "no teacher clearly beats fbank: not a test"}[c["holds"]]
-        rows.append([c["task"], c["teacher"] or "-", "-" if c["teacher_score"] is None else f"{c['teacher_score']:.3f}",
-                     f"{c['floor_score']:.3f}", f"{c['student_score']:.3f}", f"{c['baseline_score']:.3f}",
-                     f"{c['margin']:+.3f}", f"{c['ci']:.3f}", verdict])
-    return _table(["task", "best teacher", "teacher", "fbank", "student", "random student", "student - random",
-                   "CI half-width", "claim"], rows)
+        tokens = ["-" if c.get("tokens_score") is None else f"{c['tokens_score']:.3f}"] if with_tokens else []
+        rows.append([c["task"], c["teacher"] or "-", "-" if c["teacher_score"] is None else f"{c['teacher_score']:.3f}"]
+                    + tokens + [f"{c['floor_score']:.3f}", f"{c['student_score']:.3f}", f"{c['baseline_score']:.3f}",
+                                f"{c['margin']:+.3f}", f"{c['ci']:.3f}", verdict])
+    return _table(["task", "best teacher", "teacher"] + (["its tokens"] if with_tokens else [])
+                  + ["fbank", "student", "random student", "student - random", "CI half-width", "claim"], rows)
 
 
 def _ablation_html(figures: dict[str, Any], plot: Optional[str], from_this_run: bool) -> str:
@@ -728,6 +731,11 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
         parts.append("<p class='muted'><code>fbank</code> is the raw 128-bin Kaldi log-mel fbank (100 Hz) floor; "
                      "<code>teacher:&lt;kind&gt;</code> are the teachers' embeddings (e.g. <code>teacher:fbank</code>"
                      " is the audio teacher, log-mel pooled to 25 Hz).</p>")
+    if any(m.startswith("tokens:") for m in models):
+        parts.append("<p class='muted'><code>tokens:&lt;kind&gt;</code> is that teacher's embeddings encoded with the "
+                     "token set's MVQ codebooks and decoded back: what the student is trained to predict. Below the "
+                     "teacher, the codebooks lost that knowledge; far above the student, training has not reached "
+                     "it.</p>")
 
     # Overview.
     parts.append("<h2 id='overview'>Overview</h2>")

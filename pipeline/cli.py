@@ -193,7 +193,7 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
               help="2: the first iteration's student becomes the speech teacher.")
 @click.option("--ablation", is_flag=True,
               help="Also train single-teacher students (speech-only, audio-only) on the same shards and "
-                   "compare them with the dual-teacher student (about 8 more minutes on 2 cores).")
+                   "compare them with the dual-teacher student (about 11 more minutes on 2 cores).")
 @click.option("--weight-free-teachers", is_flag=True,
               help="mfcc + fbank teachers instead of the pretrained ones (faster; they know nothing fbank "
                    "does not, so the student cannot beat fbank).")
@@ -363,6 +363,9 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
 @click.option("--output", required=True, help="Report directory (index.html, plots, results.json).")
 @click.option("--train-output", default=None, help="Training output, for loss curves in the report.")
 @click.option("--tokens-output", default=None, help="Tokenize output, for codebook usage in the report.")
+@click.option("--probe-tokens/--no-probe-tokens", default=None,
+              help="Also probe each teacher as the --tokens-output codebooks render it (rows tokens:<kind>): what the "
+                   "student is trained to predict [default: evaluate.probe_tokens].")
 @click.option("--released", "released", multiple=True, metavar="PATH",
               help="A released SPEAR model (the authors' icefall .pt or transformers-style folder) or another "
                    "spear export, probed layer by layer beside the student; repeatable.")
@@ -374,8 +377,8 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
                    "the default when it sits beside the export).")
 def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
              student: Optional[str], corpus: Optional[str], manifests: tuple[str, ...], output: str,
-             train_output: Optional[str], tokens_output: Optional[str], released: tuple[str, ...],
-             eval_manifests: tuple[str, ...], eval_table: Optional[str]) -> None:
+             train_output: Optional[str], tokens_output: Optional[str], probe_tokens: Optional[bool],
+             released: tuple[str, ...], eval_manifests: tuple[str, ...], eval_table: Optional[str]) -> None:
     """Probe frozen features (student layers, a random student, the teachers, raw fbank); write a report.
 
     Teachers come from the config's `teachers` section; seeds and extra manifests from `evaluate`.
@@ -385,13 +388,16 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     cfg = _load(config, sets, [])
     if not corpus and not manifests and not cfg.evaluate.manifests:
         raise SpearCLIError("nothing to evaluate on: give --corpus (a demo corpus) and/or --manifest")
+    probe_tokens = cfg.evaluate.probe_tokens if probe_tokens is None else probe_tokens
+    if probe_tokens and not tokens_output:
+        raise SpearCLIError("--probe-tokens needs --tokens-output (the `spear tokenize` output the student trained on)")
     from spear.pipeline.evaluate_job import run_evaluate
 
-    teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
     _run_job(as_json, lambda: run_evaluate(
-        student, corpus, teachers=teachers, output=output, seeds=cfg.evaluate.seeds,
+        student, corpus, teachers=cfg.teachers.configured(), output=output, seeds=cfg.evaluate.seeds,
         manifests=list(cfg.evaluate.manifests) + list(manifests), train_output=train_output,
         tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage)),
+        probe_tokens=probe_tokens, token_version=cfg.train.token_version,
         released=list(released), random_student=student is not None, eval_table=eval_table,
         eval_manifests=list(eval_manifests) or list(cfg.posttrain.eval_manifests),
         text_encoder=next((a.text_encoder for a in cfg.posttrain.attributes if a.kind == "semantic" and a.text_encoder),

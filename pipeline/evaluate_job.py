@@ -3,7 +3,8 @@
 The job composes :mod:`spear.evaluation`: the tasks (:mod:`~spear.evaluation.tasks`, from a
 demo corpus and user manifests) name clips, decoded once (:mod:`~spear.evaluation.clips`);
 every model's features (:mod:`~spear.evaluation.features`: the student's layers, a random
-student, the teachers, raw fbank) are extracted once per clip, then a linear probe
+student, the teachers, with ``probe_tokens`` the teachers as the token set's codebooks render them,
+raw fbank) are extracted once per clip, then a linear probe
 (:mod:`~spear.evaluation.probes`) is fitted per (task, model, layer)
 (:mod:`~spear.evaluation.results`); the report (:mod:`~spear.evaluation.report`) shows them.
 
@@ -39,15 +40,18 @@ import numpy as np
 import torch
 
 from spear.cluster.storage import Storage, join_uri
+from spear.config import TeacherConfig
 from spear.evaluation.clips import corpus_summary, decode_clips
-from spear.evaluation.features import ProbedModels, extract, extractor_loaders
+from spear.evaluation.features import ProbedModels, TokenTarget, extract, extractor_loaders
 from spear.evaluation.probes import L2_GRID
 from spear.evaluation.report import write_report
 from spear.evaluation.results import EvaluateSummary, best_layers, probe_model
 from spear.evaluation.tasks import Task, TaskSources, frame_grid, label_counts, load_tasks, skip_reason
 from spear.models.device import default_device
+from spear.pipeline.ledger import select_token_store
 from spear.pipeline.posttrain_eval import (AttributeEvalSettings, evaluate_posttrained, input_model_of,
                                            posttrained_config, with_input_model)
+from spear.schemas.shards import TEACHER_ROLES
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
                  eval_table: Optional[str] = None, eval_manifests: Sequence[str] = (),
                  input_model: Optional[str] = None, counting_per_class: int = 12,
                  attribute_bootstrap: int = 1000, text_encoder: Optional[str] = None,
-                 provenance: Optional[Mapping[str, Any]] = None) -> EvaluateSummary:
+                 provenance: Optional[Mapping[str, Any]] = None, probe_tokens: bool = False,
+                 token_version: Optional[str] = None) -> EvaluateSummary:
     """Probe frozen features of a student, a random student, teachers and raw fbank; write a report.
 
     ``student_dir``: an exported student (None: no ``student`` rows). ``corpus_root``: a
@@ -112,6 +117,12 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     ``text_encoder`` the sentence encoder of the semantic targets when one was used
     (:mod:`spear.pipeline.posttrain_eval`).
 
+    ``probe_tokens``: also probe each teacher of the token set at ``tokens_output`` (its
+    ``token_version``, or the only one there) as its codebooks render it: the teacher's embeddings
+    encoded and decoded back, rows ``tokens:<kind>`` (:func:`token_targets`). What the student is
+    asked to predict: far below the teacher, the codebooks lost knowledge; far above the student,
+    training has not reached it.
+
     ``provenance``: what the caller says these results are computed from, recorded as they are in
     ``results.json`` (`spear run` re-uses an evaluation whose provenance matches its own).
 
@@ -121,11 +132,18 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise ValueError("run_evaluate needs at least one probe seed")
+    storage = storage or Storage()
+    targets: list[TokenTarget] = []
+    if probe_tokens:
+        if tokens_output is None:
+            raise ValueError("probe_tokens needs tokens_output (the `spear tokenize` output the student trained on)")
+        targets = token_targets(tokens_output, storage, token_version)
     settings = EvaluateSettings(
         output=str(output), tasks=TaskSources(corpus_root, tuple(manifests), tasks),
         models=ProbedModels(student_dir, random_student, tuple(teachers), fbank_floor, layers,
                             released=tuple(str(r) for r in released),
-                            other_students=tuple((str(n), str(p)) for n, p in other_students)), seeds=seeds,
+                            other_students=tuple((str(n), str(p)) for n, p in other_students),
+                            token_targets=tuple(targets)), seeds=seeds,
         l2_grid=tuple(l2_grid) if l2_grid is not None else L2_GRID, train_output=train_output,
         tokens_output=tokens_output, batch_seconds=batch_seconds,
         attributes=AttributeEvalSettings(eval_table, tuple(str(m) for m in eval_manifests), input_model,
@@ -137,9 +155,18 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     try:
-        return evaluate(settings, storage or Storage(), device, log)
+        return evaluate(settings, storage, device, log)
     finally:
         torch.set_num_threads(before)
+
+
+def token_targets(tokens_output: str, storage: Storage, version: Optional[str] = None) -> list[TokenTarget]:
+    """Each teacher role of a token set (its ``version``, or the only one) with its teacher's recorded
+    config and its codebooks: what ``probe_tokens`` probes as ``tokens:<kind>``."""
+    info = select_token_store(tokens_output, storage, version).version_info()
+    recorded = info.get("teachers") or {}
+    return [TokenTarget(role, TeacherConfig.model_validate(recorded[role]["config"]), recorded[role]["uri"])
+            for role in TEACHER_ROLES if isinstance(recorded.get(role), dict)]
 
 
 def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,

@@ -40,9 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spear.cluster.storage import Storage, StorageError, is_remote, join_uri, normalize_uri
-from spear.pipeline.ledger import TokenStore
+from spear.pipeline.ledger import TokenStore, select_token_store
 from spear.pipeline.progress import Progress
-from spear.pipeline.train_job import select_token_store
 from spear.schemas.lhotse_export import (CUTS_MANIFEST, FORMATS, LHOTSE_EXPORT_VERSION, RECORDINGS_DIR, TASK_IDS,
                                          shar_fields, token_field)
 from spear.schemas.shards import TEACHER_ROLES, decode_tokens

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from spear.cluster.storage import (Storage, StorageError, find_recorded, join_uri, location_key, normalize_uri,
                                    relative_uri, resolve_uri)
+from spear.config import ConfigError
 from spear.schemas.ledger import (LEDGER_SCHEMA, MANIFESTS_DIR, SHARDS_DIR, VERSION_INFO_NAME, LedgerEntry, Manifest,
                                   VersionInfo, ledger_name, manifest_name)
 from spear.schemas.segments import CUT_METADATA_COLUMNS
@@ -54,6 +55,25 @@ def list_token_versions(output: str, storage: Storage) -> list[str]:
         if storage.exists(join_uri(root, name, VERSION_INFO_NAME)):
             versions.append(name)
     return sorted(versions)
+
+
+def select_token_store(shards: str, storage: Storage, version: Optional[str] = None,
+                       option: str = "train.token_version") -> TokenStore:
+    """The token version to train on (or export): the one given, or the only one present; ``option`` is the
+    setting that chooses one, named in the errors."""
+    versions = list_token_versions(shards, storage)
+    if not versions:
+        raise ConfigError(f"no token dataset at {shards} (run `spear tokenize --output {shards}` first)")
+    if version is None:
+        if len(versions) > 1:
+            raise ConfigError(f"{shards} holds several token versions {versions}: set {option}")
+        version = versions[0]
+    elif version not in versions:
+        raise ConfigError(f"{option} {version} is not at {shards} (present: {versions})")
+    store = TokenStore(shards, version, storage)
+    if store.latest_manifest() is None:
+        raise ConfigError(f"token version {version} at {shards} has no committed shards yet")
+    return store
 
 
 class TokenStore:

@@ -100,7 +100,7 @@ def evaluation_provenance(cfg: SpearConfig, export: str, corpus_root: Optional[s
     """What the run's evaluation is computed from, as recorded in its ``results.json``: the student
     export's config (it holds the weights' sha256; the checkpoint's path is left out, so a moved output
     folder still matches), the sha256 of the labelled data (the corpus' ``labels.jsonl``, each
-    manifest), the teachers and the probe seeds."""
+    manifest), the teachers, the probe seeds and whether the teachers' tokens are probed too."""
     student = decode_config(storage.read_text(join_uri(export, CONFIG_FILE)), export)
     student["metadata"] = {k: v for k, v in (student.get("metadata") or {}).items() if k != "checkpoint"}
 
@@ -110,8 +110,8 @@ def evaluation_provenance(cfg: SpearConfig, export: str, corpus_root: Optional[s
     return {"student": student,
             "labels_sha256": sha256(join_uri(corpus_root, LABELS_FILE)) if corpus_root else None,
             "manifests": [[m, sha256(m)] for m in cfg.evaluate.manifests],
-            "teachers": [t.model_dump(mode="json") for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None],
-            "seeds": list(cfg.evaluate.seeds)}
+            "teachers": [t.model_dump(mode="json") for t in cfg.teachers.configured()],
+            "seeds": list(cfg.evaluate.seeds), "probe_tokens": cfg.evaluate.probe_tokens}
 
 
 def reusable_evaluation(output: str, provenance: dict[str, Any], storage: Storage) -> Optional[EvaluateSummary]:
@@ -194,10 +194,11 @@ def run_all(cfg: SpearConfig, *, progress: bool = True, corpus_root: Optional[st
                 "data, teachers and seeds; reusing it (delete the folder to probe again)")
         else:
             log(f"[spear run] 4/4 evaluate -> {out}")
-            teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
-            ev = run_evaluate(export, corpus_root, teachers=teachers, output=out, seeds=cfg.evaluate.seeds,
-                              manifests=cfg.evaluate.manifests, train_output=student, tokens_output=tokens,
-                              storage=storage, progress=progress, provenance=provenance)
+            ev = run_evaluate(export, corpus_root, teachers=cfg.teachers.configured(), output=out,
+                              seeds=cfg.evaluate.seeds, manifests=cfg.evaluate.manifests, train_output=student,
+                              tokens_output=train_cfg.train.shards, storage=storage, progress=progress,
+                              provenance=provenance, probe_tokens=cfg.evaluate.probe_tokens,
+                              token_version=cfg.train.token_version)
         test_uris = probe_test_uris(TaskSources(corpus_root, tuple(cfg.evaluate.manifests)), storage)
         overlap = probe_test_files_in_sources(test_uris, cfg)
         if overlap:

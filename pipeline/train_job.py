@@ -30,7 +30,7 @@ import torch
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig, TrainConfig
-from spear.pipeline.ledger import TokenStore, list_token_versions
+from spear.pipeline.ledger import TokenStore, select_token_store
 from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
 from spear.stages.artefacts import export_student
 from spear.stages.train_data import TrainDataError, TrainDataPlan
@@ -81,25 +81,6 @@ def plan_training_data(store: TokenStore, roles: Sequence[str] = ("speech", "aud
     return TrainDataPlan.from_committed(ledger=store.ledger(), version_info=store.version_info(),
                                        files=store.shard_files(), token_version=store.version,
                                        storage_options=store.storage.options, roles=roles)
-
-
-def select_token_store(shards: str, storage: Storage, version: Optional[str] = None,
-                       option: str = "train.token_version") -> TokenStore:
-    """The token version to train on (or export): the one given, or the only one present; ``option`` is the
-    setting that chooses one, named in the errors."""
-    versions = list_token_versions(shards, storage)
-    if not versions:
-        raise ConfigError(f"no token dataset at {shards} (run `spear tokenize --output {shards}` first)")
-    if version is None:
-        if len(versions) > 1:
-            raise ConfigError(f"{shards} holds several token versions {versions}: set {option}")
-        version = versions[0]
-    elif version not in versions:
-        raise ConfigError(f"{option} {version} is not at {shards} (present: {versions})")
-    store = TokenStore(shards, version, storage)
-    if store.latest_manifest() is None:
-        raise ConfigError(f"token version {version} at {shards} has no committed shards yet")
-    return store
 
 
 def checkpoints(output: str, storage: Storage) -> list[tuple[int, str]]:

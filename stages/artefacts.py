@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
 from spear.cluster.storage import Storage, StorageError, is_remote, join_uri, split_uri
@@ -63,6 +63,7 @@ from spear.models.posttrain import AttributeSpec, PostTrainModel
 from spear.schemas import codebooks as codebook_format
 from spear.schemas import posttrain_export as posttrain_format
 from spear.schemas import student_export as student_format
+from spear.schemas.tensor_file import save_tensors
 from spear.schemas.versioning import parse_json_object
 
 # --------------------------------------------------------------------------- checkpoints
@@ -370,7 +371,7 @@ def save_spear_release(model: nn.Module, dest: Union[str, Path], layout: str = "
         storage.makedirs(base)
         tensors = {k: v.contiguous() for k, v in to_icefall(state, enc.config, prefix=HF_PREFIX).items()}
         weights, cfg = join_uri(base, "model.safetensors"), join_uri(base, "config.json")
-        storage.write_bytes(weights, save(tensors, metadata={"format": "pt"}))
+        storage.write_bytes(weights, save_tensors(tensors, metadata={"format": "pt"}))
         storage.write_text(cfg, json.dumps(hf_config(enc.config), indent=2) + "\n")
         return [weights, cfg]
     raise ValueError(f"unknown layout {layout!r}: use {ICEFALL} or {HF}")

@@ -116,7 +116,7 @@ def test_spear_configs_validate_plan_on_gpus_and_hold_no_secrets():
         assert "audio" not in domains or cfg.teachers.audio is not None, f"{name}: audio sources need an audio teacher"
         # The planner resolves every teacher (a known kind and size, the layer in range) and runs it on GPUs.
         plan = make_plan(cfg, hours=1000, speech_share=0.5, gpus=8).to_dict()
-        teachers = [t for t in (cfg.teachers.speech, cfg.teachers.audio) if t is not None]
+        teachers = cfg.teachers.configured()
         assert len(plan["teachers"]) == len(teachers), name
         for planned in plan["teachers"].values():
             assert planned["device"] == "gpu" and 1 <= planned["layer"] <= planned["layers"], (name, planned["name"])
@@ -141,7 +141,7 @@ def test_aws_cluster_config_passes_the_checks_of_ray_up():
 def test_aws_node_types_match_the_instances_and_the_teachers():
     cfg = _load("aws-cluster.yaml")
     teachers = load_config(CONFIGS / "spear-tokenize.yaml").teachers
-    need = max(t.num_gpus for t in (teachers.speech, teachers.audio) if t is not None)
+    need = max(t.num_gpus for t in teachers.configured())
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
     assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
@@ -244,7 +244,7 @@ def _gpu_groups(spec: dict) -> dict[str, tuple[dict, int]]:
 
 def _check_gpu_groups(spec: dict, where: str) -> None:
     teachers = load_config(CONFIGS / "spear-tokenize.yaml").teachers
-    need = max(t.num_gpus for t in (teachers.speech, teachers.audio) if t is not None)
+    need = max(t.num_gpus for t in teachers.configured())
     gpu = _gpu_groups(spec)
     assert "gpu-teachers" in gpu, f"{where}: a GPU group for the teachers"
     group, n = gpu["gpu-teachers"]

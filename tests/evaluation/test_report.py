@@ -189,3 +189,26 @@ def test_ablation_and_distillation_sections(report, tmp_path):
     dom = dump_dom(out / "index.html", tmp_path / "profile")
     marks = image_marks(dom)
     assert marks.get("ablation.png") == "1" and set(marks.values()) == {"1"}, marks
+
+
+def test_distillation_check_shows_the_best_teachers_tokens():
+    """Where tokens:<kind> rows were probed, each check carries the best teacher's tokens score and the
+    table gains an "its tokens" column; without them the table is as before."""
+    from spear.evaluation.claims import distillation_checks
+    from spear.evaluation.report import _checks_html
+
+    def entry(score):
+        return {"score": score, "ci": [score - 0.02, score + 0.02]}
+
+    best = {"word": {"student": entry(0.3), "random_student": entry(0.4), "fbank": entry(0.5),
+                     "teacher:resemblyzer": entry(0.8), "teacher:crepe": entry(0.2),
+                     "tokens:resemblyzer": entry(0.7), "tokens:crepe": entry(0.25)},
+            "pitch": {"student": entry(0.6), "random_student": entry(0.5), "fbank": entry(0.7),
+                      "teacher:resemblyzer": entry(0.4), "teacher:crepe": entry(0.9)}}
+    checks = {c["task"]: c for c in distillation_checks(best)}
+    assert checks["word"]["teacher"] == "teacher:resemblyzer" and checks["word"]["tokens_score"] == 0.7
+    assert checks["pitch"]["teacher"] == "teacher:crepe" and checks["pitch"]["tokens_score"] is None
+    html = _checks_html(list(checks.values()))
+    assert "its tokens" in html and "0.700" in html
+    without = {t: {m: e for m, e in v.items() if not m.startswith("tokens:")} for t, v in best.items()}
+    assert "its tokens" not in _checks_html(distillation_checks(without))

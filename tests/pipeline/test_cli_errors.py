@@ -93,6 +93,10 @@ def test_known_errors_keep_their_one_line(tmp_path, log_env):
     assert r.returncode == 1
     (line,) = error_lines(r.stderr)
     assert "cannot reach storage" in line and "full log" not in line and "Traceback" not in r.stderr
+    r = spear("evaluate", "--corpus", str(tmp_path), "--output", str(tmp_path / "ev"), "--probe-tokens", env=log_env)
+    assert r.returncode == 2
+    (line,) = error_lines(r.stderr)
+    assert "--probe-tokens needs --tokens-output" in line and "Traceback" not in r.stderr
 
 
 def test_ray_wrappers_are_unwrapped_to_the_root_cause(ray_cluster):

@@ -214,3 +214,43 @@ def test_a_released_spear_model_is_probed_beside_the_others(tiny_corpus, tmp_pat
     assert len(rows["released:spear-tiny.pt"]) == 4 and rows["released:spear-tiny.pt"] == rows["student"]
     info = next(m for m in summary.models if m["name"] == "released:spear-tiny.pt")
     assert info["kind"] == "released" and info["conversion"]["layout"] == "icefall"
+
+
+def test_probe_tokens_renders_each_teacher_through_its_codebooks(demo_tokens, tmp_path):
+    """`probe_tokens`: each teacher of the token set, encoded with its codebooks and decoded back, is
+    probed as tokens:<kind> after the teachers; its frames are close to the teacher's, not equal."""
+    from spear.cluster.storage import Storage
+    from spear.evaluation.clips import decode_clips
+    from spear.evaluation.features import teacher_extractor, token_target_extractor
+    from spear.pipeline.evaluate_job import token_targets
+    from spear.stages.audio import pcm16_to_float
+
+    corpus, tokens_uri, _ = demo_tokens
+    targets = token_targets(tokens_uri, Storage())
+    assert [(t.role, t.teacher.kind) for t in targets] == [("speech", "mfcc"), ("audio", "fbank")]
+    summary = run_evaluate(None, str(corpus.root), teachers=[TeacherConfig(kind="mfcc"), TeacherConfig(kind="fbank")],
+                           output=str(tmp_path / "report"), seeds=(0,), l2_grid=(1e-2,), random_student=False,
+                           tokens_output=tokens_uri, probe_tokens=True, tasks=["speech_vs_audio"], num_threads=1,
+                           progress=False)
+    info = {m["name"]: m for m in summary.models}
+    assert list(info) == ["teacher:mfcc", "teacher:fbank", "tokens:mfcc", "tokens:fbank", "fbank"]
+    assert info["tokens:mfcc"]["kind"] == "mfcc" and info["tokens:mfcc"]["role"] == "speech"
+    assert (info["tokens:mfcc"]["num_codebooks"], info["tokens:fbank"]["num_codebooks"]) == (8, 4)
+    assert info["tokens:mfcc"]["codebooks"] == targets[0].codebooks
+    assert {"teacher:mfcc", "tokens:mfcc"} <= set(summary.best["speech_vs_audio"])
+
+    # the rendered frames: the teacher's, up to the codebooks' reconstruction error
+    clip = next(r for r in corpus.labels() if r["domain"] == "speech")
+    clips, _ = decode_clips({0: str(corpus.root / clip["path"])}, Storage())
+    wav = torch.from_numpy(pcm16_to_float(clips[0].pcm))[None]
+    lengths = torch.tensor([wav.shape[1]])
+    teacher = teacher_extractor("t", targets[0].teacher, Storage(), torch.device("cpu"))
+    tokens = token_target_extractor("q", targets[0], Storage(), torch.device("cpu"))
+    (x,), n = teacher.fn(wav, lengths)
+    (y,), m = tokens.fn(wav, lengths)
+    assert torch.equal(n, m) and y.shape == x.shape
+    x, y = x[0, : int(n[0])], y[0, : int(n[0])]
+    rel = float(((y - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert 0.0 < rel < 0.5, rel
+    with pytest.raises(ValueError, match="probe_tokens needs tokens_output"):
+        run_evaluate(None, str(corpus.root), output=str(tmp_path / "r2"), random_student=False, probe_tokens=True)
