@@ -153,7 +153,7 @@ def teacher_extractor(name: str, cfg: TeacherConfig, storage: Storage, device: t
         return [out.embeddings], out.num_frames
 
     return Extractor(name, "teacher", float(teacher.frame_rate), [None], fn,
-                     {"kind": cfg.kind, "layer": cfg.layer, "dim": teacher.dim, "version": teacher.version})
+                     {"teacher_kind": cfg.kind, "layer": cfg.layer, "dim": teacher.dim, "version": teacher.version})
 
 
 @dataclass(frozen=True)

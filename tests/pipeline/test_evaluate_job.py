@@ -234,7 +234,8 @@ def test_probe_tokens_renders_each_teacher_through_its_codebooks(demo_tokens, tm
                            progress=False)
     info = {m["name"]: m for m in summary.models}
     assert list(info) == ["teacher:mfcc", "teacher:fbank", "tokens:mfcc", "tokens:fbank", "fbank"]
-    assert info["tokens:mfcc"]["kind"] == "mfcc" and info["tokens:mfcc"]["role"] == "speech"
+    assert (info["teacher:mfcc"]["kind"], info["tokens:mfcc"]["kind"]) == ("teacher", "tokens")
+    assert info["tokens:mfcc"]["teacher_kind"] == "mfcc" and info["tokens:mfcc"]["role"] == "speech"
     assert (info["tokens:mfcc"]["num_codebooks"], info["tokens:fbank"]["num_codebooks"]) == (8, 4)
     assert info["tokens:mfcc"]["codebooks"] == targets[0].codebooks
     assert {"teacher:mfcc", "tokens:mfcc"} <= set(summary.best["speech_vs_audio"])
