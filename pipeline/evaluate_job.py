@@ -203,9 +203,9 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
         t2 = time.monotonic()
         dims = [int(p.shape[1]) for p in feats.pooled]
         del feats
-        model_info.append({"name": name, "kind": ex.kind, "frame_rate": ex.frame_rate, "layers": ex.layers,
-                           "dims": dims, "extract_seconds": round(t1 - t0, 3), "probe_seconds": round(t2 - t1, 3),
-                           **ex.info})
+        # the extractor's own details first: a key of theirs never replaces what the row says of the model
+        model_info.append({**ex.info, "name": name, "kind": ex.kind, "frame_rate": ex.frame_rate, "layers": ex.layers,
+                           "dims": dims, "extract_seconds": round(t1 - t0, 3), "probe_seconds": round(t2 - t1, 3)})
         log(f"[evaluate] {name}: features {t1 - t0:.1f} s, {len(runnable)} tasks x {len(ex.layers)} layer(s) "
             f"probed in {t2 - t1:.1f} s")
         if device.type == "cuda":
