@@ -10,8 +10,9 @@ bootstrap:
 demo: bootstrap
 	$(VENV)/bin/spear demo
 
+# --durations: CI's log names the slowest tests (the suite must stay well inside CI's 90 minutes)
 test: bootstrap
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest --durations=30 $(PYTEST_ARGS)
 
 bench: bootstrap
 	$(VENV)/bin/python bench/decode.py
