@@ -301,7 +301,7 @@ class TokenizeConfig(_Section):
 
 class StudentConfig(_Section):
     architecture: Literal["zipformer2", "transformer"] = Field("zipformer2", description="student encoder")
-    size: Literal["tiny", "small", "base", "spear-base", "spear-large", "spear-600m"] = Field(
+    size: Literal["tiny", "mini", "small", "base", "spear-base", "spear-large", "spear-600m"] = Field(
         "tiny", description="preset size; spear-base / spear-large / spear-600m are the authors' published "
                             "models (93M, 327M, 600M: docs/recipe.md), base the older 86M preset")
     num_mel_bins: int = Field(128, ge=40, description="fbank bins of the student input")

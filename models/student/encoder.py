@@ -19,9 +19,9 @@ Every student encoder (:class:`~spear.models.student.zipformer.Zipformer2`,
 
 An utterance's outputs never depend on the padding or on the other utterances of the batch.
 
-Presets (``size``, the table :data:`PRESETS`): ``tiny`` (tests), ``small``, ``base`` (the
-pre-issue-13 preset, kept as it was: layers 1,2,2,3,1,1,1, dim 512, 85.7M) and the authors'
-published models, setting by setting (sources in docs/recipe.md):
+Presets (``size``, the table :data:`PRESETS`): ``tiny`` (tests), ``mini`` (tiny at twice the
+width), ``small``, ``base`` (the pre-issue-13 preset, kept as it was: layers 1,2,2,3,1,1,1, dim
+512, 85.7M) and the authors' published models, setting by setting (sources in docs/recipe.md):
 
 =========== ============= ==== ==== ===== ======
 preset      layers        dim  FFN  heads params
@@ -58,7 +58,7 @@ from .configs import ARCHITECTURES, EncoderConfig, TransformerConfig, ZipformerC
 from .transformer import ConformerEncoder
 from .zipformer import Zipformer2
 
-SIZES = ("tiny", "small", "base", "spear-base", "spear-large", "spear-600m")
+SIZES = ("tiny", "mini", "small", "base", "spear-base", "spear-large", "spear-600m")
 FRAME_RATES = (50.0, 25.0)  # student output rates: Zipformer2 output downsampling 1 or 2
 
 # The SPEAR architecture settings shared by the three published models (marcoyang1998/icefall
@@ -69,7 +69,7 @@ _SPEAR_ZIPFORMER = dict(downsampling_factor=(1, 2, 4, 8, 4, 2, 1), cnn_module_ke
 
 # Size presets: THE table of student architectures (a checkpoint converter keys on it).
 # Zipformer2 spear-base / spear-large / spear-600m are the authors' published models (93M,
-# 327M, 600M); tiny / small / base keep the 7-stack U-shape with fewer layers or smaller dims
+# 327M, 600M); tiny / mini / small / base keep the 7-stack U-shape with fewer layers or smaller dims
 # (base is the pre-issue-13 preset, one layer short of spear-base). Conformer presets match
 # the Zipformer2 parameter budgets of the same name.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -78,6 +78,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      feedforward_dim=(64, 96, 128, 96, 64), num_heads=2, cnn_module_kernel=(7, 7, 5, 7, 7),
                      query_head_dim=8, pos_head_dim=2, value_head_dim=8, pos_dim=16,
                      subsampling_channels=(4, 8, 16)),
+        # tiny at twice the width (1.15M parameters, 1.9x tiny's step time on one CPU core): the
+        # demo's scale check, whether a larger student closes the dual-teacher gap (README)
+        "mini": dict(downsampling_factor=(1, 2, 4, 2, 1), num_layers=1, encoder_dim=(64, 96, 128, 96, 64),
+                     feedforward_dim=(128, 192, 256, 192, 128), num_heads=4, cnn_module_kernel=(7, 7, 5, 7, 7),
+                     query_head_dim=16, pos_head_dim=4, value_head_dim=12, pos_dim=32,
+                     subsampling_channels=(8, 16, 32)),
         "small": dict(num_layers=(1, 1, 1, 2, 1, 1, 1), encoder_dim=256, feedforward_dim=768, num_heads=4),
         "base": dict(num_layers=(1, 2, 2, 3, 1, 1, 1), encoder_dim=512, feedforward_dim=1536, num_heads=8),
         "spear-base": dict(_SPEAR_ZIPFORMER, num_layers=(1, 2, 3, 3, 1, 1, 1), encoder_dim=512,
@@ -90,6 +96,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "transformer": {
         "tiny": dict(dim=64, num_layers=2, num_heads=4, feedforward_dim=128, conv_kernel=7,
                      subsampling_channels=16),
+        "mini": dict(dim=128, num_layers=4, num_heads=4, feedforward_dim=256, conv_kernel=15,
+                     subsampling_channels=32),
         "small": dict(dim=256, num_layers=10, num_heads=4, feedforward_dim=1024, conv_kernel=31),
         "base": dict(dim=512, num_layers=14, num_heads=8, feedforward_dim=2048, conv_kernel=31),
         "spear-base": dict(dim=512, num_layers=15, num_heads=8, feedforward_dim=2048, conv_kernel=31),
