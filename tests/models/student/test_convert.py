@@ -18,8 +18,8 @@ import torch
 from spear.models.frontend import KaldiFbank
 from spear.models.student import build_encoder
 from spear.models.student.configs import ZipformerConfig
-from spear.models.student.convert import (HF_PREFIX, find_prefix, from_icefall, icefall_key, infer_config, our_key,
-                                          to_icefall, to_icefall_conversion)
+from spear.models.student.convert import (DEFAULT_HEAD_DIMS, HF_PREFIX, find_prefix, from_icefall, icefall_key,
+                                          infer_config, our_key, to_icefall, to_icefall_conversion)
 from spear.models.student.encoder import PRESETS, encoder_config
 
 TINY_HEADS = dict(query_head_dim=8, value_head_dim=8, pos_head_dim=2)
@@ -85,8 +85,12 @@ def test_every_preset_maps_every_tensor_both_ways(size, ods):
     assert {k: tuple(v.shape) for k, v in conv.state.items()} == expected
     # filled: exactly icefall's unused per-layer bypass_scale, and the identity output downsampling at 50 Hz
     assert len(conv.filled) == sum(enc.config.num_layers) + (ods == 1)
-    back = from_icefall(conv.state, hints=None if size != "tiny" else TINY_HEADS, num_mel_bins=128)
-    assert back.config == enc.config  # read back from the shapes alone (SPEAR head dims assumed)
+    # read back from the shapes alone: SPEAR head dims assumed, given as hints for the presets that differ
+    spear_heads = all(getattr(enc.config, k) == v for k, v in DEFAULT_HEAD_DIMS.items())
+    hints = None if spear_heads else {k: getattr(enc.config, k) for k in DEFAULT_HEAD_DIMS}
+    assert spear_heads == (size not in ("tiny", "mini"))
+    back = from_icefall(conv.state, hints=hints, num_mel_bins=128)
+    assert back.config == enc.config
     assert sorted(back.state) == sorted(ours) and back.ignored == []
     assert {k: tuple(v.shape) for k, v in back.state.items()} == {k: tuple(v.shape) for k, v in ours.items()}
     with torch.device("meta"):
