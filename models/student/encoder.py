@@ -67,6 +67,9 @@ FRAME_RATES = (50.0, 25.0)  # student output rates: Zipformer2 output downsampli
 _SPEAR_ZIPFORMER = dict(downsampling_factor=(1, 2, 4, 8, 4, 2, 1), cnn_module_kernel=(31, 31, 15, 15, 15, 31, 31),
                         query_head_dim=32, value_head_dim=12, pos_head_dim=4, pos_dim=48)
 
+# The 5-stack shape of tiny and mini (mini is tiny at twice the width).
+_TINY_ZIPFORMER = dict(downsampling_factor=(1, 2, 4, 2, 1), num_layers=1, cnn_module_kernel=(7, 7, 5, 7, 7))
+
 # Size presets: THE table of student architectures (a checkpoint converter keys on it).
 # Zipformer2 spear-base / spear-large / spear-600m are the authors' published models (93M,
 # 327M, 600M); tiny / mini / small / base keep the 7-stack U-shape with fewer layers or smaller dims
@@ -74,14 +77,14 @@ _SPEAR_ZIPFORMER = dict(downsampling_factor=(1, 2, 4, 8, 4, 2, 1), cnn_module_ke
 # the Zipformer2 parameter budgets of the same name.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "zipformer2": {
-        "tiny": dict(downsampling_factor=(1, 2, 4, 2, 1), num_layers=1, encoder_dim=(32, 48, 64, 48, 32),
-                     feedforward_dim=(64, 96, 128, 96, 64), num_heads=2, cnn_module_kernel=(7, 7, 5, 7, 7),
+        "tiny": dict(_TINY_ZIPFORMER, encoder_dim=(32, 48, 64, 48, 32),
+                     feedforward_dim=(64, 96, 128, 96, 64), num_heads=2,
                      query_head_dim=8, pos_head_dim=2, value_head_dim=8, pos_dim=16,
                      subsampling_channels=(4, 8, 16)),
         # tiny at twice the width (1.15M parameters, 1.9x tiny's step time on one CPU core): the
         # demo's scale check, whether a larger student closes the dual-teacher gap (README)
-        "mini": dict(downsampling_factor=(1, 2, 4, 2, 1), num_layers=1, encoder_dim=(64, 96, 128, 96, 64),
-                     feedforward_dim=(128, 192, 256, 192, 128), num_heads=4, cnn_module_kernel=(7, 7, 5, 7, 7),
+        "mini": dict(_TINY_ZIPFORMER, encoder_dim=(64, 96, 128, 96, 64),
+                     feedforward_dim=(128, 192, 256, 192, 128), num_heads=4,
                      query_head_dim=16, pos_head_dim=4, value_head_dim=12, pos_dim=32,
                      subsampling_channels=(8, 16, 32)),
         "small": dict(num_layers=(1, 1, 1, 2, 1, 1, 1), encoder_dim=256, feedforward_dim=768, num_heads=4),

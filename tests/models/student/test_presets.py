@@ -10,7 +10,7 @@ import torch
 
 from spear.config import StudentConfig
 from spear.models.student import build_encoder, config_from_dict, config_to_dict, encoder_config
-from spear.models.student.encoder import SIZES
+from spear.models.student.encoder import PRESETS, SIZES
 from spear.models.student.targets import align_targets, student_codebooks
 
 # (preset, layers per stack, dim, FFN, published parameters): marcoyang1998/icefall
@@ -154,3 +154,11 @@ def test_a_25hz_student_trains_on_stacked_wavlm_and_one_to_one_dasheng_targets()
     out = obj(feats, lens, {"speech": speech, "audio": audio})
     out.loss.backward()
     assert torch.isfinite(out.loss) and enc.downsample_output.bias.grad is not None
+
+
+def test_student_config_offers_exactly_the_preset_sizes():
+    # config/ may not import models/, so the size Literal repeats SIZES: this keeps the two equal
+    from typing import get_args
+
+    assert get_args(StudentConfig.model_fields["size"].annotation) == SIZES
+    assert all(set(PRESETS[arch]) == set(SIZES) for arch in PRESETS)
