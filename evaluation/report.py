@@ -44,12 +44,12 @@ from typing import Any, Mapping, Optional
 from spear.cluster.storage import Storage, join_uri
 from spear.evaluation.claims import distillation_checks, posttrain_checks, with_without
 from spear.schemas.codebooks import META_NAME as CODEBOOK_META_FILE
+from spear.schemas.train_metrics import METRICS_FILE, learned_losses
 
 # Where the producers keep what the report copies: the training job writes its metrics under
 # TRAIN_OUTPUT/metrics/, tokenize one folder per codebook artefact (layout: spear.schemas.shards;
 # the artefact's own files: spear.schemas.codebooks).
 TRAIN_METRICS_DIR = "metrics"
-METRICS_CSV_FILE = "metrics.csv"
 LOSS_CURVE_FILE = "loss_curve.png"
 CODEBOOKS_DIR = "codebooks"
 USAGE_PLOT_FILE = "usage.png"
@@ -248,7 +248,7 @@ def _plot_metrics_csv(text: str, path: str) -> bool:
 
 def _training_section(train_output: str, storage: Storage, tmp: str) -> dict[str, Any]:
     metrics = join_uri(train_output, TRAIN_METRICS_DIR)
-    csv_uri, png_uri = join_uri(metrics, METRICS_CSV_FILE), join_uri(metrics, LOSS_CURVE_FILE)
+    csv_uri, png_uri = join_uri(metrics, METRICS_FILE), join_uri(metrics, LOSS_CURVE_FILE)
     out: dict[str, Any] = {"train_output": train_output, "metrics_csv": None, "plot": None}
     text = storage.read_text(csv_uri) if storage.exists(csv_uri) else None
     if text is not None:
@@ -256,8 +256,9 @@ def _training_section(train_output: str, storage: Storage, tmp: str) -> dict[str
         rows = list(csv.DictReader(io.StringIO(text)))
         if rows:
             out["steps"] = int(float(rows[-1].get("step", 0) or 0))
-            if rows[0].get("loss") not in (None, ""):
-                out["first_loss"], out["last_loss"] = float(rows[0]["loss"]), float(rows[-1]["loss"])
+            losses = learned_losses(rows)
+            if losses:
+                out["first_loss"], out["last_loss"] = losses[0], losses[-1]
     if storage.exists(png_uri):
         with open(os.path.join(tmp, "train_loss_curve.png"), "wb") as f:
             f.write(storage.read_bytes(png_uri))

@@ -40,12 +40,13 @@ from spear.config import ConfigError, SpearConfig
 from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
 from spear.pipeline.train_job import (RUN_NAME, checkpoints, load_checkpoint_objective, worker_group_starts,
                                       write_metrics_report)
+from spear.schemas.train_metrics import METRICS_FILE, learned_losses
 from spear.stages.artefacts import export_posttrained, export_student
 from spear.stages.posttrain_batches import COLUMNS, PostTrainPlan, plan_posttrain
 from spear.stages.posttrain_data import prepare_posttrain_data, read_prepared
 from spear.stages.posttrain_loop import build_posttrain_model, load_posttrain_checkpoint, posttrain_loop_per_worker
 from spear.stages.text_targets import build_text_targets
-from spear.stages.train_loop import METRICS_FILE, STATE_FILE, first_line
+from spear.stages.train_loop import STATE_FILE, first_line
 from spear.synthetic.counting import CountingGenerator
 
 #: Under OUTPUT: everything of `spear posttrain`.
@@ -230,7 +231,7 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
     export_uri = join_uri(root, MODEL_DIR)
     state = export_posttrain_checkpoint(ckpt_uri, export_uri, storage,
                                         metadata={"languages": prepared.languages.get("train", [])})
-    losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
+    losses = learned_losses(rows)
     sizes = [e["world_size"] for e in worker_group_starts(root, storage, since=started)]
     world_sizes = [n for i, n in enumerate(sizes) if i == 0 or n != sizes[i - 1]] or state["world_sizes"]
     return PostTrainSummary(step=step, first_loss=losses[0] if losses else None,

@@ -32,10 +32,10 @@ from spear.cluster.storage import Storage, StorageError, StorageOptions, join_ur
 from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, select_token_store
 from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
+from spear.schemas.train_metrics import METRICS_FILE, learned_losses
 from spear.stages.artefacts import export_student
 from spear.stages.train_data import TrainDataError, TrainDataPlan
-from spear.stages.train_loop import (METRICS_FILE, MODEL_FILE, STATE_FILE, build_objective, first_line,
-                                     train_loop_per_worker)
+from spear.stages.train_loop import MODEL_FILE, STATE_FILE, build_objective, first_line, train_loop_per_worker
 
 RUN_NAME = "train"
 
@@ -58,14 +58,19 @@ class TrainSummary:
     token_version: str = ""
     metrics: dict[str, str] = field(default_factory=dict)   # csv / tensorboard / plot URIs
     wall_seconds: float = 0.0
+    steps_without_targets: int = 0  # batches with no target of the student's teachers: no update
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def human(self) -> str:
         res = f"resumed from step {self.resumed_from_step}" if self.resumed_from_step is not None else "fresh start"
+        loss = "n/a" if self.first_loss is None else f"{self.first_loss:.3f} -> {self.last_loss:.3f}"
+        skipped = (f"{self.steps_without_targets} of {self.step} steps had no target of the student's teachers "
+                   "(e.g. an audio-only student's all-speech batches): no update, loss nan in the metrics\n"
+                   if self.steps_without_targets else "")
         return (f"trained to step {self.step} ({res}) on token version {self.token_version}, world sizes {self.world_sizes}\n"
-                f"loss {self.first_loss:.3f} -> {self.last_loss:.3f}\ncheckpoint: {self.checkpoint}\n"
+                f"loss {loss}\n{skipped}checkpoint: {self.checkpoint}\n"
                 f"metrics: {self.metrics.get('csv')}  plot: {self.metrics.get('plot')}")
 
 
@@ -196,13 +201,14 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     state = json.loads(storage.read_text(join_uri(ckpt_uri, STATE_FILE)))
     rows = list(csv.DictReader(io.StringIO(storage.read_text(join_uri(ckpt_uri, METRICS_FILE)))))
     metrics = write_metrics_report(rows, join_uri(cfg.output, "metrics"), storage)
-    losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
+    losses = learned_losses(rows)
     sizes = [e["world_size"] for e in worker_group_starts(cfg.output, storage, since=started)]
     world_sizes = [n for i, n in enumerate(sizes) if i == 0 or n != sizes[i - 1]] or state["world_sizes"]
     return TrainSummary(step=step, first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                         resumed_from_step=resumed_from, world_sizes=world_sizes, checkpoint=ckpt_uri,
                         output=cfg.output, token_version=store.version, metrics=metrics,
-                        wall_seconds=time.monotonic() - t0)
+                        wall_seconds=time.monotonic() - t0,
+                        steps_without_targets=sum(r.get("updated") == "0" for r in rows))
 
 
 def write_metrics_report(rows: list[dict[str, str]], directory: str, storage: Storage) -> dict[str, str]:

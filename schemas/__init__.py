@@ -10,6 +10,7 @@ One module per format; readers and writers elsewhere (stages/, pipeline/) use th
 - :mod:`~spear.schemas.shards`: token shards, token versions, the token dataset layout;
 - :mod:`~spear.schemas.ledger`: ledger entries, manifests and ``version.json`` of a token version;
 - :mod:`~spear.schemas.codebooks`: the MVQ codebook artefact;
+- :mod:`~spear.schemas.train_metrics`: a training run's per-step ``metrics.csv``;
 - :mod:`~spear.schemas.student_export`: an exported student;
 - :mod:`~spear.schemas.versioning`: the version check readers make, and :class:`FormatError`.
 """

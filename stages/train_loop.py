@@ -44,14 +44,14 @@ from spear.cluster.storage import cached_storage, join_uri
 from spear.config import TrainConfig
 from spear.models.frontend import KaldiFbank
 from spear.models.optim import Eden, ScaledAdam
-from spear.models.student import (IGNORE_INDEX, SpearObjective, align_targets, build_encoder, mask_features, mix_batch,
-                                  student_codebooks)
+from spear.models.student import (IGNORE_INDEX, SpearObjective, align_targets, build_encoder, has_any_target,
+                                  mask_features, mix_batch, student_codebooks)
 from spear.schemas.segments import SAMPLE_RATE
+from spear.schemas.train_metrics import METRICS_FILE
 from spear.stages.artefacts import initialise_encoder
 from spear.stages.audio import AudioDecodeError
 from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 
-METRICS_FILE = "metrics.csv"
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optim.pt"
@@ -89,15 +89,41 @@ def collective_timeout_ends_run(rank: int, world: int, timeout_s: float, waiting
         raise
 
 
-def agree_have_batch(have: bool, rank: int, world: int, device, step: int, timeout_s: float) -> list[int]:
-    """Every rank's "has no batch" flag (0 = has one), by one all-reduce; the same list on every rank."""
+# What a rank brings to a step. A step updates the model only if some rank's batch has a target of the
+# student's teachers: an audio-only student's all-speech batch has none, and an AdamW step on zero
+# gradients would still move every weight (momentum and weight decay).
+HAS_TARGETS, NO_TARGETS, NO_BATCH = 0, 1, 2
+
+
+def agree_step(state: int, rank: int, world: int, device, step: int, timeout_s: float) -> list[int]:
+    """Every rank's state for this step (HAS_TARGETS, NO_TARGETS or NO_BATCH), by one all-reduce
+    before the forward pass, so no rank waits forever in a collective the others never join; the
+    same list on every rank.
+
+    >>> agree_step(NO_TARGETS, rank=0, world=1, device="cpu", step=0, timeout_s=1.0)
+    [1]
+    """
     if world == 1:
-        return [0 if have else 1]
-    flags = torch.zeros(world, dtype=torch.int64, device=device)
-    flags[rank] = 0 if have else 1
+        return [state]
+    states = torch.zeros(world, dtype=torch.int64, device=device)
+    states[rank] = state
     with collective_timeout_ends_run(rank, world, timeout_s, f"for the other workers before step {step + 1}"):
-        torch.distributed.all_reduce(flags)
-    return [int(x) for x in flags.tolist()]
+        torch.distributed.all_reduce(states)
+    return [int(x) for x in states.tolist()]
+
+
+def apply_update(model, optimizer, scheduler, kind: str, epoch_per_step: float, update: bool) -> None:
+    """One optimiser step after ``backward()`` (AdamW clipped at 5, ScaledAdam clipping by itself), or none
+    when ``update`` is False (no rank had a target). The learning-rate schedule advances either way: it
+    counts steps (AdamW) or audio seen (Eden), and the batch was consumed."""
+    if update:
+        if kind == "adamw":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+    if kind == "adamw":
+        scheduler.step()
+    else:
+        scheduler.step(epoch=scheduler.epoch + epoch_per_step)
 
 
 def cpu_worker_threads(local_workers: int, cpus: Optional[int] = None) -> int:
@@ -314,13 +340,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = config["plan"]
     try:  # the same config on every rank: all fail alike, none waits for another
         cfg = TrainConfig.model_validate(config["train"])
+        torch.manual_seed(cfg.seed)  # train.seed sets the initial weights too, not only data order and masks
         objective = build_objective(cfg, plan)
     except ValueError as exc:
         raise NonRetryableError(f"bad training config: {first_line(exc)}") from None
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_worker_threads(ctx.get_local_world_size()))
-    torch.manual_seed(cfg.seed)
 
     kind = cfg.optimizer_kind
     optimizer, scheduler, lr = build_optimizer(objective, cfg, world, int(config["max_workers"]))
@@ -354,28 +380,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = None
         except (TrainDataError, AudioDecodeError) as exc:
             raise NonRetryableError(f"rank {rank}: {exc}") from None
+        prepared = None if batch is None else prepare_batch(batch, plan, cfg, encoder, fbank, generator, device)
+        state = NO_BATCH if prepared is None else HAS_TARGETS if has_any_target(prepared[2]) else NO_TARGETS
         # all ranks step together or stop together: DDP's all-reduce needs every rank
-        empty = [r for r, flag in enumerate(agree_have_batch(batch is not None, rank, world, device, step,
-                                                             cfg.collective_timeout_s)) if flag]
+        states = agree_step(state, rank, world, device, step, cfg.collective_timeout_s)
+        empty = [r for r, rank_state in enumerate(states) if rank_state == NO_BATCH]
         if empty:
             rows = ", ".join(f"{plan.live_rows(d)} {d}" for d in ("speech", "audio") if d in plan.units)
             raise NonRetryableError(f"rank{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} of {world} "
                                     f"ran out of rows at step {step + 1}: the token dataset has {rows} live rows, "
                                     f"fewer than the {world} workers; train with fewer workers")
-        masked, feat_lens, targets, secs = prepare_batch(batch, plan, cfg, encoder, fbank, generator, device)
+        masked, feat_lens, targets, secs = prepared
         with torch.autocast(**autocast_settings(device, cfg.precision)):
             out = model(masked.feats, feat_lens, targets, frame_mask=masked.frame_mask)
         optimizer.zero_grad(set_to_none=True)
         with collective_timeout_ends_run(rank, world, cfg.collective_timeout_s,
                                          f"in the gradient all-reduce of step {step + 1}"):
-            out.loss.backward()
-        if kind == "adamw":
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            scheduler.step()
-        else:  # ScaledAdam clips by itself, against the running median of its gradient norms
-            optimizer.step()
-            scheduler.step(epoch=scheduler.epoch + epoch_per_step)
+            out.loss.backward()  # on every rank, even without targets: DDP's all-reduce needs it
+        update = HAS_TARGETS in states
+        apply_update(model, optimizer, scheduler, kind, epoch_per_step, update)
         step += 1
         audio_seconds += secs
         m = out.metrics()
@@ -384,7 +407,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         now = time.monotonic()
         metrics_rows.append({
             "step": step, "world_size": world, "lr": scheduler.get_last_lr()[0],
-            "audio_seconds_per_s": audio_seconds / max(now - t_last, 1e-9),
+            "audio_seconds_per_s": audio_seconds / max(now - t_last, 1e-9), "updated": int(update),
             # which rows this step trained on (rank 0's batch): audits resume and reproducibility
             "batch_digest": hashlib.sha1("|".join(batch["segment_ids"].tolist()).encode()).hexdigest()[:16], **m})
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:

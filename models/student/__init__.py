@@ -37,6 +37,7 @@ from .targets import (
     IGNORE_INDEX,
     TargetAlignmentError,
     align_targets,
+    has_any_target,
     converted_lengths,
     ignore_utterances,
     rate_factor,
@@ -52,5 +53,5 @@ __all__ = [
     "MaskedFeatures", "channel_mask", "mask_features", "span_mask",
     "MixInfo", "mix_batch",
     "IGNORE_INDEX", "TargetAlignmentError", "align_targets", "converted_lengths", "ignore_utterances", "rate_factor",
-    "student_codebooks",
+    "student_codebooks", "has_any_target",
 ]

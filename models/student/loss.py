@@ -168,9 +168,17 @@ class ObjectiveOutput:
     teachers: dict[str, TeacherLoss]
     encoder: EncoderOutput
 
+    @property
+    def has_targets(self) -> bool:
+        """Whether any frame of the batch has a target of any teacher (an audio-only student's
+        all-speech batch has none: its loss is a constant 0 with nothing to learn from)."""
+        return any(int(t.num_frames) > 0 for t in self.teachers.values())
+
     def metrics(self) -> dict[str, float]:
-        """Flat floats for logging: loss, and per teacher ce (per frame with a target) and accuracies."""
-        out = {"loss": float(self.loss.detach()), "frames": int(self.num_frames)}
+        """Flat floats for logging: loss (nan for a batch without targets, not a perfect 0), and per
+        teacher ce (per frame with a target) and accuracies."""
+        loss = float(self.loss.detach()) if self.has_targets else float("nan")
+        out = {"loss": loss, "frames": int(self.num_frames)}
         for name, t in self.teachers.items():
             out[f"{name}/ce"] = t.ce_per_frame
             out.update({f"{name}/{k}": v for k, v in t.accuracy.summary().items()})

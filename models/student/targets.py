@@ -33,10 +33,21 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+def has_any_target(targets: Mapping[str, torch.Tensor], ignore_index: int = IGNORE_INDEX) -> bool:
+    """Whether any teacher has a target anywhere in the batch. An audio-only student's all-speech
+    batch has none: its loss is a constant 0 with no gradient worth a step.
+
+    >>> has_any_target({"audio": torch.full((2, 3, 4), -100)}), has_any_target({"audio": torch.tensor([[[-100, 7]]])})
+    (False, True)
+    """
+    return any(bool((t != ignore_index).any()) for t in targets.values())
 
 
 class TargetAlignmentError(ValueError):

@@ -420,7 +420,7 @@ def test_train_job_on_two_nodes_trains_on_the_tokens_and_checkpoints_to_seaweedf
                                                                                  s3_server, s3_storage):
     """`spear train` as a job on the 1-CPU nodes: checkpoints, metrics and summary all come back through S3 / the API."""
     from spear.pipeline.train_job import checkpoints
-    from spear.stages.train_loop import METRICS_FILE
+    from spear.schemas.train_metrics import METRICS_FILE
 
     assert tokenized["run"].returncode == 0, "the tokenize job failed (see the tokenize test)"
     (version,) = tokenized["status"].versions

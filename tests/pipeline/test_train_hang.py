@@ -100,7 +100,7 @@ def _stalled_peer(rank, port, result):
 
     import torch.distributed as dist
 
-    from spear.stages.train_loop import NonRetryableError, agree_have_batch
+    from spear.stages.train_loop import HAS_TARGETS, NonRetryableError, agree_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=3))
@@ -109,7 +109,7 @@ def _stalled_peer(rank, port, result):
             time.sleep(8)  # stuck, e.g. on a storage read: never joins the step agreement in time
             return
         try:
-            agree_have_batch(True, 0, 2, "cpu", 6, 3)
+            agree_step(HAS_TARGETS, 0, 2, "cpu", 6, 3)
             result.put("no error")
         except NonRetryableError as exc:
             result.put(str(exc))

@@ -87,6 +87,37 @@ def test_checkpoints_round_trip_through_seaweedfs(ray_cluster, s3_storage, shard
     assert s3_storage.exists(join_uri(out, "metrics", "loss_curve.png"))
 
 
+def test_steps_without_targets_update_nothing_and_say_so(ray_cluster, shards, tmp_path):
+    """An audio-only student fed speech only (audio weight ~0): no step has a target of its teacher, so
+    the weights stay those train.seed made, each loss is logged as nan (not a perfect 0), and the
+    summary counts the steps."""
+    from types import SimpleNamespace
+
+    from spear.stages.train_loop import build_objective
+
+    st = Storage()
+    _, shard_uri = shards
+    out = str(tmp_path / "audio-only")
+    cfg = _cfg(shard_uri, out, 3, extra=["train.teacher_roles=[audio]", "train.audio_weight=1e-9", "train.seed=7"])
+    summary = run_train(cfg, progress=False)
+    assert summary.step == 3 and summary.steps_without_targets == 3 and summary.first_loss is None
+    assert "3 of 3 steps had no target" in summary.human()
+    _, uri = checkpoints(out, st)[-1]
+    rows = list(csv.DictReader(io.StringIO(st.read_text(join_uri(uri, "metrics.csv")))))
+    assert [r["updated"] for r in rows] == ["0", "0", "0"] and all(r["loss"] == "nan" for r in rows)
+
+    trained, state = load_checkpoint_objective(out, st)
+    heads = state["heads"]
+    plan = SimpleNamespace(roles=heads["roles"], codebooks=heads["codebooks"], frame_rates=heads["frame_rates"])
+    initial = {}
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        initial[seed] = build_objective(cfg.train, plan).state_dict()
+    weights = trained.state_dict()
+    assert all(torch.equal(weights[k], initial[7][k]) for k in weights)
+    assert not all(torch.equal(weights[k], initial[8][k]) for k in weights)
+
+
 def test_exported_student_gives_the_checkpoints_features(ray_cluster, shards, tmp_path):
     from spear.models.frontend import KaldiFbank
     from spear.stages.artefacts import load_student

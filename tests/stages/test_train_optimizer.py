@@ -11,8 +11,8 @@ import torch
 
 from spear.config import ConfigError, load_config
 from spear.models.optim import Eden, ScaledAdam
-from spear.stages.train_loop import (NonRetryableError, build_objective, build_optimizer, eden_epoch_per_step,
-                                     restore_checkpoint, save_checkpoint)
+from spear.stages.train_loop import (NonRetryableError, apply_update, build_objective, build_optimizer,
+                                     eden_epoch_per_step, restore_checkpoint, save_checkpoint)
 
 PLAN = SimpleNamespace(roles=["speech"], codebooks={"speech": 4}, frame_rates={"speech": 50.0},
                        seconds_by_domain={"speech": 1800.0, "audio": 1800.0})
@@ -73,8 +73,7 @@ def _steps(objective, opt, sched, kind, n, epoch_per_step=0.01):
         out = objective(feats, lengths, targets)
         opt.zero_grad()
         out.loss.backward()
-        opt.step()
-        sched.step(epoch=sched.epoch + epoch_per_step) if kind == "scaled_adam" else sched.step()
+        apply_update(objective, opt, sched, kind, epoch_per_step, update=True)
 
 
 def test_a_checkpoint_restores_scaled_adam_and_eden_and_refuses_another_optimizer(tmp_path):
@@ -103,3 +102,27 @@ def test_a_checkpoint_restores_scaled_adam_and_eden_and_refuses_another_optimize
     opt3, sched3, lr3 = build_optimizer(objective3, adamw, 1, 1)
     with pytest.raises(NonRetryableError, match="train.optimizer=scaled_adam"):
         restore_checkpoint(_Checkpoint(tmp_path), objective3, opt3, sched3, lr3, "adamw")
+
+
+@pytest.mark.parametrize("kind", ["adamw", "scaled_adam"])
+def test_a_step_without_targets_moves_no_weight_but_the_schedule(kind):
+    """An audio-only student's all-speech batch: zero gradients, and no optimiser step (AdamW's momentum
+    and weight decay would otherwise move every weight); the schedule still advances."""
+    cfg = _train([f"train.optimizer={kind}", "train.warmup_steps=10"])
+    torch.manual_seed(0)
+    objective = build_objective(cfg, PLAN)
+    opt, sched, _ = build_optimizer(objective, cfg, 1, 1)
+    _steps(objective, opt, sched, kind, 2)  # momentum to carry
+    before = {n: p.detach().clone() for n, p in objective.named_parameters()}
+    lr_before = sched.get_last_lr()[0]
+    feats, lengths = torch.randn(2, 120, 40), torch.tensor([120, 100])
+    frames = int(objective.encoder.output_lengths(lengths).max())
+    out = objective(feats, lengths, {"speech": torch.full((2, frames, 4), -100)})
+    opt.zero_grad()
+    out.loss.backward()
+    apply_update(objective, opt, sched, kind, 0.01, update=False)
+    for n, p in objective.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert sched.get_last_lr()[0] != lr_before  # still in warm-up: the lr moved on
+    apply_update(objective, opt, sched, kind, 0.01, update=True)  # the same zero gradients, stepped
+    assert any(not torch.equal(p, before[n]) for n, p in objective.named_parameters())

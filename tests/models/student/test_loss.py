@@ -14,6 +14,7 @@ from spear.models.student import (
     asymmetric_loss,
     build_encoder,
     codebook_accuracy,
+    has_any_target,
     ignore_utterances,
     mask_features,
     multi_codebook_ce,
@@ -104,6 +105,21 @@ def test_objective_matches_the_formula_and_trains_every_part(arch):
     out.loss.backward()
     assert enc.mask_embedding.grad.abs().sum() > 0
     assert all(p.grad is not None for p in obj.heads.parameters())
+
+
+def test_a_batch_without_targets_logs_nan_not_a_perfect_zero():
+    """An audio-only student's all-speech batch: utterances 0-1 are speech, so ignoring utterance 2
+    leaves the audio head nothing to predict."""
+    enc, feats, lengths, targets, heads = _batch()
+    audio_only = {"audio": targets["audio"]}
+    obj = SpearObjective(enc, {"audio": heads["audio"]}, {"audio": 0.25})
+    assert has_any_target(audio_only) and obj(feats, lengths, audio_only).has_targets
+    all_speech = {"audio": ignore_utterances(targets["audio"], torch.tensor([False, False, False]))}
+    assert not has_any_target(all_speech)
+    out = obj(feats, lengths, all_speech)
+    assert not out.has_targets and float(out.loss.detach()) == 0.0  # the loss itself is a constant 0...
+    assert math.isnan(out.metrics()["loss"]) and math.isnan(out.metrics()["audio/ce"])  # ...and logged as nan
+    assert math.isfinite(obj(feats, lengths, audio_only).metrics()["loss"])
 
 
 def test_objective_checks_target_shapes():
