@@ -92,27 +92,90 @@ def _wav_missing(data: bytes) -> tuple[int, int]:
     return 0, 0
 
 
+@dataclass(frozen=True)
+class OggPage:
+    """One page of an Ogg stream: where it starts and ends in the object, and its header fields."""
+    start: int
+    end: int
+    end_of_stream: bool
+
+
+def ogg_pages(data: bytes) -> Iterator[Optional[OggPage]]:
+    """The whole pages of an Ogg object, in order; a last None when the bytes end inside a page header,
+    its segment table or its body (a cut-off object). Stops at bytes that do not start a page."""
+    pos = 0
+    while pos < len(data) and data[pos:pos + 4] == b"OggS":
+        if pos + 27 > len(data) or pos + 27 + data[pos + 26] > len(data):
+            yield None
+            return
+        nseg = data[pos + 26]
+        end = pos + 27 + nseg + sum(data[pos + 27:pos + 27 + nseg])
+        if end > len(data):
+            yield None
+            return
+        yield OggPage(pos, end, bool(data[pos + 5] & 4))
+        pos = end
+
+
 def _ogg_complete(data: bytes) -> bool:
     """Whether an Ogg object ends with a whole end-of-stream page (a cut-off one does not).
 
     libsndfile reads a truncated Ogg without complaint, so this walk over the page headers
     (27 bytes + segment table each, a few thousand per hour of audio) is the only sign of the cut.
+    Bytes after a whole end-of-stream page (a tag, padding) are not a cut.
     """
-    pos, eos = 0, False
-    while pos < len(data):
-        if data[pos:pos + 4] != b"OggS":
-            return eos  # bytes after a whole end-of-stream page (a tag, padding) are not a cut
-        if pos + 27 > len(data):
+    eos = False
+    for page in ogg_pages(data):
+        if page is None:
             return False
-        nseg = data[pos + 26]
-        if pos + 27 + nseg > len(data):
-            return False
-        end = pos + 27 + nseg + sum(data[pos + 27:pos + 27 + nseg])
-        if end > len(data):
-            return False
-        eos = bool(data[pos + 5] & 4)
-        pos = end
+        eos = page.end_of_stream
     return eos
+
+
+def _ogg_crc_table() -> list[int]:
+    table = []
+    for i in range(256):  # CRC-32 with polynomial 0x04c11db7, not bit-reflected (Ogg's, unlike zlib's)
+        r = i << 24
+        for _ in range(8):
+            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
+        table.append(r & 0xFFFFFFFF)
+    return table
+
+
+_OGG_CRC_TABLE = _ogg_crc_table()
+
+
+def ogg_page_crc(page: bytes) -> int:
+    """The checksum of one Ogg page, computed with its checksum field (bytes 22-25) as zero."""
+    crc, table = 0, _OGG_CRC_TABLE
+    for i, b in enumerate(page):
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ (0 if 22 <= i < 26 else b)]
+    return crc
+
+
+def with_ogg_serial(data: bytes, serial: int) -> bytes:
+    """The Ogg object ``data`` (one logical stream) with its stream serial number set to ``serial``.
+
+    libsndfile draws the serial at random, so the same audio encodes to different bytes on every
+    write; with a fixed serial, the bytes (and so their content hash) are the same each time.
+
+    Example::
+
+        >>> import io, numpy as np, soundfile as sf
+        >>> buf = io.BytesIO()
+        >>> sf.write(buf, np.zeros(800), 8000, format="OGG", subtype="VORBIS")
+        >>> fixed = with_ogg_serial(buf.getvalue(), 7)
+        >>> sf.read(io.BytesIO(fixed))[0].shape, fixed[14:18] == (7).to_bytes(4, "little")
+        ((800,), True)
+    """
+    out = bytearray(data)
+    for page in ogg_pages(data):
+        if page is None:
+            raise ValueError("not a whole Ogg object: the bytes end inside a page")
+        out[page.start + 14:page.start + 18] = int(serial).to_bytes(4, "little")
+        crc = ogg_page_crc(bytes(out[page.start:page.end]))
+        out[page.start + 22:page.start + 26] = crc.to_bytes(4, "little")
+    return bytes(out)
 
 
 # Frames per read when re-reading a damaged stretch: libsndfile drops the whole read that fails,

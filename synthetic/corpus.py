@@ -20,10 +20,10 @@ Layout under ``root``::
     labels.jsonl  one JSON object per file (see :func:`generate_demo_corpus`)
     corpus.json   version, size, seed, counts, total seconds: the cache key
 
-Generation is deterministic given the seed (the same labels, and the same bytes for the
-lossless files; the Ogg container draws a random stream serial number, so ogg/opus bytes
-differ between runs while their audio does not), and cached: a second call with the same
-version, size and seed returns at once.
+Generation is deterministic given the seed (the same labels and the same bytes in every
+format: :func:`~spear.synthetic.formats.write_audio` fixes the Ogg stream serial number that
+libsndfile draws at random), and cached: a second call with the same version, size and seed
+returns at once.
 
 Example::
 
