@@ -32,7 +32,7 @@ from spear.cluster.storage import Storage, StorageError, StorageOptions, join_ur
 from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, select_token_store
 from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
-from spear.schemas.train_metrics import METRICS_FILE, learned_losses
+from spear.schemas.train_metrics import METRICS_FILE, learned_losses, steps_without_update
 from spear.stages.artefacts import export_student
 from spear.stages.train_data import TrainDataError, TrainDataPlan
 from spear.stages.train_loop import MODEL_FILE, STATE_FILE, build_objective, first_line, train_loop_per_worker
@@ -208,7 +208,7 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                         resumed_from_step=resumed_from, world_sizes=world_sizes, checkpoint=ckpt_uri,
                         output=cfg.output, token_version=store.version, metrics=metrics,
                         wall_seconds=time.monotonic() - t0,
-                        steps_without_targets=sum(r.get("updated") == "0" for r in rows))
+                        steps_without_targets=steps_without_update(rows))
 
 
 def write_metrics_report(rows: list[dict[str, str]], directory: str, storage: Storage) -> dict[str, str]:

@@ -23,3 +23,12 @@ def learned_losses(rows: Sequence[Mapping[str, Any]]) -> list[float]:
     """
     values = (float(r["loss"]) for r in rows if r.get("loss") not in (None, ""))
     return [x for x in values if not math.isnan(x)]
+
+
+def steps_without_update(rows: Sequence[Mapping[str, Any]]) -> int:
+    """How many steps took no optimiser step (``updated`` 0: no rank had a target of the student's teachers).
+
+    >>> steps_without_update([{"updated": "1"}, {"updated": "0"}, {}])
+    1
+    """
+    return sum(str(r.get("updated")) == "0" for r in rows)

@@ -11,10 +11,12 @@ from spear.config import TeacherConfig
 from spear.evaluation.clips import Clip
 from spear.evaluation.features import (
     FBANK_BINS,
+    RANDOM_STUDENT_SEED,
     ProbedModels,
     extract,
     extractor_loaders,
     fbank_extractor,
+    random_student,
     select_layers,
     teacher_names,
 )
@@ -82,3 +84,26 @@ def test_released_models_load_after_the_students_with_unique_names():
     names = [name for name, _ in extractor_loaders(models, storage=None, device=torch.device("cpu"))]
     assert names == ["released:spear.pt", "released:spear.pt#2", "released:base"]
     assert released_names([]) == []
+
+
+@pytest.mark.parametrize("size", ["tiny", "mini"])
+def test_the_random_student_is_the_trained_students_start_at_the_default_seed(size):
+    """With train.seed at its default, training starts from exactly the random student's weights, so the
+    report's student - random_student margin is what training added (and 0 where it added nothing)."""
+    from types import SimpleNamespace
+
+    from spear.config import TrainConfig
+    from spear.stages.train_loop import build_objective
+
+    cfg = TrainConfig.model_validate({"student": {"size": size}})
+    assert cfg.seed == RANDOM_STUDENT_SEED
+    plan = SimpleNamespace(roles=("speech", "audio"), codebooks={"speech": 4, "audio": 4},
+                           frame_rates={"speech": 50.0, "audio": 25.0})
+    torch.manual_seed(cfg.seed)  # as train_loop_per_worker does before building
+    trained_start = build_objective(cfg, plan).encoder.state_dict()
+    random = random_student({"architecture": cfg.student.architecture, "size": size}, torch.device("cpu"))
+    assert trained_start.keys() == random.encoder.state_dict().keys()
+    assert all(torch.equal(v, random.encoder.state_dict()[k]) for k, v in trained_start.items())
+    torch.manual_seed(cfg.seed + 1)
+    other = build_objective(cfg, plan).encoder.state_dict()
+    assert not all(torch.equal(v, other[k]) for k, v in trained_start.items())
