@@ -235,7 +235,7 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
 
         q = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer).remote(sample, **fit_kwargs))
     else:
-        q = fit_quantizer(sample, **fit_kwargs)
+        q = fit_quantizer(sample, **fit_kwargs, log=lambda line: log(f"[tokenize] {role} codebooks: {line}"))
     loss = q.metadata.get("heldout_relative_loss")
     if loss is None:
         loss = q.metadata.get("train_relative_loss")

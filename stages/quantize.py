@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -173,12 +173,13 @@ def largest_codebook_size(frames: int, per_entry: int) -> int | None:
 
 def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int, seed: int, teacher_id: str,
                   layer: int | None, extra: dict[str, Any], min_frames_per_entry: int = 4, normalize: bool = True,
-                  refine_iters: int = 4):
+                  refine_iters: int = 4, log: Callable[[str], None] | None = None):
     """Fit MVQ on the sample (GPU when this process has one); the held-out loss is recorded in the artefact.
 
     ``normalize``: per-dimension mean/std normalisation of the frames before fitting (the teacher
     config's ``normalize_features``: the authors normalise WavLM's features, not Dasheng's); it is
-    part of the codebooks' metadata and version. ``refine_iters``: ``mvq.refine_iters``.
+    part of the codebooks' metadata and version. ``refine_iters``: ``mvq.refine_iters``. ``log``: gets
+    a line per initialised codebook and per refinement pass (a fit on CPU takes minutes).
     Raises :class:`TooFewFramesError` below ``min_frames_per_entry`` frames per codebook entry.
     """
     import torch
@@ -194,7 +195,7 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
         # faiss' progressive-dimension k-means starts with a PCA that needs more frames than dimensions
         settings = dataclasses.replace(settings, progressive_dim_steps=0)
     return MultiCodebookQuantizer.fit(torch.from_numpy(sample.train), settings, heldout=heldout,
-                                      teacher_id=teacher_id, layer=layer, extra=extra)
+                                      teacher_id=teacher_id, layer=layer, extra=extra, log=log)
 
 
 def codebook_uri(output: str, role: str, teacher_version: str, num_codebooks: int, codebook_size: int,

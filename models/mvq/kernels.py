@@ -405,5 +405,6 @@ def residual_kmeans_init(x: torch.Tensor, num_codebooks: int, codebook_size: int
         books.append(cent)
         if log is not None:
             energy = float(cost[:, 0].sum() + (x.to(torch.float64) ** 2).sum()) / max(1, n)
-            log(f"k-means init codebook {c}: residual energy {energy:.4f} ({time.time() - t0:.1f}s)")
+            log(f"k-means init codebook {c + 1}/{num_codebooks}: residual energy {energy:.4f} "
+                f"({time.time() - t0:.1f}s)")
     return torch.stack(books).contiguous(), codes[:, 0, :].contiguous()

@@ -180,8 +180,9 @@ class MultiCodebookQuantizer:
             if fitted.heldout is not None and fitted.heldout.shape[0] > 0:
                 q._meta["heldout_relative_loss"] = q.relative_reconstruction_loss(fitted.heldout,
                                                                                   chunk_size=st.chunk_size)
+            held = q._meta["heldout_relative_loss"]
             say(f"fitted in {time.time() - t_start:.1f}s: train loss {fitted.meta['train_relative_loss']:.4f}, "
-                f"held-out loss {q._meta['heldout_relative_loss']}")
+                f"held-out loss {'n/a' if held is None else f'{held:.4f}'}")
         return q
 
     # ------------------------------------------------------------------ encode / decode

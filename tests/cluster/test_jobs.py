@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -393,6 +394,8 @@ def test_tokenize_job_on_two_nodes_with_seaweedfs(tokenized, two_nodes, s3_serve
     assert summary["output"] == out and summary["new_objects"] == 3 and summary["committed_objects"] == 3
     assert "files/job.yaml" in result["entrypoint"]
     assert "[tokenize] pass 2" in r.stderr  # the job's log, streamed
+    # the codebook fit (minutes on CPU at the demo's size) shows each codebook it initialised, the last included
+    assert re.search(r"\[tokenize\] speech codebooks: k-means init codebook (\d+)/\1: ", r.stderr), r.stderr[-4000:]
 
     (v,) = tokenized["status"].versions  # on SeaweedFS, committed, nothing left over
     assert v.token_version == summary["token_version"]

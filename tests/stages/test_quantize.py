@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from spear.stages.quantize import (FrameReservoir, TooFewFramesError, balanced_sample, is_heldout,
-                                   largest_codebook_size)
+from spear.stages.quantize import (FrameReservoir, FrameSample, TooFewFramesError, balanced_sample, fit_quantizer,
+                                   is_heldout, largest_codebook_size)
 
 
 def _segments(n_segments: int, dim: int, seed: int = 0) -> list[tuple[str, np.ndarray]]:
@@ -97,3 +97,19 @@ def test_largest_codebook_size(frames, per_entry, expected):
 def test_too_few_frames_error_says_what_is_needed():
     err = TooFewFramesError(frames=100, codebook_size=256, min_per_entry=4)
     assert err.needed == 1024 and "need at least 1024" in str(err)
+
+
+def test_a_fit_reports_each_initialised_codebook_and_refinement_pass():
+    """A CPU fit of the demo's 16 x 256 speech codebooks takes about 3 minutes: the log shows it advance."""
+    frames = np.random.default_rng(0).standard_normal((1200, 8)).astype(np.float32)
+    sample = FrameSample(train=frames[:1000], heldout=frames[1000:], segments=10, audio_seconds=40.0,
+                         sources={"a": 10})
+    lines: list[str] = []
+    q = fit_quantizer(sample, num_codebooks=3, codebook_size=16, seed=0, teacher_id="t" * 16, layer=None, extra={},
+                      refine_iters=2, log=lines.append)
+    assert q.num_codebooks == 3
+    inits = [line for line in lines if line.startswith("k-means init codebook")]
+    assert [line.split(":")[0] for line in inits] == [f"k-means init codebook {c}/3" for c in (1, 2, 3)]
+    assert any(line.startswith("initialised 3 x 16 codebooks in") for line in lines), lines
+    assert lines[-2].startswith("refinement stopped after"), lines
+    assert lines[-1].startswith("fitted in") and lines[-1].endswith(f"held-out loss {q.metadata['heldout_relative_loss']:.4f}")
