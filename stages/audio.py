@@ -105,12 +105,10 @@ def ogg_pages(data: bytes) -> Iterator[Optional[OggPage]]:
     its segment table or its body (a cut-off object). Stops at bytes that do not start a page."""
     pos = 0
     while pos < len(data) and data[pos:pos + 4] == b"OggS":
-        if pos + 27 > len(data) or pos + 27 + data[pos + 26] > len(data):
-            yield None
-            return
-        nseg = data[pos + 26]
-        end = pos + 27 + nseg + sum(data[pos + 27:pos + 27 + nseg])
-        if end > len(data):
+        nseg = data[pos + 26] if pos + 27 <= len(data) else None
+        # a cut segment table sums short, but the end still lies past the bytes
+        end = None if nseg is None else pos + 27 + nseg + sum(data[pos + 27:pos + 27 + nseg])
+        if end is None or end > len(data):
             yield None
             return
         yield OggPage(pos, end, bool(data[pos + 5] & 4))
@@ -148,8 +146,8 @@ _OGG_CRC_TABLE = _ogg_crc_table()
 def ogg_page_crc(page: bytes) -> int:
     """The checksum of one Ogg page, computed with its checksum field (bytes 22-25) as zero."""
     crc, table = 0, _OGG_CRC_TABLE
-    for i, b in enumerate(page):
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ (0 if 22 <= i < 26 else b)]
+    for b in page[:22] + bytes(4) + page[26:]:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ b]
     return crc
 
 

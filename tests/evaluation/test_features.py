@@ -101,9 +101,10 @@ def test_the_random_student_is_the_trained_students_start_at_the_default_seed(si
                            frame_rates={"speech": 50.0, "audio": 25.0})
     torch.manual_seed(cfg.seed)  # as train_loop_per_worker does before building
     trained_start = build_objective(cfg, plan).encoder.state_dict()
-    random = random_student({"architecture": cfg.student.architecture, "size": size}, torch.device("cpu"))
-    assert trained_start.keys() == random.encoder.state_dict().keys()
-    assert all(torch.equal(v, random.encoder.state_dict()[k]) for k, v in trained_start.items())
+    random = random_student({"architecture": cfg.student.architecture, "size": size},
+                            torch.device("cpu")).encoder.state_dict()
+    assert trained_start.keys() == random.keys()
+    assert all(torch.equal(v, random[k]) for k, v in trained_start.items())
     torch.manual_seed(cfg.seed + 1)
     other = build_objective(cfg, plan).encoder.state_dict()
     assert not all(torch.equal(v, other[k]) for k, v in trained_start.items())
