@@ -277,6 +277,8 @@ class MVQConfig(_Section):
     sample_frames: int = Field(200_000, ge=1000, description="teacher frames sampled (reservoir) to fit the codebooks")
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="sample share kept out of fitting to measure reconstruction loss")
     refine_iters: int = Field(4, ge=0, description="joint refinement passes at most after the k-means initialisation (0: initialisation only); a pass is kept only when the validation loss falls")
+    kmeans_points_per_centroid: int = Field(256, ge=16, description="frames (residuals) per codebook entry each k-means of the initialisation trains on at most (faiss' max_points_per_centroid); the fit's time grows with it")
+    kmeans_dim_steps: int = Field(10, ge=0, description="steps of the initialisation's progressive-dimension k-means (faiss ProgressiveDimClustering: PCA dims grow over this many steps of 10 iterations; 0: plain k-means)")
     seed: int = Field(0, description="seed of sampling and fitting")
     min_frames_per_entry: int = Field(4, ge=1, description="fewest sampled frames per codebook entry to fit at all (below 40 the fit is poor and a warning says so)")
     reuse_codebooks: Optional[str] = Field(None, description="token dataset or codebook folder whose codebooks for the same teacher version and shape are used instead of fitting new ones")

@@ -229,7 +229,8 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
     fit_kwargs = dict(num_codebooks=num_codebooks, codebook_size=size, seed=cfg.mvq.seed,
                       teacher_id=desc["version"], layer=tcfg.layer, extra=extra,
                       min_frames_per_entry=cfg.mvq.min_frames_per_entry, normalize=tcfg.normalize_features,
-                      refine_iters=cfg.mvq.refine_iters)
+                      refine_iters=cfg.mvq.refine_iters, kmeans_points_per_centroid=cfg.mvq.kmeans_points_per_centroid,
+                      kmeans_dim_steps=cfg.mvq.kmeans_dim_steps)
     if rinfo.gpus > 0:  # fit where the GPU is
         import ray
 

@@ -64,7 +64,8 @@ class _RInfo:
 
 def test_fit_codebooks_fits_with_the_role_setting_and_reuse_or_load_never_mixes_them(tmp_path, monkeypatch):
     storage = Storage()
-    cfg = load_config(None, overrides=["mvq.audio_codebooks=2", "mvq.codebook_size=16", "mvq.refine_iters=1"])
+    cfg = load_config(None, overrides=["mvq.audio_codebooks=2", "mvq.codebook_size=16", "mvq.refine_iters=1",
+                                          "mvq.kmeans_points_per_centroid=32", "mvq.kmeans_dim_steps=3"])
     monkeypatch.setattr(cbmod, "sample_teacher_frames", lambda *a, **k: _sample())
     monkeypatch.setattr(cbmod, "_save_usage_plot", lambda *a, **k: None)
     desc = {"name": "dasheng-base", "version": "d" * 16, "dim": 6, "frame_rate": 25.0}
@@ -78,7 +79,9 @@ def test_fit_codebooks_fits_with_the_role_setting_and_reuse_or_load_never_mixes_
     assert cb.normalize is False and cb.fitted_now
     from spear.stages.artefacts import load_quantizer
 
-    assert load_quantizer(raw_uri, storage=storage).metadata["fit"]["refine_iters"] == 1  # mvq.refine_iters is used
+    fit = load_quantizer(raw_uri, storage=storage).metadata["fit"]
+    # the mvq fit settings are the ones used
+    assert (fit["refine_iters"], fit["max_points_per_centroid"], fit["progressive_dim_steps"]) == (1, 32, 3)
     loaded = cbmod.load_codebooks("audio", raw_uri, desc, shape, storage, None, "tv", normalize=False)
     assert loaded.version == cb.version and loaded.normalize is False
     # asked for normalised codebooks, the raw ones are refused with the way on, never used silently
