@@ -34,6 +34,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -121,7 +122,10 @@ def apply_update(model, optimizer, scheduler, kind: str, epoch_per_step: float, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
     if kind == "adamw":
-        scheduler.step()
+        with warnings.catch_warnings():
+            # a first step with no update: torch warns that the schedule's first value is skipped, as intended
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
     else:
         scheduler.step(epoch=scheduler.epoch + epoch_per_step)
 

@@ -126,3 +126,19 @@ def test_a_step_without_targets_moves_no_weight_but_the_schedule(kind):
     assert sched.get_last_lr()[0] != lr_before  # still in warm-up: the lr moved on
     apply_update(objective, opt, sched, kind, 0.01, update=True)  # the same zero gradients, stepped
     assert any(not torch.equal(p, before[n]) for n, p in objective.named_parameters())
+
+
+def test_a_first_step_without_targets_advances_the_schedule_without_torchs_order_warning():
+    """A run whose first batch has no target of the student's teachers steps the schedule before the
+    optimiser ever stepped: torch would warn that the first learning rate was skipped, which is what
+    the schedule is meant to do here (it counts consumed batches)."""
+    import warnings
+
+    cfg = _train(["train.optimizer=adamw", "train.warmup_steps=10"])
+    objective = build_objective(cfg, PLAN)
+    opt, sched, _ = build_optimizer(objective, cfg, 1, 1)
+    lr_before = sched.get_last_lr()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_update(objective, opt, sched, "adamw", 0.01, update=False)
+    assert sched.get_last_lr()[0] > lr_before  # warm-up moved on
