@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -73,6 +74,10 @@ def _stderr(message: str) -> None:
 # through ray.init.
 EMBEDDED_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 
+# The embedded Ray this process started and has not shut down: a session opened inside it (the demo's
+# jobs, the tests' shared cluster) runs on that one machine too, and must be told so.
+_embedded_here: Optional[RayInfo] = None
+
 
 @contextmanager
 def ray_session(cfg=None, *, quiet: bool = True, dashboard: bool = True,
@@ -80,14 +85,20 @@ def ray_session(cfg=None, *, quiet: bool = True, dashboard: bool = True,
     """Connect to (or start) Ray for the duration of the block.
 
     If Ray is already initialised in this process (tests, notebooks, a Ray Job driver
-    that was started by ``ray job submit``), that connection is used and left open.
+    that was started by ``ray job submit``), that connection is used and left open; it counts as
+    embedded only when an outer ``ray_session`` of this process started it.
     ``dashboard``: start the embedded Ray's dashboard (the State API Ray Train needs);
     ``announce`` gets the start-up lines (None: silent).
     """
     import ray
 
+    global _embedded_here
     if ray.is_initialized():
-        yield _info(embedded=False, dashboard_url=None)
+        outer = _embedded_here
+        if outer is not None and outer.address == ray.get_runtime_context().gcs_address:
+            yield dataclasses.replace(outer, start_seconds=0.0)
+        else:
+            yield _info(embedded=False, dashboard_url=None)
         return
     say = announce or (lambda message: None)
     t0 = time.monotonic()
@@ -136,9 +147,11 @@ def ray_session(cfg=None, *, quiet: bool = True, dashboard: bool = True,
     info = _info(embedded=True, dashboard_url=f"http://127.0.0.1:{dashboard_port}" if dashboard else None,
                  start_seconds=time.monotonic() - t0)
     say(f"Ray ready in {info.start_seconds:.1f} s")
+    _embedded_here = info
     try:
         yield info
     finally:
+        _embedded_here = None
         ray.shutdown()
         if own_temp:
             shutil.rmtree(temp_dir, ignore_errors=True)

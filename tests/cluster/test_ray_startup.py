@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -31,3 +33,34 @@ def test_embedded_start_is_announced_and_its_time_is_the_summary_figure(tmp_path
     summary = json.loads(r.stdout)
     assert said == round(summary["ray_start_seconds"], 1) and summary["segments"] == 1
     assert "constructor arguments in the object store" not in r.stderr
+
+
+def test_a_session_inside_this_process_embedded_ray_is_embedded_too(ray_cluster):
+    """`spear demo` and `spear run` open one embedded Ray and run each job's own session inside it: those
+    jobs run on this one machine (a teacher actor that dies ends the run instead of restarting without
+    end), and the inner session leaves the outer one's Ray running."""
+    import ray
+
+    from spear.cluster.ray_runtime import ray_session
+
+    assert ray_cluster.embedded
+    with ray_session(announce=None) as inner:
+        assert inner.embedded and inner.address == ray_cluster.address and inner.start_seconds == 0.0
+    assert ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_session_inside_a_ray_this_module_did_not_start_is_not_embedded():
+    """A driver whose Ray someone else started (`ray job submit`, a notebook's own ray.init) is not told
+    it is embedded: the job keeps Ray Data's actor restarts, as on a cluster."""
+    temp = tempfile.mkdtemp(prefix="spear-t-")  # short: Ray's socket paths must fit in 107 bytes
+    code = ("import ray\nfrom spear.cluster.ray_runtime import ray_session\n"
+            f"ray.init(num_cpus=1, include_dashboard=False, _temp_dir={temp!r})\n"
+            "with ray_session(announce=None) as info:\n    print('embedded', info.embedded)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "embedded False" in r.stdout.splitlines()
