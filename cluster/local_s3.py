@@ -40,6 +40,15 @@ _PORT_FLAGS = (
 )
 
 
+#: Starts with freshly chosen ports when weed finds one of them taken (it checks them all before starting).
+PORT_ATTEMPTS = 3
+PORT_TAKEN_SIGNS = ("Port allocation failed", "address already in use")
+
+
+class PortTakenError(RuntimeError):
+    """weed exited because a port it was given was no longer free."""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -143,33 +152,48 @@ class LocalS3Server:
                 {"accessKey": self.access_key, "secretKey": self.secret_key}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
         os.chmod(cfg_path, 0o600)     # also when an older file was created with wider permissions
-        if not self.ports:
-            if self.s3_port is not None and not port_is_free(self.s3_port):
-                raise OSError(f"port {self.s3_port} is in use: choose another --port or leave it out for a free one")
-            ports = [p for p in _free_ports(len(_PORT_FLAGS) + 1) if p != self.s3_port][: len(_PORT_FLAGS)]
-            self.ports = dict(zip(_PORT_FLAGS, ports))
-            if self.s3_port is not None:
-                self.ports["s3.port"] = self.s3_port
+        choose_ports = not self.ports  # restart() keeps the ports it had
+        if choose_ports and self.s3_port is not None and not port_is_free(self.s3_port):
+            raise OSError(f"port {self.s3_port} is in use: choose another --port or leave it out for a free one")
         store = os.path.join(self.data_dir, "store")
         os.makedirs(store, exist_ok=True)
-        cmd = [weed_binary(), "mini", f"-dir={store}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-s3.config={cfg_path}", f"-bucket={self.bucket}", "-admin.ui=false", "-webdav=false"]
-        cmd += [f"-{flag}={port}" for flag, port in self.ports.items()]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True,
-                                     preexec_fn=_die_with_parent_hook() if self.die_with_parent else None)
-        self._wait_ready()
+        for attempt in range(PORT_ATTEMPTS):
+            if choose_ports:
+                ports = [p for p in _free_ports(len(_PORT_FLAGS) + 1) if p != self.s3_port][: len(_PORT_FLAGS)]
+                self.ports = dict(zip(_PORT_FLAGS, ports))
+                if self.s3_port is not None:
+                    self.ports["s3.port"] = self.s3_port
+            cmd = [weed_binary(), "mini", f"-dir={store}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                   f"-s3.config={cfg_path}", f"-bucket={self.bucket}", "-admin.ui=false", "-webdav=false"]
+            cmd += [f"-{flag}={port}" for flag, port in self.ports.items()]
+            log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True,
+                                             preexec_fn=_die_with_parent_hook() if self.die_with_parent else None)
+            try:
+                self._wait_ready(log_start)
+                return self
+            except PortTakenError:
+                # a port chosen free was taken before weed bound it (another process's bind or outgoing
+                # connection in between): choose all of them again
+                self.proc = None
+                if not choose_ports or attempt == PORT_ATTEMPTS - 1:
+                    raise
         return self
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, log_start: int = 0) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
 
         st = Storage(self.storage_options())
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited with {self.proc.returncode}; log: {self.log_path}\n{self._log_tail()}")
+                message = f"SeaweedFS exited with {self.proc.returncode}; log: {self.log_path}\n{self._log_tail()}"
+                this_start = Path(self.log_path).read_bytes()[log_start:].decode(errors="replace")
+                if any(sign in this_start for sign in PORT_TAKEN_SIGNS):
+                    raise PortTakenError(message)
+                raise RuntimeError(message)
             try:
                 urllib.request.urlopen(self.endpoint_url, timeout=1).close()
             except urllib.error.HTTPError:

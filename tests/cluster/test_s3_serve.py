@@ -117,3 +117,30 @@ def test_a_taken_port_or_a_bad_bucket_is_one_line(tmp_path):
     r = subprocess.run(CMD + ["--dir", str(tmp_path / "d"), "--bucket", "No_Such"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bucket name" in r.stderr, r.stderr
+
+
+def test_a_port_taken_between_choosing_and_binding_is_chosen_again(tmp_path, monkeypatch):
+    """Ports are chosen free and handed to weed, which binds them a moment later: another process may take one
+    in between (seen in CI: "Port allocation failed: port N for Admin ... is not available"). The server then
+    starts again on freshly chosen ports instead of failing."""
+    import spear.cluster.local_s3 as local_s3
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        real, calls = local_s3._free_ports, []
+
+        def first_choice_has_a_taken_port(n):
+            calls.append(n)
+            ports = real(n)
+            admin = local_s3._PORT_FLAGS.index("admin.port")  # the one taken in CI
+            return ports if len(calls) > 1 else ports[:admin] + [taken] + ports[admin + 1:]
+
+        monkeypatch.setattr(local_s3, "_free_ports", first_choice_has_a_taken_port)
+        (tmp_path / "d").mkdir()
+        with local_s3.LocalS3Server(data_dir=str(tmp_path / "d")) as server:
+            assert len(calls) == 2 and taken not in server.ports.values()
+            st = Storage(server.storage_options())
+            st.write_bytes("s3://spear/x.txt", b"ok")
+            assert st.read_bytes("s3://spear/x.txt") == b"ok"
