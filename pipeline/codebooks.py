@@ -345,7 +345,7 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
     large corpus is only read as far as the reservoirs need.
     """
     # imported here, as in the tokenize job: the teacher stage loads torch, which a run with nothing new never needs
-    from spear.stages.teacher import TeacherStage, plan_teacher_pool, teacher_stage_kwargs
+    from spear.stages.teacher import map_teacher_stage, plan_teacher_pool
 
     ordered = balanced_sample(objects, seed, domains)
     if ordered.num_rows == 0:
@@ -370,8 +370,7 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
         chunk = ordered.slice(start, step)
         start += chunk.num_rows
         ds = decode_dataset(chunk, decode_cfg, storage_options)
-        ds = ds.map_batches(TeacherStage, **teacher_stage_kwargs(plan, teacher=teacher_cfg, column_prefix=prefix,
-                                                                 storage_options=storage_options))
+        ds = map_teacher_stage(ds, plan, teacher=teacher_cfg, column_prefix=prefix, storage_options=storage_options)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for sid, src, dur, emb, nf in zip(batch["segment_id"], batch["source"], batch["duration"],
                                               batch[f"{prefix}_emb"], batch[f"{prefix}_num_frames"]):

@@ -29,7 +29,7 @@ import time
 import sys
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +53,8 @@ from spear.stages.writer import WRITER_CPUS, ObjectTracker, WriterStage
 
 # Modules that load torch (teachers, the teacher stage) are imported inside the functions that use them:
 # a run with nothing new (the common incremental case) finishes without loading torch (bench/startup.py).
+if TYPE_CHECKING:
+    from spear.stages.teacher import TeacherFootprint
 
 
 @dataclass
@@ -147,17 +149,18 @@ class TokenizeSummary:
 
 
 def teacher_pool_kwargs(tcfg: TeacherConfig, resources: dict[str, float], pools: int,
-                        actors: Optional[int]) -> dict[str, Any]:
+                        actors: Optional[int], footprint: Optional["TeacherFootprint"] = None) -> dict[str, Any]:
     """``map_batches`` resources of one of ``pools`` teacher actor pools running side by side.
 
     Each pool is planned over its share of the cluster (``resources`` / ``pools``): two CPU pools
     planned over the whole cluster would together hold every CPU and starve the decode tasks;
-    two GPU pools on one GPU take half of it each.
+    two GPU pools on one GPU take half of it each. ``footprint``: what sizes the actors' memory
+    reservation (none without it, unless the teacher sets ``memory_gb``).
     """
     from spear.stages.teacher import plan_teacher_pool
 
-    share = {k: float(v) / pools for k, v in resources.items() if k in ("CPU", "GPU")}
-    plan = plan_teacher_pool(tcfg, resources=share, actors=actors)
+    share = {k: float(v) / pools for k, v in resources.items() if k in ("CPU", "GPU", "memory")}
+    plan = plan_teacher_pool(tcfg, resources=share, actors=actors, footprint=footprint)
     kwargs = plan.map_batches_kwargs()
     if not plan.num_gpus:
         # CPU actors hold their reservation for the whole run: on a small cluster, whole CPUs for
@@ -181,13 +184,16 @@ def decode_task_cpus(configured: float, cluster_cpus: float, pools: Iterable[dic
     return min(configured, max(0.1, round((cluster_cpus - held) / max(1, nodes), 3)))
 
 
-def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log,
-                    embedded: bool = True) -> tuple[dict[str, dict[str, Any]], Any]:
-    """Teacher pool ``map_batches`` kwargs per role, and the decode config with a reservation that fits beside them."""
+def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log, embedded: bool = True,
+                    footprints: Optional[Mapping[str, "TeacherFootprint"]] = None
+                    ) -> tuple[dict[str, dict[str, Any]], Any]:
+    """Teacher pool ``map_batches`` kwargs per role (``footprints``: per role, what sizes its actors' memory),
+    and the decode config with a reservation that fits beside them."""
     import ray
 
     resources = ray.cluster_resources()
-    pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors)
+    pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors,
+                                       (footprints or {}).get(role))
              for role, tcfg in roles.items()}
     if not embedded:
         # On a cluster a teacher actor dies mostly with its node (preemption, scale-down): let Ray Data
@@ -195,6 +201,10 @@ def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log,
         # the run at once (see TeacherPoolPlan.map_batches_kwargs).
         for kwargs in pools.values():
             kwargs.pop("max_restarts", None)
+    for role, kwargs in pools.items():
+        log(f"[tokenize] {role} teacher {roles[role].kind}: up to {kwargs['compute'].max_size} actor(s), "
+            f"{kwargs.get('num_gpus', 0):g} GPU, {kwargs['num_cpus']:g} CPU"
+            + (f", {kwargs['memory'] / 2**30:.1f} GiB memory" if kwargs.get("memory") else "") + " each")
     cpus = float(resources.get("CPU", 1.0))
     nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
     decode_cpus = decode_task_cpus(cfg.decode.num_cpus_per_task, cpus, pools.values(), WRITER_CPUS, nodes)
@@ -202,6 +212,23 @@ def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log,
         log(f"[tokenize] decode tasks reserve {decode_cpus:g} CPU (of {cfg.decode.num_cpus_per_task:g} configured): "
             f"the teacher actors hold the rest of {cpus:g} on {max(1, nodes)} node(s)")
     return pools, cfg.decode.model_copy(update={"num_cpus_per_task": decode_cpus})
+
+
+def teacher_footprint(tcfg: TeacherConfig, fingerprint: dict[str, Any], describe: dict[str, Any],
+                      max_segment_seconds: float, sample_rate: int) -> "TeacherFootprint":
+    """What sizes a teacher actor's memory (:func:`~spear.stages.teacher.teacher_actor_memory`), from what the
+    run knows before any actor starts: the checkpoint's file sizes (its fingerprint; a wheel's weight file
+    without a path), the teacher's frame rate and dim (its description) and the decode settings."""
+    from spear.models.teachers.registry import packaged_weights_path
+    from spear.stages.teacher import TeacherFootprint
+
+    if "files" in fingerprint:
+        weight_bytes = sum(int(size or 0) for _, size, _ in fingerprint["files"])
+    else:
+        path = packaged_weights_path(tcfg.kind)
+        weight_bytes = path.stat().st_size if path is not None else 0
+    return TeacherFootprint(weight_bytes=weight_bytes, frame_rate=float(describe["frame_rate"]),
+                            dim=int(describe["dim"]), max_segment_seconds=max_segment_seconds, sample_rate=sample_rate)
 
 
 def _describe_teacher(cfg: TeacherConfig, options: StorageOptions | None) -> dict[str, Any]:
@@ -388,7 +415,9 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                 log(f"[tokenize] nothing new: all {opened.skipped} objects are committed under {opened.version}")
             else:
                 def plan_stages(active: dict[str, TeacherConfig]):
-                    return stage_resources(cfg, active, log, rinfo.embedded)
+                    footprints = {r: teacher_footprint(t, fingerprints[r], descs[r], cfg.decode.max_segment_seconds,
+                                                       cfg.decode.sample_rate) for r, t in active.items()}
+                    return stage_resources(cfg, active, log, rinfo.embedded, footprints)
 
                 summary.codebooks = role_codebooks(cfg, roles, descs, opened.todo, catalog.objects, out, opened.version,
                                                    opened.info, storage, options, rinfo, log, summary.warnings,
@@ -433,16 +462,15 @@ class OpenedVersion:
 def _pass2_dataset(cfg: SpearConfig, roles: dict[str, TeacherConfig], codebooks: dict[str, CodebookInfo],
                    opened: OpenedVersion, run_id: str, options: StorageOptions, plan_stages):
     """Pass 2 on Ray Data: decode -> each active role's teacher + MVQ (one actor each) -> shard writer."""
-    from spear.stages.teacher import TeacherStage, teacher_stage_kwargs
+    from spear.stages.teacher import map_teacher_stage
 
     # only the teachers whose domains have rows in this run
     active = {r: t for r, t in roles.items() if r in codebooks and role_has_data(opened.todo, r)}
     pools, decode_cfg = plan_stages(active)
     ds = decode_dataset(opened.todo, decode_cfg, options)
     for role, tcfg in active.items():
-        ds = ds.map_batches(TeacherStage, **teacher_stage_kwargs(
-            pools[role], teacher=tcfg, column_prefix=role, storage_options=options,
-            encode=QuantizerEncoder(codebooks[role].uri, options), only_domains=ROLE_DOMAINS[role]))
+        ds = map_teacher_stage(ds, pools[role], teacher=tcfg, column_prefix=role, storage_options=options,
+                               encode=QuantizerEncoder(codebooks[role].uri, options), only_domains=ROLE_DOMAINS[role])
     role_meta = {r: ({"domains": ROLE_DOMAINS[r], "num_codebooks": codebooks[r].num_codebooks,
                       "frame_rate": codebooks[r].frame_rate, "codebook": codebooks[r].version}
                      if r in active else None) for r in roles}

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from spear.stages.teacher_loading import load_teacher
 from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode
 from spear.stages.batching import plan_subbatches
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +209,11 @@ class TeacherPoolPlan:
     # Ray starts an actor that reserves less than one CPU with OMP_NUM_THREADS=1; a CPU teacher
     # given 2 CPUs per actor then runs at half speed (CREPE: pass 1 took 91 s on 1 thread, 61 s on 2).
     num_threads: int | None = None
+    # Host memory Ray reserves per actor (bytes; None: none, Ray's default), see teacher_actor_memory.
+    memory: int | None = None
 
     def map_batches_kwargs(self) -> dict[str, Any]:
-        """``compute``, ``num_gpus``, ``num_cpus``, ``batch_size`` and ``max_restarts`` for ``Dataset.map_batches``,
+        """``compute``, ``num_gpus``, ``num_cpus``, ``memory``, ``batch_size`` and ``max_restarts`` for ``Dataset.map_batches``,
         and ``fn_constructor_kwargs`` with ``num_threads`` where the plan sets threads (CPU actors): merge
         it with the stage's own constructor arguments through :func:`teacher_stage_kwargs`.
 
@@ -231,6 +237,8 @@ class TeacherPoolPlan:
         }
         if self.num_gpus:
             kwargs["num_gpus"] = self.num_gpus
+        if self.memory:
+            kwargs["memory"] = self.memory
         if self.num_threads:
             kwargs["fn_constructor_kwargs"] = {"num_threads": self.num_threads}
         return kwargs
@@ -249,8 +257,19 @@ def teacher_stage_kwargs(pool_kwargs: Mapping[str, Any], **constructor: Any) -> 
     return kwargs
 
 
+def map_teacher_stage(ds: "ray.data.Dataset", pool_kwargs: Mapping[str, Any], **constructor: Any) -> "ray.data.Dataset":
+    """``ds`` mapped by a pool of :class:`TeacherStage` actors: a pool plan's ``map_batches`` kwargs
+    (:meth:`TeacherPoolPlan.map_batches_kwargs`) and the stage's constructor arguments (``teacher=``, ...)."""
+    with warnings.catch_warnings():
+        # max_restarts=0 reaches the actors only as an extra remote arg, which Ray 2.60 calls deprecated
+        # (see TeacherPoolPlan.map_batches_kwargs): the project knows, and a user needs no line about it.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return ds.map_batches(TeacherStage, **teacher_stage_kwargs(pool_kwargs, **constructor))
+
+
 def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None = None, actors: int | None = None,
-                      expected_segment_seconds: float = 10.0) -> TeacherPoolPlan:
+                      expected_segment_seconds: float = 10.0, footprint: TeacherFootprint | None = None
+                      ) -> TeacherPoolPlan:
     """Size the teacher actor pool from the cluster's resources (default: ``ray.cluster_resources()``).
 
     GPUs present: one actor per ``cfg.num_gpus`` GPUs (or per the GPU share given, when that
@@ -260,6 +279,9 @@ def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None 
     sub-batches (``8 * batch_seconds / expected_segment_seconds``, at least 16): sorting
     by length inside a larger batch wastes less on padding (``bench/teacher.py``: ~15% with
     24 rows, ~8% with 64, ~3% with 256 for 60 s sub-batches), and decoded audio is small.
+    Host memory per actor: ``cfg.memory_gb``, else with a ``footprint`` the estimate of
+    :func:`teacher_actor_memory`, at most ``resources["memory"]`` over the actors (none without it:
+    Ray's default, no reservation).
     """
     if resources is None:
         import ray
@@ -278,5 +300,68 @@ def plan_teacher_pool(cfg: TeacherConfig, resources: Mapping[str, float] | None 
         n, reason = max(1, int(actors)), f"{actors} actors requested"
     threads = None if num_gpus else max(1, int(cpus // n))
     rows = max(16, math.ceil(8 * cfg.batch_seconds / expected_segment_seconds))
+    memory = None
+    if cfg.memory_gb:
+        memory = int(cfg.memory_gb * GiB)
+    elif footprint is not None and resources.get("memory"):
+        # at most the pool's share of the memory Ray schedules: more would leave actors unscheduled, the run stalled
+        memory = min(teacher_actor_memory(cfg.kind, footprint, rows=rows, batch_seconds=cfg.batch_seconds,
+                                          on_gpu=bool(num_gpus)),
+                     int(float(resources["memory"]) / n))
     return TeacherPoolPlan(min_actors=1, max_actors=n, num_gpus=num_gpus, num_cpus=num_cpus, batch_size=rows,
-                           reason=reason, num_threads=threads)
+                           reason=reason, num_threads=threads, memory=memory)
+
+
+# ----------------------------------------------------------------------------- actor memory
+
+MiB, GiB = 1 << 20, 1 << 30
+#: Host memory of a teacher actor before its first batch: Python, torch, spear and a Ray worker (USS 155-280 MiB
+#: without Ray in bench/teacher_memory.py, 150-200 MiB more in the demo's Ray actors), with room to spare.
+ACTOR_BASE_BYTES = 512 * MiB
+#: Peak CPU activation memory of one sub-batch per second of audio in it (float32), by kind, and the most it
+#: reaches: CREPE cuts its frames into passes whose first block stays under 256 MiB (models/teachers/crepe.py),
+#: so its peak does not grow with the sub-batch. Measured by bench/teacher_memory.py (README: teacher memory);
+#: the transformer kinds (attention over a whole segment) are the default, not measured on CPU here.
+CPU_ACTIVATION_BYTES = {"mfcc": (1.5 * MiB, None), "fbank": (1.5 * MiB, None), "resemblyzer": (1.5 * MiB, None),
+                        "crepe": (12 * MiB, 800 * MiB)}
+DEFAULT_CPU_ACTIVATION_BYTES = (16 * MiB, None)
+
+
+@dataclass(frozen=True)
+class TeacherFootprint:
+    """What sizes a teacher actor's memory, known before the teacher is loaded: the bytes of its weight files
+    (a checkpoint's, or the wheel's), its output (``frame_rate`` frames of ``dim`` floats per second) and the
+    longest segment a batch holds (``decode.max_segment_seconds``)."""
+
+    weight_bytes: int
+    frame_rate: float
+    dim: int
+    max_segment_seconds: float = 30.0
+    sample_rate: int = 16000
+
+
+def teacher_actor_memory(kind: str, footprint: TeacherFootprint, *, rows: int, batch_seconds: float,
+                         on_gpu: bool) -> int:
+    """Host memory (bytes) to reserve for one teacher actor of ``kind`` taking Ray batches of ``rows`` segments.
+
+    The sum of: :data:`ACTOR_BASE_BYTES`; the weights twice (the state dict and the module while it
+    loads); the Ray batch twice over (its decoded audio at the longest segment, float32, and the
+    embeddings it returns, with a copy each); on CPU, one sub-batch's activations
+    (:data:`CPU_ACTIVATION_BYTES`; on a GPU they are in GPU memory). Ray Data warns when an actor
+    uses more than 4/5 of its reservation; the estimate keeps clear of that for every kind measured
+    (bench/teacher_memory.py prints measured peaks against it).
+
+    >>> fp = TeacherFootprint(weight_bytes=17_090_379, frame_rate=50.0, dim=256)   # resemblyzer
+    >>> round(teacher_actor_memory("resemblyzer", fp, rows=96, batch_seconds=120, on_gpu=False) / MiB)
+    1357
+    >>> large = TeacherFootprint(weight_bytes=1_261_869_120, frame_rate=50.0, dim=1024)   # WavLM Large on a GPU
+    >>> round(teacher_actor_memory("wavlm", large, rows=96, batch_seconds=120, on_gpu=True) / GiB, 1)
+    4.3
+    """
+    seconds = rows * footprint.max_segment_seconds
+    batch = 2 * seconds * (footprint.sample_rate + footprint.frame_rate * footprint.dim) * 4
+    activations = 0.0
+    if not on_gpu:
+        per_second, most = CPU_ACTIVATION_BYTES.get(kind, DEFAULT_CPU_ACTIVATION_BYTES)
+        activations = per_second * batch_seconds if most is None else min(per_second * batch_seconds, most)
+    return int(ACTOR_BASE_BYTES + 2 * footprint.weight_bytes + batch + activations)

