@@ -110,7 +110,8 @@ def evaluation_provenance(cfg: SpearConfig, export: str, corpus_root: Optional[s
     return {"student": student,
             "labels_sha256": sha256(join_uri(corpus_root, LABELS_FILE)) if corpus_root else None,
             "manifests": [[m, sha256(m)] for m in cfg.evaluate.manifests],
-            "teachers": [t.model_dump(mode="json") for t in cfg.teachers.configured()],
+            # a teacher's memory reservation changes no result: evaluations from before the setting still match
+            "teachers": [t.model_dump(mode="json", exclude={"memory_gb"}) for t in cfg.teachers.configured()],
             "seeds": list(cfg.evaluate.seeds), "probe_tokens": cfg.evaluate.probe_tokens}
 
 

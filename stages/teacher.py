@@ -320,11 +320,13 @@ MiB, GiB = 1 << 20, 1 << 30
 ACTOR_BASE_BYTES = 512 * MiB
 #: Peak CPU activation memory of one sub-batch per second of audio in it (float32), by kind, and the most it
 #: reaches: CREPE cuts its frames into passes whose first block stays under 256 MiB (models/teachers/crepe.py),
-#: so its peak does not grow with the sub-batch. Measured by bench/teacher_memory.py (README: teacher memory);
-#: the transformer kinds (attention over a whole segment) are the default, not measured on CPU here.
+#: so its peak does not grow with the sub-batch. Measured by bench/teacher_memory.py.
 CPU_ACTIVATION_BYTES = {"mfcc": (1.5 * MiB, None), "fbank": (1.5 * MiB, None), "resemblyzer": (1.5 * MiB, None),
                         "crepe": (12 * MiB, 800 * MiB)}
-DEFAULT_CPU_ACTIVATION_BYTES = (16 * MiB, None)
+#: The other kinds (transformers: every layer's output is kept, attention spans a segment): per second of audio,
+#: this share of the weights' bytes, at least 2 MiB. A random-init WavLM Large (1.26 GB) on 4 x 30 s in one
+#: 120 s sub-batch peaked at 4675 MiB USS (bench/teacher_memory.py --checkpoint), 30 MiB/s here.
+CPU_ACTIVATION_PER_WEIGHT_BYTE = 1 / 40
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,7 @@ def teacher_actor_memory(kind: str, footprint: TeacherFootprint, *, rows: int, b
     batch = 2 * seconds * (footprint.sample_rate + footprint.frame_rate * footprint.dim) * 4
     activations = 0.0
     if not on_gpu:
-        per_second, most = CPU_ACTIVATION_BYTES.get(kind, DEFAULT_CPU_ACTIVATION_BYTES)
+        per_second, most = CPU_ACTIVATION_BYTES.get(
+            kind, (max(2 * MiB, footprint.weight_bytes * CPU_ACTIVATION_PER_WEIGHT_BYTE), None))
         activations = per_second * batch_seconds if most is None else min(per_second * batch_seconds, most)
     return int(ACTOR_BASE_BYTES + 2 * footprint.weight_bytes + batch + activations)

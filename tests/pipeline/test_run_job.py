@@ -42,6 +42,9 @@ def test_provenance_names_the_weights_and_data_but_not_where_the_folder_is(tmp_p
     moved = evaluation_provenance(cfg, _export(tmp_path / "b", "/new/place/checkpoint_1"), str(corpus), storage)
     assert here == moved and here["seeds"] == [0, 1] and here["student"]["metadata"] == {"step": 450}
     assert [t["kind"] for t in here["teachers"]] == ["resemblyzer", "crepe"]
+    # a teacher actor's memory reservation is no input of the results
+    reserved = demo_config(None, ("evaluate.seeds=[0, 1]", "teachers.audio.memory_gb=3"))
+    assert evaluation_provenance(reserved, str(tmp_path / "a"), str(corpus), storage) == here
     other_weights = evaluation_provenance(cfg, _export(tmp_path / "c", "/x", "cd" * 32), str(corpus), storage)
     assert other_weights != here
     (corpus / "labels.jsonl").write_text('{"path": "b.wav"}\n')
