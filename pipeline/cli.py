@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import click
 
@@ -104,21 +104,34 @@ def _load(config: Optional[str], sets: tuple[str, ...], extra: list[str]) -> Spe
         raise SpearCLIError(str(exc)) from None
 
 
-def _sources_override(inputs: Optional[str], domain: Optional[str]) -> list[str]:
+def _sources_override(inputs: Sequence[str], domains: Sequence[str]) -> list[str]:
+    """``corpus.sources`` from the repeatable ``--input`` / ``--domain`` pairs: the n-th ``--domain`` is the
+    n-th ``--input``'s, or one ``--domain`` is every input's. Anything else is an error, never a source
+    silently dropped (click keeps only the last of a repeated single-valued option).
+
+    >>> _sources_override(("a,b",), ("speech",))
+    ['corpus.sources=[{"uri": "a", "domain": "speech"}, {"uri": "b", "domain": "speech"}]']
+    >>> _sources_override(("sp/", "au/"), ("speech", "audio"))
+    ['corpus.sources=[{"uri": "sp/", "domain": "speech"}, {"uri": "au/", "domain": "audio"}]']
+    """
     if not inputs:
-        if domain:
+        if domains:
             raise SpearCLIError("--domain needs --input")
         return []
-    if not domain:
+    if not domains:
         raise SpearCLIError("--input needs --domain speech|audio")
-    uris = [u.strip() for u in inputs.split(",") if u.strip()]
-    return ["corpus.sources=" + json.dumps([{"uri": u, "domain": domain} for u in uris])]
+    if len(domains) not in (1, len(inputs)):
+        raise SpearCLIError(f"{len(inputs)} --input but {len(domains)} --domain: give one --domain for all of them, "
+                            f"or one after each --input (--input speech/ --domain speech --input audio/ --domain audio)")
+    pairs = zip(inputs, domains if len(domains) == len(inputs) else domains * len(inputs))
+    sources = [{"uri": u.strip(), "domain": d} for group, d in pairs for u in group.split(",") if u.strip()]
+    return ["corpus.sources=" + json.dumps(sources)]
 
 
-def _job_overrides(inputs: Optional[str], domain: Optional[str], output: Optional[str],
+def _job_overrides(inputs: Sequence[str], domains: Sequence[str], output: Optional[str],
                    address: Optional[str]) -> list[str]:
     """The --set equivalents of the flag form (--input/--domain, --output, --address)."""
-    extra = _sources_override(inputs, domain)
+    extra = _sources_override(inputs, domains)
     if output:
         extra.append(f"output={json.dumps(output)}")
     if address:
@@ -170,14 +183,14 @@ def config_show(config: Optional[str], sets: tuple[str, ...]) -> None:
 
 @main.command()
 @config_options
-@click.option("--input", "inputs", default=None, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet manifests (cuts.jsonl.gz) or Lhotse Shar directories.")
-@click.option("--domain", type=click.Choice(["speech", "audio"]), default=None, help="Domain of the --input sources.")
+@click.option("--input", "inputs", multiple=True, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet manifests (cuts.jsonl.gz) or Lhotse Shar directories. Repeatable, each with its --domain: --input speech/ --domain speech --input audio/ --domain audio.")
+@click.option("--domain", "domains", multiple=True, type=click.Choice(["speech", "audio"]), help="Domain of the --input sources: one for all, or one after each --input.")
 @click.option("--output", default=None, help="Where segments go (overrides `output`).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing decode result at --output.")
 def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
-           inputs: Optional[str], domain: Optional[str], output: Optional[str], overwrite: bool) -> None:
+           inputs: tuple[str, ...], domains: tuple[str, ...], output: Optional[str], overwrite: bool) -> None:
     """Decode audio into 16 kHz FLAC segments (Parquet) plus a quarantine table of skipped objects."""
-    cfg = _load(config, sets, _job_overrides(inputs, domain, output, address))
+    cfg = _load(config, sets, _job_overrides(inputs, domains, output, address))
     from spear.pipeline.decode_job import run_decode
 
     _run_job(as_json, lambda: run_decode(cfg, overwrite=overwrite, progress=True))
@@ -223,18 +236,18 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
 
 @main.command()
 @config_options
-@click.option("--input", "inputs", default=None, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet manifests (cuts.jsonl.gz) or Lhotse Shar directories.")
-@click.option("--domain", type=click.Choice(["speech", "audio"]), default=None, help="Domain of the --input sources.")
+@click.option("--input", "inputs", multiple=True, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet manifests (cuts.jsonl.gz) or Lhotse Shar directories. Repeatable, each with its --domain: --input speech/ --domain speech --input audio/ --domain audio.")
+@click.option("--domain", "domains", multiple=True, type=click.Choice(["speech", "audio"]), help="Domain of the --input sources: one for all, or one after each --input.")
 @click.option("--output", default=None, help="Token dataset location (overrides `output`).")
 def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
-             inputs: Optional[str], domain: Optional[str], output: Optional[str]) -> None:
+             inputs: tuple[str, ...], domains: tuple[str, ...], output: Optional[str]) -> None:
     """Tokenise a corpus: teachers + MVQ into Parquet token shards (incremental, crash-safe).
 
     Only objects that are new or changed since the last committed run are processed; codebooks are
     fitted (pass 1) the first time a teacher version is seen. Without a config the weight-free
     teachers are used (mfcc for speech, fbank for audio).
     """
-    cfg = _load(config, sets, _job_overrides(inputs, domain, output, address))
+    cfg = _load(config, sets, _job_overrides(inputs, domains, output, address))
     from spear.pipeline.tokenize_job import run_tokenize
 
     _run_job(as_json, lambda: run_tokenize(cfg))

@@ -11,10 +11,10 @@ import yaml
 from support.audio_files import encode, make_signal
 
 
-def spear(*args, env=None, timeout=300):
+def spear(*args, env=None, timeout=300, cwd=None):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "spear.pipeline.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=full_env, timeout=timeout, cwd=cwd)
 
 
 def test_help_lists_the_command_tree():
@@ -75,6 +75,32 @@ def test_decode_json_prints_only_the_summary_object(ray_cluster, tmp_path):
                                      "kept_seconds": None}]
     assert summary["output"] == str(tmp_path / "out")
     assert "[decode]" in r.stderr  # progress went to stderr
+
+
+@pytest.mark.slow
+def test_input_domain_pairs_repeat_and_a_mismatch_is_one_error_line(ray_cluster, tmp_path):
+    """`--input speech/ --domain speech --input audio/ --domain audio` decodes both folders, each with its
+    domain (click kept only the last pair before, silently dropping the speech folder); a count of --domain
+    that fits neither one-for-all nor one-per-input is a one-line error before anything runs."""
+    import pyarrow.parquet as pq
+
+    for name, rate in (("speech", 16000), ("audio", 44100)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.flac").write_bytes(encode(make_signal(rate, 1, 2.0), rate, "flac"))
+    out = tmp_path / "out"
+    r = spear("decode", "--input", "speech", "--domain", "speech", "--input", "audio", "--domain", "audio",
+              "--output", str(out), "--json", env={"RAY_ADDRESS": ray_cluster.address}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["segments"] == 2
+    rows = pq.read_table([str(f) for f in sorted((out / "segments").glob("part-*.parquet"))],
+                         columns=["source", "domain"]).to_pylist()
+    # each segment's source is the folder it was listed from, with that folder's domain
+    assert sorted((os.path.basename(x["source"].rstrip("/")), x["domain"]) for x in rows) == [("audio", "audio"),
+                                                                                              ("speech", "speech")]
+    bad = spear("decode", "--input", "speech", "--input", "audio", "--domain", "speech", "--domain", "audio",
+                "--domain", "speech", "--output", str(tmp_path / "o2"), cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: 2 --input but 3 --domain")
+    assert not (tmp_path / "o2").exists()
 
 
 # --------------------------------------------------------------------------- the CLI's parts
