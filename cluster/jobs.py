@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -42,7 +43,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, TextIO
+from typing import Any, Iterator, Mapping, Optional, Sequence, TextIO
 
 from spear.cluster.ray_runtime import RayConnectionError
 # Credentials are masked in everything printed, with the project's one masking helper.
@@ -78,6 +79,19 @@ def resolve_address(address: Optional[str] = None, env: Mapping[str, str] = os.e
     if not found:
         raise JobError("no Ray cluster given: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
     return found.rstrip("/")
+
+
+@contextlib.contextmanager
+def _only_this_address() -> Iterator[None]:
+    """Ray's JobSubmissionClient takes RAY_API_SERVER_ADDRESS, then RAY_ADDRESS over the address it is
+    given (ray.dashboard.utils.get_address_for_submission_client): on a machine with RAY_ADDRESS set (a
+    cluster node, a Ray job's driver) `--address http://other:8265` would reach the local cluster while
+    spear said "other". The client is built without them; :func:`resolve_address` has already used them."""
+    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def last_error_line(text: str) -> Optional[str]:
@@ -285,7 +299,8 @@ class JobClient:
             from ray.job_submission import JobSubmissionClient
 
             try:
-                self._sdk = JobSubmissionClient(self.address)
+                with _only_this_address():
+                    self._sdk = JobSubmissionClient(self.address)
             except Exception as exc:  # noqa: BLE001 - ConnectionError, requests errors, GCS lookups: one clear line
                 raise RayConnectionError(f"cannot reach the Ray Jobs API at {self.address}: {exc}") from None
         return self._sdk

@@ -148,7 +148,43 @@ def config_options(f: Callable) -> Callable:
     return f
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OnceOptionsCommand(click.Command):
+    """A command whose single-valued options are taken once: click keeps the last of a repeated one, so
+    `--output a ... --output b` would drop `a` without a word. Given twice, it is a one-line error instead
+    (repeatable options, ``multiple=True``, and flags are not counted)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        by_name = {n: p for p in self.params if isinstance(p, click.Option) for n in (*p.opts, *p.secondary_opts)}
+        given: dict[str, list[str]] = {}
+        i = 0
+        while i < len(args):
+            token = args[i]
+            if token == "--":
+                break
+            name, inline = token.split("=", 1)[0], "=" in token
+            opt = by_name.get(name)
+            if opt is not None and not opt.is_flag and not opt.count:
+                i += 0 if inline else 1  # skip its value
+                if not opt.multiple:
+                    given.setdefault(opt.name, []).append(name)
+            elif opt is None and not token.startswith("-") and not ctx.allow_interspersed_args:
+                break  # the rest belongs to an argument (`spear submit ... COMMAND`)
+            i += 1
+        for names in given.values():
+            if len(names) > 1:
+                raise SpearCLIError(f"{names[0]} was given {len(names)} times: give it once "
+                                    f"(only the last one would count)")
+        return super().parse_args(ctx, args)
+
+
+class SpearGroup(click.Group):
+    """The command tree: every command (and sub-group's) takes its single-valued options once."""
+
+    command_class = OnceOptionsCommand
+    group_class = type  # sub-groups are SpearGroups too
+
+
+@click.group(cls=SpearGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="spear-pipeline")
 @verbose_option
 def main() -> None:

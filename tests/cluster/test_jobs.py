@@ -360,6 +360,29 @@ def test_the_job_runs_the_package_that_submitted_it(two_nodes, tmp_path):
     assert all(two_nodes.root in p for p in paths)
 
 
+def test_address_wins_over_the_ray_address_in_the_environment(two_nodes):
+    """Ray's JobSubmissionClient takes RAY_API_SERVER_ADDRESS / RAY_ADDRESS over the address it is given:
+    on a cluster node (where RAY_ADDRESS is set) `--address` of another cluster sent the job to this one
+    while spear named the other. --address is the cluster a job goes to, or the command fails."""
+    from spear.cluster.jobs import JobClient
+
+    client = JobClient(two_nodes.address)  # (this process may have RAY_ADDRESS set too: another test's Ray)
+
+    def job_ids() -> set[str]:
+        return {j.job_id for j in client.list().jobs}
+
+    before = job_ids()
+    env = {"RAY_API_SERVER_ADDRESS": two_nodes.address, "RAY_ADDRESS": two_nodes.address}
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    r = spear("submit", "--address", elsewhere, "--", "spear", "config", "show", env=env)
+    assert r.returncode == 1 and f"cannot reach the Ray Jobs API at {elsewhere}" in r.stderr, r.stderr
+    assert job_ids() == before  # nothing went to the environment's cluster
+    # without --address the environment's cluster is the one
+    r = spear("submit", "--", "spear", "config", "show", env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(job_ids() - before) == 1
+
+
 @pytest.fixture(scope="module")
 def tokenized(two_nodes, s3_server, s3_storage, tmp_path_factory):
     """One `spear submit --wait --json -- spear tokenize ...` over a speech corpus on SeaweedFS.

@@ -225,6 +225,32 @@ def test_train_workers_flag_says_what_it_expects(log_env):
                    "run (such as 2:4 or [2, 4])"
 
 
+@pytest.mark.parametrize("args, line", [
+    (("train", "--shards", "a", "--max-steps", "3", "--shards", "b"), "error: --shards was given 2 times"),
+    (("tokenize", "--output=out-a", "--input", "x", "--domain", "speech", "--output", "out-b"),
+     "error: --output was given 2 times"),
+    (("s3", "serve", "--dir", "d", "--port", "1", "--port", "2"), "error: --port was given 2 times"),
+])
+def test_a_single_valued_option_given_twice_is_one_error_line(args, line, tmp_path, log_env):
+    """click keeps the last of a repeated option: a user's first --output or --shards would be dropped
+    without a word. It is refused before anything runs (nothing is written in the working directory)."""
+    r = spear(*args, env=log_env, cwd=tmp_path)
+    assert r.returncode == 2
+    (err,) = error_lines(r.stderr)
+    assert err.startswith(line) and "give it once" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_repeatable_options_and_a_submitted_commands_own_options_are_not_counted(log_env):
+    # --set and --manifest repeat by design; the job's own --address after COMMAND is the job's, not submit's
+    r = spear("evaluate", "--manifest", "a.txt", "--manifest", "b.txt", "--output", "o", "--set", "x.y=1",
+              "--set", "x.z=2", env=log_env)
+    assert r.returncode == 2 and "given 2 times" not in r.stderr
+    r = spear("submit", "--address", "http://no-such-host.invalid:8265", "spear", "tokenize", "--address", "ray://x:1",
+              env=log_env)
+    assert r.returncode != 0 and "given 2 times" not in r.stderr and "cannot reach the Ray Jobs API" in r.stderr
+
+
 # --------------------------------------------------------------------------- unreachable storage
 
 
