@@ -325,7 +325,7 @@ CPU_ACTIVATION_BYTES = {"mfcc": (1.5 * MiB, None), "fbank": (1.5 * MiB, None), "
                         "crepe": (12 * MiB, 800 * MiB)}
 #: The other kinds (transformers: every layer's output is kept, attention spans a segment): per second of audio,
 #: this share of the weights' bytes, at least 2 MiB. A random-init WavLM Large (1.26 GB) on 4 x 30 s in one
-#: 120 s sub-batch peaked at 4675 MiB USS (bench/teacher_memory.py --checkpoint), 30 MiB/s here.
+#: 120 s sub-batch peaked at 4605 MiB USS (bench/teacher_memory.py --checkpoint), 30 MiB/s here.
 CPU_ACTIVATION_PER_WEIGHT_BYTE = 1 / 40
 
 
