@@ -192,8 +192,11 @@ def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log, embe
     import ray
 
     resources = ray.cluster_resources()
-    pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors,
-                                       (footprints or {}).get(role))
+    # Embedded (one machine) the actors reserve memory only where a teacher sets memory_gb: a reservation
+    # changes how Ray Data interleaves the pipeline, hence which segments share a shard row group, hence the
+    # training order and the student (the demo's 200-step check moved from passing to failing; see README).
+    sized = (footprints or {}) if not embedded else {}
+    pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors, sized.get(role))
              for role, tcfg in roles.items()}
     if not embedded:
         # On a cluster a teacher actor dies mostly with its node (preemption, scale-down): let Ray Data
