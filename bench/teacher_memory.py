@@ -49,10 +49,11 @@ def measure(kind: str, rows: int, seconds: float, batch_seconds: float, checkpoi
     import numpy as np
     import torch
 
+    from spear.cluster.storage import Storage
     from spear.config import TeacherConfig
-    from spear.models.teachers.registry import packaged_weights_path
+    from spear.pipeline.tokenize_job import teacher_fingerprint, teacher_footprint
     from spear.stages.audio import flac_encode, float_to_pcm16
-    from spear.stages.teacher import TeacherFootprint, TeacherStage, teacher_actor_memory
+    from spear.stages.teacher import TeacherStage, teacher_actor_memory
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     cfg = TeacherConfig(kind=kind, batch_seconds=batch_seconds, **({"path": checkpoint} if checkpoint else {}))
@@ -80,15 +81,8 @@ def measure(kind: str, rows: int, seconds: float, batch_seconds: float, checkpoi
     wall = time.perf_counter() - t0
     done.set()
     sampler.join()
-    if checkpoint:
-        paths = [os.path.join(d, f) for d, _, fs in os.walk(checkpoint) for f in fs] if os.path.isdir(checkpoint) \
-            else [checkpoint]
-        weight_bytes = sum(os.path.getsize(p) for p in paths)
-    else:
-        path = packaged_weights_path(kind)
-        weight_bytes = path.stat().st_size if path is not None else 0
-    footprint = TeacherFootprint(weight_bytes=weight_bytes, frame_rate=float(stage.teacher.frame_rate),
-                                 dim=int(stage.teacher.dim), max_segment_seconds=seconds)
+    # the footprint as tokenize computes it: file sizes from the teacher's fingerprint, output from its description
+    footprint = teacher_footprint(cfg, teacher_fingerprint(cfg, Storage()), stage.teacher.describe(), seconds, 16000)
     reserved = teacher_actor_memory(kind, footprint, rows=rows, batch_seconds=batch_seconds, on_gpu=False)
     return {"kind": kind, "rows": rows, "seconds": seconds, "batch_seconds": batch_seconds,
             "loaded_mib": round(loaded / MIB), "peak_mib": round(peak[0] / MIB), "reserved_mib": round(reserved / MIB),

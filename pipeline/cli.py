@@ -139,6 +139,16 @@ def _job_overrides(inputs: Sequence[str], domains: Sequence[str], output: Option
     return extra
 
 
+def source_options(f: Callable) -> Callable:
+    """``--input`` / ``--domain`` of decode and tokenize (read by :func:`_sources_override`)."""
+    f = click.option("--domain", "domains", multiple=True, type=click.Choice(["speech", "audio"]),
+                     help="Domain of the --input sources: one for all, or one after each --input.")(f)
+    return click.option("--input", "inputs", multiple=True, metavar="URI[,URI...]",
+                        help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet "
+                             "manifests (cuts.jsonl.gz) or Lhotse Shar directories. Repeatable, each with its "
+                             "--domain: --input speech/ --domain speech --input audio/ --domain audio.")(f)
+
+
 def config_options(f: Callable) -> Callable:
     f = verbose_option(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object on stdout.")(f)
@@ -219,8 +229,7 @@ def config_show(config: Optional[str], sets: tuple[str, ...]) -> None:
 
 @main.command()
 @config_options
-@click.option("--input", "inputs", multiple=True, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet manifests (cuts.jsonl.gz) or Lhotse Shar directories. Repeatable, each with its --domain: --input speech/ --domain speech --input audio/ --domain audio.")
-@click.option("--domain", "domains", multiple=True, type=click.Choice(["speech", "audio"]), help="Domain of the --input sources: one for all, or one after each --input.")
+@source_options
 @click.option("--output", default=None, help="Where segments go (overrides `output`).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing decode result at --output.")
 def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
@@ -272,8 +281,7 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
 
 @main.command()
 @config_options
-@click.option("--input", "inputs", multiple=True, metavar="URI[,URI...]", help="Audio sources (local paths, file:// or s3://): folders of audio files, Lhotse CutSet manifests (cuts.jsonl.gz) or Lhotse Shar directories. Repeatable, each with its --domain: --input speech/ --domain speech --input audio/ --domain audio.")
-@click.option("--domain", "domains", multiple=True, type=click.Choice(["speech", "audio"]), help="Domain of the --input sources: one for all, or one after each --input.")
+@source_options
 @click.option("--output", default=None, help="Token dataset location (overrides `output`).")
 def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
              inputs: tuple[str, ...], domains: tuple[str, ...], output: Optional[str]) -> None:

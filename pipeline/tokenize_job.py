@@ -192,11 +192,8 @@ def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log, embe
     import ray
 
     resources = ray.cluster_resources()
-    # Embedded (one machine) the actors reserve memory only where a teacher sets memory_gb: a reservation
-    # changes how Ray Data interleaves the pipeline, hence which segments share a shard row group, hence the
-    # training order and the student (the demo's 200-step check moved from passing to failing; see README).
-    sized = (footprints or {}) if not embedded else {}
-    pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors, sized.get(role))
+    pools = {role: teacher_pool_kwargs(tcfg, resources, len(roles), cfg.tokenize.teacher_actors,
+                                       (footprints or {}).get(role))
              for role, tcfg in roles.items()}
     if not embedded:
         # On a cluster a teacher actor dies mostly with its node (preemption, scale-down): let Ray Data
@@ -418,8 +415,13 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                 log(f"[tokenize] nothing new: all {opened.skipped} objects are committed under {opened.version}")
             else:
                 def plan_stages(active: dict[str, TeacherConfig]):
-                    footprints = {r: teacher_footprint(t, fingerprints[r], descs[r], cfg.decode.max_segment_seconds,
-                                                       cfg.decode.sample_rate) for r, t in active.items()}
+                    # Embedded (one machine) actors reserve memory only where a teacher sets memory_gb: a reservation
+                    # changes how Ray Data interleaves the pipeline, hence which segments share a shard row group,
+                    # hence the training order and the student (the demo's 200-step check went from passing to
+                    # failing; README). On a cluster the estimate is reserved.
+                    footprints = None if rinfo.embedded else {
+                        r: teacher_footprint(t, fingerprints[r], descs[r], cfg.decode.max_segment_seconds,
+                                             cfg.decode.sample_rate) for r, t in active.items()}
                     return stage_resources(cfg, active, log, rinfo.embedded, footprints)
 
                 summary.codebooks = role_codebooks(cfg, roles, descs, opened.todo, catalog.objects, out, opened.version,
