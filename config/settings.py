@@ -241,9 +241,9 @@ class TeacherConfig(_Section):
     num_gpus: float = Field(1.0, ge=0, le=8, description="GPUs per teacher actor when GPUs are present")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="autocast dtype on GPU; CPU runs float32")
     memory_gb: Optional[float] = Field(None, gt=0, description="host memory (GiB) Ray reserves for each teacher actor; "
-                                       "unset: on a cluster, estimated from the checkpoint's size, the batch and the teacher's "
-                                       "output (stages/teacher.py teacher_actor_memory) and kept within the pool's share "
-                                       "of the cluster's memory; embedded, none")
+                                       "unset: estimated from the checkpoint's size, the batch and the teacher's output "
+                                       "(stages/teacher.py teacher_actor_memory) and kept within the pool's share of the "
+                                       "cluster's memory")
     normalize: Optional[bool] = Field(None, description="per-dimension mean/std normalisation of the embeddings before "
                                       "MVQ (statistics from the fitting sample); unset: the authors' default, on for "
                                       "every kind but dasheng (WavLM features normalised, Dasheng's not). Codebooks "

@@ -415,13 +415,8 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                 log(f"[tokenize] nothing new: all {opened.skipped} objects are committed under {opened.version}")
             else:
                 def plan_stages(active: dict[str, TeacherConfig]):
-                    # Embedded (one machine) actors reserve memory only where a teacher sets memory_gb: a reservation
-                    # changes how Ray Data interleaves the pipeline, hence which segments share a shard row group,
-                    # hence the training order and the student (the demo's 200-step check went from passing to
-                    # failing; README). On a cluster the estimate is reserved.
-                    footprints = None if rinfo.embedded else {
-                        r: teacher_footprint(t, fingerprints[r], descs[r], cfg.decode.max_segment_seconds,
-                                             cfg.decode.sample_rate) for r, t in active.items()}
+                    footprints = {r: teacher_footprint(t, fingerprints[r], descs[r], cfg.decode.max_segment_seconds,
+                                                       cfg.decode.sample_rate) for r, t in active.items()}
                     return stage_resources(cfg, active, log, rinfo.embedded, footprints)
 
                 summary.codebooks = role_codebooks(cfg, roles, descs, opened.todo, catalog.objects, out, opened.version,

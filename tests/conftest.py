@@ -10,6 +10,7 @@ Fixtures:
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
@@ -21,6 +22,21 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Tests must never reach out to a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_unchanged(request):
+    """A test that changes this process's torch threads must restore them: the jobs that later tests run in this
+    process (the tokenize job's codebook fit, evaluation's features) compute other floats on another thread count,
+    so a leaked ``torch.set_num_threads(1)`` gave CI's 200-step demo check another student than a run of it alone."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        after = torch.get_num_threads()
+        torch.set_num_threads(before)
+        pytest.fail(f"{request.node.nodeid} left torch on {after} thread(s) (it had {before}): restore them")
 
 
 @pytest.fixture(scope="session")
