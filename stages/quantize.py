@@ -174,19 +174,23 @@ def largest_codebook_size(frames: int, per_entry: int) -> int | None:
 def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int, seed: int, teacher_id: str,
                   layer: int | None, extra: dict[str, Any], min_frames_per_entry: int = 4, normalize: bool = True,
                   refine_iters: int = 4, kmeans_points_per_centroid: int = 256, kmeans_dim_steps: int = 10,
-                  log: Callable[[str], None] | None = None):
+                  num_threads: int | None = None, log: Callable[[str], None] | None = None):
     """Fit MVQ on the sample (GPU when this process has one); the held-out loss is recorded in the artefact.
 
     ``normalize``: per-dimension mean/std normalisation of the frames before fitting (the teacher
     config's ``normalize_features``: the authors normalise WavLM's features, not Dasheng's); it is
     part of the codebooks' metadata and version. ``refine_iters``, ``kmeans_points_per_centroid``,
     ``kmeans_dim_steps``: the ``mvq`` settings of those names (the last two size the initialisation's
-    k-means, most of a CPU fit's time). ``log``: gets
-    a line per initialised codebook and per refinement pass (a fit on CPU takes minutes).
+    k-means, most of a CPU fit's time). ``num_threads``: torch and faiss threads while fitting (default: every
+    CPU this process may use, whatever torch was set to: the fit's floats follow the thread count, so a process
+    left on one thread, a notebook or a test, would otherwise fit other codebooks than ``spear tokenize``
+    on the same frames). ``log``: gets a line per initialised codebook and per refinement pass (a fit on CPU
+    takes minutes).
     Raises :class:`TooFewFramesError` below ``min_frames_per_entry`` frames per codebook entry.
     """
     import torch
 
+    from spear.models.device import process_cpus
     from spear.models.mvq import FitSettings, MultiCodebookQuantizer
 
     if sample.train.shape[0] < min_frames_per_entry * codebook_size:
@@ -194,7 +198,7 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
     heldout = torch.from_numpy(sample.heldout) if sample.heldout.shape[0] else None
     settings = FitSettings(num_codebooks=num_codebooks, codebook_size=codebook_size, seed=seed, normalize=normalize,
                            refine_iters=refine_iters, max_points_per_centroid=kmeans_points_per_centroid,
-                           progressive_dim_steps=kmeans_dim_steps)
+                           progressive_dim_steps=kmeans_dim_steps, num_threads=num_threads or process_cpus())
     if sample.train.shape[0] <= 2 * sample.train.shape[1]:
         # faiss' progressive-dimension k-means starts with a PCA that needs more frames than dimensions
         settings = dataclasses.replace(settings, progressive_dim_steps=0)

@@ -43,6 +43,7 @@ import torch
 
 from spear.cluster.storage import cached_storage, join_uri
 from spear.config import TrainConfig
+from spear.models.device import process_cpus
 from spear.models.frontend import KaldiFbank
 from spear.models.optim import Eden, ScaledAdam
 from spear.models.student import (IGNORE_INDEX, SpearObjective, align_targets, build_encoder, has_any_target,
@@ -142,7 +143,7 @@ def cpu_worker_threads(local_workers: int, cpus: Optional[int] = None) -> int:
     (2, 1, 5)
     """
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = process_cpus()
     return max(1, int(cpus) // max(1, int(local_workers)))
 
 

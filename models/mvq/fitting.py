@@ -41,21 +41,22 @@ def fit_threads(num_threads: Optional[int]) -> Iterator[None]:
     if not num_threads:
         yield
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
     try:
         import faiss  # optional: GPU machines may have no faiss wheel
     except ImportError:
         faiss = None
-    old_faiss = faiss.omp_get_max_threads() if faiss is not None else 0
+    # both read before either is set: torch and faiss may share one OpenMP runtime, so setting torch first
+    # made faiss' "old" value the new one, and restoring it last left the caller on num_threads
+    old, old_faiss = torch.get_num_threads(), (faiss.omp_get_max_threads() if faiss is not None else 0)
+    torch.set_num_threads(num_threads)
     if faiss is not None:
         faiss.omp_set_num_threads(num_threads)
     try:
         yield
     finally:
-        torch.set_num_threads(old)
         if faiss is not None:
             faiss.omp_set_num_threads(old_faiss)
+        torch.set_num_threads(old)
 
 
 @dataclass(frozen=True)

@@ -341,10 +341,14 @@ def test_invalid_config_job_fails_and_status_shows_the_validation_message(two_no
 
 
 @pytest.mark.slow
-def test_the_job_runs_the_package_that_submitted_it(two_nodes, tmp_path):
+def test_the_job_runs_the_package_that_submitted_it(two_nodes, tmp_path, monkeypatch):
     """The runtime_env's py_modules copy of spear is what the driver imports (not an installed one)."""
     from ray.job_submission import JobSubmissionClient
 
+    # Ray's own client prefers these to its address argument: set by an earlier test's Ray in this process,
+    # they would send the job elsewhere (spear's JobClient clears them itself)
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
     sub = build_submission(["spear", "config", "show"], env={}, cli=cli)
     runtime_env = stage_runtime_env(sub, str(tmp_path))
     client = JobSubmissionClient(two_nodes.address)
@@ -488,10 +492,11 @@ def test_train_job_on_two_nodes_trains_on_the_tokens_and_checkpoints_to_seaweedf
 
 def _job_actors(cluster: LocalRayCluster, submission_id: str, class_part: str) -> list:
     """The actors (alive or dead) that the submitted job created on the cluster, by class name."""
-    from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
-    ray_job = JobSubmissionClient(cluster.address).get_job_info(submission_id).job_id
+    from spear.cluster.jobs import JobClient
+
+    ray_job = JobClient(cluster.address)._client.get_job_info(submission_id).job_id  # the SDK client, env-proof
     actors = list_actors(address=cluster.address, filters=[("job_id", "=", ray_job)], detail=True, limit=1000)
     return [a for a in actors if class_part in a.class_name]
 
