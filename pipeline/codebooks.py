@@ -234,7 +234,8 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
     if rinfo.gpus > 0:  # fit where the GPU is
         import ray
 
-        q = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer).remote(sample, **fit_kwargs))
+        # one thread, as the task reserves one CPU (the fit's default, every CPU of the process, would take the node's)
+        q = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer).remote(sample, **fit_kwargs, num_threads=1))
     else:
         q = fit_quantizer(sample, **fit_kwargs, log=lambda line: log(f"[tokenize] {role} codebooks: {line}"))
     loss = q.metadata.get("heldout_relative_loss")
