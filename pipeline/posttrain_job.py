@@ -208,7 +208,9 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
                 posttrain_loop_per_worker,
                 train_loop_config={"posttrain": p.model_dump(mode="json"), "plan": plan, "model": model_uri,
                                    "train_uri": prepared.train_uri, "storage_options": options,
-                                   "events_uri": join_uri(root, RUN_NAME, "events")},
+                                   "events_uri": join_uri(root, RUN_NAME, "events"),
+                                   # what the workers resume from: Ray's run snapshot may lack the newest
+                                   "resume_from": before[-1] if before else None},
                 scaling_config=scaling_config(lo, hi, use_gpu, resources, p.elastic_monitor_s),
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
                                          timeout_s=max(1, int(round(p.collective_timeout_s)))),

@@ -177,7 +177,9 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                 train_loop_per_worker,
                 train_loop_config={"train": cfg.train.model_dump(mode="json"), "plan": plan,
                                    "storage_options": options, "max_workers": hi,
-                                   "events_uri": join_uri(cfg.output, RUN_NAME, "events")},
+                                   "events_uri": join_uri(cfg.output, RUN_NAME, "events"),
+                                   # what the workers resume from: Ray's run snapshot may lack the newest
+                                   "resume_from": before[-1] if before else None},
                 scaling_config=scaling,
                 # the process group's timeout bounds every collective (DDP's all-reduce, the step agreement)
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",

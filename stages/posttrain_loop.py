@@ -8,7 +8,7 @@ attribute (:class:`~spear.models.posttrain.PostTrainModel`: ``posttrain.freeze``
 encoder layers at ``encoder_lr``), gradients clipped to norm 5, linear warm-up then cosine decay
 (:func:`~spear.stages.train_loop.lr_lambda`). Every ``checkpoint_every`` steps rank 0 writes a
 checkpoint as pre-training does (:func:`~spear.stages.train_loop.save_checkpoint`: model, optimiser,
-scheduler, every rank's data position and batch RNG, the world sizes, the metrics so far with each
+scheduler, every rank's data position, batch RNG and dropout RNG, the world sizes, the metrics so far with each
 attribute's loss, rows and accuracy), plus the attribute specs and the input model, so that the job
 can export from it without the data (:func:`load_posttrain_checkpoint`).
 
@@ -41,8 +41,9 @@ from spear.stages.posttrain_batches import COLUMNS, PostTrainBatches, PostTrainD
 from spear.stages.posttrain_data import read_prepared
 from spear.stages.train_data import resume_state
 from spear.stages.train_loop import (MODEL_FILE, STATE_FILE, NonRetryableError, collective_timeout_ends_run,
-                                     cpu_worker_threads, first_line, gather_data_states, lr_lambda,
-                                     record_group_start, restore_checkpoint, save_checkpoint)
+                                     cpu_worker_threads, first_line, gather_data_states, lr_lambda, random_state,
+                                     record_group_start, restore_checkpoint, resume_checkpoint, resume_random,
+                                     save_checkpoint)
 
 
 class _LossForward(nn.Module):
@@ -112,7 +113,7 @@ def progress_line(rows: list[dict[str, Any]], step: int, max_steps: int) -> str:
 def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` = {"posttrain": PostTrainConfig dict, "plan": PostTrainPlan,
     "train_uri": the prepared training table, "model": the input model's URI, "storage_options",
-    "events_uri"}."""
+    "events_uri", "resume_from": (step, URI) of the newest checkpoint on storage or None}."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -136,9 +137,11 @@ def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
     except (ValueError, FileNotFoundError) as exc:
         raise NonRetryableError(f"the prepared training table {config['train_uri']}: {first_line(exc)}") from None
     optimizer, scheduler, lrs = build_optimizer(model, cfg)
-    start = restore_checkpoint(ray.train.get_checkpoint(), model, optimizer, scheduler, lrs, "adamw")
+    start = restore_checkpoint(resume_checkpoint(config.get("resume_from"), config.get("storage_options")),
+                               model, optimizer, scheduler, lrs, "adamw")
     step, metrics_rows = start.step, start.metrics_rows
     world_sizes = start.world_sizes if start.world_sizes and start.world_sizes[-1] == world else start.world_sizes + [world]
+    resume_random(start, rank, world, cfg.seed, device)  # the trainable layers' dropout continues
     if rank == 0:
         record_group_start(config, world, start.resumed_from)
 
@@ -178,13 +181,15 @@ def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
             # both tee it and log it, so the driver showed every line twice
             print(progress_line(metrics_rows[-PROGRESS_EVERY:], step, cfg.max_steps), file=sys.__stdout__, flush=True)
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
-            all_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s)
+            all_states, random_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s,
+                                                           random_state(device))
             metrics = {"step": step, "loss": float(res.loss.detach()), "world_size": world}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
                     save_checkpoint(d, objective=model, optimizer=optimizer, scheduler=scheduler,
                                     metrics_rows=metrics_rows, kind="adamw",
-                                    state={"step": step, "data_states": all_states, "world_sizes": world_sizes,
+                                    state={"step": step, "data_states": all_states, "random_states": random_states,
+                                           "world_sizes": world_sizes,
                                            "resumed_from": start.resumed_from, "model": config["model"],
                                            "specs": [s.to_dict() for s in specs], "info": plan.info(),
                                            "posttrain": config["posttrain"]})

@@ -5,7 +5,7 @@ on the waveforms and targets -> 128-bin Kaldi fbank -> span + channel masking ->
 per-teacher heads -> asymmetric multi-codebook cross-entropy -> the optimiser (``train.optimizer``:
 ScaledAdam + Eden by default for Zipformer2, AdamW + cosine decay otherwise: :func:`build_optimizer`). Every
 ``checkpoint_every`` steps rank 0 writes a checkpoint with the model, optimiser, scheduler, step,
-every rank's data position, RNG states, the world sizes seen and the metrics so far, and reports it.
+every rank's data position and random streams (dropout, masks: :func:`random_state`), the world sizes seen and the metrics so far, and reports it.
 
 Restarts (a re-run with the same output, a failed worker, an elastic resize) restore all of it;
 after a resize each rank's data position comes from the merged positions
@@ -26,6 +26,7 @@ Ray Train's retries on it (:mod:`spear.pipeline.train_job`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import csv
 import hashlib
@@ -256,6 +257,7 @@ class ResumePoint:
 
     step: int = 0
     rank_states: Optional[list] = None        # every rank's data position at the checkpoint
+    random_states: Optional[list] = None      # every rank's random streams at the checkpoint (random_state)
     world_sizes: list[int] = field(default_factory=list)
     metrics_rows: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Optional[int] = None
@@ -292,12 +294,40 @@ def restore_checkpoint(ckpt, objective, optimizer, scheduler, lr: float, kind: s
             with open(os.path.join(d, METRICS_FILE)) as f:
                 metrics_rows = list(csv.DictReader(f))
             return ResumePoint(step=state["step"], rank_states=state["data_states"], world_sizes=state["world_sizes"],
-                               metrics_rows=metrics_rows, resumed_from=state["step"])
+                               metrics_rows=metrics_rows, resumed_from=state["step"],
+                               random_states=state.get("random_states"))
     except NonRetryableError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to read it is the same for the user
         raise NonRetryableError(f"checkpoint {ckpt.path} cannot be read ({first_line(exc)}): delete that "
                                 "folder to resume from the one before, or train into a new output") from None
+
+
+def resume_checkpoint(found: Optional[tuple[int, str]], storage_options: Any = None):
+    """The checkpoint a worker group starts from: Ray Train's latest (this run's, after a worker restart
+    or a resize) or ``found``, the newest complete checkpoint (step, URI) the job saw on storage before
+    it started, whichever is further on; None: a fresh start.
+
+    Ray Train knows only the checkpoints its run snapshot lists, and a driver killed right after a
+    checkpoint was written may not have listed it there: a re-run then resumed from an older
+    checkpoint, or trained from step 0, while the job said it resumed from the newest.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    latest = ray.train.get_checkpoint()
+    if found is None:
+        return latest
+    step, uri = found
+    if latest is not None:
+        try:
+            with latest.filesystem.open_input_stream(latest.path.rstrip("/") + "/" + STATE_FILE) as f:
+                if int(json.loads(f.read())["step"]) >= int(step):
+                    return latest
+        except Exception:  # noqa: BLE001 - unreadable: the one found on storage is the one to try
+            pass
+    fs, path = cached_storage(storage_options).pyarrow_filesystem(uri)
+    return Checkpoint(path=path, filesystem=fs)
 
 
 def record_group_start(config: dict[str, Any], world: int, resumed_from: Optional[int]) -> None:
@@ -310,15 +340,71 @@ def record_group_start(config: dict[str, Any], world: int, resumed_from: Optiona
             join_uri(config["events_uri"], f"{time.time_ns()}-start.json"), json.dumps(event))
 
 
-def gather_data_states(loader, rank: int, world: int, step: int, timeout_s: float) -> list:
-    """Every rank's data position at a checkpoint (an all-gather when there are several ranks)."""
-    data_state = loader.state()
+def gather_data_states(loader, rank: int, world: int, step: int, timeout_s: float,
+                       random: Optional[dict[str, str]] = None) -> tuple[list, list]:
+    """Every rank's data position and random streams (:func:`random_state`) at a checkpoint, as two
+    lists by rank (one all-gather when there are several ranks)."""
+    mine = (loader.state(), random or {})
     if world == 1:
-        return [data_state]
+        return [mine[0]], [mine[1]]
     all_states = [None] * world
     with collective_timeout_ends_run(rank, world, timeout_s, f"for the data positions at the checkpoint of step {step}"):
-        torch.distributed.all_gather_object(all_states, data_state)
-    return all_states
+        torch.distributed.all_gather_object(all_states, mine)
+    return [s[0] for s in all_states], [s[1] for s in all_states]
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def random_state(device: torch.device, generator: Optional[torch.Generator] = None) -> dict[str, str]:
+    """This rank's random streams as JSON-able text: torch's global generator (dropout draws from it),
+    the GPU's on a GPU, and ``generator`` (pre-training's masks) where given.
+
+    >>> g = torch.Generator().manual_seed(3)
+    >>> saved = random_state(torch.device("cpu"), g)
+    >>> a = (torch.rand(2), torch.rand(2, generator=g))
+    >>> restore_random_state(saved, torch.device("cpu"), g)
+    >>> b = (torch.rand(2), torch.rand(2, generator=g))
+    >>> all(torch.equal(x, y) for x, y in zip(a, b))
+    True
+    """
+    out = {"torch": _tensor_text(torch.get_rng_state())}
+    if device.type == "cuda":
+        out["cuda"] = _tensor_text(torch.cuda.get_rng_state(device))
+    if generator is not None:
+        out["generator"] = _tensor_text(generator.get_state())
+    return out
+
+
+def restore_random_state(saved: dict[str, str], device: torch.device,
+                         generator: Optional[torch.Generator] = None) -> None:
+    """Set the streams :func:`random_state` saved (those it holds)."""
+    if "torch" in saved:
+        torch.set_rng_state(_text_tensor(saved["torch"]))
+    if "cuda" in saved and device.type == "cuda":
+        torch.cuda.set_rng_state(_text_tensor(saved["cuda"]), device)
+    if "generator" in saved and generator is not None:
+        generator.set_state(_text_tensor(saved["generator"]))
+
+
+def resume_random(start: ResumePoint, rank: int, world: int, seed: int, device: torch.device,
+                  generator: Optional[torch.Generator] = None) -> None:
+    """After a restart, the random streams continue: at the checkpoint's world size each rank's exactly
+    where they were (a resumed run draws the dropout and masks an uninterrupted one would); at another
+    world size, or from a checkpoint without them, reseeded from (seed, step, rank). A fresh start keeps
+    the seeding the caller did."""
+    if start.resumed_from is None:
+        return
+    states = start.random_states or []
+    if len(states) == world and states[rank]:
+        restore_random_state(states[rank], device, generator)
+    else:
+        torch.manual_seed(seed * 1_000_003 + start.step * 1009 + rank)
 
 
 def save_checkpoint(directory: str, *, objective, optimizer, scheduler, state: dict[str, Any],
@@ -334,7 +420,8 @@ def save_checkpoint(directory: str, *, objective, optimizer, scheduler, state: d
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` = {"train": TrainConfig dict, "plan": TrainDataPlan, "storage_options",
-    "max_workers", "metrics_uri", "events_uri"}."""
+    "max_workers", "events_uri", "resume_from": (step, URI) of the newest checkpoint on
+    storage or None}."""
     # Ray Train is imported inside the worker only: the driver imports this module before Ray starts.
     import ray.train
     import ray.train.torch
@@ -355,7 +442,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     kind = cfg.optimizer_kind
     optimizer, scheduler, lr = build_optimizer(objective, cfg, world, int(config["max_workers"]))
-    start = restore_checkpoint(ray.train.get_checkpoint(), objective, optimizer, scheduler, lr, kind)
+    start = restore_checkpoint(resume_checkpoint(config.get("resume_from"), config.get("storage_options")),
+                               objective, optimizer, scheduler, lr, kind)
     if start.resumed_from is None and cfg.init_from:  # a fresh run from a released model or an export
         try:  # in place, before DDP wraps the model; every rank loads the same weights
             initialise_encoder(objective.encoder, cfg.init_from, cached_storage(config.get("storage_options")))
@@ -374,6 +462,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           batch_seconds=cfg.batch_seconds, audio_weight=cfg.audio_weight, seed=cfg.seed,
                           state=resume_state(start.rank_states or [], rank, world))
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+    resume_random(start, rank, world, cfg.seed, device, generator)
     t_last = time.monotonic()
     audio_seconds = 0.0
     model.train()
@@ -416,13 +505,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # which rows this step trained on (rank 0's batch): audits resume and reproducibility
             "batch_digest": hashlib.sha1("|".join(batch["segment_ids"].tolist()).encode()).hexdigest()[:16], **m})
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
-            all_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s)
+            all_states, random_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s,
+                                                           random_state(device, generator))
             metrics = {"step": step, "loss": m["loss"], "world_size": world}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
                     save_checkpoint(d, objective=objective, optimizer=optimizer, scheduler=scheduler,
                                     metrics_rows=metrics_rows, kind=kind,
-                                    state={"step": step, "data_states": all_states, "world_sizes": world_sizes,
+                                    state={"step": step, "data_states": all_states, "random_states": random_states,
+                                           "world_sizes": world_sizes,
                                            "resumed_from": start.resumed_from, "token_version": plan.token_version,
                                            "heads": heads_info(plan), "train": config["train"]})
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))

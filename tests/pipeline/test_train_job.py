@@ -32,10 +32,9 @@ def _cfg(shards, out, steps, st=None, extra=()):
     return load_config(None, sets + (storage_sets(st) if st is not None else []))
 
 
-def _digests(st, out):
+def _rows(st, out):
     _, uri = checkpoints(out, st)[-1]
-    rows = list(csv.DictReader(io.StringIO(st.read_text(join_uri(uri, "metrics.csv")))))
-    return [r["batch_digest"] for r in rows]
+    return list(csv.DictReader(io.StringIO(st.read_text(join_uri(uri, "metrics.csv")))))
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +66,19 @@ def test_killed_trainer_resumes_at_last_checkpoint_without_repeating_data(ray_cl
     killed_at = checkpoints(out, st)[-1][0]
     assert 2 <= killed_at < 10
 
+    t_resume = time.time()
     resumed = run_train(_cfg(shard_uri, out, 10), progress=False)
     assert resumed.resumed_from_step == killed_at and resumed.step == 10
-    # the same batches as the uninterrupted run, step for step: nothing before the checkpoint is seen again
-    assert _digests(st, out) == _digests(st, join_uri(root, "clean"))
+    # the workers started from that checkpoint too (Ray Train's run snapshot, which the killed driver may not
+    # have updated, once sent them back to an older one or to step 0)
+    assert [e["resumed_from_step"] for e in worker_group_starts(out, st, since=t_resume)] == [killed_at]
+    # the same batches as the uninterrupted run, step for step (nothing before the checkpoint is seen again),
+    # and the same losses and weights to the bit: model, optimiser, data, masks and dropout resumed exactly
+    want, got = _rows(st, join_uri(root, "clean")), _rows(st, out)
+    assert [r["batch_digest"] for r in got] == [r["batch_digest"] for r in want]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    a, b = load_checkpoint_objective(join_uri(root, "clean"), st)[0], load_checkpoint_objective(out, st)[0]
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
 @pytest.mark.s3
