@@ -197,8 +197,8 @@ def stage_resources(cfg: SpearConfig, roles: dict[str, TeacherConfig], log, embe
              for role, tcfg in roles.items()}
     if not embedded:
         # On a cluster a teacher actor dies mostly with its node (preemption, scale-down): let Ray Data
-        # restart it and the run go on. Embedded, a death repeats (memory, a bad checkpoint), so it ends
-        # the run at once (see TeacherPoolPlan.map_batches_kwargs).
+        # restart it as often as it takes. Embedded, a death that repeats (memory, a bad checkpoint) ends
+        # the run after a few restarts (see TeacherPoolPlan.map_batches_kwargs).
         for kwargs in pools.values():
             kwargs.pop("max_restarts", None)
     for role, kwargs in pools.items():

@@ -196,6 +196,10 @@ def _ray_counters(teacher_name: str):
 # ----------------------------------------------------------------------------- actor pool sizing
 
 
+#: Restarts of a dead teacher actor in an embedded run before the run ends (see TeacherPoolPlan.map_batches_kwargs).
+TEACHER_ACTOR_RESTARTS = 2
+
+
 @dataclass(frozen=True)
 class TeacherPoolPlan:
     """How many teacher actors, with which resources, the rows per Ray batch, and the torch threads of a CPU actor."""
@@ -217,15 +221,17 @@ class TeacherPoolPlan:
         and ``fn_constructor_kwargs`` with ``num_threads`` where the plan sets threads (CPU actors): merge
         it with the stage's own constructor arguments through :func:`teacher_stage_kwargs`.
 
-        ``max_restarts=0``: Ray Data gives every pool actor its UDF and its context as object-store
-        references (ray.put, whatever their size) and by default restarts a dead actor without end
-        (``max_restarts=-1``, ``max_task_retries=-1``); Ray core warns about exactly that pairing on
-        every run ("has constructor arguments in the object store and max_restarts > 0",
-        ray-project/ray#53727, #57733). A teacher actor that dies (killed for memory, a GPU fault)
-        ends the run at once with its cause instead, and the next run resumes from the last commit,
-        where endless restarts would loop on a failure that repeats. (Ray 2.60 takes ``max_restarts``
-        only among ``map_batches``' extra remote args, which it marks deprecated for 2.64: check it
-        there when upgrading Ray.)
+        ``max_restarts``: :data:`TEACHER_ACTOR_RESTARTS`. Ray Data's default restarts a dead actor
+        without end (``max_restarts=-1``, ``max_task_retries=-1``), which loops on a death that repeats
+        (killed for memory, a GPU fault). With no restarts (``max_restarts=0``, this project's setting
+        before) an actor that died while idle was never replaced: Ray Data keeps a dead actor in its
+        fixed-size pool and waits for it forever (ray-project/ray#62746; the tokenize run hung without
+        a word). So a few restarts: a one-off death is replaced and the run goes on; a death that
+        repeats ends the run with its cause, and the next run resumes from the last commit. The price:
+        Ray core prints "has constructor arguments in the object store and max_restarts > 0" once per
+        run (Ray Data passes every pool actor its UDF as object-store references; ray-project/ray#53727).
+        Ray 2.60 takes ``max_restarts`` only among ``map_batches``' extra remote args, which it marks
+        deprecated for 2.64: check it there when upgrading Ray.
         """
         import ray
 
@@ -233,7 +239,7 @@ class TeacherPoolPlan:
             "compute": ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
             "num_cpus": self.num_cpus,
             "batch_size": self.batch_size,
-            "max_restarts": 0,
+            "max_restarts": TEACHER_ACTOR_RESTARTS,
         }
         if self.num_gpus:
             kwargs["num_gpus"] = self.num_gpus
@@ -261,7 +267,7 @@ def map_teacher_stage(ds: "ray.data.Dataset", pool_kwargs: Mapping[str, Any], **
     """``ds`` mapped by a pool of :class:`TeacherStage` actors: a pool plan's ``map_batches`` kwargs
     (:meth:`TeacherPoolPlan.map_batches_kwargs`) and the stage's constructor arguments (``teacher=``, ...)."""
     with warnings.catch_warnings():
-        # max_restarts=0 reaches the actors only as an extra remote arg, which Ray 2.60 calls deprecated
+        # max_restarts reaches the actors only as an extra remote arg, which Ray 2.60 calls deprecated
         # (see TeacherPoolPlan.map_batches_kwargs): the project knows, and a user needs no line about it.
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
         return ds.map_batches(TeacherStage, **teacher_stage_kwargs(pool_kwargs, **constructor))

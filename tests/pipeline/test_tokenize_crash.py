@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import pytest
 
@@ -109,28 +110,36 @@ def test_driver_killed_mid_run_then_rerun_equals_clean_run(crash_corpus, ray_clu
     assert _committed(st, out) == clean
 
 
-def test_teacher_actor_killed_mid_run_then_rerun_equals_clean_run(crash_corpus, ray_cluster):
+def test_teacher_actor_killed_mid_run_is_replaced_and_the_run_commits_what_a_clean_run_does(crash_corpus, ray_cluster):
     from ray.util.state import list_actors
 
     st, root, clean_out, clean = crash_corpus
     out = join_uri(root, "actor-kill")
     _copy_codebooks(st, clean_out, st, out)
     cfg = _cfg(st, join_uri(root, "corpus"), out)
+    before = {a.actor_id for a in list_actors(detail=False, limit=10_000)}  # an earlier test's may linger
     thread, outcome = _tokenize_in_background(cfg)
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and thread.is_alive():
         for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
             # the only actor pools of a tokenize run are the teacher stages (decode and writing are tasks)
-            if "MapWorker" in (a.class_name or "") and a.pid:
+            if "MapWorker" in (a.class_name or "") and a.pid and a.actor_id not in before:
                 os.kill(a.pid, signal.SIGKILL)
-                killed = a.pid
+                killed = a
                 break
         time.sleep(0.1)
-    thread.join(timeout=600)
-    assert killed is not None, "no teacher actor was seen alive to kill"
+    assert killed is not None, "no teacher actor of the run was seen alive to kill"
+    thread.join(timeout=240)
+    if thread.is_alive():  # Ray Data waited for an actor that died idle (ray-project/ray#62746)
+        stack = "".join(traceback.format_stack(sys._current_frames()[thread.ident]))
+        pytest.fail(f"the run did not end within 240 s of its teacher actor's death ({killed.class_name}); "
+                    f"it waits in:\n{stack}")
+    # one death is replaced (TEACHER_ACTOR_RESTARTS) and the run goes on to commit everything
+    assert "error" not in outcome, f"one teacher actor's death ended the run: {outcome['error']}"
+    assert outcome["summary"].committed_objects == 22 and _committed(st, out) == clean
     summary = run_tokenize(cfg, progress=False)
-    assert summary.committed_objects == 22
+    assert summary.committed_objects == 22 and summary.new_objects == 0
     assert _committed(st, out) == clean
 
 

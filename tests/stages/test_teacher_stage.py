@@ -11,8 +11,8 @@ from spear.stages.teacher_loading import load_teacher
 from spear.config import TeacherConfig
 from spear.stages.audio import flac_decode, flac_encode, float_to_pcm16
 from spear.stages.batching import plan_subbatches
-from spear.stages.teacher import (GiB, MiB, TeacherFootprint, TeacherStage, TeacherStats, map_teacher_stage,
-                                  plan_teacher_pool, teacher_stage_kwargs)
+from spear.stages.teacher import (TEACHER_ACTOR_RESTARTS, GiB, MiB, TeacherFootprint, TeacherStage, TeacherStats,
+                                  map_teacher_stage, plan_teacher_pool, teacher_stage_kwargs)
 
 LENGTHS = [16000, 4000, 9000, 300, 23456, 12000, 7000]
 
@@ -167,12 +167,11 @@ def test_stage_loads_a_checkpoint_teacher_in_the_actor(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_teacher_pool_actors_come_up_without_the_restart_warning(ray_cluster, capfd):
-    """Ray core prints "has constructor arguments in the object store and max_restarts > 0" for
-    every Ray Data pool actor that may restart (its UDF and context are object-store references):
-    the teacher pools do not restart, so the line is gone and the stage still runs. Ray Data's
-    deprecation warning about the extra remote arg that says so is not shown either, and the
-    actors run with the memory the plan reserves."""
+def test_teacher_pool_actors_restart_a_few_times_reserve_their_memory_and_warn_of_nothing_deprecated(ray_cluster):
+    """A teacher pool's actors may restart TEACHER_ACTOR_RESTARTS times (none: Ray Data never replaced an
+    actor that died idle and the run hung; endless: a death that repeats would loop), with the memory the
+    plan reserves; Ray Data's deprecation warning about the extra remote arg that says so is not shown,
+    and the stage runs."""
     import warnings
 
     import ray
@@ -180,7 +179,7 @@ def test_teacher_pool_actors_come_up_without_the_restart_warning(ray_cluster, ca
     cfg = TeacherConfig(kind="mfcc")
     footprint = TeacherFootprint(weight_bytes=0, frame_rate=50.0, dim=78)
     kw = plan_teacher_pool(cfg, {"CPU": 2, "memory": 8 * GiB}, footprint=footprint).map_batches_kwargs()
-    assert kw["max_restarts"] == 0 and 512 * MiB < kw["memory"] < 8 * GiB
+    assert kw["max_restarts"] == TEACHER_ACTOR_RESTARTS == 2 and 512 * MiB < kw["memory"] < 8 * GiB
     rows = _segments(LENGTHS[:3])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -188,4 +187,3 @@ def test_teacher_pool_actors_come_up_without_the_restart_warning(ray_cluster, ca
     assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
     out = ds.take_all()
     assert sorted(r["segment_id"] for r in out) == [r["segment_id"] for r in rows]
-    assert "constructor arguments in the object store" not in capfd.readouterr().err
