@@ -8,9 +8,9 @@ attribute (:class:`~spear.models.posttrain.PostTrainModel`: ``posttrain.freeze``
 encoder layers at ``encoder_lr``), gradients clipped to norm 5, linear warm-up then cosine decay
 (:func:`~spear.stages.train_loop.lr_lambda`). Every ``checkpoint_every`` steps rank 0 writes a
 checkpoint as pre-training does (:func:`~spear.stages.train_loop.save_checkpoint`: model, optimiser,
-scheduler, every rank's data position, batch RNG and dropout RNG, the world sizes, the metrics so far with each
-attribute's loss, rows and accuracy), plus the attribute specs and the input model, so that the job
-can export from it without the data (:func:`load_posttrain_checkpoint`).
+scheduler, every rank's data position, batch RNG and dropout RNG, the world sizes, the metrics so far
+with each attribute's loss, rows and accuracy), plus the attribute specs and the input model, so that
+the job can export from it without the data (:func:`load_posttrain_checkpoint`).
 
 Restarts (a re-run into the same output, a failed worker, an elastic resize) restore all of it:
 at the same world size each rank continues exactly where it was; at another, the ranks' consumed

@@ -5,7 +5,8 @@ on the waveforms and targets -> 128-bin Kaldi fbank -> span + channel masking ->
 per-teacher heads -> asymmetric multi-codebook cross-entropy -> the optimiser (``train.optimizer``:
 ScaledAdam + Eden by default for Zipformer2, AdamW + cosine decay otherwise: :func:`build_optimizer`). Every
 ``checkpoint_every`` steps rank 0 writes a checkpoint with the model, optimiser, scheduler, step,
-every rank's data position and random streams (dropout, masks: :func:`random_state`), the world sizes seen and the metrics so far, and reports it.
+every rank's data position and random streams (dropout, masks: :func:`random_state`), the world
+sizes seen and the metrics so far, and reports it.
 
 Restarts (a re-run with the same output, a failed worker, an elastic resize) restore all of it;
 after a resize each rank's data position comes from the merged positions
