@@ -342,10 +342,10 @@ def record_group_start(config: dict[str, Any], world: int, resumed_from: Optiona
 
 
 def gather_data_states(loader, rank: int, world: int, step: int, timeout_s: float,
-                       random: Optional[dict[str, str]] = None) -> tuple[list, list]:
-    """Every rank's data position and random streams (:func:`random_state`) at a checkpoint, as two
-    lists by rank (one all-gather when there are several ranks)."""
-    mine = (loader.state(), random or {})
+                       random: dict[str, str]) -> tuple[list, list]:
+    """Every rank's data position and random streams (``random``: this rank's :func:`random_state`) at a
+    checkpoint, as two lists by rank (one all-gather when there are several ranks)."""
+    mine = (loader.state(), random)
     if world == 1:
         return [mine[0]], [mine[1]]
     all_states = [None] * world
@@ -360,6 +360,16 @@ def _tensor_text(t: torch.Tensor) -> str:
 
 def _text_tensor(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a rank's random streams when it starts at ``step`` without saved ones (a fresh start's
+    masks, a resize).
+
+    >>> step_seed(0, 0, 1), step_seed(1, 2, 0)
+    (1, 1002021)
+    """
+    return seed * 1_000_003 + step * 1009 + rank
 
 
 def random_state(device: torch.device, generator: Optional[torch.Generator] = None) -> dict[str, str]:
@@ -405,7 +415,7 @@ def resume_random(start: ResumePoint, rank: int, world: int, seed: int, device: 
     if len(states) == world and states[rank]:
         restore_random_state(states[rank], device, generator)
     else:
-        torch.manual_seed(seed * 1_000_003 + start.step * 1009 + rank)
+        torch.manual_seed(step_seed(seed, start.step, rank))
 
 
 def save_checkpoint(directory: str, *, objective, optimizer, scheduler, state: dict[str, Any],
@@ -462,7 +472,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader = TrainBatches(plan, config.get("storage_options"), rank=rank, world_size=world,
                           batch_seconds=cfg.batch_seconds, audio_weight=cfg.audio_weight, seed=cfg.seed,
                           state=resume_state(start.rank_states or [], rank, world))
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
     resume_random(start, rank, world, cfg.seed, device, generator)
     t_last = time.monotonic()
     audio_seconds = 0.0
