@@ -68,11 +68,38 @@ ABLATION_ROLES = {"speech-only": ["speech"], "audio-only": ["audio"]}
 WEIGHT_FREE_TEACHERS = {"speech": "mfcc", "audio": "fbank"}
 
 
-def demo_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> SpearConfig:
-    """The demo's config: the packaged demo.yaml (or ``path``) with overrides."""
+#: The packaged config's scale for each corpus size (``--size``), applied before the user's overrides: the
+#: demo's 16 x 256 codebooks need more frames than the tiny corpus holds (the run stopped at the codebook fit)
+#: and fit the small one poorly. ``small`` is the scale of the 200-step distillation check
+#: (tests/pipeline/test_demo.py); ``tiny`` is a smoke run of every stage in well under a minute of training.
+DEMO_SIZE_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "tiny": ("mvq.speech_codebooks=2", "mvq.audio_codebooks=2", "mvq.codebook_size=16", "mvq.sample_frames=1000",
+             "train.max_steps=3", "train.checkpoint_every=3", "train.batch_seconds=8", "evaluate.seeds=[0]",
+             "posttrain.max_steps=4", "posttrain.checkpoint_every=4", "posttrain.batch_size=8",
+             "posttrain.warmup_steps=1"),
+    "small": ("mvq.speech_codebooks=4", "mvq.audio_codebooks=4", "mvq.codebook_size=32", "mvq.sample_frames=3000",
+              # faiss' default k-means sample: the check's measured draws used it (the demo's 64 x 5 cuts its
+              # 16 x 256 fit 4x; at 4 x 32 it gave +0.010, ahead on 2 of 4, 2026-12-03)
+              "mvq.kmeans_points_per_centroid=256", "mvq.kmeans_dim_steps=10",
+              "train.max_steps=200", "train.checkpoint_every=200", "train.batch_seconds=16", "train.warmup_steps=10",
+              "train.audio_loss_weight=1.0", "evaluate.seeds=[0]"),
+    "demo": (),
+}
+
+
+def demo_config(path: Optional[str] = None, overrides: tuple[str, ...] = (), size: str = "demo") -> SpearConfig:
+    """The demo's config: the packaged demo.yaml at ``size``'s scale (:data:`DEMO_SIZE_OVERRIDES`), then
+    ``overrides``. A config file ``path`` is taken as written (no size scale), then ``overrides``.
+
+    Example::
+
+        cfg = demo_config(None, ("train.max_steps=10",), size="tiny")   # 2 x 16 codebooks, 10 steps
+    """
+    if size not in DEMO_SIZE_OVERRIDES:
+        raise ValueError(f"unknown demo size {size!r}: choose one of {', '.join(DEMO_SIZE_OVERRIDES)}")
     if path is None:
         with resources.as_file(resources.files("spear.pipeline") / DEMO_CONFIG) as p:
-            return load_config(p, overrides)
+            return load_config(p, DEMO_SIZE_OVERRIDES[size] + tuple(overrides))
     return load_config(path, overrides)
 
 
@@ -167,9 +194,10 @@ def _teacher_kinds(cfg: SpearConfig) -> dict[str, Optional[str]]:
             "audio": cfg.teachers.audio.kind if cfg.teachers.audio else None}
 
 
-def saved_ablation(workdir: str, cfg: SpearConfig) -> Optional[dict[str, Any]]:
-    """The last ablation figures for this demo's teachers: the workdir's own, else the packaged ones;
-    None when neither was measured with these teachers (figures of other teachers would mislead)."""
+def saved_ablation(workdir: str, cfg: SpearConfig, size: str = "demo") -> Optional[dict[str, Any]]:
+    """The last ablation figures for this demo's teachers and corpus size: the workdir's own, else the
+    packaged ones; None when neither was measured with these teachers on a corpus of this size (figures
+    of other teachers, or of the demo corpus beside a `--size small` run, would mislead)."""
     candidates = [os.path.join(workdir, ABLATION_DIR, ABLATION_FILE)]
     with resources.as_file(resources.files("spear.pipeline") / SAVED_ABLATION) as packaged:
         candidates.append(str(packaged))
@@ -179,13 +207,22 @@ def saved_ablation(workdir: str, cfg: SpearConfig) -> Optional[dict[str, Any]]:
                     figures = json.load(f)
             except (OSError, ValueError):
                 continue
-            if figures.get("teachers") == _teacher_kinds(cfg):
+            if figures.get("teachers") == _teacher_kinds(cfg) and _corpus_size(figures) == size:
                 return dict(figures, from_this_run=False)
     return None
 
 
+def _corpus_size(figures: dict[str, Any]) -> str:
+    """The corpus size saved ablation figures were measured on (figures saved before ``corpus_size`` was
+    recorded: the ``--size`` of their command, else the demo corpus)."""
+    if "corpus_size" in figures:
+        return figures["corpus_size"]
+    words = shlex.split(figures.get("command", ""))
+    return words[words.index("--size") + 1] if "--size" in words[:-1] else "demo"
+
+
 def run_ablation(cfg: SpearConfig, workdir: str, corpus_root: str, run: RunSummary, *, command: str,
-                 progress: bool = True) -> dict[str, Any]:
+                 size: str = "demo", progress: bool = True) -> dict[str, Any]:
     """Train the single-teacher students on the dual-teacher run's shards, probe all three together and
     save the figures (``workdir/ablation/ablation.json``); returns them.
 
@@ -215,6 +252,7 @@ def run_ablation(cfg: SpearConfig, workdir: str, corpus_root: str, run: RunSumma
                                command=command, students=ABLATION_STUDENTS)
     figures["teachers"] = _teacher_kinds(cfg)
     figures["train_steps"] = cfg.train.max_steps  # saved figures shown by a later demo say which training they had
+    figures["corpus_size"] = size
     figures["report"] = ev.report
     with open(os.path.join(root, ABLATION_FILE), "w", encoding="utf-8") as f:
         json.dump(figures, f, indent=1)
@@ -261,8 +299,8 @@ def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo
                    **held}
     figures = None
     if iteration == 1 and run.evaluate is not None:
-        figures = (run_ablation(cfg, workdir, str(corpus.root), run, command=command, progress=progress)
-                   if ablation else saved_ablation(workdir, cfg))
+        figures = (run_ablation(cfg, workdir, str(corpus.root), run, command=command, size=size, progress=progress)
+                   if ablation else saved_ablation(workdir, cfg, size))
         if figures is not None:  # the main report shows them too
             out = join_uri(cfg.output, EVALUATION_DIR)
             write_report(run.evaluate, out, Storage(StorageOptions.from_config(cfg.storage)),

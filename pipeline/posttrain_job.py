@@ -38,8 +38,8 @@ from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig
 from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
-from spear.pipeline.train_job import (RUN_NAME, checkpoints, load_checkpoint_objective, worker_group_starts,
-                                      write_metrics_report)
+from spear.pipeline.train_job import (RUN_NAME, checkpoints, list_checkpoints, load_checkpoint_objective,
+                                      worker_group_starts, write_metrics_report)
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses
 from spear.stages.artefacts import export_posttrained, export_student
 from spear.stages.posttrain_batches import COLUMNS, PostTrainPlan, plan_posttrain
@@ -155,12 +155,11 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
     storage.check_access(p.model)
     root = join_uri(cfg.output, POSTTRAIN_DIR)
     say = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
-    try:
-        before = checkpoints(root, storage)
-    except (ValueError, KeyError) as exc:
-        raise PostTrainError(f"a checkpoint under {join_uri(root, RUN_NAME)} cannot be read ({first_line(exc)}): "
-                             "delete it, or post-train into a new output") from None
+    listing = list_checkpoints(root, storage)
+    before = listing.complete
     resumed_from = before[-1][0] if before else None
+    for line in listing.warnings():
+        say(f"[posttrain] warning: {line}")
     model_uri = resolve_input_model(p.model, root, storage)
     lo, hi = p.workers
 
@@ -258,10 +257,7 @@ def posttrain_checkpoint(uri: str, storage: Storage) -> Optional[str]:
     if storage.exists(state_uri):
         return uri if is_posttrain_state(state_uri) else None
     for root in (join_uri(uri, POSTTRAIN_DIR), uri):
-        try:
-            found = checkpoints(root, storage)
-        except (ValueError, KeyError):
-            continue
+        found = checkpoints(root, storage)
         if found and is_posttrain_state(join_uri(found[-1][1], STATE_FILE)):
             return found[-1][1]
     return None

@@ -32,10 +32,11 @@ from spear.cluster.storage import Storage, StorageError, StorageOptions, join_ur
 from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, select_token_store
 from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
+from spear.schemas.checkpoint import incomplete_reason, parse_state
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses, steps_without_update
 from spear.stages.artefacts import export_student
 from spear.stages.train_data import TrainDataError, TrainDataPlan
-from spear.stages.train_loop import MODEL_FILE, STATE_FILE, build_objective, first_line, train_loop_per_worker
+from spear.stages.train_loop import MODEL_FILE, STATE_FILE, build_objective, train_loop_per_worker
 
 RUN_NAME = "train"
 
@@ -88,26 +89,51 @@ def plan_training_data(store: TokenStore, roles: Sequence[str] = ("speech", "aud
                                        storage_options=store.storage.options, roles=roles)
 
 
-def checkpoints(output: str, storage: Storage) -> list[tuple[int, str]]:
-    """(step, URI) of every complete checkpoint under ``OUTPUT/train``, by step.
+@dataclass(frozen=True)
+class CheckpointListing:
+    """The checkpoint folders under ``OUTPUT/train``: ``complete`` as (step, URI) by step, ``incomplete`` as
+    (URI, why) (:func:`spear.schemas.checkpoint.incomplete_reason`)."""
 
-    A checkpoint whose state file is still empty is being persisted by Ray Train right now (the
-    file exists before its bytes do) and is not complete yet; a state file that is not valid JSON
-    raises ValueError.
+    complete: list[tuple[int, str]]
+    incomplete: list[tuple[str, str]]
+
+    def warnings(self) -> list[str]:
+        """One line per incomplete checkpoint, for a job that resumes past it."""
+        return [f"checkpoint {uri} is skipped: {why} (a run stopped while writing it, or one is writing it now)"
+                for uri, why in self.incomplete]
+
+
+def list_checkpoints(output: str, storage: Storage) -> CheckpointListing:
+    """Every checkpoint folder under ``OUTPUT/train``, complete or not.
+
+    A folder is complete when its state file parses and every file it lists has the size the state
+    records (:mod:`spear.schemas.checkpoint`): Ray Train uploads a checkpoint's files in no set order,
+    so one whose upload was cut short (or is still going on) is listed as incomplete and never resumed from.
     """
     root = join_uri(output, RUN_NAME)
     if not storage.exists(root):
-        return []
+        return CheckpointListing([], [])
     fs, path = storage.filesystem(root)
-    found = []
-    for entry in fs.ls(path, detail=False):
+    complete, incomplete = [], []
+    for entry in sorted(fs.ls(path, detail=False)):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        state_uri = join_uri(root, name, STATE_FILE)
-        if name.startswith("checkpoint") and storage.exists(state_uri):
-            text = storage.read_text(state_uri)
-            if text.strip():
-                found.append((int(json.loads(text)["step"]), join_uri(root, name)))
-    return sorted(found)
+        if not name.startswith("checkpoint") or not fs.isdir(entry):
+            continue
+        uri = join_uri(root, name)
+        sizes = {info["name"].rstrip("/").rsplit("/", 1)[-1]: int(info.get("size") or 0)
+                 for info in fs.ls(entry, detail=True) if info.get("type") != "directory"}
+        state_text = storage.read_text(join_uri(uri, STATE_FILE)) if STATE_FILE in sizes else None
+        why = incomplete_reason(state_text, sizes)
+        if why is None:
+            complete.append((parse_state(state_text)["step"], uri))
+        else:
+            incomplete.append((uri, why))
+    return CheckpointListing(sorted(complete), incomplete)
+
+
+def checkpoints(output: str, storage: Storage) -> list[tuple[int, str]]:
+    """(step, URI) of every complete checkpoint under ``OUTPUT/train``, by step (:func:`list_checkpoints`)."""
+    return list_checkpoints(output, storage).complete
 
 
 def worker_group_starts(output: str, storage: Storage, since: float = 0.0) -> list[dict[str, Any]]:
@@ -151,13 +177,12 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
         raise ConfigError(f"token version {store.version} has {most} live rows in its largest domain, fewer than "
                           f"the {hi} workers asked for (train.workers): every worker needs rows; "
                           f"use at most {max(most, 1)} workers or add data")
-    try:
-        before = checkpoints(cfg.output, storage)
-    except (ValueError, KeyError) as exc:
-        raise TrainError(f"a checkpoint under {join_uri(cfg.output, RUN_NAME)} cannot be read "
-                         f"({first_line(exc)}): delete it, or train into a new output") from None
+    listing = list_checkpoints(cfg.output, storage)
+    before = listing.complete
     resumed_from = before[-1][0] if before else None
     if progress:
+        for line in listing.warnings():
+            print(f"[train] warning: {line}", file=sys.stderr)
         print(f"[train] token version {store.version}: {len(plan.files)} shards, "
               + ", ".join(f"{s / 3600:.3f} h {d}" for d, s in sorted(plan.seconds_by_domain.items()))
               + (f"; resuming from step {resumed_from}" if resumed_from is not None else ""), file=sys.stderr)

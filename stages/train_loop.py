@@ -50,15 +50,14 @@ from spear.models.frontend import KaldiFbank
 from spear.models.optim import Eden, ScaledAdam
 from spear.models.student import (IGNORE_INDEX, SpearObjective, align_targets, build_encoder, has_any_target,
                                   mask_features, mix_batch, student_codebooks)
+from spear.schemas.checkpoint import (FILE_SIZES_KEY, MODEL_FILE, OPTIM_FILE, STATE_FILE, incomplete_reason,
+                                     parse_state)
 from spear.schemas.segments import SAMPLE_RATE
 from spear.schemas.train_metrics import METRICS_FILE
 from spear.stages.artefacts import initialise_encoder
 from spear.stages.audio import AudioDecodeError
 from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 
-STATE_FILE = "train_state.json"
-MODEL_FILE = "model.pt"
-OPTIM_FILE = "optim.pt"
 
 
 class NonRetryableError(RuntimeError):
@@ -311,24 +310,40 @@ def resume_checkpoint(found: Optional[tuple[int, str]], storage_options: Any = N
 
     Ray Train knows only the checkpoints its run snapshot lists, and a driver killed right after a
     checkpoint was written may not have listed it there: a re-run then resumed from an older
-    checkpoint, or trained from step 0, while the job said it resumed from the newest.
+    checkpoint, or trained from step 0, while the job said it resumed from the newest. Ray's latest is
+    taken only when it is complete (:func:`spear.schemas.checkpoint.incomplete_reason`): an earlier run's
+    snapshot can list one whose files were cut short or lost since.
     """
     import ray.train
     from ray.train import Checkpoint
 
     latest = ray.train.get_checkpoint()
-    if found is None:
+    latest_step = _complete_step(latest) if latest is not None else None
+    if latest_step is not None and (found is None or latest_step >= int(found[0])):
         return latest
-    step, uri = found
-    if latest is not None:
-        try:
-            with latest.filesystem.open_input_stream(latest.path.rstrip("/") + "/" + STATE_FILE) as f:
-                if int(json.loads(f.read())["step"]) >= int(step):
-                    return latest
-        except Exception:  # noqa: BLE001 - unreadable: the one found on storage is the one to try
-            pass
-    fs, path = cached_storage(storage_options).pyarrow_filesystem(uri)
+    if found is None:
+        return None
+    fs, path = cached_storage(storage_options).pyarrow_filesystem(found[1])
     return Checkpoint(path=path, filesystem=fs)
+
+
+def _complete_step(ckpt) -> Optional[int]:
+    """The step of a Ray Train checkpoint whose files are complete; None when they are not, or cannot be read."""
+    import pyarrow.fs as pafs
+
+    try:
+        root = ckpt.path.rstrip("/")
+        infos = ckpt.filesystem.get_file_info(pafs.FileSelector(root))
+        sizes = {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+        text = None
+        if STATE_FILE in sizes:
+            with ckpt.filesystem.open_input_stream(f"{root}/{STATE_FILE}") as f:
+                text = f.read().decode()
+        if incomplete_reason(text, sizes) is None:
+            return parse_state(text)["step"]
+    except Exception:  # noqa: BLE001 - unreadable: the one found on storage is the one to try
+        pass
+    return None
 
 
 def record_group_start(config: dict[str, Any], world: int, resumed_from: Optional[int]) -> None:
@@ -420,13 +435,16 @@ def resume_random(start: ResumePoint, rank: int, world: int, seed: int, device: 
 
 def save_checkpoint(directory: str, *, objective, optimizer, scheduler, state: dict[str, Any],
                     metrics_rows: list[dict[str, Any]], kind: str = "adamw") -> None:
-    """Write one checkpoint's files into ``directory`` (rank 0, before reporting it to Ray Train)."""
+    """Write one checkpoint's files into ``directory`` (rank 0, before reporting it to Ray Train); the state
+    file last, with every other file's size (:mod:`spear.schemas.checkpoint`: how a reader tells a
+    complete checkpoint from one whose upload was cut short)."""
     torch.save(objective.state_dict(), os.path.join(directory, MODEL_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "kind": kind},
                os.path.join(directory, OPTIM_FILE))
-    with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump(state, f)
     _write_metrics(metrics_rows, os.path.join(directory, METRICS_FILE))
+    sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in (MODEL_FILE, OPTIM_FILE, METRICS_FILE)}
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({**state, FILE_SIZES_KEY: sizes}, f)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -84,15 +84,14 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
 
     from spear.pipeline.demo import ABLATION_DIR, ABLATION_FILE, demo_config, format_ablation, run_demo
 
-    cfg = demo_config(None, ("train.max_steps=3", "train.checkpoint_every=3", "train.batch_seconds=8",
-                             "mvq.speech_codebooks=2", "mvq.audio_codebooks=2", "mvq.codebook_size=16",
-                             "mvq.sample_frames=1000", "evaluate.seeds=[0]"))
+    cfg = demo_config(None, size="tiny")  # `spear demo --size tiny`'s scale: 2 x 16 codebooks, 3 steps
     assert (cfg.teachers.speech.kind, cfg.teachers.audio.kind) == ("resemblyzer", "crepe")
     work = tmp_path / "spear-demo"
     summary = run_demo(cfg, workdir=str(work), size="tiny", ablation=True, progress=False).to_dict()
     saved = json.loads((work / ABLATION_DIR / ABLATION_FILE).read_text())
     assert saved["teachers"] == {"speech": "resemblyzer", "audio": "crepe"}
     assert saved["command"] == "spear demo --ablation --size tiny" and saved["train_steps"] == 3
+    assert saved["corpus_size"] == "tiny"
     assert set(saved["means"]["all"]) == {"dual", "speech-only", "audio-only", "random_student", "fbank"}
     assert saved["best"]["all"] in ("dual", "speech-only", "audio-only")
     # the single-teacher students learned from one teacher each: their checkpoints' heads say so
@@ -110,9 +109,8 @@ def test_demo_with_pretrained_teachers_and_ablation_end_to_end(ray_cluster, tmp_
 
     # a later demo shows the saved ablation; with --posttrain it post-trains the student with and without
     # the counting tasks on the multilingual corpus and compares both with the input student and fbank
-    post_cfg = cfg.model_copy(update={"posttrain": cfg.posttrain.model_copy(
-        update={"max_steps": 4, "checkpoint_every": 4, "batch_size": 8, "warmup_steps": 1})})
-    result = run_demo(post_cfg, workdir=str(work), size="tiny", posttrain=True, progress=False)
+    assert (cfg.posttrain.max_steps, cfg.posttrain.batch_size) == (4, 8)
+    result = run_demo(cfg, workdir=str(work), size="tiny", posttrain=True, progress=False)
     again = result.to_dict()
     # the student, corpus, teachers and seeds are unchanged: the evaluation of the first run is reused, not re-probed
     assert again["evaluate"]["wall_seconds"] == summary["evaluate"]["wall_seconds"]
@@ -157,13 +155,8 @@ def test_the_student_learns_what_a_teacher_knows_and_fbank_does_not(ray_cluster,
     asserted; frame_event alone moved 0.78-0.85 against 0.80 (CI +-0.05)."""
     from spear.pipeline.demo import demo_config, run_demo
 
-    cfg = demo_config(None, ("train.max_steps=200", "train.checkpoint_every=200", "train.batch_seconds=16",
-                             "train.warmup_steps=10", "train.audio_loss_weight=1.0", "mvq.speech_codebooks=4",
-                             "mvq.audio_codebooks=4", "mvq.codebook_size=32", "mvq.sample_frames=3000",
-                             # faiss' k-means sample (the demo's 64 x 5 cut its 16 x 256 fit 4x): the six draws
-                             # above were measured with it; the demo's gave +0.010, ahead on 2 of 4 (2026-12-03)
-                             "mvq.kmeans_points_per_centroid=256", "mvq.kmeans_dim_steps=10",
-                             "evaluate.seeds=[0]"))
+    cfg = demo_config(None, size="small")  # `spear demo --size small`: 4 x 32 codebooks, 200 steps
+    assert (cfg.train.max_steps, cfg.mvq.codebook_size, cfg.mvq.kmeans_points_per_centroid) == (200, 32, 256)
     summary = run_demo(cfg, workdir=str(tmp_path / "spear-demo"), size="small", progress=False).to_dict()
     assert summary["train"]["step"] == 200
     checks = {r["task"]: r for r in summary["distillation_checks"]}
@@ -173,6 +166,22 @@ def test_the_student_learns_what_a_teacher_knows_and_fbank_does_not(ray_cluster,
     assert len(knowledge) >= 3, knowledge
     assert sum(r["margin"] for r in knowledge) > 0, knowledge
     assert any(r["margin"] > 0 for r in knowledge), knowledge
+
+
+def test_each_demo_size_scales_the_packaged_config_and_the_users_overrides_win(tmp_path):
+    """`spear demo --size tiny` stopped at the codebook fit (16 x 256 codebooks need more frames than the
+    tiny corpus holds): each size has its scale; --set still wins, and a config file is taken as written."""
+    from spear.pipeline.demo import demo_config
+
+    scale = {size: (c.mvq.codebook_size, c.mvq.speech_codebooks, c.train.max_steps)
+             for size in ("tiny", "small", "demo") for c in [demo_config(size=size)]}
+    assert scale == {"tiny": (16, 2, 3), "small": (32, 4, 200), "demo": (256, 16, 450)}
+    assert demo_config(None, ("train.max_steps=7",), size="tiny").train.max_steps == 7
+    own = tmp_path / "own.yaml"
+    own.write_text("mvq: {codebook_size: 64}\n")
+    assert demo_config(str(own), size="tiny").mvq.codebook_size == 64
+    with pytest.raises(ValueError, match="unknown demo size 'huge'"):
+        demo_config(size="huge")
 
 
 def test_the_packaged_ablation_figures_are_the_default_demos(tmp_path):
@@ -187,5 +196,6 @@ def test_the_packaged_ablation_figures_are_the_default_demos(tmp_path):
     for group in ("all", "mixed"):
         assert set(figures["means"][group]) >= {"dual", "random_student", "fbank", *ABLATION_ROLES}
         assert figures["best"][group] in {"dual", *ABLATION_ROLES}
-    # another demo's teachers: nothing is shown rather than figures that do not belong to it
+    # another demo's teachers, or another corpus size: nothing is shown rather than figures that do not belong to it
     assert saved_ablation(str(tmp_path), demo_config(None, ("teachers.audio.kind=fbank",))) is None
+    assert saved_ablation(str(tmp_path), demo_config(size="small"), "small") is None

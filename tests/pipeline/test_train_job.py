@@ -93,6 +93,15 @@ def test_checkpoints_round_trip_through_seaweedfs(ray_cluster, s3_storage, shard
     assert second.resumed_from_step == 4 and second.step == 6
     assert [s for s, _ in checkpoints(out, s3_storage)][-1] == 6
     assert s3_storage.exists(join_uri(out, "metrics", "loss_curve.png"))
+    # the newest checkpoint's upload cut short (a driver stopped mid-upload; Ray's run snapshot still lists
+    # it): the next run skips it and resumes from the one before, and its workers do too
+    newest = checkpoints(out, s3_storage)[-1][1]
+    model = join_uri(newest, "model.pt")
+    s3_storage.write_bytes(model, s3_storage.read_bytes(model)[:1000])
+    t_third = time.time()
+    third = run_train(_cfg(shard_uri, out, 8, s3_storage), progress=False)
+    assert third.resumed_from_step == 4 and third.step == 8
+    assert [e["resumed_from_step"] for e in worker_group_starts(out, s3_storage, since=t_third)] == [4]
 
 
 def test_steps_without_targets_update_nothing_and_say_so(ray_cluster, shards, tmp_path):
@@ -221,19 +230,38 @@ def test_init_from_starts_the_student_at_a_released_model(ray_cluster, shards, t
                                                                    "train.student.num_mel_bins=80"]), progress=False)
 
 
-def test_checkpoints_skip_one_being_persisted_and_refuse_a_corrupt_one(tmp_path):
-    """A checkpoint whose state file exists but is still empty is being copied by Ray Train (not yet a
-    checkpoint: a poller must not fail on it); one whose state file is not JSON is an error."""
-    from spear.stages.train_loop import STATE_FILE
+def test_a_checkpoint_is_complete_only_when_every_file_has_the_size_its_state_records(tmp_path):
+    """Ray Train uploads a checkpoint's files in no set order, and a poller may look while it does: a folder
+    whose state file is empty, missing or cut short, or whose model is missing or short (a driver stopped
+    mid-upload), is listed as incomplete with the reason and is never resumed from; a checkpoint written
+    before the sizes were recorded counts once its state file parses."""
+    from spear.pipeline.train_job import list_checkpoints
+    from spear.stages.train_loop import save_checkpoint
 
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     st, out = Storage(), str(tmp_path / "out")
-    for name, text in (("checkpoint_a", '{"step": 2}'), ("checkpoint_b", '{"step": 4}'), ("checkpoint_c", "")):
-        d = tmp_path / "out" / "train" / name
+    train = tmp_path / "out" / "train"
+    for step in (2, 4, 6, 8):
+        d = train / f"checkpoint_{step}"
         d.mkdir(parents=True)
-        (d / STATE_FILE).write_text(text)
-    assert [s for s, _ in checkpoints(out, st)] == [2, 4]
-    (tmp_path / "out" / "train" / "checkpoint_c" / STATE_FILE).write_text('{"step": 6}')
-    assert [s for s, _ in checkpoints(out, st)] == [2, 4, 6]
-    (tmp_path / "out" / "train" / "checkpoint_c" / STATE_FILE).write_text('{"ste')
-    with pytest.raises(ValueError):
-        checkpoints(out, st)
+        save_checkpoint(str(d), objective=model, optimizer=optimizer, scheduler=scheduler, state={"step": step},
+                        metrics_rows=[{"step": step, "loss": 1.0}])
+    (train / "events").mkdir()  # not a checkpoint
+    assert [s for s, _ in checkpoints(out, st)] == [2, 4, 6, 8]
+
+    model_file = train / "checkpoint_8" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])           # cut short
+    (train / "checkpoint_6" / "optim.pt").unlink()                   # not uploaded yet
+    (train / "checkpoint_4" / "train_state.json").write_text('{"ste')  # its own upload cut short
+    (train / "checkpoint_10").mkdir()
+    (train / "checkpoint_10" / "train_state.json").write_text("")      # being written now
+    (train / "checkpoint_0").mkdir()
+    (train / "checkpoint_0" / "train_state.json").write_text('{"step": 0}')  # written before sizes were recorded
+    listing = list_checkpoints(out, st)
+    assert [s for s, _ in listing.complete] == [0, 2]
+    why = {uri.rsplit("_", 1)[-1]: reason for uri, reason in listing.incomplete}
+    assert why["8"].startswith("model.pt has 100 of its ") and why["6"] == "optim.pt is missing"
+    assert why["4"].startswith("train_state.json cannot be read") and why["10"] == "train_state.json is missing"
+    assert len(listing.warnings()) == 4 and all("is skipped" in w for w in listing.warnings())
