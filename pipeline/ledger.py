@@ -33,7 +33,7 @@ from spear.cluster.storage import (Storage, StorageError, find_recorded, join_ur
                                    relative_uri, resolve_uri)
 from spear.config import ConfigError
 from spear.schemas.ledger import (LEDGER_SCHEMA, MANIFESTS_DIR, SHARDS_DIR, VERSION_INFO_NAME, LedgerEntry, Manifest,
-                                  VersionInfo, ledger_name, manifest_name)
+                                  VersionInfo, ledger_keys, ledger_name, manifest_name)
 from spear.schemas.segments import CUT_METADATA_COLUMNS
 from spear.schemas.shards import decode_tokens, with_cut_metadata
 from spear.stages.audio import flac_decode
@@ -187,19 +187,23 @@ class TokenStore:
         if m is None or not m.ledger_files:
             return LEDGER_SCHEMA.empty_table()
         tables = [pq.read_table(pa.BufferReader(self.storage.read_bytes(uri))) for uri in self._resolved(m)[1]]
-        all_rows = pa.concat_tables(tables)
+        all_rows = pa.concat_tables(tables, promote_options="default")  # version 1 files lack object_key
         if all_rows.num_columns and all_rows.column(0).num_chunks > 64:
             all_rows = all_rows.combine_chunks()  # old ledgers' 256-row groups: thousands of chunks sort slowly
-        # sorted by source_uri, an object's entries in commit order (Arrow's sort is stable): its last one is the
-        # latest. One sorted copy and no hash table of the keys (a ledger may hold millions of cuts).
-        rows = all_rows.take(pc.sort_indices(all_rows, sort_keys=[("source_uri", "ascending")]))
-        keys = rows["source_uri"]
+        if "object_key" not in all_rows.column_names:  # only version 1 ledger files
+            all_rows = all_rows.append_column("object_key", pa.nulls(all_rows.num_rows, pa.string()))
+        # sorted by object key, an object's entries in commit order (Arrow's sort is stable): its last one is the
+        # latest (the same object read from another location too). One sorted copy and no hash table of the
+        # keys (a ledger may hold millions of cuts).
+        keyed = all_rows.append_column("_key", ledger_keys(all_rows))
+        rows = keyed.take(pc.sort_indices(keyed, sort_keys=[("_key", "ascending")]))
+        keys = rows["_key"]
         if rows.num_rows > 1:
             later = pc.not_equal(keys.slice(1), keys.slice(0, rows.num_rows - 1))     # row i+1 starts a new object
             last = np.r_[later.to_numpy(zero_copy_only=False), True]
             if not last.all():
                 rows = rows.filter(pa.array(last))
-        return rows.cast(LEDGER_SCHEMA)
+        return rows.drop_columns(["_key"]).select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
 
     # ----------------------------------------------------------------- reading
 

@@ -42,7 +42,8 @@ from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.pipeline.codebooks import ROLE_DOMAINS, CodebookInfo, codebook_key, recorded_codebooks, role_codebooks, role_has_data
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.progress import Progress
-from spear.schemas.ledger import VersionInfo, quarantined_entry, tokenized_entry
+from spear.schemas.catalog import CUT_URI_PREFIX
+from spear.schemas.ledger import VersionInfo, ledger_keys, quarantined_entry, tokenized_entry
 from spear.schemas.quarantine import is_partial
 from spear.schemas.segments import CUT_METADATA_COLUMNS
 from spear.schemas.shards import TOKEN_VERSION_SCHEME, token_columns, token_shard_schema, token_version
@@ -273,29 +274,67 @@ def add_token_metadata(table: pa.Table, *, run_id: str, roles: dict[str, Optiona
     return table
 
 
-def diff_catalog(objects: pa.Table, ledger: pa.Table) -> tuple[pa.Table, int]:
-    """(objects to tokenise: new or changed, number already committed and unchanged): an object is done when
-    the ledger holds an entry with its uri, etag and size. Matched in Arrow (a hash join), not in Python: a
-    million-cut catalog would otherwise make several Python objects per row.
+def catalog_keys(objects: pa.Table) -> pa.Array:
+    """Each catalog row's :func:`~spear.schemas.ledger.object_key` (source name / relative path; a cut's key),
+    computed in Arrow.
 
-    >>> objs = pa.table({"uri": ["a", "b", "c"], "etag": ["1", "2", "3"], "size": [1, 2, 3]})
-    >>> led = pa.table({"source_uri": ["a", "b"], "etag": ["1", "x"], "size": [1, 2]})
-    >>> todo, done = diff_catalog(objs, led)
-    >>> todo["uri"].to_pylist(), done
-    (['b', 'c'], 1)
+    >>> objs = pa.table({"uri": ["/c/a.wav", "lhotse-cut:u1"], "source": ["c", "m"], "relative_path": ["a.wav", "x"]})
+    >>> catalog_keys(objs).to_pylist()
+    ['c/a.wav', 'lhotse-cut:u1']
     """
+    uri = objects["uri"]
+    by_path = pc.binary_join_element_wise(objects["source"], objects["relative_path"], "/")
+    return pc.if_else(pc.starts_with(uri, CUT_URI_PREFIX), uri, by_path)
+
+
+def diff_catalog(objects: pa.Table, ledger: pa.Table) -> tuple[pa.Table, int, pa.Table]:
+    """(objects to tokenise: new or changed, number already committed and unchanged, the objects to tokenise
+    whose key the ledger holds under another URI: ``uri`` and ``previous_uri``).
+
+    An object is done when the ledger holds an entry with its key (:func:`catalog_keys`: the same object
+    reached through another spelling or location, a moved folder, keeps it) or, for entries written before
+    keys existed, its URI, and its etag and size. One whose key is there under another URI with another
+    etag (the corpus uploaded to S3) is tokenised again and its new entry replaces the old one, so its
+    segments are not trained on twice. Matched in Arrow (hash joins), not in Python: a million-cut
+    catalog would otherwise make several Python objects per row.
+
+    >>> objs = pa.table({"uri": ["/c/a", "/c/b", "/c/c", "s3://k/c/d", "s3://k/c/e"], "source": ["c"] * 5,
+    ...                  "relative_path": ["a", "b", "c", "d", "e"], "etag": ["1", "2", "3", "4", "5"],
+    ...                  "size": [1, 2, 3, 4, 5]})
+    >>> led = pa.table({"source_uri": ["/c/a", "/c/b", "/old/c/d", "/old/c/e"], "object_key": [None, "c/b", "c/d", "c/e"],
+    ...                 "etag": ["1", "x", "4", "y"], "size": [1, 2, 4, 5]})
+    >>> todo, done, moved = diff_catalog(objs, led)
+    >>> todo["uri"].to_pylist(), done, moved.to_pylist()
+    (['/c/b', '/c/c', 's3://k/c/e'], 2, [{'uri': 's3://k/c/e', 'previous_uri': '/old/c/e'}])
+    """
+    no_moves = pa.table({"uri": pa.array([], pa.string()), "previous_uri": pa.array([], pa.string())})
     if ledger.num_rows == 0 or objects.num_rows == 0:
-        return objects, 0
+        return objects, 0, no_moves
     row = pa.array(np.arange(objects.num_rows, dtype=np.int64))
-    keys = pa.table({"uri": objects["uri"], "etag": objects["etag"], "size": objects["size"], "_row": row})
-    # a semi join gives each catalog row once, however many ledger entries match it
-    known = ledger.select(["source_uri", "etag", "size"])
-    hit = keys.join(known, keys=["uri", "etag", "size"], right_keys=["source_uri", "etag", "size"],
-                    join_type="left semi", use_threads=False)["_row"]
-    if len(hit) == 0:
-        return objects, 0
-    keep = pc.invert(pc.is_in(row, value_set=hit.combine_chunks()))
-    return objects.filter(keep), len(hit)
+    keys = catalog_keys(objects)
+    cat = pa.table({"key": keys, "uri": objects["uri"], "etag": objects["etag"], "size": objects["size"], "_row": row})
+    known = pa.table({"key": ledger_keys(ledger), "etag": ledger["etag"], "size": ledger["size"],
+                      "previous_uri": ledger["source_uri"]})
+    # a semi join gives each catalog row once, however many ledger entries match it; the URI join finds the
+    # entries written before keys existed (their key is their URI)
+    hits = [cat.join(known, keys=[k, "etag", "size"], right_keys=["key", "etag", "size"], join_type="left semi",
+                     use_threads=False)["_row"] for k in ("key", "uri")]
+    hit = pc.unique(pa.chunked_array([c for h in hits for c in h.chunks], type=pa.int64()).combine_chunks())
+    pending = pc.invert(pc.is_in(row, value_set=hit))
+    todo, cat = objects.filter(pending), cat.filter(pending)
+    moved = cat.select(["key", "uri"]).join(known.select(["key", "previous_uri"]), keys="key", join_type="inner",
+                                                use_threads=False)
+    moved = moved.filter(pc.not_equal(moved["uri"], moved["previous_uri"])).select(["uri", "previous_uri"])
+    return todo, len(hit), moved.sort_by("uri")
+
+
+def moved_warning(moved: pa.Table) -> str:
+    """The warning of a run that tokenises again objects committed before from another location."""
+    first = moved.slice(0, 1).to_pylist()[0]
+    return (f"{moved.num_rows} object(s) were committed before from another location (e.g. {first['uri']} as "
+            f"{first['previous_uri']}): same source name and path, taken as the same corpus moved or copied, so "
+            "this run's rows replace the earlier ones at its first commit; if it is another corpus, stop the run and give "
+            "its source another name (corpus.sources[].name)")
 
 
 def teacher_fingerprint(tcfg: TeacherConfig, storage: Storage) -> dict[str, Any]:
@@ -354,8 +393,8 @@ def _open_version(out: str, storage: Storage, cfg: SpearConfig, decode_settings:
         info = store.version_info()
     except FileNotFoundError:
         info = None
-    todo, skipped = diff_catalog(objects, store.ledger())
-    return OpenedVersion(key=key, version=version, store=store, info=info, todo=todo, skipped=skipped)
+    todo, skipped, moved = diff_catalog(objects, store.ledger())
+    return OpenedVersion(key=key, version=version, store=store, info=info, todo=todo, skipped=skipped, moved=moved)
 
 
 def _version_info(version: str, decode_settings: dict[str, Any], key: dict[str, Any], roles: dict[str, TeacherConfig],
@@ -431,8 +470,13 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                 run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
                 summary.pending_objects, summary.skipped_objects = opened.todo.num_rows, opened.skipped
                 log(f"{summary.pass2_line()}, run {run_id}")
+                if opened.moved.num_rows:
+                    summary.warnings.append(moved_warning(opened.moved))
+                    log(f"[tokenize] warning: {summary.warnings[-1]}")
                 ds = _pass2_dataset(cfg, roles, summary.codebooks, opened, run_id, options, plan_stages)
-                committer = ShardCommitter(opened.store, run_id)
+                committer = ShardCommitter(opened.store, run_id,
+                                           dict(zip(opened.todo["uri"].to_pylist(),
+                                                    catalog_keys(opened.todo).to_pylist())))
                 meter = Progress("tokenize", enabled=progress)
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in batch.to_pylist():
@@ -457,6 +501,7 @@ class OpenedVersion:
     info: Optional[dict[str, Any]]   # its version.json (None before the first commit)
     todo: pa.Table                   # objects new or changed since the ledger
     skipped: int                     # objects already committed and unchanged
+    moved: pa.Table                  # objects of todo committed before from another URI (uri, previous_uri)
 
 
 def _pass2_dataset(cfg: SpearConfig, roles: dict[str, TeacherConfig], codebooks: dict[str, CodebookInfo],
@@ -490,8 +535,9 @@ class ShardCommitter:
     An object kept in part is committed as tokenised, with its note as the reason.
     """
 
-    def __init__(self, store: TokenStore, run_id: str):
+    def __init__(self, store: TokenStore, run_id: str, keys: Optional[Mapping[str, str]] = None):
         self.store, self.run_id = store, run_id
+        self.keys = keys or {}  # uri -> object key (catalog_keys) of the objects this run tokenises
         self.tracker = ObjectTracker()
         self.commits = 0
         self.last_commit = time.monotonic()
@@ -511,8 +557,9 @@ class ShardCommitter:
         if not (new_files or done or bad):
             return
         run_id = self.run_id
-        ledger_rows = [tokenized_entry(o, run_id, self._partial_notes.get(o["uri"])) for o in done]
-        ledger_rows += [quarantined_entry(q, run_id) for q in bad]
+        ledger_rows = [tokenized_entry(o, run_id, self._partial_notes.get(o["uri"]), self.keys.get(o["uri"]))
+                       for o in done]
+        ledger_rows += [quarantined_entry(q, run_id, self.keys.get(q["uri"])) for q in bad]
         self.store.commit(run_id, [dict(f, run_id=run_id) for f in new_files], ledger_rows,
                           info={"final": final, "objects_committed": len(ledger_rows)})
         self._files_done = len(tracker.files)

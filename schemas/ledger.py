@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, TypedDict
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from spear.schemas.catalog import CUT_URI_PREFIX
 from spear.schemas.versioning import FormatError, check_version
 
-LEDGER_SCHEMA_VERSION = 1
+LEDGER_SCHEMA_VERSION = 2   # 2: object_key (an object's identity wherever its source is read from)
 MANIFEST_VERSION = 2   # 2: file names relative to tokens/<token_version>/ (see the module docstring)
 VERSION_INFO_NAME = "version.json"
 MANIFESTS_DIR = "manifests"
@@ -58,6 +60,7 @@ LEDGER_SCHEMA = pa.schema([
     pa.field("segments", pa.int64(), nullable=False),
     pa.field("audio_seconds", pa.float64(), nullable=False),
     pa.field("reason", pa.string()),                     # for quarantined objects (and notes on partial ones)
+    pa.field("object_key", pa.string()),                 # object_key(); null in version 1 ledgers (source_uri is it)
 ], metadata={b"spear.schema": b"ledger", b"spear.version": str(LEDGER_SCHEMA_VERSION).encode()})
 
 
@@ -74,21 +77,52 @@ class LedgerEntry(TypedDict):
     segments: int
     audio_seconds: float
     reason: Optional[str]
+    object_key: Optional[str]
 
 
-def tokenized_entry(obj: Mapping[str, Any], run_id: str, reason: Optional[str] = None) -> LedgerEntry:
+def object_key(uri: str, source: str, relative_path: str) -> str:
+    """What identifies a source object in the ledger, wherever its source is read from: the source's name and
+    the object's path under the source root (a Lhotse cut: its ``lhotse-cut:<id>`` key). The same corpus
+    reached through another spelling or location (a moved folder, a copy uploaded to S3) keeps its keys,
+    so its objects replace their earlier rows instead of being counted, and trained on, twice; the same
+    rule as the segment ids (:mod:`spear.schemas.segments`).
+
+    >>> object_key("/data/speech/a/1.wav", "speech", "a/1.wav") == object_key("s3://b/speech/a/1.wav", "speech", "a/1.wav")
+    True
+    >>> object_key("lhotse-cut:utt1", "cuts", "lhotse-cut:utt1")
+    'lhotse-cut:utt1'
+    """
+    return uri if uri.startswith(CUT_URI_PREFIX) else f"{source}/{relative_path}"
+
+
+def tokenized_entry(obj: Mapping[str, Any], run_id: str, reason: Optional[str] = None,
+                    key: Optional[str] = None) -> LedgerEntry:
     """The entry of an object all of whose segments ``run_id`` wrote (``obj``: a
-    :class:`~spear.schemas.write_summary.WrittenObject` summed over its files); ``reason`` notes a partial one."""
+    :class:`~spear.schemas.write_summary.WrittenObject` summed over its files); ``reason`` notes a partial one;
+    ``key``: its :func:`object_key`."""
     return LedgerEntry(source_uri=obj["uri"], source=obj["source"], domain=obj["domain"], etag=obj["etag"],
                        size=obj["size"], run_id=run_id, status="tokenized", segments=obj["segments"],
-                       audio_seconds=obj["audio_seconds"], reason=reason)
+                       audio_seconds=obj["audio_seconds"], reason=reason, object_key=key)
 
 
-def quarantined_entry(q: Mapping[str, Any], run_id: str) -> LedgerEntry:
-    """The entry of an object ``run_id`` set aside (``q``: a :class:`~spear.schemas.quarantine.QuarantineRecord`)."""
+def quarantined_entry(q: Mapping[str, Any], run_id: str, key: Optional[str] = None) -> LedgerEntry:
+    """The entry of an object ``run_id`` set aside (``q``: a :class:`~spear.schemas.quarantine.QuarantineRecord`;
+    ``key``: its :func:`object_key`)."""
     return LedgerEntry(source_uri=q["uri"], source=q["source"], domain=q["domain"], etag=q["etag"], size=q["size"],
                        run_id=run_id, status="quarantined", segments=0, audio_seconds=0.0,
-                       reason=f"{q['stage']}: {q['reason']}")
+                       reason=f"{q['stage']}: {q['reason']}", object_key=key)
+
+
+def ledger_keys(ledger: pa.Table) -> pa.ChunkedArray:
+    """Each entry's object key: ``object_key``, or ``source_uri`` for entries written before keys existed.
+
+    >>> t = pa.table({"source_uri": ["/c/a.wav", "/c/b.wav"], "object_key": [None, "c/b.wav"]})
+    >>> ledger_keys(t).to_pylist()
+    ['/c/a.wav', 'c/b.wav']
+    """
+    if "object_key" not in ledger.column_names:
+        return ledger["source_uri"]
+    return pc.coalesce(ledger["object_key"], ledger["source_uri"])
 
 
 class VersionInfo(TypedDict, total=False):

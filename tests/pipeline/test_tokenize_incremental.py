@@ -199,6 +199,41 @@ def test_audio_first_then_speech_is_one_version_and_codebooks_reuse(ray_cluster,
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
+@pytest.mark.s3
+def test_the_same_corpus_moved_or_uploaded_to_s3_is_never_live_twice(ray_cluster, parts, s3_server, tmp_path):
+    """A corpus tokenised from one folder, then reached from elsewhere under the same source name: the folder
+    moved has nothing new (its objects keep their keys and etags); a copy uploaded to S3 (other etags) is
+    tokenised again and its rows replace the earlier ones, with a warning naming an example. Before object
+    keys, the S3 copy was tokenised as new objects beside the old ones: every segment live twice."""
+    from support.configs import storage_sets
+
+    out = str(tmp_path / "T")
+    (s1, _), _ = parts["speech"], parts["audio"]
+    speech_dir = arrive(s1, tmp_path / "in" / "speech")
+    first = run_tokenize(cfg_for(out, [("speech", speech_dir)]), progress=False)
+    assert first.new_objects == len(s1)
+
+    moved = tmp_path / "elsewhere" / "speech"
+    moved.parent.mkdir()
+    shutil.move(speech_dir, moved)
+    again = run_tokenize(cfg_for(out, [("speech", str(moved))]), progress=False)
+    assert (again.new_objects, again.skipped_objects, again.ray_started) == (0, len(s1), False)
+
+    s3 = Storage(s3_server.storage_options())
+    bucket_dir = f"s3://{s3_server.bucket}/moved-corpus/speech"
+    for f in sorted(moved.iterdir()):
+        s3.write_bytes(f"{bucket_dir}/{f.name}", f.read_bytes())
+    uploaded = run_tokenize(cfg_for(out, [("speech", bucket_dir)], storage_sets(s3)), progress=False)
+    assert uploaded.new_objects == len(s1) and uploaded.committed_objects == first.committed_objects
+    (warning,) = [w for w in uploaded.warnings if "committed before from another location" in w]
+    assert f"{len(s1)} object(s)" in warning and bucket_dir in warning
+    rows = TokenStore(out, first.token_version, Storage()).read_table(["segment_id", "source_uri"]).to_pylist()
+    ids = [r["segment_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == first.committed_segments
+    assert all(r["source_uri"].startswith(bucket_dir) for r in rows)
+
+
 def test_teacher_fingerprint_follows_the_checkpoint_bytes(tmp_path):
     from spear.config import TeacherConfig
     from spear.pipeline.tokenize_job import teacher_fingerprint
