@@ -43,6 +43,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from spear.models.device import torch_threads
+
 L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 VAL_FRACTION = 0.2
 CI_METHOD = "bootstrap95-test-items"
@@ -62,18 +64,10 @@ def standardise(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 1e-8 * (1.0 + np.abs(mean)), std, 1.0)
 
 
-class _single_thread:
-    """Run torch on one intra-op thread inside the block. Probe problems are small: on a busy
-    2-core machine a second BLAS thread made each gradient evaluation 20-30x slower (thread
-    hand-off), and one thread also keeps the float reductions, hence the results, the same on
-    every machine."""
-
-    def __enter__(self) -> None:
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_num_threads(self.before)
+#: Probe fits run torch on one intra-op thread: the problems are small, and on a busy 2-core machine a
+#: second BLAS thread made each gradient evaluation 20-30x slower (thread hand-off); one thread also keeps
+#: the float reductions, hence the results, the same on every machine.
+PROBE_THREADS = 1
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -222,7 +216,7 @@ def fit_probe(x: Any, y: Sequence[Any], *, l2: float = 1e-2, max_iter: int = 500
     classes, y_ids = np.unique(np.asarray(y), return_inverse=True)
     C = max(len(classes), 1)
     mean, scale = standardise(x)
-    with _single_thread():
+    with torch_threads(PROBE_THREADS):
         xt = torch.from_numpy((x - mean) / scale)
         var, U = _decorrelate(xt)
         theta = _fit(xt @ U, _onehot(y_ids, C), None, float(l2), var, max_iter=max_iter)
@@ -370,7 +364,7 @@ def run_probe(x_train: Any, y_train: Sequence[Any], x_test: Any, y_test: Sequenc
     g_test = None if groups_test is None else np.asarray(groups_test)
 
     mean, scale = standardise(x_train)
-    with _single_thread():
+    with torch_threads(PROBE_THREADS):
         return _run_probe(torch.from_numpy((x_train - mean) / scale), torch.from_numpy(y_ids.astype(np.int64)),
                           torch.from_numpy((x_test - mean) / scale), y_test_ids, classes, g_train, g_test,
                           seeds, grid, val_fraction, n_bootstrap, max_iter)

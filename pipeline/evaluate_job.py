@@ -47,7 +47,7 @@ from spear.evaluation.probes import L2_GRID
 from spear.evaluation.report import write_report
 from spear.evaluation.results import EvaluateSummary, best_layers, probe_model
 from spear.evaluation.tasks import Task, TaskSources, frame_grid, label_counts, load_tasks, skip_reason
-from spear.models.device import default_device
+from spear.models.device import default_device, torch_threads
 from spear.pipeline.ledger import select_token_store
 from spear.pipeline.posttrain_eval import (AttributeEvalSettings, evaluate_posttrained, input_model_of,
                                            posttrained_config, with_input_model)
@@ -151,13 +151,8 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
         provenance=dict(provenance or {}))
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     device = torch.device(device) if device is not None else default_device()
-    before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(int(num_threads))
-    try:
+    with torch_threads(num_threads):
         return evaluate(settings, storage, device, log)
-    finally:
-        torch.set_num_threads(before)
 
 
 def token_targets(tokens_output: str, storage: Storage, version: Optional[str] = None) -> list[TokenTarget]:

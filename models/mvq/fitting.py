@@ -18,11 +18,10 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -33,30 +32,6 @@ from spear.models.mvq.usage import codebook_usage
 
 # A training sample needs this many rows per codebook entry at least (k-means on fewer is noise).
 MIN_ROWS_PER_ENTRY = 4
-
-
-@contextlib.contextmanager
-def fit_threads(num_threads: Optional[int]) -> Iterator[None]:
-    """Run torch (and faiss) with ``num_threads`` intra-op threads, restoring the old setting."""
-    if not num_threads:
-        yield
-        return
-    try:
-        import faiss  # optional: GPU machines may have no faiss wheel
-    except ImportError:
-        faiss = None
-    # both read before either is set: torch and faiss may share one OpenMP runtime, so setting torch first
-    # made faiss' "old" value the new one, and restoring it last left the caller on num_threads
-    old, old_faiss = torch.get_num_threads(), (faiss.omp_get_max_threads() if faiss is not None else 0)
-    torch.set_num_threads(num_threads)
-    if faiss is not None:
-        faiss.omp_set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        if faiss is not None:
-            faiss.omp_set_num_threads(old_faiss)
-        torch.set_num_threads(old)
 
 
 @dataclass(frozen=True)
@@ -184,7 +159,7 @@ def fit_codebooks(x: ArrayLike, settings: FitSettings, *, heldout: Optional[Arra
                   log: Optional[Callable[[str], None]] = None, t_start: Optional[float] = None) -> FittedCodebooks:
     """Fit codebooks to the frames ``x`` [N, D] (see the module docstring); ``t_start`` is when the
     caller's fit began (the time budget and the reported seconds count from it). Run it under
-    :func:`fit_threads` and ``torch.no_grad()``, as the quantiser's ``fit`` does."""
+    :func:`~spear.models.device.torch_threads` and ``torch.no_grad()``, as the quantiser's ``fit`` does."""
     st = settings
     t_start = time.time() if t_start is None else t_start
     say = log or (lambda s: None)

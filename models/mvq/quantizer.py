@@ -42,7 +42,8 @@ import torch
 from spear.models.device import default_device
 from spear.models.mvq import kernels
 from spear.models.mvq.checks import ArrayLike, as_float_tensor, check_codebook_size, check_finite
-from spear.models.mvq.fitting import FitSettings, fit_codebooks, fit_threads
+from spear.models.device import torch_threads
+from spear.models.mvq.fitting import FitSettings, fit_codebooks
 from spear.models.mvq.version import content_hash
 
 
@@ -172,7 +173,7 @@ class MultiCodebookQuantizer:
         st = settings or FitSettings()
         t_start = time.time()
         say = log or (lambda s: None)
-        with fit_threads(st.num_threads), torch.no_grad():
+        with torch_threads(st.num_threads, faiss=True), torch.no_grad():
             fitted = fit_codebooks(x, st, heldout=heldout, teacher_id=teacher_id, layer=layer, extra=extra,
                                    device=device, log=log, t_start=t_start)
             q = cls(fitted.codebooks, fitted.mean, fitted.std, normalize=st.normalize, beam_size=st.beam_size,

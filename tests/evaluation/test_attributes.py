@@ -16,6 +16,7 @@ from spear.evaluation import attributes
 from spear.evaluation.attributes import (POOLED, System, Utterances, evaluate_attributes, fbank_system,
                                          mean_pooled_system, posttrained_system, read_utterances,
                                          utterances_from_table, weight_free_targets)
+from spear.models.device import torch_threads
 from spear.models.posttrain import AttributeSpec, PostTrainModel
 from spear.models.student import build_encoder, build_student, export_fields, export_state
 from spear.stages.audio import flac_encode, float_to_pcm16
@@ -204,14 +205,10 @@ def test_real_systems(utts, tmp_path):
     systems = [posttrained_system(model), mean_pooled_system(model.student), fbank_system()]
     seed = attributes.counting_eval_seed([0])
     items = CountingGenerator(tasks=("tones", "higher"), seed=seed).balanced(2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         res = evaluate_attributes(systems, utts, train_speakers=TRAIN_SPEAKERS, counting_items=items,
                                   counting_info={"seed": seed}, corpus_root=str(corpus.root), probe_seeds=(0,),
                                   l2_grid=(1e-2,), n_bootstrap=100)
-    finally:
-        torch.set_num_threads(before)
     names = ["posttrained", "input", "fbank"]
     assert [s["name"] for s in res["systems"]] == names
     assert res["systems"][0]["embedding_for"] == {"speaker": "speaker", "semantic": "semantic", "counting": "count"}

@@ -13,6 +13,7 @@ import soxr
 import torch
 
 import spear.models.posttrain as posttrain
+from spear.models.device import torch_threads
 from spear.models.posttrain import (
     AAMSoftmax,
     AttentiveStatsPooling,
@@ -37,10 +38,8 @@ SR = 16000
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: threads only wait on each other
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # tiny models on a shared machine: threads only wait on each other
+        yield
 
 
 def _student(seed: int = 0):

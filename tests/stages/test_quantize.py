@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from spear.models.device import process_cpus
+from spear.models.device import process_cpus, torch_threads
 from spear.stages.quantize import (FrameReservoir, FrameSample, TooFewFramesError, balanced_sample, fit_quantizer,
                                    is_heldout, largest_codebook_size)
 
@@ -131,13 +131,9 @@ def test_the_fit_gives_the_same_codebooks_whatever_threads_the_process_was_left_
         return fit_quantizer(sample, num_codebooks=4, codebook_size=32, seed=0, teacher_id="t" * 16, layer=None,
                              extra={}, refine_iters=2).codebooks
 
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(process_cpus())
+    with torch_threads(process_cpus()):
         default = fit()
-        torch.set_num_threads(1)
+    with torch_threads(1):
         left_on_one = fit()
         assert torch.get_num_threads() == 1  # the fit gave the caller its setting back
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(default, left_on_one)

@@ -2,12 +2,11 @@
 two intra-op threads mostly wait on each other (10x slower under load)."""
 
 import pytest
-import torch
+
+from spear.models.device import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
