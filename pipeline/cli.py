@@ -104,6 +104,21 @@ def _load(config: Optional[str], sets: tuple[str, ...], extra: list[str]) -> Spe
         raise SpearCLIError(str(exc)) from None
 
 
+def _destination(uri: str, what: str, s3: bool = True) -> str:
+    """``uri``, where a command writes; inside a submitted Ray job a relative local path is refused.
+
+    A job's driver runs in a temporary working directory on the cluster: a relative output would land
+    there and be lost when Ray cleans it up, the job saying it succeeded.
+    """
+    from spear.pipeline.run_log import in_submitted_job
+
+    if in_submitted_job() and "://" not in uri and not os.path.isabs(os.path.expanduser(uri)):
+        raise SpearCLIError(f"{what} {uri!r} is a relative path: a submitted job runs in a temporary working "
+                            "directory on the cluster, where what it writes is lost when the job ends; give "
+                            + ("s3://... or " if s3 else "") + "an absolute path every node of the cluster reaches")
+    return uri
+
+
 def _sources_override(inputs: Sequence[str], domains: Sequence[str]) -> list[str]:
     """``corpus.sources`` from the repeatable ``--input`` / ``--domain`` pairs: the n-th ``--domain`` is the
     n-th ``--input``'s, or one ``--domain`` is every input's. Anything else is an error, never a source
@@ -236,6 +251,7 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
            inputs: tuple[str, ...], domains: tuple[str, ...], output: Optional[str], overwrite: bool) -> None:
     """Decode audio into 16 kHz FLAC segments (Parquet) plus a quarantine table of skipped objects."""
     cfg = _load(config, sets, _job_overrides(inputs, domains, output, address))
+    _destination(cfg.output, "output")
     from spear.pipeline.decode_job import run_decode
 
     _run_job(as_json, lambda: run_decode(cfg, overwrite=overwrite, progress=True))
@@ -272,6 +288,7 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
     """
     from spear.pipeline.demo import demo_config, run_demo
 
+    _destination(workdir, "--workdir", s3=False)
     extra = [f"ray.address={json.dumps(address)}"] if address else []
     try:
         cfg = _remember_secrets(demo_config(config, tuple(sets) + tuple(extra), size=size))
@@ -294,6 +311,7 @@ def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     teachers are used (mfcc for speech, fbank for audio).
     """
     cfg = _load(config, sets, _job_overrides(inputs, domains, output, address))
+    _destination(cfg.output, "output")
     from spear.pipeline.tokenize_job import run_tokenize
 
     _run_job(as_json, lambda: run_tokenize(cfg))
@@ -332,6 +350,7 @@ def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], 
     if max_steps is not None:
         extra.append(f"train.max_steps={max_steps}")
     cfg = _load(config, sets, extra)
+    _destination(cfg.output, "output")
     from spear.pipeline.train_job import run_train
 
     _run_job(as_json, lambda: run_train(cfg))
@@ -373,6 +392,7 @@ def posttrain(config: Optional[str], sets: tuple[str, ...], address: Optional[st
     if max_steps is not None:
         extra.append(f"posttrain.max_steps={max_steps}")
     cfg = _load(config, sets, extra)
+    _destination(cfg.output, "output")
     from spear.pipeline.posttrain_job import run_posttrain  # start-up: torch and Ray load with the command
 
     _run_job(as_json, lambda: run_posttrain(cfg))
@@ -445,6 +465,7 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
     the input model's mean-pooled features and fbank, and probes the input model too.
     """
     cfg = _load(config, sets, [])
+    _destination(output, "--output")
     if not corpus and not manifests and not cfg.evaluate.manifests:
         raise SpearCLIError("nothing to evaluate on: give --corpus (a demo corpus) and/or --manifest")
     probe_tokens = cfg.evaluate.probe_tokens if probe_tokens is None else probe_tokens
@@ -477,6 +498,7 @@ def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -
     post-trained model: spear.stages.artefacts.load_posttrained(DIR)(wavs, lengths).embeddings.
     """
     cfg = _load(None, sets, [])
+    _destination(output, "--output")
     from spear.pipeline.posttrain_job import posttrain_checkpoint, run_posttrain_export
     from spear.pipeline.train_job import run_export
 
@@ -512,6 +534,7 @@ def export_tokens(output: str, dest: str, fmt: str, version: Optional[str], shar
     cut.audio_codebook_indexes (audio teacher), the fields the SPEAR authors' icefall recipes read.
     """
     cfg = _load(None, sets, [])
+    _destination(dest, "DEST")
     from spear.pipeline.export_tokens import ExportRequestError, run_export_tokens
 
     storage = Storage(StorageOptions.from_config(cfg.storage))
@@ -544,6 +567,7 @@ def convert_checkpoint(source: str, dest: str, to: str, num_mel_bins: Optional[i
     Checkpoints are read with torch.load(weights_only=True) or safetensors: no code from them runs.
     """
     cfg = _load(None, sets, [])
+    _destination(dest, "DEST")
     from spear.pipeline.convert_job import run_convert
 
     storage = Storage(StorageOptions.from_config(cfg.storage))
@@ -721,6 +745,7 @@ def run_pipeline(config: Optional[str], sets: tuple[str, ...], address: Optional
     """
     extra = [f"ray.address={json.dumps(address)}"] if address else []
     cfg = _load(config, sets, extra)
+    _destination(cfg.output, "output")
     from spear.pipeline.run_job import run_all
 
     _run_job(as_json, lambda: run_all(cfg))

@@ -44,6 +44,11 @@ KEEP_LOGS = 200
 _RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
+def in_submitted_job() -> bool:
+    """Whether this process is the driver of a submitted Ray Job (`spear submit`)."""
+    return bool(os.environ.get(_RAY_JOB_ENV))
+
+
 def log_dir() -> Path:
     """Where run logs go: $SPEAR_LOG_DIR, else $SPEAR_CACHE_DIR/logs, else ~/.cache/spear/logs."""
     if os.environ.get("SPEAR_LOG_DIR"):
@@ -148,7 +153,7 @@ class RunLog:
         self.command = command
         self.options = dict(options)
         self.secrets = [s for s in secrets if s]
-        self.verbose = verbose or bool(os.environ.get(_RAY_JOB_ENV))
+        self.verbose = verbose or in_submitted_job()
         self.path: Optional[Path] = None
         self._handlers: list[logging.Handler] = []
         self._logger = logging.getLogger("spear")

@@ -341,6 +341,17 @@ def test_invalid_config_job_fails_and_status_shows_the_validation_message(two_no
 
 
 @pytest.mark.slow
+def test_a_job_with_a_relative_output_is_refused_before_it_writes_anything(two_nodes, tmp_path):
+    """A submitted job's driver runs in a temporary working directory on the cluster: a relative output (given, or
+    the config's default) would be written there and lost when the job ends, the job saying it succeeded."""
+    r = spear("submit", "--address", two_nodes.address, "--wait", "--", "spear", "train", "--shards", str(tmp_path),
+              "--output", "student")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error: output 'student' is a relative path: a submitted job runs in a temporary working directory" \
+        in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_the_job_runs_the_package_that_submitted_it(two_nodes, tmp_path, monkeypatch):
     """The runtime_env's py_modules copy of spear is what the driver imports (not an installed one)."""
     from ray.job_submission import JobSubmissionClient

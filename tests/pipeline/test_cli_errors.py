@@ -207,6 +207,34 @@ def test_a_secret_is_never_echoed(field, tmp_path, log_env, broken_checkpoint):
     assert not leaks
 
 
+# --------------------------------------------------------------------------- outputs of a submitted job
+
+
+@pytest.mark.parametrize("args, what", [
+    (["decode", "--input", "s3://b/x", "--domain", "speech"], "output 'spear-output'"),   # the config's default
+    (["tokenize", "--input", "s3://b/x", "--domain", "speech", "--output", "tokens"], "output 'tokens'"),
+    (["train", "--shards", "s3://b/t", "--set", "output=student"], "output 'student'"),
+    (["demo", "--size", "tiny"], "--workdir 'spear-demo'"),
+    (["export", "s3://b/student", "--output", "export"], "--output 'export'"),
+    (["export-tokens", "s3://b/tokens", "cuts"], "DEST 'cuts'"),
+])
+def test_a_submitted_job_refuses_a_relative_output(args, what, log_env):
+    """Inside a Ray job (the variable Ray's job supervisor sets) a relative output would be written into the
+    job's temporary working directory: one line, exit 2, before anything starts."""
+    r = spear(*args, env=dict(log_env, RAY_JOB_CONFIG_JSON_ENV_VAR="{}"))
+    assert r.returncode == 2, r.stderr
+    (line,) = error_lines(r.stderr)
+    assert line.startswith(f"error: {what} is a relative path: a submitted job runs in a temporary working "), line
+
+
+def test_outside_a_job_or_with_an_absolute_path_a_relative_output_is_fine(tmp_path, log_env):
+    """The same check lets absolute and ~ paths through in a job, and relative ones outside a job: the command
+    gets as far as its own error (no checkpoint there)."""
+    for env, out in (({"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, str(tmp_path / "abs")), ({}, "export")):
+        r = spear("export", str(tmp_path / "none"), "--output", out, env=dict(log_env, **env), cwd=tmp_path)
+        assert "relative path" not in r.stderr and "neither a training checkpoint" in r.stderr, r.stderr
+
+
 # --------------------------------------------------------------------------- workers and config wording
 
 
