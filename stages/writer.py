@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spear.cluster.storage import StorageOptions, cached_storage, join_uri
-from spear.schemas.quarantine import QuarantineRecord
+from spear.schemas.quarantine import QuarantineRecord, is_partial
 from spear.schemas.shards import with_cut_metadata
 from spear.schemas.write_summary import WrittenObject, quarantine_records, summary_table, written_objects
 
@@ -124,7 +124,7 @@ class ObjectTracker:
         ...        "segments": 1, "object_segments": 2, "audio_seconds": 1.5}
         >>> t.add(summary_table("/o/part-1.parquet", rows=1, size=10, audio_seconds=1.5, objects=[obj],
         ...                     quarantine=[]).to_pylist()[0])
-        {'segments': 1, 'objects': 0, 'quarantined': 0}
+        {'segments': 1, 'objects': 0, 'quarantined': 0, 'kept in part': 0}
         >>> t.add(summary_table("/o/part-2.parquet", rows=1, size=10, audio_seconds=1.5, objects=[obj],
         ...                     quarantine=[]).to_pylist()[0])["objects"], t.take_completed()[0]["segments"]
         (1, 2)
@@ -158,7 +158,9 @@ class ObjectTracker:
         self.completed_total += done
         new_q = quarantine_records(summary_row)
         self.quarantined.extend(new_q)
-        return {"segments": summary_row["rows"], "objects": done, "quarantined": len(new_q)}
+        kept_in_part = sum(1 for q in new_q if is_partial(q))  # counted as the job's summary counts them
+        return {"segments": summary_row["rows"], "objects": done, "quarantined": len(new_q) - kept_in_part,
+                "kept in part": kept_in_part}
 
     def take_completed(self) -> list[WrittenObject]:
         """The objects completed since the last call (each handed out once)."""

@@ -128,3 +128,17 @@ def test_tracker_keeps_an_object_partial_while_a_file_is_missing(decoded, tmp_pa
     tracker.add(long_rows[-1])
     (done,) = tracker.take_completed()
     assert done["segments"] == 3 and done["audio_seconds"] == pytest.approx(SECONDS["long.wav"])
+
+
+def test_the_progress_counts_an_object_kept_in_part_apart_from_the_quarantined_ones():
+    """The job's summary counts a partly kept object as kept in part, not quarantined; the progress line did
+    (a corpus with one empty, one unreadable and one truncated file showed 3 quarantined, the summary 2)."""
+    from spear.schemas.quarantine import partial_reason, quarantine_record
+    from spear.schemas.write_summary import summary_table
+
+    obj = {"uri": "/c/a.flac", "source": "c", "domain": "speech", "etag": "1-2", "size": 9}
+    records = [quarantine_record(obj, "decode", partial_reason(0.1, 1.8, "flac decoder lost sync")),
+               quarantine_record(dict(obj, uri="/c/empty.wav"), "read", "empty object (0 bytes)")]
+    row = summary_table("", rows=0, size=0, audio_seconds=0.0, objects=[], quarantine=records).to_pylist()[0]
+    counts = ObjectTracker().add(row)
+    assert (counts["quarantined"], counts["kept in part"]) == (1, 1)
