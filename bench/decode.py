@@ -69,14 +69,13 @@ def ray_stage(paths: list[str], cfg, cpus: int) -> tuple[float, float, float, fl
     The two runs give the stage's fixed cost per run (planning, first tasks) apart from its
     steady-state rate: (A - a) / (W - w).
     """
-    import ray
-
+    from spear.cluster.ray_runtime import ray_data_without_progress_bars
     from spear.config import SourceConfig
     from spear.stages.catalog import build_catalog
     from spear.stages.decode import decode_dataset
 
     catalog = build_catalog([SourceConfig(uri=os.path.dirname(paths[0]), domain="speech")])
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_data_without_progress_bars()
 
     def run(objects) -> tuple[float, float]:
         t0 = time.perf_counter()

@@ -79,6 +79,25 @@ EMBEDDED_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 _embedded_here: Optional[RayInfo] = None
 
 
+class _ProgressBarsOffNotice(logging.Filter):
+    """Drops Ray Data's "Progress bars disabled. To enable, set ..." warning: spear turns the bars off itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def ray_data_without_progress_bars() -> None:
+    """Ray Data without its progress bars (spear's jobs print their own progress and throughput lines), and
+    without the warning it logs once per process to say they are off: it asked users of `spear` to change a
+    setting they cannot reach."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logger = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _ProgressBarsOffNotice) for f in logger.filters):
+        logger.addFilter(_ProgressBarsOffNotice())
+
+
 @contextmanager
 def ray_session(cfg=None, *, quiet: bool = True, dashboard: bool = True,
                 announce: Optional[Callable[[str], None]] = _stderr) -> Iterator[RayInfo]:

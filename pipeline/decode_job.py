@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from spear.cluster.ray_runtime import ray_session
+from spear.cluster.ray_runtime import ray_data_without_progress_bars, ray_session
 from spear.cluster.storage import (Storage, StorageError, StorageOptions, find_recorded, join_uri, normalize_uri,
                                    relative_uri, resolve_uri)
 from spear.config import ConfigError, SpearConfig
@@ -143,12 +143,10 @@ def run_decode(cfg: SpearConfig, *, overwrite: bool = False, progress: bool = Tr
 
     tracker = ObjectTracker()
     with ray_session(cfg.ray, dashboard=False) as rinfo:  # Ray Data only: no dashboard (see ray_runtime)
-        import ray
-
         t_ready = time.monotonic()
         meter = Progress("decode", enabled=progress)
         meter.start = t0  # the same clock as the summary's realtime_factor: one definition of "x real time"
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray_data_without_progress_bars()
         ds = decode_dataset(catalog.objects, cfg.decode, options)
         ds = ds.map_batches(WriterStage(segments_dir, SEGMENT_SCHEMA, options), batch_format="pyarrow",
                             batch_size=cfg.decode.segments_per_file, num_cpus=WRITER_CPUS)

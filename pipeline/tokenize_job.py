@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spear.cluster.ray_runtime import ray_session
+from spear.cluster.ray_runtime import ray_data_without_progress_bars, ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, normalize_uri, relative_uri
 from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.pipeline.codebooks import ROLE_DOMAINS, CodebookInfo, codebook_key, recorded_codebooks, role_codebooks, role_has_data
@@ -445,7 +445,7 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
         # ray_session says "starting Ray ..." at once (with the job's progress setting)
         with ray_session(cfg.ray, dashboard=False, announce=log) as rinfo:  # Ray Data only: no dashboard (see ray_runtime)
             summary.ray_started, summary.ray_start_seconds = True, float(getattr(rinfo, "start_seconds", 0.0))
-            ray.data.DataContext.get_current().enable_progress_bars = False
+            ray_data_without_progress_bars()
             if missing:
                 describe = ray.remote(num_cpus=0.5)(_describe_teacher)
                 descs.update(zip(missing, ray.get([describe.remote(roles[r], options) for r in missing])))

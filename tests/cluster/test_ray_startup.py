@@ -64,3 +64,25 @@ def test_a_session_inside_a_ray_this_module_did_not_start_is_not_embedded():
         shutil.rmtree(temp, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "embedded False" in r.stdout.splitlines()
+
+
+def test_ray_data_runs_without_its_progress_bars_and_without_the_notice_that_they_are_off():
+    """spear's jobs print their own progress; Ray Data's once-per-process warning that its bars are off told
+    users to change a setting they cannot reach, in every decode and tokenize log."""
+    import logging
+
+    import ray.data
+
+    from spear.cluster.ray_runtime import ray_data_without_progress_bars
+
+    ray_data_without_progress_bars()
+    ray_data_without_progress_bars()  # idempotent: one filter
+    assert ray.data.DataContext.get_current().enable_progress_bars is False
+    logger = logging.getLogger("ray.data._internal.progress")
+    assert len(logger.filters) == 1
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record("Progress bars disabled. To enable, set `ray.data...`."))
+    assert logger.filter(record("Progress bars for operators disabled."))
