@@ -37,7 +37,7 @@ import numpy as np
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig
-from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
+from spear.pipeline.ray_train import failure_line, run_config, scaling_config
 from spear.pipeline.train_job import (RUN_NAME, checkpoints, list_checkpoints, load_checkpoint_objective,
                                       worker_group_starts, write_metrics_report)
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses
@@ -195,14 +195,13 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
             + (f"; resuming from step {resumed_from}" if resumed_from is not None else ""))
 
         if resumed_from is None or resumed_from < p.max_steps:
-            from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
+            from ray.train import TrainingFailedError
             from ray.train.torch import TorchConfig, TorchTrainer
 
             use_gpu = rinfo.gpus > 0
             resources = {"CPU": p.cpus_per_worker}
             if use_gpu:
                 resources["GPU"] = 1
-            storage_path, storage_fs = ray_storage(root, storage)
             trainer = TorchTrainer(
                 posttrain_loop_per_worker,
                 train_loop_config={"posttrain": p.model_dump(mode="json"), "plan": plan, "model": model_uri,
@@ -213,10 +212,7 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
                 scaling_config=scaling_config(lo, hi, use_gpu, resources, p.elastic_monitor_s),
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
                                          timeout_s=max(1, int(round(p.collective_timeout_s)))),
-                run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
-                                     failure_config=FailureConfig(max_failures=p.max_failures),
-                                     checkpoint_config=CheckpointConfig(num_to_keep=3),
-                                     callbacks=[stop_retries_callback()]),
+                run_config=run_config(RUN_NAME, root, storage, p.max_failures),
             )
             try:
                 trainer.fit()

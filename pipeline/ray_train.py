@@ -2,6 +2,7 @@
 
 - :func:`scaling_config`: fixed or elastic (min, max) workers;
 - :func:`ray_storage`: Ray Train's ``storage_path`` / ``storage_filesystem`` for an output URI;
+- :func:`run_config`: the RunConfig both jobs use (checkpoints kept, restarts, quiet console);
 - :func:`stop_retries_callback`: ends a run at the first :class:`NonRetryableError` of a worker;
 - :func:`failure_line`: one line naming the root cause of a failed run.
 
@@ -25,6 +26,24 @@ def ray_storage(output: str, storage: Storage) -> tuple[str, Any]:
         return path, None
     fs, path = storage.pyarrow_filesystem(output)
     return path, fs
+
+
+#: Checkpoints Ray Train keeps per run (older ones are deleted as new ones are reported).
+CHECKPOINTS_KEPT = 3
+
+
+def run_config(name: str, output: str, storage: Storage, max_failures: int):
+    """The RunConfig of a training job writing under ``output/name``: ``max_failures`` restarts, the newest
+    :data:`CHECKPOINTS_KEPT` checkpoints, a run that ends at the first :class:`NonRetryableError`, and Ray
+    Train's own INFO lines ("Reporting training result 3: TrainingReport(...)", the worker group's start)
+    kept to Ray's log files: the training loop prints its progress lines itself."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    storage_path, storage_fs = ray_storage(output, storage)
+    return RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                     failure_config=FailureConfig(max_failures=max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                     callbacks=[stop_retries_callback()], logging_config=LoggingConfig(log_level="WARNING"))
 
 
 def failure_line(exc: BaseException, max_failures: int, option: str = "train.max_failures") -> str:

@@ -301,8 +301,8 @@ def diff_catalog(objects: pa.Table, ledger: pa.Table) -> tuple[pa.Table, int, pa
     >>> objs = pa.table({"uri": ["/c/a", "/c/b", "/c/c", "s3://k/c/d", "s3://k/c/e"], "source": ["c"] * 5,
     ...                  "relative_path": ["a", "b", "c", "d", "e"], "etag": ["1", "2", "3", "4", "5"],
     ...                  "size": [1, 2, 3, 4, 5]})
-    >>> led = pa.table({"source_uri": ["/c/a", "/c/b", "/old/c/d", "/old/c/e"], "object_key": [None, "c/b", "c/d", "c/e"],
-    ...                 "etag": ["1", "x", "4", "y"], "size": [1, 2, 4, 5]})
+    >>> led = pa.table({"source_uri": ["/c/a", "/c/b", "/old/c/d", "/old/c/e"],
+    ...                 "object_key": [None, "c/b", "c/d", "c/e"], "etag": ["1", "x", "4", "y"], "size": [1, 2, 4, 5]})
     >>> todo, done, moved = diff_catalog(objs, led)
     >>> todo["uri"].to_pylist(), done, moved.to_pylist()
     (['/c/b', '/c/c', 's3://k/c/e'], 2, [{'uri': 's3://k/c/e', 'previous_uri': '/old/c/e'}])
@@ -333,8 +333,8 @@ def moved_warning(moved: pa.Table) -> str:
     first = moved.slice(0, 1).to_pylist()[0]
     return (f"{moved.num_rows} object(s) were committed before from another location (e.g. {first['uri']} as "
             f"{first['previous_uri']}): same source name and path, taken as the same corpus moved or copied, so "
-            "this run's rows replace the earlier ones at its first commit; if it is another corpus, stop the run and give "
-            "its source another name (corpus.sources[].name)")
+            "this run's rows replace the earlier ones at its first commit; if it is another corpus, stop the run "
+            "and give its source another name (corpus.sources[].name)")
 
 
 def teacher_fingerprint(tcfg: TeacherConfig, storage: Storage) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, select_token_store
-from spear.pipeline.ray_train import failure_line, ray_storage, scaling_config, stop_retries_callback
+from spear.pipeline.ray_train import failure_line, run_config, scaling_config
 from spear.schemas.checkpoint import incomplete_reason, parse_state
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses, steps_without_update
 from spear.stages.artefacts import export_student
@@ -189,7 +189,6 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
 
     if resumed_from is None or resumed_from < cfg.train.max_steps:
         with ray_session(cfg.ray) as rinfo:
-            from ray.train import CheckpointConfig, FailureConfig, RunConfig
             from ray.train.torch import TorchConfig, TorchTrainer
 
             use_gpu = rinfo.gpus > 0
@@ -197,7 +196,6 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
             if use_gpu:
                 resources["GPU"] = 1
             scaling = scaling_config(lo, hi, use_gpu, resources, cfg.train.elastic_monitor_s)
-            storage_path, storage_fs = ray_storage(cfg.output, storage)
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"train": cfg.train.model_dump(mode="json"), "plan": plan,
@@ -209,10 +207,7 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                 # the process group's timeout bounds every collective (DDP's all-reduce, the step agreement)
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
                                          timeout_s=max(1, int(round(cfg.train.collective_timeout_s)))),
-                run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
-                                     failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                                     checkpoint_config=CheckpointConfig(num_to_keep=3),
-                                     callbacks=[stop_retries_callback()]),
+                run_config=run_config(RUN_NAME, cfg.output, storage, cfg.train.max_failures),
             )
             from ray.train import TrainingFailedError
 

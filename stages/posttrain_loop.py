@@ -40,10 +40,10 @@ from spear.stages.audio import AudioDecodeError
 from spear.stages.posttrain_batches import COLUMNS, PostTrainBatches, PostTrainDataError, PostTrainPlan
 from spear.stages.posttrain_data import read_prepared
 from spear.stages.train_data import resume_state
-from spear.stages.train_loop import (MODEL_FILE, STATE_FILE, NonRetryableError, collective_timeout_ends_run,
-                                     cpu_worker_threads, first_line, gather_data_states, lr_lambda, random_state,
-                                     record_group_start, restore_checkpoint, resume_checkpoint, resume_random,
-                                     save_checkpoint)
+from spear.stages.train_loop import (MODEL_FILE, PROGRESS_EVERY, STATE_FILE, NonRetryableError,
+                                     collective_timeout_ends_run, cpu_worker_threads, first_line, gather_data_states,
+                                     lr_lambda, progress_line, random_state, record_group_start, restore_checkpoint,
+                                     resume_checkpoint, resume_random, save_checkpoint)
 
 
 class _LossForward(nn.Module):
@@ -90,26 +90,6 @@ def load_posttrain_checkpoint(checkpoint: str, storage: Storage, device: Any = "
 
 
 #: Rank 0 prints a progress line every this many steps (Ray forwards it to the driver's terminal).
-PROGRESS_EVERY = 25
-
-
-def progress_line(rows: list[dict[str, Any]], step: int, max_steps: int) -> str:
-    """``[posttrain] step 50/600: loss 7.1, speaker acc 0.42, ..., 83 utterances/s`` over ``rows`` (the last steps).
-
-    >>> progress_line([{"loss": 2.0, "speaker/acc": 0.5, "utterances_per_s": 80.0},
-    ...                {"loss": 1.0, "speaker/acc": float("nan"), "utterances_per_s": 40.0}], 2, 10)
-    '[posttrain] step 2/10: loss 1.500, speaker/acc 0.500, 53 utterances/s'
-    """
-    def mean(key: str) -> float:
-        vals = [float(r[key]) for r in rows if key in r and r[key] == r[key]]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    accs = sorted({k for r in rows for k in r if k.endswith("/acc")})
-    rate = len(rows) / sum(1.0 / max(float(r["utterances_per_s"]), 1e-9) for r in rows) if rows else 0.0
-    parts = [f"loss {mean('loss'):.3f}"] + [f"{k} {mean(k):.3f}" for k in accs]
-    return f"[posttrain] step {step}/{max_steps}: " + ", ".join(parts) + f", {rate:.0f} utterances/s"
-
-
 def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` = {"posttrain": PostTrainConfig dict, "plan": PostTrainPlan,
     "train_uri": the prepared training table, "model": the input model's URI, "storage_options",
@@ -177,9 +157,11 @@ def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
             "batch_digest": hashlib.sha1("|".join(ids).encode()).hexdigest()[:16], **res.metrics()})
         t_last = now
         if rank == 0 and (step % PROGRESS_EVERY == 0 or step >= cfg.max_steps):
-            # to the process's own stdout, which Ray forwards once: Ray Train's patched print() would
-            # both tee it and log it, so the driver showed every line twice
-            print(progress_line(metrics_rows[-PROGRESS_EVERY:], step, cfg.max_steps), file=sys.__stdout__, flush=True)
+            # to the process's own stderr, which Ray forwards once to the driver's stderr (progress never mixes with
+            # the summary on stdout): Ray Train's patched print() would both tee it and log it (every line twice)
+            since = metrics_rows[-(step % PROGRESS_EVERY or PROGRESS_EVERY):]
+            print(progress_line(since, step, cfg.max_steps, label="posttrain", accuracies="/acc",
+                                rate=("utterances_per_s", "utterances/s")), file=sys.__stderr__, flush=True)
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
             all_states, random_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s,
                                                            random_state(device))

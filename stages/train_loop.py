@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -447,6 +448,33 @@ def save_checkpoint(directory: str, *, objective, optimizer, scheduler, state: d
         json.dump({**state, FILE_SIZES_KEY: sizes}, f)
 
 
+#: Rank 0 prints a progress line every this many steps (and at the last one), over the steps since the last line.
+PROGRESS_EVERY = 25
+
+
+def progress_line(rows: list[dict[str, Any]], step: int, max_steps: int, *, label: str = "train",
+                  accuracies: str = "/acc_masked", rate: tuple[str, str] = ("audio_seconds_per_s", "audio s/s")) -> str:
+    """``[train] step 50/450: loss 6.1, speech/acc_masked 0.12, ..., 41 audio s/s`` over ``rows`` (the last
+    steps' metrics): the mean loss and accuracies (steps without targets, nan, left out) and the rate.
+
+    >>> progress_line([{"loss": 2.0, "speaker/acc": 0.5, "utterances_per_s": 80.0},
+    ...                {"loss": 1.0, "speaker/acc": float("nan"), "utterances_per_s": 40.0}], 2, 10,
+    ...               label="posttrain", accuracies="/acc", rate=("utterances_per_s", "utterances/s"))
+    '[posttrain] step 2/10: loss 1.500, speaker/acc 0.500, 53 utterances/s'
+    >>> progress_line([{"loss": float("nan"), "speech/acc_masked": 0.25, "audio_seconds_per_s": 30.0}], 25, 450)
+    '[train] step 25/450: loss nan, speech/acc_masked 0.250, 30 audio s/s'
+    """
+    def mean(key: str) -> float:
+        vals = [float(r[key]) for r in rows if key in r and r[key] == r[key]]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    rate_key, unit = rate
+    accs = sorted({k for r in rows for k in r if k.endswith(accuracies)})
+    per_s = len(rows) / sum(1.0 / max(float(r[rate_key]), 1e-9) for r in rows) if rows else 0.0
+    parts = [f"loss {mean('loss'):.3f}"] + [f"{k} {mean(k):.3f}" for k in accs]
+    return f"[{label}] step {step}/{max_steps}: " + ", ".join(parts) + f", {per_s:.0f} {unit}"
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` = {"train": TrainConfig dict, "plan": TrainDataPlan, "storage_options",
     "max_workers", "events_uri", "resume_from": (step, URI) of the newest checkpoint on
@@ -533,6 +561,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "audio_seconds_per_s": audio_seconds / max(now - t_last, 1e-9), "updated": int(update),
             # which rows this step trained on (rank 0's batch): audits resume and reproducibility
             "batch_digest": hashlib.sha1("|".join(batch["segment_ids"].tolist()).encode()).hexdigest()[:16], **m})
+        if rank == 0 and (step % PROGRESS_EVERY == 0 or step >= cfg.max_steps):
+            # to the process's own stderr, which Ray forwards once to the driver's stderr (progress never mixes with
+            # the summary on stdout): Ray Train's patched print() would both tee it and log it (every line twice)
+            since = metrics_rows[-(step % PROGRESS_EVERY or PROGRESS_EVERY):]
+            print(progress_line(since, step, cfg.max_steps), file=sys.__stderr__, flush=True)
         if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
             all_states, random_states = gather_data_states(loader, rank, world, step, cfg.collective_timeout_s,
                                                            random_state(device, generator))
