@@ -56,8 +56,10 @@ class OutputStatus:
                     f"{d.get('audio_hours', 0.0):.3f} h in {d.get('files', 0)} part files")
         if self.kind == "train":
             t = self.train or {}
+            skipped = t.get("incomplete_checkpoints") or []
             return (f"training output {self.output}: latest checkpoint step {t.get('step')} of {t.get('checkpoints')} "
-                    f"kept, token version {t.get('token_version')}, world sizes {t.get('world_sizes')}")
+                    f"kept, token version {t.get('token_version')}, world sizes {t.get('world_sizes')}"
+                    + "".join(f"\n  incomplete (skipped): {c['uri']}: {c['reason']}" for c in skipped))
         if self.kind == "export":
             e = self.export or {}
             return (f"exported student {self.output}: {e.get('architecture', '?')}, step {e.get('step', '?')}, "
@@ -145,9 +147,10 @@ def _other_kind(output: str, root: str, storage: Storage) -> Optional[OutputStat
             "audio_hours": s.get("audio_seconds", 0.0) / 3600, "quarantined": len(q) if isinstance(q, list) else int(q),
             "files": len(record.files)})
     if storage.exists(join_uri(root, "train")):
-        from spear.pipeline.train_job import checkpoints
+        from spear.pipeline.train_job import list_checkpoints
 
-        found = checkpoints(root, storage)
+        listing = list_checkpoints(root, storage)
+        found = listing.complete
         if found:
             from spear.stages.train_loop import STATE_FILE
 
@@ -155,7 +158,8 @@ def _other_kind(output: str, root: str, storage: Storage) -> Optional[OutputStat
             state = json.loads(storage.read_text(join_uri(uri, STATE_FILE)))
             return OutputStatus(output=output, versions=[], kind="train", train={
                 "step": step, "checkpoints": len(found), "checkpoint": uri,
-                "token_version": state.get("token_version", ""), "world_sizes": state.get("world_sizes", [])})
+                "token_version": state.get("token_version", ""), "world_sizes": state.get("world_sizes", []),
+                "incomplete_checkpoints": [{"uri": u, "reason": why} for u, why in listing.incomplete]})
     if storage.exists(join_uri(root, "config.json")) and storage.exists(join_uri(root, "model.safetensors")):
         config = json.loads(storage.read_text(join_uri(root, "config.json")))
         if config.get("format") == "spear-student":

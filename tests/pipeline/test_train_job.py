@@ -265,3 +265,9 @@ def test_a_checkpoint_is_complete_only_when_every_file_has_the_size_its_state_re
     assert why["8"].startswith("model.pt has 100 of its ") and why["6"] == "optim.pt is missing"
     assert why["4"].startswith("train_state.json cannot be read") and why["10"] == "train_state.json is missing"
     assert len(listing.warnings()) == 4 and all("is skipped" in w for w in listing.warnings())
+    # `spear status` names them
+    from spear.pipeline.status import output_status
+
+    status = output_status(out, st)
+    assert status.train["step"] == 2 and len(status.train["incomplete_checkpoints"]) == 4
+    assert "incomplete (skipped): " in status.human() and "model.pt has 100 of its " in status.human()
