@@ -42,8 +42,7 @@ from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.pipeline.codebooks import ROLE_DOMAINS, CodebookInfo, codebook_key, recorded_codebooks, role_codebooks, role_has_data
 from spear.pipeline.ledger import TokenStore, list_token_versions
 from spear.pipeline.progress import Progress
-from spear.schemas.catalog import CUT_URI_PREFIX
-from spear.schemas.ledger import VersionInfo, ledger_keys, quarantined_entry, tokenized_entry
+from spear.schemas.ledger import VersionInfo, ledger_keys, object_keys, quarantined_entry, tokenized_entry
 from spear.schemas.quarantine import is_partial
 from spear.schemas.segments import CUT_METADATA_COLUMNS
 from spear.schemas.shards import TOKEN_VERSION_SCHEME, token_columns, token_shard_schema, token_version
@@ -274,26 +273,13 @@ def add_token_metadata(table: pa.Table, *, run_id: str, roles: dict[str, Optiona
     return table
 
 
-def catalog_keys(objects: pa.Table) -> pa.Array:
-    """Each catalog row's :func:`~spear.schemas.ledger.object_key` (source name / relative path; a cut's key),
-    computed in Arrow.
-
-    >>> objs = pa.table({"uri": ["/c/a.wav", "lhotse-cut:u1"], "source": ["c", "m"], "relative_path": ["a.wav", "x"]})
-    >>> catalog_keys(objs).to_pylist()
-    ['c/a.wav', 'lhotse-cut:u1']
-    """
-    uri = objects["uri"]
-    by_path = pc.binary_join_element_wise(objects["source"], objects["relative_path"], "/")
-    return pc.if_else(pc.starts_with(uri, CUT_URI_PREFIX), uri, by_path)
-
-
 def diff_catalog(objects: pa.Table, ledger: pa.Table) -> tuple[pa.Table, int, pa.Table]:
     """(objects to tokenise: new or changed, number already committed and unchanged, the objects to tokenise
     whose key the ledger holds under another URI: ``uri`` and ``previous_uri``).
 
-    An object is done when the ledger holds an entry with its key (:func:`catalog_keys`: the same object
-    reached through another spelling or location, a moved folder, keeps it) or, for entries written before
-    keys existed, its URI, and its etag and size. One whose key is there under another URI with another
+    An object is done when the ledger holds an entry with its key (:func:`~spear.schemas.ledger.object_keys`:
+    the same object reached through another spelling or location, a moved folder, keeps it) or, for entries
+    written before keys existed, its URI, and its etag and size. One whose key is there under another URI with another
     etag (the corpus uploaded to S3) is tokenised again and its new entry replaces the old one, so its
     segments are not trained on twice. Matched in Arrow (hash joins), not in Python: a million-cut
     catalog would otherwise make several Python objects per row.
@@ -311,7 +297,7 @@ def diff_catalog(objects: pa.Table, ledger: pa.Table) -> tuple[pa.Table, int, pa
     if ledger.num_rows == 0 or objects.num_rows == 0:
         return objects, 0, no_moves
     row = pa.array(np.arange(objects.num_rows, dtype=np.int64))
-    keys = catalog_keys(objects)
+    keys = object_keys(objects)
     cat = pa.table({"key": keys, "uri": objects["uri"], "etag": objects["etag"], "size": objects["size"], "_row": row})
     known = pa.table({"key": ledger_keys(ledger), "etag": ledger["etag"], "size": ledger["size"],
                       "previous_uri": ledger["source_uri"]})
@@ -476,7 +462,7 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                 ds = _pass2_dataset(cfg, roles, summary.codebooks, opened, run_id, options, plan_stages)
                 committer = ShardCommitter(opened.store, run_id,
                                            dict(zip(opened.todo["uri"].to_pylist(),
-                                                    catalog_keys(opened.todo).to_pylist())))
+                                                    object_keys(opened.todo).to_pylist())))
                 meter = Progress("tokenize", enabled=progress)
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in batch.to_pylist():
@@ -537,7 +523,7 @@ class ShardCommitter:
 
     def __init__(self, store: TokenStore, run_id: str, keys: Optional[Mapping[str, str]] = None):
         self.store, self.run_id = store, run_id
-        self.keys = keys or {}  # uri -> object key (catalog_keys) of the objects this run tokenises
+        self.keys = keys or {}  # uri -> object key (object_keys) of the objects this run tokenises
         self.tracker = ObjectTracker()
         self.commits = 0
         self.last_commit = time.monotonic()

@@ -60,7 +60,7 @@ LEDGER_SCHEMA = pa.schema([
     pa.field("segments", pa.int64(), nullable=False),
     pa.field("audio_seconds", pa.float64(), nullable=False),
     pa.field("reason", pa.string()),                     # for quarantined objects (and notes on partial ones)
-    pa.field("object_key", pa.string()),                 # object_key(); null in version 1 ledgers (source_uri is it)
+    pa.field("object_key", pa.string()),                 # object_keys(); null in version 1 ledgers (source_uri is it)
 ], metadata={b"spear.schema": b"ledger", b"spear.version": str(LEDGER_SCHEMA_VERSION).encode()})
 
 
@@ -80,28 +80,29 @@ class LedgerEntry(TypedDict):
     object_key: Optional[str]
 
 
-def object_key(uri: str, source: str, relative_path: str) -> str:
-    """What identifies a source object in the ledger, wherever its source is read from: the source's name and
-    the object's path under the source root (a Lhotse cut: its ``lhotse-cut:<id>`` key). The same corpus
-    reached through another spelling or location (a moved folder, a copy uploaded to S3) keeps its keys,
-    so its objects replace their earlier rows instead of being counted, and trained on, twice; the same
-    rule as the segment ids (:mod:`spear.schemas.segments`).
+def object_keys(objects: pa.Table) -> pa.Array:
+    """What identifies each catalog row's object in the ledger (:mod:`spear.schemas.catalog`: ``uri``,
+    ``source``, ``relative_path``), wherever its source is read from: the source's name and the path under
+    the source root (a Lhotse cut: its ``lhotse-cut:<id>`` key). The same corpus reached through another
+    spelling or location (a moved folder, a copy uploaded to S3) keeps its keys, so its objects replace
+    their earlier rows instead of being counted, and trained on, twice: the rule of the segment ids
+    (:mod:`spear.schemas.segments`). Computed in Arrow (a catalog may hold millions of cuts).
 
-    >>> object_key("/data/speech/a/1.wav", "speech", "a/1.wav")
-    'speech/a/1.wav'
-    >>> object_key("s3://b/speech/a/1.wav", "speech", "a/1.wav")
-    'speech/a/1.wav'
-    >>> object_key("lhotse-cut:utt1", "cuts", "lhotse-cut:utt1")
-    'lhotse-cut:utt1'
+    >>> objs = pa.table({"uri": ["/data/speech/a/1.wav", "s3://b/speech/a/1.wav", "lhotse-cut:u1"],
+    ...                  "source": ["speech", "speech", "cuts"], "relative_path": ["a/1.wav", "a/1.wav", "x"]})
+    >>> object_keys(objs).to_pylist()
+    ['speech/a/1.wav', 'speech/a/1.wav', 'lhotse-cut:u1']
     """
-    return uri if uri.startswith(CUT_URI_PREFIX) else f"{source}/{relative_path}"
+    uri = objects["uri"]
+    by_path = pc.binary_join_element_wise(objects["source"], objects["relative_path"], "/")
+    return pc.if_else(pc.starts_with(uri, CUT_URI_PREFIX), uri, by_path)
 
 
 def tokenized_entry(obj: Mapping[str, Any], run_id: str, reason: Optional[str] = None,
                     key: Optional[str] = None) -> LedgerEntry:
     """The entry of an object all of whose segments ``run_id`` wrote (``obj``: a
     :class:`~spear.schemas.write_summary.WrittenObject` summed over its files); ``reason`` notes a partial one;
-    ``key``: its :func:`object_key`."""
+    ``key``: its :func:`object_keys` key."""
     return LedgerEntry(source_uri=obj["uri"], source=obj["source"], domain=obj["domain"], etag=obj["etag"],
                        size=obj["size"], run_id=run_id, status="tokenized", segments=obj["segments"],
                        audio_seconds=obj["audio_seconds"], reason=reason, object_key=key)
@@ -109,7 +110,7 @@ def tokenized_entry(obj: Mapping[str, Any], run_id: str, reason: Optional[str] =
 
 def quarantined_entry(q: Mapping[str, Any], run_id: str, key: Optional[str] = None) -> LedgerEntry:
     """The entry of an object ``run_id`` set aside (``q``: a :class:`~spear.schemas.quarantine.QuarantineRecord`;
-    ``key``: its :func:`object_key`)."""
+    ``key``: its :func:`object_keys` key)."""
     return LedgerEntry(source_uri=q["uri"], source=q["source"], domain=q["domain"], etag=q["etag"], size=q["size"],
                        run_id=run_id, status="quarantined", segments=0, audio_seconds=0.0,
                        reason=f"{q['stage']}: {q['reason']}", object_key=key)
