@@ -114,6 +114,8 @@ def list_checkpoints(output: str, storage: Storage) -> CheckpointListing:
     if not storage.exists(root):
         return CheckpointListing([], [])
     fs, path = storage.filesystem(root)
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(path)  # s3fs caches listings: a checkpoint written or cut since must show as it is now
     complete, incomplete = [], []
     for entry in sorted(fs.ls(path, detail=False)):
         name = entry.rstrip("/").rsplit("/", 1)[-1]

@@ -60,7 +60,6 @@ from spear.stages.audio import AudioDecodeError
 from spear.stages.train_data import TrainBatches, TrainDataError, resume_state
 
 
-
 class NonRetryableError(RuntimeError):
     """A training failure that a restart from the latest checkpoint cannot fix; the message is one line."""
 
