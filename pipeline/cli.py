@@ -262,8 +262,8 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
 @click.option("--workdir", default="spear-demo", show_default=True, help="Where the demo corpus and results go.")
 @click.option("--size", type=click.Choice(["tiny", "small", "demo"]), default="demo", show_default=True,
               help="Corpus size and the packaged config's scale: tiny (31 files, 2 x 16 codebooks, 3 training "
-                   "steps: a smoke run, about 2 minutes), small (120 sound-event clips, every other one a probe "
-                   "test clip; 4 x 32 codebooks, 200 steps: about 5 minutes) or demo (about an hour of audio; "
+                   "steps: a smoke run, about 1.5 minutes), small (120 sound-event clips, every other one a probe "
+                   "test clip; 4 x 32 codebooks, 200 steps: about 3 minutes) or demo (about an hour of audio; "
                    "16 x 256 codebooks, 450 steps). With a CONFIG file its own scale is used.")
 @click.option("--iteration", type=click.IntRange(1, 2), default=1, show_default=True,
               help="2: the first iteration's student becomes the speech teacher.")
