@@ -60,6 +60,7 @@ class TrainSummary:
     metrics: dict[str, str] = field(default_factory=dict)   # csv / tensorboard / plot URIs
     wall_seconds: float = 0.0
     steps_without_targets: int = 0  # batches with no target of the student's teachers: no update
+    warnings: list[str] = field(default_factory=list)  # e.g. incomplete checkpoints the resume skipped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +73,8 @@ class TrainSummary:
                    if self.steps_without_targets else "")
         return (f"trained to step {self.step} ({res}) on token version {self.token_version}, world sizes {self.world_sizes}\n"
                 f"loss {loss}\n{skipped}checkpoint: {self.checkpoint}\n"
-                f"metrics: {self.metrics.get('csv')}  plot: {self.metrics.get('plot')}")
+                f"metrics: {self.metrics.get('csv')}  plot: {self.metrics.get('plot')}"
+                + "".join(f"\nwarning: {w}" for w in self.warnings))
 
 
 def plan_training_data(store: TokenStore, roles: Sequence[str] = ("speech", "audio")) -> TrainDataPlan:
@@ -232,7 +234,7 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                         resumed_from_step=resumed_from, world_sizes=world_sizes, checkpoint=ckpt_uri,
                         output=cfg.output, token_version=store.version, metrics=metrics,
                         wall_seconds=time.monotonic() - t0,
-                        steps_without_targets=steps_without_update(rows))
+                        steps_without_targets=steps_without_update(rows), warnings=listing.warnings())
 
 
 def write_metrics_report(rows: list[dict[str, str]], directory: str, storage: Storage) -> dict[str, str]:

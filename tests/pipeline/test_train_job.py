@@ -101,6 +101,8 @@ def test_checkpoints_round_trip_through_seaweedfs(ray_cluster, s3_storage, shard
     t_third = time.time()
     third = run_train(_cfg(shard_uri, out, 8, s3_storage), progress=False)
     assert third.resumed_from_step == 4 and third.step == 8
+    (warning,) = third.warnings  # in the summary too (--json's "warnings")
+    assert warning.startswith(f"checkpoint {newest} is skipped: model.pt has 1000 of its ")
     assert [e["resumed_from_step"] for e in worker_group_starts(out, s3_storage, since=t_third)] == [4]
 
 
