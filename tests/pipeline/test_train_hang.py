@@ -84,8 +84,10 @@ def test_an_unreadable_checkpoint_ends_the_run_without_retries(ray_cluster, tmp_
     out = str(tmp_path / "out")
     assert run_train(_cfg(shards, out, 2), progress=False).step == 2
     _, ckpt = checkpoints(out, Storage())[-1]
-    with open(os.path.join(ckpt, "model.pt"), "wb") as f:
-        f.write(b"not a torch file")
+    model = os.path.join(ckpt, "model.pt")
+    size = os.path.getsize(model)
+    with open(model, "wb") as f:  # damaged, at its recorded size: a complete checkpoint that cannot be read
+        f.write(b"not a torch file".ljust(size, b"\0"))
     with pytest.raises(TrainError) as err:
         run_train(_cfg(shards, out, 4, ["train.max_failures=3"]), progress=False)
     msg = str(err.value)
