@@ -119,13 +119,13 @@ def list_checkpoints(output: str, storage: Storage) -> CheckpointListing:
     if hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache(path)  # s3fs caches listings: a checkpoint written or cut since must show as it is now
     complete, incomplete = [], []
-    for entry in sorted(fs.ls(path, detail=False)):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("checkpoint") or not fs.isdir(entry):
+    for folder in sorted(fs.ls(path, detail=True), key=lambda info: info["name"]):
+        name = folder["name"].rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("checkpoint") or folder.get("type") != "directory":
             continue
         uri = join_uri(root, name)
         sizes = {info["name"].rstrip("/").rsplit("/", 1)[-1]: int(info.get("size") or 0)
-                 for info in fs.ls(entry, detail=True) if info.get("type") != "directory"}
+                 for info in fs.ls(folder["name"], detail=True) if info.get("type") != "directory"}
         state_text = storage.read_text(join_uri(uri, STATE_FILE)) if STATE_FILE in sizes else None
         why = incomplete_reason(state_text, sizes)
         if why is None:
