@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -59,8 +59,10 @@ class FitSettings:
             initialisation (faiss ``ProgressiveDimClustering``: PCA dims grow over
             ``progressive_dim_steps`` steps of ``kmeans_iters`` iterations; 0 steps = plain
             k-means; each k-means trains on at most max_points_per_centroid x K rows).
-        kmeans_backend: "faiss" (default when installed; faiss-gpu when it sees a GPU) or
-            "torch" (same progressive k-means in torch on the fitting device; used without faiss).
+        kmeans_backend: "faiss" (faiss-gpu when it sees a GPU) or "torch" (the same progressive
+            k-means in torch on the fitting device); default: faiss where it runs on the fitting
+            device, else torch (:func:`~spear.models.mvq.kernels.default_kmeans_backend`). The
+            metadata records the one used.
         refine_iters: joint refinement passes at most (0 = initialisation only).
         validation_fraction: share of the frames held back to accept or reject refinement passes
             (0 = accept every pass, fit on all rows).
@@ -171,6 +173,7 @@ def fit_codebooks(x: ArrayLike, settings: FitSettings, *, heldout: Optional[Arra
     mean32, std32 = _normalisation(x, st.normalize)
     xn = _normalised_rows(x, mean32, std32, st.normalize, dev)
     xn, xval = _validation_split(xn, st, gen)
+    st = replace(st, kmeans_backend=st.kmeans_backend or kernels.default_kmeans_backend(dev))
     books, codes = kernels.residual_kmeans_init(
         xn, st.num_codebooks, st.codebook_size, niter=st.kmeans_iters, seed=st.seed,
         max_points_per_centroid=st.max_points_per_centroid, progressive_steps=st.progressive_dim_steps,

@@ -244,12 +244,34 @@ def least_squares_update(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.
     return sol.to(codebooks.dtype).reshape(M, K, D).contiguous()
 
 
+def default_kmeans_backend(device: torch.device) -> str:
+    """The k-means backend for data on ``device``: faiss where it runs there (faiss-cpu for CPU data,
+    faiss-gpu for CUDA data), else torch on the device itself.
+
+    CUDA data with a faiss that sees no GPU (the faiss-cpu wheel: faiss-gpu wheels exist for some
+    CUDA versions only) goes to torch: faiss would cluster on the CPU threads of a GPU task, one in
+    ``spear tokenize`` (an H200 node's 16 x 256 WavLM-Large fit ran past 8 minutes that way).
+
+    Example::
+
+        >>> default_kmeans_backend(torch.device("cpu")) in ("faiss", "torch")
+        True
+    """
+    try:
+        import faiss  # optional: GPU machines may have no faiss wheel
+    except ImportError:
+        return "torch"
+    if torch.device(device).type == "cuda" and faiss.get_num_gpus() == 0:
+        return "torch"
+    return "faiss"
+
+
 def kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_centroid: int,
            progressive_steps: int = 0, backend: Optional[str] = None) -> torch.Tensor:
     """k-means centroids [k, D] of ``x`` [N, D].
 
-    ``backend`` "faiss" (the default when faiss imports; its GPU index when faiss sees a GPU) or
-    "torch" (Lloyd iterations on ``x``'s device: the fallback where no faiss wheel exists).
+    ``backend`` "faiss" (its GPU index when faiss sees a GPU) or "torch" (Lloyd iterations on
+    ``x``'s device); default: :func:`default_kmeans_backend` for ``x``'s device.
     With ``progressive_steps`` > 0 both run progressive-dimension clustering (faiss'
     ProgressiveDimClustering): k-means on the first 2, ..., D principal components in turn, each
     stage starting from the previous centroids, which finds far better optima than random
@@ -257,12 +279,7 @@ def kmeans(x: torch.Tensor, k: int, *, niter: int, seed: int, max_points_per_cen
     random subset) train each k-means; assigning all points happens outside.
     """
     if backend is None:
-        try:
-            import faiss  # noqa: F401 - optional: GPU machines may have no faiss wheel
-
-            backend = "faiss"
-        except ImportError:
-            backend = "torch"
+        backend = default_kmeans_backend(x.device)
     if backend == "torch":
         return _torch_kmeans(x, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid,
                              progressive_steps=progressive_steps)

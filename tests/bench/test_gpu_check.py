@@ -60,6 +60,10 @@ def test_dry_run_codebooks_and_mvq_encode(gpu_check, tmp_path):
     assert 0 < loss["value"] < loss["target"] == 1.0 and loss["met"] is True
     assert sections["codebooks"]["faiss_cpu_seconds"] > 0
     assert "no GPU" in sections["codebooks"]["faiss_gpu"]["skipped"]
+    # the torch k-means (the default where faiss sees no GPU) is measured beside faiss-cpu, target its time
+    torch_loss = figs["codebooks.torch_gpu_heldout_loss"]
+    assert 0 < torch_loss["value"] < 1.0 and torch_loss["target"] == pytest.approx(loss["value"] * 1.02, rel=1e-3)
+    assert figs["codebooks.torch_gpu_seconds"]["target"] == sections["codebooks"]["faiss_cpu_seconds"]
     assert sections["mvq_encode"]["codes_dtype"] == "torch.uint8"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import faiss
 import numpy as np
@@ -87,6 +88,24 @@ def test_search_and_refinement_beat_greedy_residual(data):
     default = MultiCodebookQuantizer.fit(train, FitSettings(**FIT))
     assert default.relative_reconstruction_loss(held) < searched.relative_reconstruction_loss(held)
     assert default.metadata["validation_frames"] == 200
+
+
+def test_the_default_kmeans_runs_where_the_frames_are(data, monkeypatch):
+    """faiss clusters CPU frames; CUDA frames with a faiss that sees no GPU (the faiss-cpu wheel) go to
+    torch k-means on the GPU, not to one CPU thread of the GPU task; no faiss at all: torch."""
+    from spear.models.mvq.kernels import default_kmeans_backend
+
+    assert faiss.get_num_gpus() == 0  # CI's faiss-cpu wheel
+    assert default_kmeans_backend(torch.device("cpu")) == "faiss"
+    assert default_kmeans_backend(torch.device("cuda")) == "torch"
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    assert default_kmeans_backend(torch.device("cuda")) == "faiss"
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    assert default_kmeans_backend(torch.device("cpu")) == "torch"
+    monkeypatch.undo()
+    train, _ = data
+    fitted = MultiCodebookQuantizer.fit(train, FitSettings(refine_iters=0, **FIT))
+    assert fitted.metadata["fit"]["kmeans_backend"] == "faiss"  # the metadata names the backend used
 
 
 def test_torch_kmeans_backend_matches_faiss_quality(data):
