@@ -195,14 +195,16 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
 
     if sample.train.shape[0] < min_frames_per_entry * codebook_size:
         raise TooFewFramesError(int(sample.train.shape[0]), codebook_size, min_frames_per_entry)
-    heldout = torch.from_numpy(sample.heldout) if sample.heldout.shape[0] else None
+    # frames from Ray's object store are read-only: torch wants writable arrays (copied only when not)
+    train = torch.from_numpy(np.require(sample.train, requirements="W"))
+    heldout = torch.from_numpy(np.require(sample.heldout, requirements="W")) if sample.heldout.shape[0] else None
     settings = FitSettings(num_codebooks=num_codebooks, codebook_size=codebook_size, seed=seed, normalize=normalize,
                            refine_iters=refine_iters, max_points_per_centroid=kmeans_points_per_centroid,
                            progressive_dim_steps=kmeans_dim_steps, num_threads=num_threads or process_cpus())
     if sample.train.shape[0] <= 2 * sample.train.shape[1]:
         # faiss' progressive-dimension k-means starts with a PCA that needs more frames than dimensions
         settings = dataclasses.replace(settings, progressive_dim_steps=0)
-    return MultiCodebookQuantizer.fit(torch.from_numpy(sample.train), settings, heldout=heldout,
+    return MultiCodebookQuantizer.fit(train, settings, heldout=heldout,
                                       teacher_id=teacher_id, layer=layer, extra=extra, log=log)
 
 

@@ -117,6 +117,28 @@ def test_a_fit_reports_each_initialised_codebook_and_refinement_pass():
     assert lines[-1].startswith("fitted in") and lines[-1].endswith(f"held-out loss {q.metadata['heldout_relative_loss']:.4f}")
 
 
+def test_a_fit_on_read_only_frames_copies_them_without_a_warning_and_its_task_logger_pickles(capsys):
+    """A GPU node fits in a Ray task, whose frames come read-only from the object store (torch warned that
+    writing to them was undefined); the task's progress lines go to its stderr, which Ray forwards."""
+    import pickle
+    import warnings
+
+    from spear.pipeline.codebooks import _task_log
+
+    frames = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
+    frames.setflags(write=False)
+    sample = FrameSample(train=frames[:500], heldout=frames[500:], segments=5, audio_seconds=20.0, sources={"a": 5})
+    log = pickle.loads(pickle.dumps(_task_log("[tokenize] speech codebooks: ")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = fit_quantizer(sample, num_codebooks=2, codebook_size=16, seed=0, teacher_id="t" * 16, layer=None,
+                          extra={}, refine_iters=0, log=log)
+    assert q.num_codebooks == 2 and not frames.flags.writeable
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[tokenize] speech codebooks: k-means init codebook 1/2: "), err
+    assert err[-1].startswith("[tokenize] speech codebooks: fitted in"), err
+
+
 @pytest.mark.skipif(process_cpus() < 2, reason="one CPU: every process fits on one thread")
 def test_the_fit_gives_the_same_codebooks_whatever_threads_the_process_was_left_on():
     """The fit's floats follow torch's thread count (on these frames, 1 and 2 threads gave other codebooks and
