@@ -112,6 +112,10 @@ class Context:
         self.made: dict[str, Any] = {}  # teacher checkpoints, corpus, token output, quantiser uris
         self.gpu_name = torch.cuda.get_device_name(0) if self.cuda else None
 
+    def say(self, what: str) -> None:
+        """A timeline line on stderr: a run cut short at the machine's limit still shows where its time went."""
+        print(f"[gpu_check] {time.monotonic() - self.t0:6.1f} s  {what}", file=sys.stderr, flush=True)
+
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
 
@@ -163,8 +167,10 @@ def make_teachers(ctx: Context) -> dict[str, str]:
                                         conv_bias=True)
         dcfg = DashengConfig(embed_dim=1536, depth=40, num_heads=24)
     transformers.WavLMModel(wcfg).save_pretrained(wavlm_dir)
+    ctx.say("random WavLM teacher saved")
     os.makedirs(os.path.dirname(dasheng_pt), exist_ok=True)
     save_dasheng_checkpoint(DashengEncoder(dcfg), dasheng_pt)
+    ctx.say("random Dasheng teacher saved")
     ctx.made["teachers"] = {"speech": wavlm_dir, "audio": dasheng_pt}
     return ctx.made["teachers"]
 
@@ -197,6 +203,7 @@ def make_corpus(ctx: Context) -> dict[str, Any]:
         jobs.append((os.path.join(root, domain, f"f{i:05d}.wav"), file_seconds, i))
     with multiprocessing.get_context("spawn").Pool(max(1, min(ctx.cpus, 16))) as pool:
         pool.map(_write_wav, jobs, chunksize=4)
+    ctx.say(f"corpus written: {n} files, {n * file_seconds / 3600:.1f} h")
     ctx.made["corpus"] = {"root": root, "files": [j[0] for j in jobs], "seconds": n * file_seconds}
     return ctx.made["corpus"]
 
@@ -293,19 +300,23 @@ def section_tokenize(ctx: Context) -> dict[str, Any]:
     cfg = tokenize_config(ctx, os.path.join(work, "fit"), fit_src)
     with ray_session(cfg.ray):
         t0 = time.monotonic()
+        ctx.say("tokenize: the codebook-fitting run starts")
         fit = run_tokenize(cfg, progress=False)
         out["fit_run_seconds"] = round(time.monotonic() - t0, 1)
+        ctx.say("tokenize: the codebook-fitting run ended; pass 2 over the whole corpus starts")
         full_cfg = tokenize_config(ctx, os.path.join(work, "full"), corpus["root"], reuse=cfg.output)
         with GpuSampler() as gpu:
             t0 = time.monotonic()
             full = run_tokenize(full_cfg, progress=False)
             full_wall = time.monotonic() - t0
+        ctx.say(f"tokenize: pass 2 ended ({full.audio_seconds / full_wall:.0f}x real time)")
         part, part_wall = None, None
         if not ctx.dry:  # the dry run's corpus is too small to tell the steady state from the fixed cost
             part_cfg = tokenize_config(ctx, os.path.join(work, "quarter"), part_src, reuse=cfg.output)
             t0 = time.monotonic()
             part = run_tokenize(part_cfg, progress=False)
             part_wall = time.monotonic() - t0
+            ctx.say("tokenize: the quarter run ended; the time split starts")
     ctx.made["tokens"] = {"output": full_cfg.output, "version": full.token_version, "cfg": full_cfg,
                           "codebooks": {r: cb.uri for r, cb in fit.codebooks.items()}}
     gpus = 1 if ctx.cuda else 0
@@ -433,6 +444,7 @@ def teacher_frames(ctx: Context, seconds: float):
             x = torch.from_numpy((0.1 * rng.standard_normal((4, seg))).astype(np.float32))
             frames.append(torch.cat(teacher(x, torch.full((4,), seg)).unbatch()).float())
     del teacher
+    ctx.say(f"{sum(f.shape[0] for f in frames)} WavLM-shaped frames made")
     return torch.cat(frames)
 
 
@@ -480,6 +492,7 @@ def section_codebooks(ctx: Context) -> dict[str, Any]:
             q = MultiCodebookQuantizer.fit(frames, dataclasses.replace(st, kmeans_backend=backend), device=ctx.device)
             ctx.sync()
             runs[name] = (time.perf_counter() - t0, float(q.metadata["heldout_relative_loss"]))
+            ctx.say(f"codebooks: {name} fit in {runs[name][0]:.1f} s")
     ref = runs.get("faiss_cpu")  # the reference the GPU paths are measured against
     if ref:
         out["faiss_cpu_seconds"] = _round(ref[0])
@@ -515,6 +528,7 @@ def section_mvq_encode(ctx: Context) -> dict[str, Any]:
               else FitSettings(num_codebooks=16, codebook_size=256, refine_iters=0))
         uri = os.path.join(ctx.work, "mvq-encode-codebooks")
         save_quantizer(MultiCodebookQuantizer.fit(frames, st, device=ctx.device), uri)
+        ctx.say("mvq_encode: codebooks fitted")
         source = "codebooks fitted in this section (tokenize did not run)"
     encode = QuantizerEncoder(uri)  # the hook the teacher actor calls, loaded the same way
     q = encode.quantizer
@@ -584,6 +598,7 @@ def section_train(ctx: Context) -> dict[str, Any]:
                 batches.append(prepare_batch(next(loader), plan, cfg, objective.encoder, fbank, gen, device))
             except StopIteration:
                 break
+        ctx.say(f"train: {len(batches)} batches read; {params / 1e6:.1f}M-parameter student")
         if len(batches) < 3:
             return {"skipped": f"only {len(batches)} batches of {cfg.batch_seconds:g} s in the token dataset"}
 
