@@ -162,10 +162,10 @@ def teacher_pool_kwargs(tcfg: TeacherConfig, resources: dict[str, float], pools:
     share = {k: float(v) / pools for k, v in resources.items() if k in ("CPU", "GPU", "memory")}
     plan = plan_teacher_pool(tcfg, resources=share, actors=actors, footprint=footprint)
     kwargs = plan.map_batches_kwargs()
-    if not plan.num_gpus:
-        # CPU actors hold their reservation for the whole run: on a small cluster, whole CPUs for
-        # every pool would leave none for the decode tasks feeding them (Ray Data would stall).
-        kwargs["num_cpus"] = min(plan.num_cpus, max(0.1, share.get("CPU", 1.0) / 4))
+    # Actors hold their CPU reservation for the whole run, GPU actors too: on a small node, whole CPUs for
+    # every actor would leave none for the decode tasks feeding them and Ray Data would wait forever (a
+    # 2-CPU node with one GPU: two GPU actors held both CPUs, pass 2 never started).
+    kwargs["num_cpus"] = min(plan.num_cpus, max(0.1, share.get("CPU", 1.0) / 4))
     return kwargs
 
 

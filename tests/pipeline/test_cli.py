@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -147,3 +148,29 @@ def test_a_submitted_job_says_how_to_follow_it_until_it_ends():
     done = SubmittedJob(JobState(job_id="raysubmit_1", status="SUCCEEDED", address="http://h:8265"))
     assert done.human() == done.state.human() and done.succeeded
     assert done.to_dict() == done.state.to_dict()  # --json prints the job's state as before
+
+
+@pytest.mark.slow
+def test_tokenize_on_a_small_node_with_a_gpu_takes_the_gpu_paths_and_ends(tmp_path):
+    """The GPU branch of tokenize, on an embedded Ray that declares one GPU (this machine has none, so torch
+    computes on the CPU): teacher pools of half a GPU each, the codebook fit as a GPU task whose progress
+    lines reach the console. On 2 CPUs the two GPU actors once held a whole CPU each and pass 2 waited
+    forever for a decode task; now each holds a quarter of its pool's CPUs and the run ends."""
+    from spear.cluster.storage import Storage
+    from support.configs import SMALL
+    from support.corpus import write_mixed_corpus
+
+    write_mixed_corpus(Storage(), str(tmp_path / "corpus"), n_speech=3, n_audio=2, seed=5, seconds=(1.5, 2.5))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    r = subprocess.run([sys.executable, "-m", "spear.pipeline.cli", "tokenize", "--input", "corpus/speech", "--domain",
+                        "speech", "--input", "corpus/audio", "--domain", "audio", "--output", "tokens", "--json",
+                        *[a for s in SMALL + ["ray.num_gpus=1", "ray.num_cpus=2"] for a in ("--set", s)]],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads(r.stdout)
+    assert summary["new_objects"] == 5 and summary["committed_objects"] == 5 and not summary["quarantined"]
+    for role in ("speech", "audio"):
+        assert f"[tokenize] {role} teacher" in r.stderr and "0.5 GPU, 0.25 CPU" in r.stderr, r.stderr[-3000:]
+        # the GPU task's own lines, forwarded by Ray with the task's name
+        assert re.search(rf"\(fit_quantizer pid=\d+\).*\[tokenize\] {role} codebooks: k-means init codebook 1/",
+                         r.stderr), r.stderr[-3000:]

@@ -187,6 +187,12 @@ def test_teacher_pools_and_decode_tasks_share_the_cluster():
     gpu = [teacher_pool_kwargs(TeacherConfig(kind="mfcc", num_gpus=1.0), {"CPU": 16.0, "GPU": 1.0}, 2, None)
            for _ in range(2)]
     assert [kw["num_gpus"] for kw in gpu] == [0.5, 0.5] and all(kw["compute"].max_size == 1 for kw in gpu)
+    assert [kw["num_cpus"] for kw in gpu] == [1.0, 1.0]  # a GPU actor's feeding CPU, where CPUs abound
+    # ... but on a 2-CPU node with one GPU, whole CPUs for both GPU actors left decoding none: pass 2 waited forever
+    small_gpu = [teacher_pool_kwargs(TeacherConfig(kind="mfcc", num_gpus=1.0), {"CPU": 2.0, "GPU": 1.0}, 2, None)
+                 for _ in range(2)]
+    assert [kw["num_gpus"] for kw in small_gpu] == [0.5, 0.5]
+    assert 0.1 <= decode_task_cpus(1.0, 2.0, small_gpu, WRITER_CPUS) <= 2.0 - held(small_gpu) + 1e-9
     # torch threads per CPU actor: its pool's CPUs over its actors (pass 2's two pools on 2 CPUs: 1 each;
     # pass 1's single pool: 2); a GPU actor keeps torch's own setting
     threads = [[kw.get("fn_constructor_kwargs", {}).get("num_threads") for kw in pools] for pools in (
