@@ -37,7 +37,7 @@ import numpy as np
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig
-from spear.pipeline.ray_train import failure_line, run_config, scaling_config
+from spear.pipeline.ray_train import failure_line, run_config, scaling_config, workers_use_gpus
 from spear.pipeline.train_job import (RUN_NAME, checkpoints, list_checkpoints, load_checkpoint_objective,
                                       worker_group_starts, write_metrics_report)
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses
@@ -198,7 +198,7 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
             from ray.train import TrainingFailedError
             from ray.train.torch import TorchConfig, TorchTrainer
 
-            use_gpu = rinfo.gpus > 0
+            use_gpu = workers_use_gpus(rinfo, "post-train")
             resources = {"CPU": p.cpus_per_worker}
             if use_gpu:
                 resources["GPU"] = 1

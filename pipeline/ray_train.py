@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from spear.cluster.storage import Storage, split_uri
+from spear.config import ConfigError
 from spear.stages.train_loop import NonRetryableError, first_line
 
 
@@ -103,6 +104,25 @@ def stop_retries_callback():
                     raise e
 
     return StopOnNonRetryable()
+
+
+def workers_use_gpus(rinfo, job: str) -> bool:
+    """Whether each training worker takes a GPU: when the Ray cluster has GPUs.
+
+    Embedded, the workers run this process' torch on this machine: GPUs that this torch cannot use
+    (a CPU build of torch on a GPU machine) are one clear error here, not an NCCL traceback from the
+    first worker ("Distributed package doesn't have NCCL built in"). On a cluster the driver may sit
+    on a CPU node, so the workers' torch is not checked from here.
+    """
+    if rinfo.gpus <= 0:
+        return False
+    if rinfo.embedded:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"Ray sees {rinfo.gpus:g} GPU(s) on this machine but torch {torch.__version__} cannot "
+                              f"use CUDA: install a CUDA build of torch, or set ray.num_gpus=0 to {job} on the CPUs")
+    return True
 
 
 def scaling_config(lo: int, hi: int, use_gpu: bool, resources: dict[str, float], monitor_s: float):

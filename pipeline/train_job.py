@@ -31,7 +31,7 @@ from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, select_token_store
-from spear.pipeline.ray_train import failure_line, run_config, scaling_config
+from spear.pipeline.ray_train import failure_line, run_config, scaling_config, workers_use_gpus
 from spear.schemas.checkpoint import incomplete_reason, parse_state
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses, steps_without_update
 from spear.stages.artefacts import export_student
@@ -195,7 +195,7 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
         with ray_session(cfg.ray) as rinfo:
             from ray.train.torch import TorchConfig, TorchTrainer
 
-            use_gpu = rinfo.gpus > 0
+            use_gpu = workers_use_gpus(rinfo, "train")
             resources = {"CPU": cfg.train.cpus_per_worker}
             if use_gpu:
                 resources["GPU"] = 1

@@ -151,7 +151,7 @@ def test_a_submitted_job_says_how_to_follow_it_until_it_ends():
 
 
 @pytest.mark.slow
-def test_tokenize_on_a_small_node_with_a_gpu_takes_the_gpu_paths_and_ends(tmp_path):
+def test_tokenize_on_a_small_node_with_a_gpu_takes_the_gpu_paths_and_training_needs_a_cuda_torch(tmp_path):
     """The GPU branch of tokenize, on an embedded Ray that declares one GPU (this machine has none, so torch
     computes on the CPU): teacher pools of half a GPU each, the codebook fit as a GPU task whose progress
     lines reach the console. On 2 CPUs the two GPU actors once held a whole CPU each and pass 2 waited
@@ -174,3 +174,16 @@ def test_tokenize_on_a_small_node_with_a_gpu_takes_the_gpu_paths_and_ends(tmp_pa
         # the GPU task's own lines, forwarded by Ray with the task's name
         assert re.search(rf"\(fit_quantizer pid=\d+\).*\[tokenize\] {role} codebooks: k-means init codebook 1/",
                          r.stderr), r.stderr[-3000:]
+    # training there: the workers would take a GPU each, which this CPU build of torch cannot use; one line says
+    # so (it was an NCCL traceback from the first worker: "Distributed package doesn't have NCCL built in")
+    import torch
+
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, "-m", "spear.pipeline.cli", "train", "--shards", "tokens", "--output",
+                            "student", "--max-steps", "1", "--set", "ray.num_gpus=1", "--set", "ray.num_cpus=2"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"error: Ray sees 1 GPU(s) on this machine but torch {torch.__version__} cannot use CUDA: install a CUDA "
+            "build of torch, or set ray.num_gpus=0 to train on the CPUs"), r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and not (tmp_path / "student").exists()
