@@ -249,8 +249,8 @@ def default_kmeans_backend(device: torch.device) -> str:
     faiss-gpu for CUDA data), else torch on the device itself.
 
     CUDA data with a faiss that sees no GPU (the faiss-cpu wheel: faiss-gpu wheels exist for some
-    CUDA versions only) goes to torch: faiss would cluster on the CPU threads of a GPU task, one in
-    ``spear tokenize`` (an H200 node's 16 x 256 WavLM-Large fit ran past 8 minutes that way).
+    CUDA versions only) goes to torch: faiss would cluster on the CPU threads of a GPU task, which in
+    ``spear tokenize`` holds one (an H200 node's 16 x 256 WavLM-Large fit ran past 8 minutes that way).
 
     Example::
 
