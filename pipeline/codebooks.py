@@ -34,7 +34,7 @@ from spear.cluster.storage import Storage, StorageError, StorageOptions, join_ur
 from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.stages.decode import decode_dataset
 from spear.stages.quantize import (SOUND_FRAMES_PER_ENTRY, FrameReservoir, FrameSample, balanced_sample, codebook_uri,
-                                   fit_quantizer, is_heldout, largest_codebook_size)
+                                   fit_quantizer, fit_quantizer_task, is_heldout, largest_codebook_size)
 
 # Modules that load torch (the teacher stage, models.mvq, the artefact readers and schemas.codebooks, which
 # uses safetensors.torch) are imported inside the functions that fit or load codebooks: a tokenize run with
@@ -238,7 +238,7 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
 
         # one thread, as the task reserves one CPU (the fit's default, every CPU of the process, would take the node's);
         # its progress lines reach the driver's console through Ray's worker-log forwarding
-        q = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer).remote(
+        q = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer_task).remote(
             sample, **fit_kwargs, num_threads=1, log=_task_log(f"[tokenize] {role} codebooks: ")))
     else:
         q = fit_quantizer(sample, **fit_kwargs, log=lambda line: log(f"[tokenize] {role} codebooks: {line}"))

@@ -208,6 +208,16 @@ def fit_quantizer(sample: FrameSample, *, num_codebooks: int, codebook_size: int
                                       teacher_id=teacher_id, layer=layer, extra=extra, log=log)
 
 
+def fit_quantizer_task(sample: FrameSample, **kwargs: Any):
+    """:func:`fit_quantizer` as a GPU Ray task runs it: the quantiser comes back on the CPU.
+
+    A CUDA tensor pickles through ``torch.save`` and unpickles with ``torch.load`` in the caller,
+    which fails where the caller has no CUDA (a cluster's head node without GPUs: "Attempting to
+    deserialize object on a CUDA device"). The held-out loss is already in the metadata.
+    """
+    return fit_quantizer(sample, **kwargs).to("cpu")
+
+
 def codebook_uri(output: str, role: str, teacher_version: str, num_codebooks: int, codebook_size: int,
                  normalize: bool = True) -> str:
     """Where the codebooks of one teacher version, codebook shape and normalisation live under ``output``.

@@ -172,7 +172,7 @@ def test_tokenize_on_a_small_node_with_a_gpu_takes_the_gpu_paths_and_training_ne
     for role in ("speech", "audio"):
         assert f"[tokenize] {role} teacher" in r.stderr and "0.5 GPU, 0.25 CPU" in r.stderr, r.stderr[-3000:]
         # the GPU task's own lines, forwarded by Ray with the task's name
-        assert re.search(rf"\(fit_quantizer pid=\d+\).*\[tokenize\] {role} codebooks: k-means init codebook 1/",
+        assert re.search(rf"\(fit_quantizer_task pid=\d+\).*\[tokenize\] {role} codebooks: k-means init codebook 1/",
                          r.stderr), r.stderr[-3000:]
     # training there: the workers would take a GPU each, which this CPU build of torch cannot use; one line says
     # so (it was an NCCL traceback from the first worker: "Distributed package doesn't have NCCL built in")
