@@ -266,6 +266,22 @@ def _tcp_probe(host: str, port: int, timeout: float) -> Optional[str]:
     return f"cannot connect to {host}:{port} ({last.strerror or last})"
 
 
+def _remove_empty_folders(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Remove the folder entries under ``path`` and ``path``'s own, deepest first, where no file is left in
+    them; True when ``path`` is gone."""
+    marker = path.rstrip("/") + "/"
+    try:  # an empty folder lists itself as a 0-byte "folder/" object
+        entries = [e for e in fs.ls(path, detail=True, refresh=True) if e["name"] != marker]
+    except FileNotFoundError:
+        return True
+    gone = [_remove_empty_folders(fs, e["name"]) for e in entries if e.get("type") == "directory"]
+    if len(gone) < len(entries) or not all(gone):
+        return False  # a file is still there (written since): the folder stays
+    fs.rm_file(marker)
+    fs.invalidate_cache(path)
+    return True
+
+
 class Storage:
     """Read, write and list objects by URI. Picklable: it carries only :class:`StorageOptions`."""
 
@@ -455,6 +471,9 @@ class Storage:
             self._call("delete", uri, lambda: fs.rm(path, recursive=recursive))
         except FileNotFoundError:
             pass
+        if recursive and split_uri(uri)[0] == "s3":
+            # a server with real folders (SeaweedFS) keeps the emptied folders, which listings then show
+            self._call("delete", uri, lambda: _remove_empty_folders(fs, path))
 
     def makedirs(self, uri: str) -> None:
         scheme, path = split_uri(uri)

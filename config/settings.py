@@ -429,6 +429,9 @@ class EvaluateConfig(_Section):
     manifests: list[str] = Field(default_factory=list, description="extra labelled manifests (CSV/JSONL: uri,label[,split])")
     probe_tokens: bool = Field(False, description="also probe each teacher as its tokens render it (encoded with the "
                                "token set's codebooks and decoded back): what the student is trained to predict")
+    combined_teachers: bool = Field(False, description="with two teachers or more, also probe their embeddings side by "
+                                    "side (one row, teachers:<kind>+<kind>): what a student distilled from all of "
+                                    "them could know at most, against each teacher alone")
 
 
 # --------------------------------------------------------------------------- post-training

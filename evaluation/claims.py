@@ -110,6 +110,37 @@ def ablation_figures(best: Mapping[str, Mapping[str, Mapping[str, Any]]], *, mea
             "mixed_tasks": [t for t in tasks if t in MIXED_TASKS], "means": means, "best": winner}
 
 
+def combined_teacher_figures(best: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Optional[dict[str, Any]]:
+    """What the teachers know together: the side-by-side row (``teachers:...``, ``combined_teachers``)
+    against each teacher alone and fbank, as means over all tasks and over :data:`MIXED_TASKS` (the
+    tasks every one of them was probed on), with the gain of the side-by-side row over the best
+    single teacher per group. None when no side-by-side row was probed.
+
+    The ceiling of SPEAR's second claim at the teachers' level: a dual-teacher student can gain over
+    a single-teacher one only what the second teacher knows that the first does not.
+
+    >>> best = {t: {"teacher:a": {"score": 0.6}, "teacher:b": {"score": 0.4}, "teachers:a+b": {"score": s}}
+    ...         for t, s in (("word", 0.7), ("mixed_event", 0.6))}
+    >>> f = combined_teacher_figures(best)
+    >>> f["combined"], f["means"]["all"]["teachers:a+b"], f["gain"]
+    ('teachers:a+b', 0.65, {'all': 0.05, 'mixed': 0.0})
+    """
+    combined = next((m for models in best.values() for m in models if m.startswith("teachers:")), None)
+    if combined is None:
+        return None
+    singles = list(dict.fromkeys(m for models in best.values() for m in models if m.startswith("teacher:")))
+    names = singles + [combined] + (["fbank"] if any("fbank" in v for v in best.values()) else [])
+    tasks = [t for t, models in best.items() if all(m in models for m in names)]
+    means: dict[str, dict[str, Optional[float]]] = {}
+    gain: dict[str, Optional[float]] = {}
+    for group, chosen in (("all", tasks), ("mixed", [t for t in tasks if t in MIXED_TASKS])):
+        means[group] = {m: _mean([best[t][m]["score"] for t in chosen]) for m in names}
+        top = max((means[group][m] for m in singles if means[group][m] is not None), default=None)
+        c = means[group][combined]
+        gain[group] = None if top is None or c is None else round(c - top, 12)
+    return {"combined": combined, "teachers": singles, "tasks": tasks, "means": means, "gain": gain}
+
+
 # --------------------------------------------------------------------------- post-training
 
 #: The post-training demo's claims: comparison key (:mod:`spear.evaluation.attributes`) -> what it measures.

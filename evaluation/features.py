@@ -222,6 +222,9 @@ class ProbedModels:
     (label, export dir) pairs of further trained students, probed as ``student:<label>`` (the
     demo's ablation: single-teacher students beside the dual-teacher one). ``token_targets``:
     teachers with the codebooks of a token set, probed as ``tokens:<kind>`` after the teachers.
+    ``combined_teachers``: with two teachers or more, also probe their embeddings side by side
+    (:func:`combine_features`; one row, :func:`combined_teachers_name`) after the last teacher:
+    what a student distilled from all of them could know at most, against each one alone.
     """
 
     student_dir: Optional[str] = None
@@ -232,6 +235,7 @@ class ProbedModels:
     released: Sequence[str] = ()
     other_students: Sequence[tuple[str, str]] = ()
     token_targets: Sequence[TokenTarget] = ()
+    combined_teachers: bool = False
 
     def __post_init__(self) -> None:
         if self.random_student is True and self.student_dir is None:
@@ -296,6 +300,15 @@ def extractor_loaders(models: ProbedModels, storage: Storage, device: torch.devi
     return loaders
 
 
+def combined_teachers_name(teacher_names: Sequence[str]) -> str:
+    """The row name of teachers probed side by side.
+
+    >>> combined_teachers_name(["teacher:resemblyzer", "teacher:crepe"])
+    'teachers:resemblyzer+crepe'
+    """
+    return "teachers:" + "+".join(n.split(":", 1)[-1] for n in teacher_names)
+
+
 # --------------------------------------------------------------------------- extraction
 
 
@@ -305,6 +318,27 @@ class Features:
 
     pooled: list[np.ndarray]  # per kept layer: [num_items, D] float32 (rows of clips not run stay 0)
     frames: list[dict[int, np.ndarray]]  # per kept layer: item -> [grid points, D] float32
+
+
+def combine_features(parts: Sequence[Features]) -> Features:
+    """Single-layer features (teachers) side by side: pooled rows and grid frames concatenated along the
+    feature axis. Every part holds the same items (rows of clips not run are 0 in each) and the same
+    grid points per item, whatever its frame rate (:func:`extract` samples frames on the task grid).
+
+    >>> a = Features([np.ones((2, 3), np.float32)], [{0: np.ones((4, 3), np.float32)}])
+    >>> b = Features([np.zeros((2, 1), np.float32)], [{0: np.zeros((4, 1), np.float32)}])
+    >>> c = combine_features([a, b])
+    >>> c.pooled[0].shape, c.frames[0][0].shape
+    ((2, 4), (4, 4))
+    """
+    if any(len(p.pooled) != 1 for p in parts):
+        raise ValueError("combine_features takes single-layer features (teachers)")
+    items = set(parts[0].frames[0])
+    if any(set(p.frames[0]) != items for p in parts):
+        raise ValueError("combine_features: the parts hold frames of different items")
+    pooled = np.concatenate([p.pooled[0] for p in parts], axis=1)
+    frames = {i: np.concatenate([p.frames[0][i] for p in parts], axis=1) for i in sorted(items)}
+    return Features([pooled], [frames])
 
 
 def extract(ex: Extractor, clips: Mapping[int, Clip], grids: Mapping[int, np.ndarray], num_items: int,

@@ -42,7 +42,7 @@ import time
 from typing import Any, Mapping, Optional
 
 from spear.cluster.storage import Storage, join_uri
-from spear.evaluation.claims import distillation_checks, posttrain_checks, with_without
+from spear.evaluation.claims import combined_teacher_figures, distillation_checks, posttrain_checks, with_without
 from spear.schemas.codebooks import META_NAME as CODEBOOK_META_FILE
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses
 
@@ -402,6 +402,18 @@ def _checks_html(checks: list[dict[str, Any]]) -> str:
                                 f"{c['margin']:+.3f}", f"{c['ci']:.3f}", verdict])
     return _table(["task", "best teacher", "teacher"] + (["its tokens"] if with_tokens else [])
                   + ["fbank", "student", "random student", "student - random", "CI half-width", "claim"], rows)
+
+
+def _together_html(f: dict[str, Any]) -> str:
+    names = f["teachers"] + [f["combined"]] + [m for m in f["means"]["all"] if m == "fbank"]
+    rows = [[f"mean over {'all tasks' if g == 'all' else 'mixed tasks'}"]
+            + ["-" if f["means"][g].get(m) is None else f"{f['means'][g][m]:.3f}" for m in names]
+            + ["-" if f["gain"].get(g) is None else f"{f['gain'][g]:+.3f}"] for g in ("all", "mixed")]
+    return ("<p>The teachers' embeddings probed side by side (<code>evaluate.combined_teachers</code>) against "
+            "each one alone: what a student distilled from all of them could know at most. The last column is "
+            "the side-by-side row's gain over the best single teacher: the most a dual-teacher student can gain "
+            "over a single-teacher one from what its teachers know (per task in the table above).</p>"
+            + _table(["", *names, "gain over the best teacher"], rows))
 
 
 def _ablation_html(figures: dict[str, Any], plot: Optional[str], from_this_run: bool) -> str:
@@ -766,6 +778,9 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
                      "not say; there the trained student should beat the random student (same architecture, "
                      "untrained) by more than the CI too (each: the larger 95 % CI half-width of the two).</p>"
                      + _checks_html(checks))
+    together = combined_teacher_figures(best)
+    if together is not None:
+        parts.append("<h2 id='teachers-together'>What the teachers know together</h2>" + _together_html(together))
     if ablation is not None:
         parts.append("<h2 id='ablation'>One teacher or two</h2>"
                      + _ablation_html(ablation, plots.get("ablation"), ablation.get("from_this_run", False)))
@@ -846,7 +861,7 @@ def _render_html(d: dict[str, Any], plots: dict[str, str], training: Optional[di
         parts.append(f"<p class='muted'>skipped {_e(s['uri'])}: {_e(s['reason'])}</p>")
     parts.append("<h2 id='models'>Models</h2>")
     parts.append(_table(["model", "frame rate (Hz)", "layers", "dims", "features (s)", "probes (s)"],
-                        [[m["name"], f"{m['frame_rate']:g}",
+                        [[m["name"], "-" if m.get("frame_rate") is None else f"{m['frame_rate']:g}",
                           " ".join("-" if v is None else str(v) for v in m["layers"]),
                           " ".join(str(v) for v in sorted(set(m["dims"]))),
                           f"{m['extract_seconds']:.1f}", f"{m['probe_seconds']:.1f}"] for m in d["models"]]))

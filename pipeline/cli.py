@@ -445,6 +445,10 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
 @click.option("--probe-tokens/--no-probe-tokens", default=None,
               help="Also probe each teacher as the --tokens-output codebooks render it (rows tokens:<kind>): what the "
                    "student is trained to predict [default: evaluate.probe_tokens].")
+@click.option("--combined-teachers/--no-combined-teachers", default=None,
+              help="With two teachers or more, also probe their embeddings side by side (row teachers:<kind>+<kind>): "
+                   "what a student distilled from all of them could know at most [default: "
+                   "evaluate.combined_teachers].")
 @click.option("--released", "released", multiple=True, metavar="PATH",
               help="A released SPEAR model (the authors' icefall .pt or transformers-style folder) or another "
                    "spear export, probed layer by layer beside the student; repeatable.")
@@ -457,7 +461,7 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
 def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
              student: Optional[str], corpus: Optional[str], manifests: tuple[str, ...], output: str,
              train_output: Optional[str], tokens_output: Optional[str], probe_tokens: Optional[bool],
-             released: tuple[str, ...], eval_manifests: tuple[str, ...], eval_table: Optional[str]) -> None:
+             combined_teachers: Optional[bool], released: tuple[str, ...], eval_manifests: tuple[str, ...], eval_table: Optional[str]) -> None:
     """Probe frozen features (student layers, a random student, the teachers, raw fbank); write a report.
 
     Teachers come from the config's `teachers` section; seeds and extra manifests from `evaluate`.
@@ -478,6 +482,7 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
         manifests=list(cfg.evaluate.manifests) + list(manifests), train_output=train_output,
         tokens_output=tokens_output, storage=Storage(StorageOptions.from_config(cfg.storage)),
         probe_tokens=probe_tokens, token_version=cfg.train.token_version,
+        combined_teachers=cfg.evaluate.combined_teachers if combined_teachers is None else combined_teachers,
         released=list(released), random_student=student is not None, eval_table=eval_table,
         eval_manifests=list(eval_manifests) or list(cfg.posttrain.eval_manifests),
         text_encoder=next((a.text_encoder for a in cfg.posttrain.attributes if a.kind == "semantic" and a.text_encoder),

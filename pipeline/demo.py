@@ -47,7 +47,7 @@ from typing import Any, Optional
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageOptions, join_uri
 from spear.config import SourceConfig, SpearConfig, TeacherConfig, load_config
-from spear.evaluation.claims import ABLATION_STUDENTS, ablation_figures, distillation_checks
+from spear.evaluation.claims import ABLATION_STUDENTS, ablation_figures, combined_teacher_figures, distillation_checks
 from spear.evaluation.report import write_report
 from spear.evaluation.tasks import TaskSources, probe_test_uris
 from spear.pipeline.demo_posttrain import PostTrainDemoSummary, run_demo_posttrain
@@ -169,6 +169,9 @@ class DemoSummary:
             out += "\n".join(f"{r['task']:<18} {r['teacher']} {r['teacher_score']:.3f} > fbank {r['floor_score']:.3f}: "
                               f"student - random = {r['margin']:+.3f} (CI {r['ci']:.3f}): "
                               f"{'holds' if r['holds'] else 'does NOT hold'}" for r in checks)
+        together = combined_teacher_figures((self.to_dict().get("evaluate") or {}).get("best", {}))
+        if together:
+            out += "\n" + format_together(together)
         if self.ablation:
             out += "\n" + format_ablation(self.ablation)
         if self.posttrain:
@@ -186,6 +189,16 @@ def format_ablation(figures: dict[str, Any]) -> str:
         m = figures["means"].get(group, {})
         lines.append(f"{title:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None)
                      + f"   best: {figures['best'].get(group)}")
+    return "\n".join(lines)
+
+
+def format_together(f: dict[str, Any]) -> str:
+    """The teachers alone and side by side (``combined_teachers``) as text: the dual-teacher student's ceiling."""
+    lines = [f"== what the teachers know together ({f['combined']}: their embeddings side by side)"]
+    for group, title in (("all", "mean over all tasks"), ("mixed", "mean over mixed tasks")):
+        m, gain = f["means"][group], f["gain"].get(group)
+        lines.append(f"{title:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None)
+                     + ("" if gain is None else f"   gain over the best teacher {gain:+.3f}"))
     return "\n".join(lines)
 
 

@@ -42,7 +42,8 @@ import torch
 from spear.cluster.storage import Storage, join_uri
 from spear.config import TeacherConfig
 from spear.evaluation.clips import corpus_summary, decode_clips
-from spear.evaluation.features import ProbedModels, TokenTarget, extract, extractor_loaders
+from spear.evaluation.features import (Features, ProbedModels, TokenTarget, combine_features, combined_teachers_name,
+                                      extract, extractor_loaders)
 from spear.evaluation.probes import L2_GRID
 from spear.evaluation.report import write_report
 from spear.evaluation.results import EvaluateSummary, best_layers, probe_model
@@ -89,7 +90,7 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
                  input_model: Optional[str] = None, counting_per_class: int = 12,
                  attribute_bootstrap: int = 1000, text_encoder: Optional[str] = None,
                  provenance: Optional[Mapping[str, Any]] = None, probe_tokens: bool = False,
-                 token_version: Optional[str] = None) -> EvaluateSummary:
+                 token_version: Optional[str] = None, combined_teachers: bool = False) -> EvaluateSummary:
     """Probe frozen features of a student, a random student, teachers and raw fbank; write a report.
 
     ``student_dir``: an exported student (None: no ``student`` rows). ``corpus_root``: a
@@ -123,6 +124,10 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
     asked to predict: far below the teacher, the codebooks lost knowledge; far above the student,
     training has not reached it.
 
+    ``combined_teachers``: with two teachers or more, also probe their embeddings side by side, one row
+    ``teachers:<kind>+<kind>`` after the last teacher: what a student distilled from all of them could
+    know at most (a dual-teacher student's ceiling), against each teacher alone.
+
     ``provenance``: what the caller says these results are computed from, recorded as they are in
     ``results.json`` (`spear run` re-uses an evaluation whose provenance matches its own).
 
@@ -143,7 +148,7 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
         models=ProbedModels(student_dir, random_student, tuple(teachers), fbank_floor, layers,
                             released=tuple(str(r) for r in released),
                             other_students=tuple((str(n), str(p)) for n, p in other_students),
-                            token_targets=tuple(targets)), seeds=seeds,
+                            token_targets=tuple(targets), combined_teachers=combined_teachers), seeds=seeds,
         l2_grid=tuple(l2_grid) if l2_grid is not None else L2_GRID, train_output=train_output,
         tokens_output=tokens_output, batch_seconds=batch_seconds,
         attributes=AttributeEvalSettings(eval_table, tuple(str(m) for m in eval_manifests), input_model,
@@ -187,6 +192,9 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
     # Models, loaded one at a time (only one model's features are in memory at once).
     probe_rows: list[dict[str, Any]] = []
     model_info: list[dict[str, Any]] = []
+    num_teachers = len(models.teacher_configs())
+    combine = models.combined_teachers and num_teachers > 1
+    teacher_feats: list[tuple[str, Features]] = []  # kept for their side-by-side row (combined_teachers)
     for name, load in extractor_loaders(models, storage, device):
         t0 = time.monotonic()
         ex = load()
@@ -197,6 +205,8 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
                                   l2_grid=settings.l2_grid)
         t2 = time.monotonic()
         dims = [int(p.shape[1]) for p in feats.pooled]
+        if combine and ex.kind == "teacher":
+            teacher_feats.append((name, feats))
         del feats
         # the extractor's own details first: a key of theirs never replaces what the row says of the model
         model_info.append({**ex.info, "name": name, "kind": ex.kind, "frame_rate": ex.frame_rate, "layers": ex.layers,
@@ -205,6 +215,22 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
             f"probed in {t2 - t1:.1f} s")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if combine and len(teacher_feats) == num_teachers:
+            t1 = time.monotonic()
+            names = [n for n, _ in teacher_feats]
+            both = combine_features([f for _, f in teacher_feats])
+            teacher_feats.clear()
+            combined = combined_teachers_name(names)
+            probe_rows += probe_model(combined, both, [None], runnable, grids, seeds=settings.seeds,
+                                      l2_grid=settings.l2_grid)
+            t2 = time.monotonic()
+            model_info.append({"name": combined, "kind": "teachers_combined", "teachers": names, "frame_rate": None,
+                               "layers": [None],
+                               "dims": [int(both.pooled[0].shape[1])], "extract_seconds": 0.0,
+                               "probe_seconds": round(t2 - t1, 3)})
+            log(f"[evaluate] {combined}: the {len(names)} teachers side by side, {len(runnable)} tasks probed in "
+                f"{t2 - t1:.1f} s")
+            del both
 
     attributes: dict[str, Any] = {}
     if posttrained is not None:

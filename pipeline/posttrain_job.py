@@ -37,7 +37,8 @@ import numpy as np
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig
-from spear.pipeline.ray_train import failure_line, run_config, scaling_config, workers_use_gpus
+from spear.pipeline.ray_train import (failure_line, remove_unkept_checkpoints, run_config, scaling_config,
+                                      workers_use_gpus)
 from spear.pipeline.train_job import (RUN_NAME, checkpoints, list_checkpoints, load_checkpoint_objective,
                                       worker_group_starts, write_metrics_report)
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses
@@ -218,6 +219,7 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
                 trainer.fit()
             except TrainingFailedError as exc:
                 raise PostTrainError(failure_line(exc, p.max_failures, "posttrain.max_failures")) from exc
+            remove_unkept_checkpoints(join_uri(root, RUN_NAME), storage, log=lambda line: say(f"[posttrain] {line}"))
 
     after = checkpoints(root, storage)
     if not after:

@@ -3,6 +3,7 @@
 - :func:`scaling_config`: fixed or elastic (min, max) workers;
 - :func:`ray_storage`: Ray Train's ``storage_path`` / ``storage_filesystem`` for an output URI;
 - :func:`run_config`: the RunConfig both jobs use (checkpoints kept, restarts, quiet console);
+- :func:`remove_unkept_checkpoints`: deletes the checkpoint folders an interrupted run left outside Ray's count;
 - :func:`stop_retries_callback`: ends a run at the first :class:`NonRetryableError` of a worker;
 - :func:`failure_line`: one line naming the root cause of a failed run.
 
@@ -11,10 +12,11 @@ Ray is imported inside the functions: the jobs import this module before Ray sta
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Callable
 
-from spear.cluster.storage import Storage, split_uri
+from spear.cluster.storage import Storage, StorageError, join_uri, split_uri
 from spear.config import ConfigError
 from spear.stages.train_loop import NonRetryableError, first_line
 
@@ -46,6 +48,56 @@ def run_config(name: str, output: str, storage: Storage, max_failures: int):
                      failure_config=FailureConfig(max_failures=max_failures),
                      checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                      callbacks=[stop_retries_callback()], logging_config=LoggingConfig(log_level="WARNING"))
+
+
+#: Ray Train's record of a run's checkpoints (``storage_path/name/``): ``num_to_keep`` counts only those it lists.
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def remove_unkept_checkpoints(run_dir: str, storage: Storage, log: Callable[[str], None] = lambda line: None
+                              ) -> list[str]:
+    """Delete the checkpoint folders in ``run_dir`` (``output/name``) that Ray Train's snapshot does not list
+    and that are older than the newest one it lists; returns their names, oldest first, and says so in
+    one ``log`` line.
+
+    A driver killed between writing a checkpoint and recording it in the snapshot leaves a folder that
+    Ray's ``num_to_keep`` never counts, so it would stay forever. Called after a run ended well, when
+    nothing is writing: a folder named after the newest listed one (Ray names them by time) is never
+    touched, nor is anything when the snapshot is missing or unreadable. Storage failing here costs
+    a ``log`` line, never the run.
+
+    >>> remove_unkept_checkpoints("/nonexistent/train", Storage())
+    []
+    """
+    try:
+        snapshot = json.loads(storage.read_text(join_uri(run_dir, RAY_CHECKPOINT_SNAPSHOT)))
+        results = list(snapshot.get("checkpoint_results") or [])
+        if snapshot.get("latest_checkpoint_result"):
+            results.append(snapshot["latest_checkpoint_result"])
+        kept = {str(r["checkpoint_dir_name"]) for r in results}
+    except (FileNotFoundError, StorageError, ValueError, TypeError, KeyError, AttributeError):
+        return []
+    if not kept:
+        return []
+    newest = max(kept)
+    removed: list[str] = []
+    try:
+        fs, path = storage.filesystem(run_dir)
+        if hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache(path)  # s3fs caches listings
+        for info in sorted(fs.ls(path, detail=True), key=lambda i: i["name"]):
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if info.get("type") == "directory" and name.startswith("checkpoint_") and name not in kept \
+                    and name < newest:
+                storage.delete(join_uri(run_dir, name), recursive=True)
+                removed.append(name)
+    except (OSError, StorageError) as exc:
+        log(f"warning: could not remove the checkpoint folders an interrupted run left in {run_dir}: "
+            f"{first_line(exc)}")
+    if removed:
+        log(f"removed {len(removed)} checkpoint folder{'s' if len(removed) != 1 else ''} that an interrupted run "
+            f"left outside Ray Train's {CHECKPOINTS_KEPT} kept ones: {', '.join(removed)}")
+    return removed
 
 
 def failure_line(exc: BaseException, max_failures: int, option: str = "train.max_failures") -> str:

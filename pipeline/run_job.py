@@ -112,7 +112,9 @@ def evaluation_provenance(cfg: SpearConfig, export: str, corpus_root: Optional[s
             "manifests": [[m, sha256(m)] for m in cfg.evaluate.manifests],
             # a teacher's memory reservation changes no result: evaluations from before the setting still match
             "teachers": [t.model_dump(mode="json", exclude={"memory_gb"}) for t in cfg.teachers.configured()],
-            "seeds": list(cfg.evaluate.seeds), "probe_tokens": cfg.evaluate.probe_tokens}
+            "seeds": list(cfg.evaluate.seeds), "probe_tokens": cfg.evaluate.probe_tokens,
+            # recorded only when on: evaluations from before the setting still match
+            **({"combined_teachers": True} if cfg.evaluate.combined_teachers else {})}
 
 
 def reusable_evaluation(output: str, provenance: dict[str, Any], storage: Storage) -> Optional[EvaluateSummary]:
@@ -199,7 +201,8 @@ def run_all(cfg: SpearConfig, *, progress: bool = True, corpus_root: Optional[st
                               seeds=cfg.evaluate.seeds, manifests=cfg.evaluate.manifests, train_output=student,
                               tokens_output=train_cfg.train.shards, storage=storage, progress=progress,
                               provenance=provenance, probe_tokens=cfg.evaluate.probe_tokens,
-                              token_version=cfg.train.token_version)
+                              token_version=cfg.train.token_version,
+                              combined_teachers=cfg.evaluate.combined_teachers)
         test_uris = probe_test_uris(TaskSources(corpus_root, tuple(cfg.evaluate.manifests)), storage)
         overlap = probe_test_files_in_sources(test_uris, cfg)
         if overlap:

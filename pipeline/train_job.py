@@ -31,7 +31,8 @@ from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, select_token_store
-from spear.pipeline.ray_train import failure_line, run_config, scaling_config, workers_use_gpus
+from spear.pipeline.ray_train import (failure_line, remove_unkept_checkpoints, run_config, scaling_config,
+                                      workers_use_gpus)
 from spear.schemas.checkpoint import incomplete_reason, parse_state
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses, steps_without_update
 from spear.stages.artefacts import export_student
@@ -219,6 +220,8 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                 trainer.fit()
             except TrainingFailedError as exc:
                 raise TrainError(failure_line(exc, cfg.train.max_failures)) from exc
+        remove_unkept_checkpoints(join_uri(cfg.output, RUN_NAME), storage,
+                                  log=(lambda line: print(f"[train] {line}", file=sys.stderr)) if progress else (lambda line: None))
 
     after = checkpoints(cfg.output, storage)
     if not after:

@@ -32,6 +32,9 @@ def test_read_write_list_delete(storage_root):
     assert st.read_bytes(join_uri(root, "a", "b", "two.flac")) == b"22"
     st.delete(join_uri(root, "a"), recursive=True)
     assert not st.exists(join_uri(root, "a", "one.wav"))
+    # the folder itself is gone too (SeaweedFS kept an emptied folder, which listings showed)
+    assert not st.exists(join_uri(root, "a")) and not st.isdir(join_uri(root, "a"))
+    st.delete(join_uri(root, "a"), recursive=True)  # deleting what is not there is no error
     with pytest.raises(FileNotFoundError):
         st.read_bytes(join_uri(root, "a", "one.wav"))
     with pytest.raises(StorageError, match="does not exist"):

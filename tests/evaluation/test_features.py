@@ -108,3 +108,19 @@ def test_the_random_student_is_the_trained_students_start_at_the_default_seed(si
     torch.manual_seed(cfg.seed + 1)
     other = build_objective(cfg, plan).encoder.state_dict()
     assert not all(torch.equal(v, other[k]) for k, v in trained_start.items())
+
+
+def test_teachers_side_by_side_concatenate_pooled_rows_and_grid_frames():
+    from spear.evaluation.features import Features, combine_features, combined_teachers_name
+
+    rng = np.random.default_rng(0)
+    a = Features([rng.normal(size=(5, 3)).astype(np.float32)], [{1: rng.normal(size=(4, 3)).astype(np.float32)}])
+    b = Features([rng.normal(size=(5, 2)).astype(np.float32)], [{1: rng.normal(size=(4, 2)).astype(np.float32)}])
+    both = combine_features([a, b])
+    assert np.array_equal(both.pooled[0][:, :3], a.pooled[0]) and np.array_equal(both.pooled[0][:, 3:], b.pooled[0])
+    assert np.array_equal(both.frames[0][1], np.concatenate([a.frames[0][1], b.frames[0][1]], 1))
+    assert combined_teachers_name(["teacher:mfcc", "teacher:fbank"]) == "teachers:mfcc+fbank"
+    with pytest.raises(ValueError, match="different items"):
+        combine_features([a, Features(b.pooled, [{2: b.frames[0][1]}])])
+    with pytest.raises(ValueError, match="single-layer"):
+        combine_features([a, Features(b.pooled * 2, b.frames * 2)])

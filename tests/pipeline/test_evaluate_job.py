@@ -175,6 +175,35 @@ def test_layer_subset_random_student_only_and_task_filter(tiny_corpus, tmp_path)
         run_evaluate(None, str(tmp_path), output=str(tmp_path / "x"), random_student=False, progress=False)
 
 
+def test_teachers_side_by_side_are_probed_after_the_last_teacher(tiny_corpus, tmp_path):
+    """`combined_teachers`: one more row, the teachers' features concatenated (dims add up), before fbank; the
+    report and the text summary show its means against each teacher; one teacher alone gives no such row."""
+    teachers = [TeacherConfig(kind="mfcc"), TeacherConfig(kind="fbank")]
+    summary = run_evaluate(None, str(tiny_corpus.root), teachers=teachers, output=str(tmp_path / "r"), seeds=(0,),
+                           random_student=False, tasks=["speech_vs_audio", "frame_event"], l2_grid=(1e-2,),
+                           combined_teachers=True, num_threads=1, progress=False)
+    info = {m["name"]: m for m in summary.models}
+    assert list(info) == ["teacher:mfcc", "teacher:fbank", "teachers:mfcc+fbank", "fbank"]
+    assert info["teachers:mfcc+fbank"]["kind"] == "teachers_combined"
+    assert info["teachers:mfcc+fbank"]["dims"] == [info["teacher:mfcc"]["dims"][0] + info["teacher:fbank"]["dims"][0]]
+    assert {t: set(m) for t, m in summary.best.items()} == {
+        t: {"teacher:mfcc", "teacher:fbank", "teachers:mfcc+fbank", "fbank"} for t in ("speech_vs_audio", "frame_event")}
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "What the teachers know together" in page and "gain over the best teacher" in page
+    assert "teachers:mfcc+fbank" in summary.human()
+    from spear.evaluation.claims import combined_teacher_figures
+
+    f = combined_teacher_figures(summary.best)
+    scores = {m: np.mean([summary.best[t][m]["score"] for t in summary.best]) for m in info}
+    assert f["means"]["all"] == pytest.approx(scores) and f["means"]["mixed"]["teachers:mfcc+fbank"] is None
+    assert f["gain"]["all"] == pytest.approx(scores["teachers:mfcc+fbank"] - max(scores["teacher:mfcc"],
+                                                                                 scores["teacher:fbank"]))
+    one = run_evaluate(None, str(tiny_corpus.root), teachers=teachers[:1], output=str(tmp_path / "r1"), seeds=(0,),
+                       random_student=False, tasks=["speech_vs_audio"], l2_grid=(1e-2,), combined_teachers=True,
+                       num_threads=1, progress=False)
+    assert [m["name"] for m in one.models] == ["teacher:mfcc", "fbank"]
+
+
 def test_student_with_the_random_students_weights_scores_the_same(tiny_corpus, tmp_path):
     """The exported-student path (safetensors export, load_student) and the in-memory random
     student give the same features for the same weights, so the same probe scores."""

@@ -79,6 +79,51 @@ def test_killed_trainer_resumes_at_last_checkpoint_without_repeating_data(ray_cl
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     a, b = load_checkpoint_objective(join_uri(root, "clean"), st)[0], load_checkpoint_objective(out, st)[0]
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    # what the killed driver wrote and never recorded in Ray's snapshot is gone: the folders left are the ones
+    # Ray Train keeps (it counts only those it recorded)
+    assert _checkpoint_folders(out) == _snapshot_names(out) and len(_snapshot_names(out)) <= 3
+
+
+def _checkpoint_folders(out: str) -> set[str]:
+    train = os.path.join(out, "train")
+    return {n for n in os.listdir(train) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(train, n))}
+
+
+def _snapshot_names(out: str) -> set[str]:
+    import json
+
+    from spear.pipeline.ray_train import RAY_CHECKPOINT_SNAPSHOT
+
+    with open(os.path.join(out, "train", RAY_CHECKPOINT_SNAPSHOT)) as f:
+        return {r["checkpoint_dir_name"] for r in json.load(f)["checkpoint_results"]}
+
+
+def test_checkpoint_folders_outside_rays_snapshot_are_removed_only_when_older_than_its_newest(tmp_path):
+    """An interrupted run's unrecorded folders (complete or cut short) before the snapshot's newest go; the
+    listed ones, newer folders (a run writing now) and other files stay; no snapshot, nothing removed."""
+    import json
+
+    from spear.pipeline.ray_train import RAY_CHECKPOINT_SNAPSHOT, remove_unkept_checkpoints
+
+    run = tmp_path / "out" / "train"
+    names = [f"checkpoint_2026-12-04_10-00-0{i}.000000" for i in range(7)]
+    for n in names:
+        (run / n).mkdir(parents=True)
+        (run / n / "model.pt").write_bytes(b"x" * 10)
+    (run / "events").mkdir()
+    st, lines = Storage(), []
+    assert remove_unkept_checkpoints(str(run), st, log=lines.append) == [] and lines == []  # no snapshot yet
+    listed = [names[1], names[4], names[5]]
+    (run / RAY_CHECKPOINT_SNAPSHOT).write_text(json.dumps({
+        "checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in listed[:2]],
+        "latest_checkpoint_result": {"checkpoint_dir_name": names[5], "metrics": {}}}))
+    removed = remove_unkept_checkpoints(str(run), st, log=lines.append)
+    assert removed == [names[0], names[2], names[3]]
+    assert sorted(p.name for p in run.iterdir()) == sorted(listed + [names[6], "events", RAY_CHECKPOINT_SNAPSHOT])
+    assert len(lines) == 1 and lines[0].startswith("removed 3 checkpoint folders that an interrupted run left")
+    assert remove_unkept_checkpoints(str(run), st, log=lines.append) == [] and len(lines) == 1
+    (run / RAY_CHECKPOINT_SNAPSHOT).write_text('{"checkpoint_res')  # cut short: not read, nothing removed
+    assert remove_unkept_checkpoints(str(run), st) == [] and (run / names[6]).is_dir()
 
 
 @pytest.mark.s3
@@ -89,9 +134,12 @@ def test_checkpoints_round_trip_through_seaweedfs(ray_cluster, s3_storage, shard
     out = "s3://spear/train-out"
     first = run_train(_cfg(shard_uri, out, 4, s3_storage), progress=False)
     assert first.step == 4 and first.checkpoint.startswith("s3://")
+    orphan = join_uri(out, "train", "checkpoint_2000-01-01_00-00-00.000000")  # a killed driver's unrecorded one
+    s3_storage.write_bytes(join_uri(orphan, "model.pt"), b"x" * 10)
     second = run_train(_cfg(shard_uri, out, 6, s3_storage), progress=False)
     assert second.resumed_from_step == 4 and second.step == 6
     assert [s for s, _ in checkpoints(out, s3_storage)][-1] == 6
+    assert not s3_storage.exists(join_uri(orphan, "model.pt"))  # removed once the second run ended well
     assert s3_storage.exists(join_uri(out, "metrics", "loss_curve.png"))
     # the newest checkpoint's upload cut short (a driver stopped mid-upload; Ray's run snapshot still lists
     # it): the next run skips it and resumes from the one before, and its workers do too
@@ -101,7 +149,8 @@ def test_checkpoints_round_trip_through_seaweedfs(ray_cluster, s3_storage, shard
     t_third = time.time()
     third = run_train(_cfg(shard_uri, out, 8, s3_storage), progress=False)
     assert third.resumed_from_step == 4 and third.step == 8
-    (warning,) = third.warnings  # in the summary too (--json's "warnings")
+    assert len(third.warnings) == 1, third.warnings  # in the summary too (--json's "warnings")
+    (warning,) = third.warnings
     assert warning.startswith(f"checkpoint {newest} is skipped: model.pt has 1000 of its ")
     assert [e["resumed_from_step"] for e in worker_group_starts(out, s3_storage, since=t_third)] == [4]
 
