@@ -126,6 +126,12 @@ def test_killed_posttrain_resumes_exactly(killed_and_resumed, s3_storage, tmp_pa
     # driver may not have updated: they went back to an older checkpoint or to step 0)
     assert starts == [killed_at]
     assert resumed.output == join_uri(out, "posttrain") and "speaker (speaker, dim 16): 12 training rows" in resumed.human()
+    # the killed driver's checkpoints that Ray's snapshot never recorded are gone (they once stayed: 5 folders)
+    run = os.path.join(out, "posttrain", "train")
+    with open(os.path.join(run, "checkpoint_manager_snapshot.json")) as f:
+        kept = {r["checkpoint_dir_name"] for r in json.load(f)["checkpoint_results"]}
+    assert {n for n in os.listdir(run) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run, n))} == kept
+    assert 1 <= len(kept) <= 3
     want, got = _rows(s3_storage, "s3://spear/posttrain-out"), _rows(st, out)
     # the same batches step for step, and the same losses to the bit: model, optimiser, data and the
     # trainable layers' dropout resumed exactly (the dropout stream once restarted from the seed)
