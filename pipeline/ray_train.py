@@ -3,7 +3,8 @@
 - :func:`scaling_config`: fixed or elastic (min, max) workers;
 - :func:`ray_storage`: Ray Train's ``storage_path`` / ``storage_filesystem`` for an output URI;
 - :func:`run_config`: the RunConfig both jobs use (checkpoints kept, restarts, quiet console);
-- :func:`remove_unkept_checkpoints`: deletes the checkpoint folders an interrupted run left outside Ray's count;
+- :func:`checkpoint_folders` lists a run's checkpoint folders; :func:`remove_unkept_checkpoints` deletes those an
+  interrupted run left outside Ray's count;
 - :func:`stop_retries_callback`: ends a run at the first :class:`NonRetryableError` of a worker;
 - :func:`failure_line`: one line naming the root cause of a failed run.
 
@@ -54,6 +55,23 @@ def run_config(name: str, output: str, storage: Storage, max_failures: int):
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
+def checkpoint_folders(run_dir: str, storage: Storage) -> list[str]:
+    """The names of the checkpoint folders in ``run_dir`` (``output/name``), sorted (Ray names them by time),
+    listed afresh; [] when ``run_dir`` does not exist.
+
+    >>> checkpoint_folders("/nonexistent/train", Storage())
+    []
+    """
+    if not storage.exists(run_dir):
+        return []
+    fs, path = storage.filesystem(run_dir)
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(path)  # s3fs caches listings: a checkpoint written or cut since must show as it is now
+    names = [info["name"].rstrip("/").rsplit("/", 1)[-1] for info in fs.ls(path, detail=True)
+             if info.get("type") == "directory"]
+    return sorted(n for n in names if n.startswith("checkpoint"))
+
+
 def remove_unkept_checkpoints(run_dir: str, storage: Storage, log: Callable[[str], None] = lambda line: None
                               ) -> list[str]:
     """Delete the checkpoint folders in ``run_dir`` (``output/name``) that Ray Train's snapshot does not list
@@ -82,13 +100,8 @@ def remove_unkept_checkpoints(run_dir: str, storage: Storage, log: Callable[[str
     newest = max(kept)
     removed: list[str] = []
     try:
-        fs, path = storage.filesystem(run_dir)
-        if hasattr(fs, "invalidate_cache"):
-            fs.invalidate_cache(path)  # s3fs caches listings
-        for info in sorted(fs.ls(path, detail=True), key=lambda i: i["name"]):
-            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-            if info.get("type") == "directory" and name.startswith("checkpoint_") and name not in kept \
-                    and name < newest:
+        for name in checkpoint_folders(run_dir, storage):
+            if name not in kept and name < newest:
                 storage.delete(join_uri(run_dir, name), recursive=True)
                 removed.append(name)
     except (OSError, StorageError) as exc:

@@ -31,8 +31,8 @@ from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig, TrainConfig
 from spear.pipeline.ledger import TokenStore, select_token_store
-from spear.pipeline.ray_train import (failure_line, remove_unkept_checkpoints, run_config, scaling_config,
-                                      workers_use_gpus)
+from spear.pipeline.ray_train import (checkpoint_folders, failure_line, remove_unkept_checkpoints, run_config,
+                                      scaling_config, workers_use_gpus)
 from spear.schemas.checkpoint import incomplete_reason, parse_state
 from spear.schemas.train_metrics import METRICS_FILE, learned_losses, steps_without_update
 from spear.stages.artefacts import export_student
@@ -114,19 +114,12 @@ def list_checkpoints(output: str, storage: Storage) -> CheckpointListing:
     so one whose upload was cut short (or is still going on) is listed as incomplete and never resumed from.
     """
     root = join_uri(output, RUN_NAME)
-    if not storage.exists(root):
-        return CheckpointListing([], [])
-    fs, path = storage.filesystem(root)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache(path)  # s3fs caches listings: a checkpoint written or cut since must show as it is now
     complete, incomplete = [], []
-    for folder in sorted(fs.ls(path, detail=True), key=lambda info: info["name"]):
-        name = folder["name"].rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("checkpoint") or folder.get("type") != "directory":
-            continue
+    for name in checkpoint_folders(root, storage):
         uri = join_uri(root, name)
+        fs, path = storage.filesystem(uri)
         sizes = {info["name"].rstrip("/").rsplit("/", 1)[-1]: int(info.get("size") or 0)
-                 for info in fs.ls(folder["name"], detail=True) if info.get("type") != "directory"}
+                 for info in fs.ls(path, detail=True) if info.get("type") != "directory"}
         state_text = storage.read_text(join_uri(uri, STATE_FILE)) if STATE_FILE in sizes else None
         why = incomplete_reason(state_text, sizes)
         if why is None:
@@ -220,8 +213,9 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                 trainer.fit()
             except TrainingFailedError as exc:
                 raise TrainError(failure_line(exc, cfg.train.max_failures)) from exc
-        remove_unkept_checkpoints(join_uri(cfg.output, RUN_NAME), storage,
-                                  log=(lambda line: print(f"[train] {line}", file=sys.stderr)) if progress else (lambda line: None))
+            remove_unkept_checkpoints(join_uri(cfg.output, RUN_NAME), storage,
+                                      log=(lambda line: print(f"[train] {line}", file=sys.stderr)) if progress
+                                      else (lambda line: None))
 
     after = checkpoints(cfg.output, storage)
     if not after:
