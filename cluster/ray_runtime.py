@@ -23,13 +23,13 @@ import dataclasses
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+from spear.cluster.console import print_line
 from spear.cluster.local_s3 import free_port
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,6 @@ def _info(embedded: bool, dashboard_url: Optional[str], start_seconds: float = 0
     return RayInfo(embedded=embedded, address=ctx.gcs_address, cpus=float(res.get("CPU", 0.0)),
                    gpus=float(res.get("GPU", 0.0)), nodes=len([n for n in ray.nodes() if n.get("Alive")]),
                    dashboard_url=dashboard_url, start_seconds=start_seconds)
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # Embedded runs: Ray internals no one on one machine reads. Metrics feed a Prometheus that an
@@ -100,7 +96,7 @@ def ray_data_without_progress_bars() -> None:
 
 @contextmanager
 def ray_session(cfg=None, *, quiet: bool = True, dashboard: bool = True,
-                announce: Optional[Callable[[str], None]] = _stderr) -> Iterator[RayInfo]:
+                announce: Optional[Callable[[str], None]] = print_line) -> Iterator[RayInfo]:
     """Connect to (or start) Ray for the duration of the block.
 
     If Ray is already initialised in this process (tests, notebooks, a Ray Job driver

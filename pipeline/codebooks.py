@@ -16,11 +16,9 @@ Example (inside a Ray session, as the tokenize job does)::
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, fields
@@ -30,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from spear.cluster.console import console_log
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri, resolve_uri
 from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.stages.decode import decode_dataset
@@ -239,7 +238,7 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
         # one thread, as the task reserves one CPU (the fit's default, every CPU of the process, would take the node's);
         # its progress lines reach the driver's console through Ray's worker-log forwarding
         q = ray.get(ray.remote(num_gpus=1, num_cpus=1)(fit_quantizer_task).remote(
-            sample, **fit_kwargs, num_threads=1, log=_task_log(f"[tokenize] {role} codebooks: ")))
+            sample, **fit_kwargs, num_threads=1, log=console_log(prefix=f"[tokenize] {role} codebooks: ")))
     else:
         q = fit_quantizer(sample, **fit_kwargs, log=lambda line: log(f"[tokenize] {role} codebooks: {line}"))
     loss = q.metadata.get("heldout_relative_loss")
@@ -260,14 +259,6 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
     return cb, sample.train.shape[0] >= cfg.mvq.sample_frames
 
 
-def _print_line(prefix: str, line: str) -> None:
-    print(prefix + line, file=sys.stderr, flush=True)
-
-
-def _task_log(prefix: str) -> Callable[[str], None]:
-    """A progress logger that a Ray task can take along: each line to the task's stderr, which Ray
-    forwards to the driver's console."""
-    return functools.partial(_print_line, prefix)
 
 
 def _save_usage_plot(q, frames: np.ndarray, uri: str, storage: Storage) -> None:

@@ -38,12 +38,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional
 
+from spear.cluster.console import console_log
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageOptions, join_uri
 from spear.config import SourceConfig, SpearConfig, TeacherConfig, load_config
@@ -243,7 +243,7 @@ def run_ablation(cfg: SpearConfig, workdir: str, corpus_root: str, run: RunSumma
     and seed) with ``train.teacher_roles`` set to one role. The probes skip the teachers (the main
     report has them) and keep the random student and the fbank floor as references.
     """
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    log = console_log(progress)
     storage = Storage(StorageOptions.from_config(cfg.storage))
     root = os.path.join(workdir, ABLATION_DIR)
     exports = []
@@ -286,7 +286,7 @@ def run_demo(cfg: SpearConfig, *, workdir: str = "spear-demo", size: str = "demo
     if posttrain and iteration != 1:
         raise ValueError("the post-training demo starts from the first iteration's student: run it with iteration 1")
     workdir = os.path.abspath(workdir)
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    log = console_log(progress)
     corpus = generate_demo_corpus(os.path.join(workdir, "corpus"), size=size, seed=0,
                                   progress=lambda line: log(f"[corpus] {line}"))
     command = " ".join(["spear demo"] + (["--ablation"] if ablation else []) + (

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from spear.cluster.console import console_log
 from spear.cluster.storage import Storage, StorageOptions, join_uri
 from spear.config import ConfigError, SpearConfig
 from spear.evaluation.report import posttrain_claims
@@ -115,7 +115,7 @@ def run_demo_posttrain(cfg: SpearConfig, *, workdir: str, input_model: str, corp
     """Post-train ``input_model`` (the demo's student export) with and without the counting tasks on the
     multilingual corpus, evaluate both beside the input model and fbank, and check the claims."""
     t0 = time.monotonic()
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    log = console_log(progress)
     root = os.path.join(os.path.abspath(workdir), DEMO_POSTTRAIN_DIR)
     corpus = generate_multilingual_corpus(os.path.join(root, "corpus"), size="tiny" if size == "tiny" else "demo",
                                           seed=0, progress=lambda line: log(f"[corpus] {line}"))

@@ -31,7 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -39,6 +38,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from spear.cluster.console import console_log
 from spear.cluster.storage import Storage, join_uri
 from spear.config import TeacherConfig
 from spear.evaluation.clips import corpus_summary, decode_clips
@@ -154,7 +154,7 @@ def run_evaluate(student_dir: Optional[str], corpus_root: Optional[str], *, teac
         attributes=AttributeEvalSettings(eval_table, tuple(str(m) for m in eval_manifests), input_model,
                                          int(counting_per_class), int(attribute_bootstrap), text_encoder),
         provenance=dict(provenance or {}))
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    log = console_log(progress)
     device = torch.device(device) if device is not None else default_device()
     with torch_threads(num_threads):
         return evaluate(settings, storage, device, log)

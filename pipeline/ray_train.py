@@ -40,8 +40,8 @@ def run_config(name: str, output: str, storage: Storage, max_failures: int):
     """The RunConfig of a training job writing under ``output/name``: ``max_failures`` restarts, the newest
     :data:`CHECKPOINTS_KEPT` checkpoints, a run that ends at the first :class:`NonRetryableError`, and Ray
     Train's own INFO lines (the worker group's start, each checkpoint's upload) kept to Ray's log files: the
-    training loop prints its progress lines itself. The workers' "Reporting training result N" line, one per
-    checkpoint, still reaches the console."""
+    training loop prints its progress lines itself (the workers' "Reporting training result N" line, logged
+    outside those loggers, is dropped by :func:`spear.stages.train_loop.quiet_report_lines`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     storage_path, storage_fs = ray_storage(output, storage)

@@ -29,11 +29,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from spear.cluster.console import console_log
 from spear.cluster.storage import Storage, StorageOptions, join_uri, split_uri
 from spear.cluster.ray_runtime import ray_session
 from spear.config import SpearConfig
@@ -163,7 +163,7 @@ def run_all(cfg: SpearConfig, *, progress: bool = True, corpus_root: Optional[st
     """
 
     t0 = time.monotonic()
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    log = console_log(progress)
     storage = Storage(StorageOptions.from_config(cfg.storage))
     tokens = join_uri(cfg.output, TOKENS_DIR)
     student = join_uri(cfg.output, STUDENT_DIR)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from spear.cluster.console import console_log
 from spear.cluster.ray_runtime import ray_data_without_progress_bars, ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, normalize_uri, relative_uri
 from spear.config import ConfigError, SpearConfig, TeacherConfig
@@ -401,7 +401,7 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
         raise ConfigError("no corpus sources: give --input URI[,URI...] --domain speech|audio, "
                           "or list corpus.sources in the config")
     t0 = time.monotonic()
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    log = console_log(progress)
     options = StorageOptions.from_config(cfg.storage)
     storage = Storage(options)
     out = normalize_uri(cfg.output)  # one spelling for the driver and the Ray workers

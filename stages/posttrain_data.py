@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -52,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from spear.cluster.console import console_log
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, join_uri, normalize_uri, split_uri
 from spear.config import ConfigError
@@ -481,14 +481,6 @@ def _split_stats(tables: list[pa.Table]) -> tuple[int, float, list[str], list[st
     return rows, samples / SAMPLE_RATE, speakers, languages
 
 
-def _sayer(progress: bool | Callable[[str], None]) -> Callable[[str], None]:
-    if callable(progress):
-        return progress
-    if progress:
-        return lambda message: print(message, file=sys.stderr, flush=True)
-    return lambda message: None
-
-
 def prepare_posttrain_data(train_manifests: Sequence[str], eval_manifests: Sequence[str], data_uri: str,
                            storage: Storage, *, ray_cfg: Any = None,
                            progress: bool | Callable[[str], None] = True) -> PreparedData:
@@ -507,7 +499,7 @@ def prepare_posttrain_data(train_manifests: Sequence[str], eval_manifests: Seque
     if not train_manifests:
         raise ConfigError("posttrain.train_manifests is empty: give at least one labelled manifest "
                           "(CSV/TSV/JSONL with audio and speaker/text/pivot, or a Lhotse CutSet)")
-    say = _sayer(progress)
+    say = console_log(progress)
     data_uri = normalize_uri(data_uri)
     states = _manifest_states(train_manifests, eval_manifests, storage)
     reused = _reusable(data_uri, states, storage)

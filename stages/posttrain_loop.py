@@ -42,8 +42,8 @@ from spear.stages.posttrain_data import read_prepared
 from spear.stages.train_data import resume_state
 from spear.stages.train_loop import (MODEL_FILE, PROGRESS_EVERY, STATE_FILE, NonRetryableError,
                                      collective_timeout_ends_run, cpu_worker_threads, first_line, gather_data_states,
-                                     lr_lambda, progress_line, random_state, record_group_start, restore_checkpoint,
-                                     resume_checkpoint, resume_random, save_checkpoint)
+                                     lr_lambda, progress_line, quiet_report_lines, random_state, record_group_start,
+                                     restore_checkpoint, resume_checkpoint, resume_random, save_checkpoint)
 
 
 class _LossForward(nn.Module):
@@ -98,6 +98,7 @@ def posttrain_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan: PostTrainPlan = config["plan"]

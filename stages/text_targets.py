@@ -33,7 +33,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -43,6 +42,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from spear.cluster.console import console_log
 from spear.cluster.storage import Storage, StorageError, join_uri, normalize_uri, relative_uri, split_uri
 from spear.config import ConfigError
 from spear.models.posttrain import masked_mean, pivot_text_embedding
@@ -204,12 +204,6 @@ def _read_cache(data_uri: str, name: str, storage: Storage) -> Optional[tuple[di
     return rec, vectors
 
 
-def _sayer(progress: bool | Callable[[str], None]) -> Callable[[str], None]:
-    if callable(progress):
-        return progress
-    return (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
-
-
 def build_text_targets(texts: Iterable[Optional[str]], attribute: Any, attribute_index: int, data_uri: str,
                        storage: Storage, *, progress: bool | Callable[[str], None] = False) -> TextTargets:
     """The targets of semantic ``attribute`` (an :class:`~spear.config.AttributeConfig`, the
@@ -217,7 +211,7 @@ def build_text_targets(texts: Iterable[Optional[str]], attribute: Any, attribute
     cache under ``data_uri`` where it holds them for the same encoder, the rest embedded and the cache
     rewritten. ConfigError (naming ``posttrain.attributes[i].text_encoder``) for an unusable encoder folder;
     ValueError naming a text the weight-free embedding cannot embed (no word in it)."""
-    say = _sayer(progress)
+    say = console_log(progress)
     distinct = sorted({t for t in texts if t is not None})
     field_name = f"posttrain.attributes[{attribute_index}].text_encoder"
     encoder: Optional[SentenceEncoder] = None

@@ -474,6 +474,20 @@ def progress_line(rows: list[dict[str, Any]], step: int, max_steps: int, *, labe
     return f"[{label}] step {step}/{max_steps}: " + ", ".join(parts) + f", {per_s:.0f} {unit}"
 
 
+def quiet_report_lines() -> None:
+    """Drop Ray Train's "Reporting training result N: TrainingReport(...)" INFO line, one per checkpoint on
+    every worker's console. Ray 2.60 logs it through a logger named after its source file's path,
+    outside the ``ray.train`` loggers that ``LoggingConfig`` sets, so only its own level silences it;
+    warnings still pass. Called by the workers at start."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its line stays
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config`` = {"train": TrainConfig dict, "plan": TrainDataPlan, "storage_options",
     "max_workers", "events_uri", "resume_from": (step, URI) of the newest checkpoint on
@@ -483,6 +497,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan = config["plan"]

@@ -104,13 +104,15 @@ def test_records_name_files_relative_to_the_output_and_status_counts_them_as_com
 
 def test_training_shows_its_progress_on_stderr_and_not_ray_trains_own_info_lines(readme_run):
     """The training loop's progress line (loss, accuracies, throughput) reaches the user's stderr, never the
-    summary on stdout; Ray Train's INFO lines (the worker group's start, each checkpoint's upload) stay in Ray's
-    log files."""
+    summary on stdout; Ray Train's INFO lines (the worker group's start, each checkpoint's upload and report) stay
+    out of it."""
     train = readme_run["runs"]["train"]
     assert re.search(r"\[train\] step 2/2: loss \d+\.\d+, speech/acc_masked \d\.\d+, \d+ audio s/s", train.stderr), \
         train.stderr[-3000:]
     assert "[train] step" not in train.stdout
     assert "Checkpoint successfully created" not in train.stderr and "Started training worker group" not in train.stderr
+    # nor the workers' "Reporting training result N: TrainingReport(...)" line, one per checkpoint (it was there)
+    assert "Reporting training result" not in train.stderr, train.stderr[-3000:]
 
 
 @pytest.mark.parametrize("path", ["missing/place", "data"])

@@ -123,12 +123,12 @@ def test_a_fit_on_read_only_frames_copies_them_without_a_warning_and_its_task_lo
     import pickle
     import warnings
 
-    from spear.pipeline.codebooks import _task_log
+    from spear.cluster.console import console_log
 
     frames = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
     frames.setflags(write=False)
     sample = FrameSample(train=frames[:500], heldout=frames[500:], segments=5, audio_seconds=20.0, sources={"a": 5})
-    log = pickle.loads(pickle.dumps(_task_log("[tokenize] speech codebooks: ")))
+    log = pickle.loads(pickle.dumps(console_log(prefix="[tokenize] speech codebooks: ")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         q = fit_quantizer(sample, num_codebooks=2, codebook_size=16, seed=0, teacher_id="t" * 16, layer=None,
