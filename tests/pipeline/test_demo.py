@@ -166,6 +166,13 @@ def test_the_student_learns_what_a_teacher_knows_and_fbank_does_not(ray_cluster,
     assert len(knowledge) >= 3, knowledge
     assert sum(r["margin"] for r in knowledge) > 0, knowledge
     assert any(r["margin"] > 0 for r in knowledge), knowledge
+    # the two teachers side by side (evaluate.combined_teachers, on in the demo): the dual-teacher claim's ceiling
+    from spear.evaluation.claims import combined_teacher_figures
+
+    together = combined_teacher_figures(summary["evaluate"]["best"])
+    assert together["combined"] == "teachers:resemblyzer+crepe" and together["gain"]["all"] is not None
+    assert "What the teachers know together" in (tmp_path / "spear-demo" / "iter1" / "evaluation" / "index.html"
+                                                 ).read_text()
 
 
 def test_each_demo_size_scales_the_packaged_config_and_the_users_overrides_win(tmp_path):
