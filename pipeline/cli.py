@@ -461,7 +461,8 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
 def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
              student: Optional[str], corpus: Optional[str], manifests: tuple[str, ...], output: str,
              train_output: Optional[str], tokens_output: Optional[str], probe_tokens: Optional[bool],
-             combined_teachers: Optional[bool], released: tuple[str, ...], eval_manifests: tuple[str, ...], eval_table: Optional[str]) -> None:
+             combined_teachers: Optional[bool], released: tuple[str, ...], eval_manifests: tuple[str, ...],
+             eval_table: Optional[str]) -> None:
     """Probe frozen features (student layers, a random student, the teachers, raw fbank); write a report.
 
     Teachers come from the config's `teachers` section; seeds and extra manifests from `evaluate`.

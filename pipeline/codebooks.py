@@ -259,8 +259,6 @@ def fit_codebooks(cfg: SpearConfig, role: str, tcfg: TeacherConfig, desc: dict[s
     return cb, sample.train.shape[0] >= cfg.mvq.sample_frames
 
 
-
-
 def _save_usage_plot(q, frames: np.ndarray, uri: str, storage: Storage) -> None:
     import torch
 

@@ -163,13 +163,14 @@ class DemoSummary:
                 if c.get("held_out_test_files") is not None else "")
         out = (f"demo (iteration {self.iteration}) in {self.workdir}: corpus of {c['num_files']} files, "
                f"{c['total_seconds'] / 60:.1f} min of audio{held}\n" + self.run.human())
-        checks = [r for r in self.to_dict()["distillation_checks"] if r["holds"] is not None]
+        d = self.to_dict()
+        checks = [r for r in d["distillation_checks"] if r["holds"] is not None]
         if checks:
             out += "\n== did the teachers' knowledge reach the student? (tasks where a teacher beats fbank)\n"
             out += "\n".join(f"{r['task']:<18} {r['teacher']} {r['teacher_score']:.3f} > fbank {r['floor_score']:.3f}: "
                               f"student - random = {r['margin']:+.3f} (CI {r['ci']:.3f}): "
                               f"{'holds' if r['holds'] else 'does NOT hold'}" for r in checks)
-        together = combined_teacher_figures((self.to_dict().get("evaluate") or {}).get("best", {}))
+        together = combined_teacher_figures((d.get("evaluate") or {}).get("best", {}))
         if together:
             out += "\n" + format_together(together)
         if self.ablation:

@@ -27,13 +27,13 @@ import csv
 import io
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
+from spear.cluster.console import console_log
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig
@@ -155,7 +155,7 @@ def run_posttrain(cfg: SpearConfig, *, progress: bool = True) -> PostTrainSummar
     storage.check_access(cfg.output)
     storage.check_access(p.model)
     root = join_uri(cfg.output, POSTTRAIN_DIR)
-    say = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
+    say = console_log(progress)
     listing = list_checkpoints(root, storage)
     before = listing.complete
     resumed_from = before[-1][0] if before else None

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from spear.cluster.console import console_log
 from spear.cluster.ray_runtime import ray_session
 from spear.cluster.storage import Storage, StorageError, StorageOptions, join_uri, normalize_uri
 from spear.config import ConfigError, SpearConfig, TrainConfig
@@ -147,8 +148,7 @@ def worker_group_starts(output: str, storage: Storage, since: float = 0.0) -> li
 
 def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     """Train (or resume training) the student described by ``cfg.train`` on ``cfg.train.shards``."""
-    import sys
-
+    log = console_log(progress, prefix="[train] ")
     t0, started = time.monotonic(), time.time()
     if not cfg.train.shards:
         raise ConfigError("no token dataset to train on: give --shards URI (the output of `spear tokenize`) "
@@ -178,12 +178,11 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
     listing = list_checkpoints(cfg.output, storage)
     before = listing.complete
     resumed_from = before[-1][0] if before else None
-    if progress:
-        for line in listing.warnings():
-            print(f"[train] warning: {line}", file=sys.stderr)
-        print(f"[train] token version {store.version}: {len(plan.files)} shards, "
-              + ", ".join(f"{s / 3600:.3f} h {d}" for d, s in sorted(plan.seconds_by_domain.items()))
-              + (f"; resuming from step {resumed_from}" if resumed_from is not None else ""), file=sys.stderr)
+    for line in listing.warnings():
+        log(f"warning: {line}")
+    log(f"token version {store.version}: {len(plan.files)} shards, "
+        + ", ".join(f"{s / 3600:.3f} h {d}" for d, s in sorted(plan.seconds_by_domain.items()))
+        + (f"; resuming from step {resumed_from}" if resumed_from is not None else ""))
 
     if resumed_from is None or resumed_from < cfg.train.max_steps:
         with ray_session(cfg.ray) as rinfo:
@@ -213,9 +212,7 @@ def run_train(cfg: SpearConfig, *, progress: bool = True) -> TrainSummary:
                 trainer.fit()
             except TrainingFailedError as exc:
                 raise TrainError(failure_line(exc, cfg.train.max_failures)) from exc
-            remove_unkept_checkpoints(join_uri(cfg.output, RUN_NAME), storage,
-                                      log=(lambda line: print(f"[train] {line}", file=sys.stderr)) if progress
-                                      else (lambda line: None))
+            remove_unkept_checkpoints(join_uri(cfg.output, RUN_NAME), storage, log=log)
 
     after = checkpoints(cfg.output, storage)
     if not after:

@@ -127,8 +127,10 @@ def test_killed_posttrain_resumes_exactly(killed_and_resumed, s3_storage, tmp_pa
     assert starts == [killed_at]
     assert resumed.output == join_uri(out, "posttrain") and "speaker (speaker, dim 16): 12 training rows" in resumed.human()
     # the killed driver's checkpoints that Ray's snapshot never recorded are gone (they once stayed: 5 folders)
+    from spear.pipeline.ray_train import RAY_CHECKPOINT_SNAPSHOT
+
     run = os.path.join(out, "posttrain", "train")
-    with open(os.path.join(run, "checkpoint_manager_snapshot.json")) as f:
+    with open(os.path.join(run, RAY_CHECKPOINT_SNAPSHOT)) as f:
         kept = {r["checkpoint_dir_name"] for r in json.load(f)["checkpoint_results"]}
     assert {n for n in os.listdir(run) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run, n))} == kept
     assert 1 <= len(kept) <= 3
