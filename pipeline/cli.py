@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from contextvars import ContextVar
 from typing import Any, Callable, Optional, Sequence
 
 import click
@@ -104,19 +105,59 @@ def _load(config: Optional[str], sets: tuple[str, ...], extra: list[str]) -> Spe
         raise SpearCLIError(str(exc)) from None
 
 
+#: True while `spear submit` runs a writing command's callback up to its `_destination` call.
+_CHECKING_FOR_SUBMIT: ContextVar[bool] = ContextVar("spear_checking_for_submit", default=False)
+_WRITES = "__spear_writes__"
+
+
+class _DestinationAccepted(Exception):
+    """Ends `spear submit`'s check of a command at the point where the command would start its work."""
+
+
+def _writes(callback: Callable) -> Callable:
+    """Marks a command whose callback loads its config and calls `_destination` before it does anything
+    else, so that `spear submit` can run it that far to check the destination before the job exists."""
+    setattr(callback, _WRITES, True)
+    return callback
+
+
 def _destination(uri: str, what: str, s3: bool = True) -> str:
     """``uri``, where a command writes; inside a submitted Ray job a relative local path is refused.
 
     A job's driver runs in a temporary working directory on the cluster: a relative output would land
-    there and be lost when Ray cleans it up, the job saying it succeeded.
+    there and be lost when Ray cleans it up, the job saying it succeeded. `spear submit` makes the
+    same check before submitting (`_check_before_submitting`); the job's own check covers jobs
+    submitted otherwise (``ray job submit -- spear train ...``).
     """
     from spear.pipeline.run_log import in_submitted_job
 
-    if in_submitted_job() and "://" not in uri and not os.path.isabs(os.path.expanduser(uri)):
+    checking = _CHECKING_FOR_SUBMIT.get()
+    if (checking or in_submitted_job()) and "://" not in uri and not os.path.isabs(os.path.expanduser(uri)):
         raise SpearCLIError(f"{what} {uri!r} is a relative path: a submitted job runs in a temporary working "
                             "directory on the cluster, where what it writes is lost when the job ends; give "
                             + ("s3://... or " if s3 else "") + "an absolute path every node of the cluster reaches")
+    if checking:
+        raise _DestinationAccepted
     return uri
+
+
+def _check_before_submitting(command: Sequence[str]) -> None:
+    """Run a writing command (one marked `_writes`) here, as far as its config and its destination, as
+    the job's driver would: a bad config or a relative output fails now, before anything is submitted."""
+    from spear.pipeline.submission import resolve_command
+
+    path, cmd, args = resolve_command(main, command)
+    if not getattr(cmd.callback, _WRITES, False) or {"-h", "--help"} & set(args):
+        return
+    checking = _CHECKING_FOR_SUBMIT.set(True)
+    try:
+        with cmd.make_context(" ".join(["spear", *path]), list(args)) as ctx:
+            cmd.invoke(ctx)
+    except _DestinationAccepted:
+        return
+    finally:
+        _CHECKING_FOR_SUBMIT.reset(checking)
+    raise AssertionError(f"spear {' '.join(path)} is marked as writing but never checked its destination")
 
 
 def _sources_override(inputs: Sequence[str], domains: Sequence[str]) -> list[str]:
@@ -247,6 +288,7 @@ def config_show(config: Optional[str], sets: tuple[str, ...]) -> None:
 @source_options
 @click.option("--output", default=None, help="Where segments go (overrides `output`).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing decode result at --output.")
+@_writes
 def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
            inputs: tuple[str, ...], domains: tuple[str, ...], output: Optional[str], overwrite: bool) -> None:
     """Decode audio into 16 kHz FLAC segments (Parquet) plus a quarantine table of skipped objects."""
@@ -277,6 +319,7 @@ def decode(config: Optional[str], sets: tuple[str, ...], address: Optional[str],
               help="Then post-train the student into utterance-level embeddings (speaker, meaning, counting) on "
                    "a multilingual espeak-ng corpus, with and without the synthetic counting tasks, and compare "
                    "them with the input student and fbank (posttrain section of the config).")
+@_writes
 def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
          workdir: str, size: str, iteration: int, ablation: bool, weight_free_teachers: bool,
          posttrain: bool) -> None:
@@ -302,6 +345,7 @@ def demo(config: Optional[str], sets: tuple[str, ...], address: Optional[str], a
 @config_options
 @source_options
 @click.option("--output", default=None, help="Token dataset location (overrides `output`).")
+@_writes
 def tokenize(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
              inputs: tuple[str, ...], domains: tuple[str, ...], output: Optional[str]) -> None:
     """Tokenise a corpus: teachers + MVQ into Parquet token shards (incremental, crash-safe).
@@ -332,6 +376,7 @@ def _workers(value: str, section: str = "train") -> str:
 @click.option("--output", default=None, help="Where checkpoints and metrics go (overrides `output`).")
 @click.option("--workers", default=None, metavar="MIN:MAX", help="Ray Train workers; MIN:MAX makes the run elastic.")
 @click.option("--max-steps", type=int, default=None, help="Train until this step (overrides train.max_steps).")
+@_writes
 def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool, shards: Optional[str],
           output: Optional[str], workers: Optional[str], max_steps: Optional[int]) -> None:
     """Train the student on token shards with Ray Train (checkpointed, resumable, elastic).
@@ -368,6 +413,7 @@ def train(config: Optional[str], sets: tuple[str, ...], address: Optional[str], 
 @click.option("--output", default=None, help="Where OUTPUT/posttrain/ goes (overrides `output`).")
 @click.option("--workers", default=None, metavar="MIN:MAX", help="Ray Train workers; MIN:MAX makes the run elastic.")
 @click.option("--max-steps", type=int, default=None, help="Train until this step (overrides posttrain.max_steps).")
+@_writes
 def posttrain(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
               model: Optional[str], train_manifests: tuple[str, ...], eval_manifests: tuple[str, ...],
               output: Optional[str], workers: Optional[str], max_steps: Optional[int]) -> None:
@@ -458,6 +504,7 @@ def status(output: Optional[str], as_json: bool, clean: bool, min_age: float, se
 @click.option("--eval-table", default=None, metavar="PATH",
               help="With a post-trained --student: a prepared held-out table (OUTPUT/posttrain/data/eval.parquet; "
                    "the default when it sits beside the export).")
+@_writes
 def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool,
              student: Optional[str], corpus: Optional[str], manifests: tuple[str, ...], output: str,
              train_output: Optional[str], tokens_output: Optional[str], probe_tokens: Optional[bool],
@@ -496,6 +543,7 @@ def evaluate(config: Optional[str], sets: tuple[str, ...], address: Optional[str
 @click.option("--output", required=True, help="Directory (local or s3://) for model.safetensors + config.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
+@_writes
 def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -> None:
     """Export a student checkpoint (or a training output's latest) as a standalone model.
 
@@ -531,6 +579,7 @@ def export(checkpoint: str, output: str, as_json: bool, sets: tuple[str, ...]) -
               help="Cuts per Shar shard (lhotse-cuts: per upload batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
+@_writes
 def export_tokens(output: str, dest: str, fmt: str, version: Optional[str], shard_size: int, as_json: bool,
                   sets: tuple[str, ...]) -> None:
     """Write the live rows of a token dataset OUTPUT as Lhotse cuts at DEST (local or s3://, new or empty).
@@ -565,6 +614,7 @@ def export_tokens(output: str, dest: str, fmt: str, version: Optional[str], shar
 @click.option("--num-mel-bins", type=int, default=None, help="Fbank bins of a release that does not say (default 128).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config overrides (storage.*).")
+@_writes
 def convert_checkpoint(source: str, dest: str, to: str, num_mel_bins: Optional[int], as_json: bool,
                        sets: tuple[str, ...]) -> None:
     """Convert a SPEAR model between layouts: a released SPEAR model (icefall .pt or transformers-style
@@ -644,9 +694,10 @@ def submit(address: Optional[str], wait: bool, as_json: bool, job_id: Optional[s
         extra_env[key] = value
 
     def work():
-        client = _client(address)
         sub = build_submission(list(command), cli=main, forward_credentials=not no_credentials, extra_env=extra_env,
                                python=python)
+        _check_before_submitting(command)
+        client = _client(address)
         state = client.submit(sub, job_id=job_id, ship_package=not no_package,
                               entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
         print(f"submitted {state.job_id} to {state.address}", file=sys.stderr)
@@ -742,6 +793,7 @@ def plan(config: Optional[str], sets: tuple[str, ...], hours: Optional[float], s
 
 @main.command(name="run")
 @config_options
+@_writes
 def run_pipeline(config: Optional[str], sets: tuple[str, ...], address: Optional[str], as_json: bool) -> None:
     """The whole pipeline on one config: tokenize -> train -> export -> evaluate.
 

@@ -51,11 +51,12 @@ def _strip_prefix(command: Sequence[str]) -> list[str]:
     return cmd
 
 
-def _resolve_command(cli: click.Group, args: list[str]) -> tuple[list[str], click.Command, list[str]]:
-    """(subcommand path, click command, remaining args), following nested groups (``config show``)."""
+def resolve_command(cli: click.Group, command: Sequence[str]) -> tuple[list[str], click.Command, list[str]]:
+    """(subcommand path, click command, its arguments) of a ``spear ...`` command line, following nested
+    groups (``config show``); raises :class:`~spear.cluster.jobs.JobError` where there is no such command."""
     path: list[str] = []
     cmd: click.Command = cli
-    rest = list(args)
+    rest = _strip_prefix([str(a) for a in command])
     while isinstance(cmd, click.Group):
         if not rest or rest[0].startswith("-"):
             raise JobError("no spear command to submit: give one after `--`, e.g. "
@@ -104,7 +105,7 @@ def build_submission(command: Sequence[str], *, cli: click.Group, env: Mapping[s
     would reject. See the module docstring for an example.
     """
     raw = [str(a) for a in command]
-    path, cmd, rest = _resolve_command(cli, _strip_prefix(raw))
+    path, cmd, rest = resolve_command(cli, raw)
     if path[0] == "submit":
         raise JobError("`spear submit` cannot be submitted as a job")
     if not ({"-h", "--help"} & set(rest)):

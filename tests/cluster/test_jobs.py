@@ -146,7 +146,8 @@ def test_job_commands_fail_with_one_line_without_a_cluster():
     assert r.returncode == 2 and "missing OUTPUT" in r.stderr
     r = spear("status", "raysubmit_abc", env=env)
     assert r.returncode == 2 and "--address" in r.stderr and "Traceback" not in r.stderr
-    r = spear("submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "spear", "decode", env=env)
+    r = spear("submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "spear", "decode", "--output", "s3://b/out",
+              env=env)
     assert r.returncode == 1 and "cannot reach the Ray Jobs API" in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
 
@@ -323,18 +324,23 @@ def _write_config(tmp_path, data: dict, name: str = "job.yaml") -> str:
 @pytest.mark.slow
 @pytest.mark.s3
 def test_invalid_config_job_fails_and_status_shows_the_validation_message(two_nodes, s3_env, s3_server, tmp_path):
+    """`spear submit` checks the config before submitting; a job submitted another way (here the JobClient
+    directly, as `ray job submit` would) fails at once in its driver, and `spear status` shows why."""
     bad = _write_config(tmp_path, {"decode": {"max_segment_seconds": "lots"}}, "bad.yaml")
-    r = spear("submit", "--address", two_nodes.address, "--wait", "--json", "--",
-              "spear", "tokenize", bad, "--input", "s3://spear/none", "--domain", "speech", "--output", "s3://spear/x",
-              env=s3_env)
-    assert r.returncode == 1, r.stderr[-3000:]
-    result = json.loads(r.stdout)
-    assert result["status"] == "FAILED" and result["summary"] is None and result["address"] == two_nodes.address
-    assert "decode.max_segment_seconds" in r.stderr  # streamed log
+    command = ["spear", "tokenize", bad, "--input", "s3://spear/none", "--domain", "speech", "--output", "s3://spear/x"]
+    client = JobClient(two_nodes.address)
+    before = {j.job_id for j in client.list().jobs}
+    r = spear("submit", "--address", two_nodes.address, "--wait", "--json", "--", *command, env=s3_env)
+    assert r.returncode == 2 and r.stdout == "", r.stderr[-3000:]
+    assert "decode.max_segment_seconds: must be a valid number" in r.stderr
+    assert {j.job_id for j in client.list().jobs} == before  # nothing was submitted
 
-    st = spear("status", "--address", two_nodes.address, result["job_id"])
+    job_id = client.submit(build_submission(command, cli=cli, env=s3_env)).job_id
+    result = client.wait(job_id)
+    assert result.status == "FAILED" and result.summary is None and result.address == two_nodes.address
+    st = spear("status", "--address", two_nodes.address, job_id)
     assert st.returncode == 0, st.stderr
-    assert f"{result['job_id']}: FAILED" in st.stdout
+    assert f"{job_id}: FAILED" in st.stdout
     assert "invalid config files/bad.yaml" in st.stdout
     assert "decode.max_segment_seconds: must be a valid number" in st.stdout
     _no_secret(s3_server, r.stdout, r.stderr, st.stdout, st.stderr)
@@ -343,12 +349,18 @@ def test_invalid_config_job_fails_and_status_shows_the_validation_message(two_no
 @pytest.mark.slow
 def test_a_job_with_a_relative_output_is_refused_before_it_writes_anything(two_nodes, tmp_path):
     """A submitted job's driver runs in a temporary working directory on the cluster: a relative output (given, or
-    the config's default) would be written there and lost when the job ends, the job saying it succeeded."""
-    r = spear("submit", "--address", two_nodes.address, "--wait", "--", "spear", "train", "--shards", str(tmp_path),
-              "--output", "student")
-    assert r.returncode == 1, r.stderr[-3000:]
-    assert "error: output 'student' is a relative path: a submitted job runs in a temporary working directory" \
-        in r.stderr, r.stderr[-3000:]
+    the config's default) would be written there and lost when the job ends, the job saying it succeeded.
+    `spear submit` refuses it before submitting; a job submitted another way (`ray job submit`, here the
+    JobClient directly) refuses it in its driver."""
+    client = JobClient(two_nodes.address)
+    before = {j.job_id for j in client.list().jobs}
+    command = ["spear", "train", "--shards", str(tmp_path), "--output", "student"]
+    line = "error: output 'student' is a relative path: a submitted job runs in a temporary working directory"
+    r = spear("submit", "--address", two_nodes.address, "--wait", "--", *command)
+    assert r.returncode == 2 and line in r.stderr, r.stderr[-3000:]
+    assert {j.job_id for j in client.list().jobs} == before  # nothing was submitted
+    state = client.wait(client.submit(build_submission(command, cli=cli, env={})).job_id)
+    assert state.status == "FAILED" and state.error is not None and state.error.startswith(line), state
 
 
 @pytest.mark.slow

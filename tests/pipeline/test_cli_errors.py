@@ -210,14 +210,17 @@ def test_a_secret_is_never_echoed(field, tmp_path, log_env, broken_checkpoint):
 # --------------------------------------------------------------------------- outputs of a submitted job
 
 
-@pytest.mark.parametrize("args, what", [
+RELATIVE_OUTPUTS = [
     (["decode", "--input", "s3://b/x", "--domain", "speech"], "output 'spear-output'"),   # the config's default
     (["tokenize", "--input", "s3://b/x", "--domain", "speech", "--output", "tokens"], "output 'tokens'"),
     (["train", "--shards", "s3://b/t", "--set", "output=student"], "output 'student'"),
     (["demo", "--size", "tiny"], "--workdir 'spear-demo'"),
     (["export", "s3://b/student", "--output", "export"], "--output 'export'"),
     (["export-tokens", "s3://b/tokens", "cuts"], "DEST 'cuts'"),
-])
+]
+
+
+@pytest.mark.parametrize("args, what", RELATIVE_OUTPUTS)
 def test_a_submitted_job_refuses_a_relative_output(args, what, log_env):
     """Inside a Ray job (the variable Ray's job supervisor sets) a relative output would be written into the
     job's temporary working directory: one line, exit 2, before anything starts."""
@@ -225,6 +228,32 @@ def test_a_submitted_job_refuses_a_relative_output(args, what, log_env):
     assert r.returncode == 2, r.stderr
     (line,) = error_lines(r.stderr)
     assert line.startswith(f"error: {what} is a relative path: a submitted job runs in a temporary working "), line
+
+
+@pytest.mark.parametrize("args, what", RELATIVE_OUTPUTS)
+def test_spear_submit_refuses_a_relative_output_before_it_submits(args, what, log_env):
+    """`spear submit` runs the command's own checks as far as its destination, here: the address is never
+    reached (nothing listens there), so the line comes before any submission."""
+    r = spear("submit", "--address", "http://127.0.0.1:9", "--", "spear", *args, env=log_env)
+    assert r.returncode == 2, r.stderr
+    (line,) = error_lines(r.stderr)
+    assert line.startswith(f"error: {what} is a relative path: a submitted job runs in a temporary working "), line
+
+
+def test_spear_submit_checks_the_config_first_and_lets_absolute_outputs_through(tmp_path, log_env):
+    """A bad setting fails before submitting too; with an absolute or ~ output the check passes and the
+    submission goes on (to the unreachable address). Commands that write nothing are not run here."""
+    submit = ("submit", "--address", "http://127.0.0.1:9", "--", "spear")
+    r = spear(*submit, "train", "--shards", "s3://b/t", "--output", str(tmp_path), "--set", "train.max_steps=0",
+              env=log_env)
+    assert r.returncode == 2 and "train.max_steps: must be at least 1" in r.stderr, r.stderr
+    for args in (("train", "--shards", "s3://b/t", "--output", str(tmp_path / "student")),
+                 ("demo", "--workdir", "~/spear-demo"), ("status", "s3://b/tokens")):
+        r = spear(*submit, *args, env=log_env, cwd=tmp_path)
+        assert r.returncode == 1, r.stderr
+        (line,) = error_lines(r.stderr)
+        assert line.startswith("error: cannot reach the Ray Jobs API at http://127.0.0.1:9"), line
+    assert set(os.listdir(tmp_path)) <= {"logs"}  # (the run logs of log_env); no student folder
 
 
 def test_outside_a_job_or_with_an_absolute_path_a_relative_output_is_fine(tmp_path, log_env):
@@ -275,6 +304,7 @@ def test_repeatable_options_and_a_submitted_commands_own_options_are_not_counted
               "--set", "x.z=2", env=log_env)
     assert r.returncode == 2 and "given 2 times" not in r.stderr
     r = spear("submit", "--address", "http://no-such-host.invalid:8265", "spear", "tokenize", "--address", "ray://x:1",
+              "--output", "s3://b/tokens",
               env=log_env)
     assert r.returncode != 0 and "given 2 times" not in r.stderr and "cannot reach the Ray Jobs API" in r.stderr
 
