@@ -680,6 +680,9 @@ def submit(address: Optional[str], wait: bool, as_json: bool, job_id: Optional[s
            entrypoint_num_gpus: Optional[float], command: tuple[str, ...]) -> None:
     """Submit a spear COMMAND as a Ray Job (the package, local files named on it and AWS_* credentials travel along).
 
+    A COMMAND that writes is first checked here as far as its config and its output: an invalid config or
+    a relative local output (lost with the job's temporary working directory) fails before submitting.
+
     \b
         spear submit --address http://head:8265 --wait -- \\
             spear tokenize --input s3://b/speech --domain speech --output s3://b/tokens
