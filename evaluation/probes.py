@@ -266,9 +266,10 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def bootstrap_ci(values: np.ndarray, groups: Optional[np.ndarray] = None, n_resamples: int = 1000,
                  level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``mean(values)``, resampling items (or whole groups)."""
+    """Percentile bootstrap interval of ``mean(values)``, resampling items (or whole groups); no values or
+    ``n_resamples`` < 1 (no interval asked for): ``(nan, nan)``."""
     values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
+    if len(values) == 0 or n_resamples < 1:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
     if groups is None:

@@ -74,4 +74,5 @@ def test_grouped_validation_and_bootstrap_keep_groups_whole():
     assert bootstrap_ci(np.ones(30), np.arange(30) // 3) == (1.0, 1.0)
     lo, hi = bootstrap_ci(np.r_[np.ones(15), np.zeros(15)], np.arange(30) // 3)
     assert 0.0 < lo < 0.5 < hi < 1.0
+    assert np.isnan(bootstrap_ci(np.ones(30), n_resamples=0)).all()  # no interval asked for: none, not an IndexError
     assert macro_f1(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])) == 1.0
