@@ -256,6 +256,34 @@ def test_spear_submit_checks_the_config_first_and_lets_absolute_outputs_through(
     assert set(os.listdir(tmp_path)) <= {"logs"}  # (the run logs of log_env); no student folder
 
 
+def test_every_command_that_writes_is_checked_by_spear_submit():
+    """`spear submit` runs a command only as far as its `_destination` call, and only when it is marked as
+    writing: a command that checks a destination must be marked (or submit would not check it), and a marked
+    one must check it before anything else (or submit would run it here)."""
+    import ast
+    import inspect
+    import textwrap
+
+    from spear.pipeline import cli
+
+    def commands(group):
+        for cmd in group.commands.values():
+            yield from commands(cmd) if hasattr(cmd, "commands") else [cmd]
+
+    checked = {}
+    for cmd in commands(cli.main):
+        body = ast.parse(textwrap.dedent(inspect.getsource(cmd.callback))).body[0].body
+        calls = [i for i, stmt in enumerate(body) for node in ast.walk(stmt)
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_destination"]
+        heavy = [i for i, stmt in enumerate(body) for node in ast.walk(stmt)
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("_run_job", "_jobs", "Storage")]
+        assert getattr(cmd.callback, "__spear_writes__", False) == bool(calls), cmd.name
+        if calls:
+            assert len(calls) == 1 and all(calls[0] < i for i in heavy), cmd.name
+            checked[cmd.name] = calls[0]
+    assert len(checked) == 10, sorted(checked)
+
+
 def test_outside_a_job_or_with_an_absolute_path_a_relative_output_is_fine(tmp_path, log_env):
     """The same check lets absolute and ~ paths through in a job, and relative ones outside a job: the command
     gets as far as its own error (no checkpoint there)."""
