@@ -193,13 +193,22 @@ def test_a_secret_is_never_echoed(field, tmp_path, log_env, broken_checkpoint):
     assert sub.env_vars[SECRET_SETTINGS[field]] == secret
     seen += [json.dumps(sub.to_dict()), sub.entrypoint, sub.display_entrypoint]
     no_ray = dict(log_env, RAY_ADDRESS="", RAY_API_SERVER_ADDRESS="")  # Ray's client prefers RAY_ADDRESS to --address
-    r = spear("submit", "--address", "http://no-such-host.invalid:8265", "--", "spear", "decode", "--set",
-              f"{field}={secret}", env=no_ray)
+    r = spear("submit", "--address", "http://no-such-host.invalid:8265", "--", "spear", "decode", "--output",
+              "s3://b/segments", "--set", f"{field}={secret}", env=no_ray)
     assert r.returncode == 1 and "cannot reach the Ray Jobs API" in r.stderr, r.stderr
     seen += [r.stdout, r.stderr]
     r = spear("submit", "--address", "http://no-such-host.invalid:8265", "--env", f"{SECRET_SETTINGS[field]}={secret}",
-              "--", "spear", "decode", f"--set={field}={secret}", env=no_ray)
+              "--", "spear", "decode", "--output", "s3://b/segments", f"--set={field}={secret}", env=no_ray)
     assert r.returncode == 1 and "cannot reach the Ray Jobs API" in r.stderr, r.stderr
+    seen += [r.stdout, r.stderr]
+    # spear submit's own check of the command, before submitting: a relative output, then an invalid setting
+    r = spear("submit", "--address", "http://no-such-host.invalid:8265", "--", "spear", "decode",
+              f"--set={field}={secret}", env=no_ray)
+    assert r.returncode == 2 and "output 'spear-output' is a relative path" in r.stderr, r.stderr
+    seen += [r.stdout, r.stderr]
+    r = spear("submit", "--address", "http://no-such-host.invalid:8265", "--", "spear", "decode", "--output",
+              "s3://b/segments", "--set", "storage.retries=x", "--set", f"{field}={secret}", env=no_ray)
+    assert r.returncode == 2 and "storage.retries: must be a whole number" in r.stderr, r.stderr
     seen += [r.stdout, r.stderr]
     seen += [p.read_text() for p in (tmp_path / "logs").glob("*.log")]  # every run's log, the submissions' too
 
