@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import soundfile as sf
@@ -49,3 +50,14 @@ def steady_state(full_seconds: float, full_wall: float, part_seconds: float, par
     """
     rate = (full_seconds - part_seconds) / max(1e-9, full_wall - part_wall)
     return rate, max(0.0, full_wall - full_seconds / rate)
+
+
+def timed(fn, min_seconds: float = 1.0):
+    """(result, seconds per call) of ``fn`` over as many calls as fill ``min_seconds`` (at least one)."""
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        result = fn()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return result, elapsed / calls

@@ -26,30 +26,18 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # bench/tokenize.py would shadow the standard library's tokenize module (numpy imports it): keep this folder off sys.path
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
-def _tokenised():
-    """bench/optim.py's cached tokenisation of the demo corpus (one definition of it)."""
-    spec = importlib.util.spec_from_file_location("spear_bench_optim", os.path.join(_HERE, "optim.py"))
+def _bench_module(name: str):
+    """A sibling bench/ module, loaded by path (bench/ is kept off sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"spear_bench_{name}", os.path.join(_HERE, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.tokenised
-
-
-def timed(fn, min_seconds: float):
-    """(result, seconds per call) over as many calls as fill ``min_seconds`` (at least one)."""
-    calls, t0 = 0, time.perf_counter()
-    while True:
-        result = fn()
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_seconds:
-            return result, elapsed / calls
+    return module
 
 
 def main() -> None:
@@ -60,6 +48,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from lhotse import CutSet
+
+    timed = _bench_module("common").timed
 
     from spear.cluster.ray_runtime import ray_session
     from spear.cluster.storage import Storage
@@ -72,7 +62,7 @@ def main() -> None:
     tokens = os.path.join(args.cache, f"tokens-{args.corpus}-0")
     cached = bool(list_token_versions(tokens, Storage()))
     with contextlib.nullcontext() if cached else ray_session(load_config(None).ray):
-        _tokenised()(args.cache, args.corpus, 0, None)
+        _bench_module("optim").tokenised(args.cache, args.corpus, 0, None)  # its cached demo-corpus tokens
 
     store = select_token_store(tokens, Storage(), None)
     teachers = {r: t for r, t in (store.version_info().get("teachers") or {}).items() if r in TEACHER_ROLES}

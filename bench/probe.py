@@ -29,12 +29,13 @@ from __future__ import annotations
 import os
 import sys
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
 # Running `python bench/probe.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow
 # the standard library's tokenize (imported by numpy/torch): drop that entry.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
-import time  # noqa: E402
+import importlib.util  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -98,15 +99,12 @@ def sklearn_recipe(x_train, y_train, x_test, y_test, seeds, grid) -> float:
     return float(np.mean(scores))
 
 
-def timed(fn, min_seconds: float = 1.0):
-    """(result, seconds per call) over as many calls as fill ``min_seconds`` (at least one)."""
-    calls, t0 = 0, time.perf_counter()
-    while True:
-        result = fn()
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_seconds:
-            return result, elapsed / calls
+def _bench_module(name: str):
+    """A sibling bench/ module, loaded by path (bench/ is kept off sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"spear_bench_{name}", os.path.join(_HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv=None) -> None:
@@ -118,6 +116,8 @@ def main(argv=None) -> None:
     from threadpoolctl import threadpool_limits
 
     from spear.evaluation.probes import L2_GRID, fit_probe, run_probe, standardise
+
+    timed = _bench_module("common").timed
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
     seeds = (0, 1, 2)
