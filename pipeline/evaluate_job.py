@@ -189,7 +189,8 @@ def evaluate(settings: EvaluateSettings, storage: Storage, device: torch.device,
         log(f"[evaluate] {models.student_dir} is a post-trained export"
             + (f"; input model probed as {before}" if before else f" ({note})"))
 
-    # Models, loaded one at a time (only one model's features are in memory at once).
+    # Models, loaded one at a time (only one model's features are in memory at once, but for the teachers'
+    # with combined_teachers: kept until the last teacher's are extracted, for their side-by-side row).
     probe_rows: list[dict[str, Any]] = []
     model_info: list[dict[str, Any]] = []
     num_teachers = len(models.teacher_configs())
