@@ -33,7 +33,8 @@ from spear.cluster.storage import Storage, StorageError, StorageOptions, join_ur
 from spear.config import ConfigError, SpearConfig, TeacherConfig
 from spear.stages.decode import decode_dataset
 from spear.stages.quantize import (SOUND_FRAMES_PER_ENTRY, FrameReservoir, FrameSample, balanced_sample, codebook_uri,
-                                   fit_quantizer, fit_quantizer_task, is_heldout, largest_codebook_size)
+                                   fit_quantizer, fit_quantizer_task, is_heldout, largest_codebook_size,
+                                   settle_heldout)
 
 # Modules that load torch (the teacher stage, models.mvq, the artefact readers and schemas.codebooks, which
 # uses safetensors.torch) are imported inside the functions that fit or load codebooks: a tokenize run with
@@ -394,9 +395,6 @@ def sample_teacher_frames(objects: pa.Table, teacher_cfg: Any, decode_cfg: Any, 
         step = next_slice_objects(seen, start, want_seen, first)
     if progress:
         progress(_pass1_line(teacher_cfg.kind, segments, seconds, seen, t0))
-    train, heldout = train_res.sample(), held_res.sample()
-    if heldout.shape[0] == 0 and train.shape[0] > 1:
-        # few segments: the segment split left none out; hold out a key-ordered (random) slice of frames instead
-        n = max(1, int(round(train.shape[0] * heldout_fraction)))
-        train, heldout = train[:-n], train[-n:]
+    train, heldout = settle_heldout(train_res.sample(), held_res.sample(), heldout_seen=held_res.seen, seen=seen,
+                                    fraction=heldout_fraction)
     return FrameSample(train=train, heldout=heldout, segments=segments, audio_seconds=seconds, sources=sources)

@@ -139,6 +139,32 @@ def balanced_sample(objects: pa.Table, seed: int, domains: Sequence[str] | None 
     return objects.take(pa.array(order, type=pa.int64())) if order else objects
 
 
+def settle_heldout(train: np.ndarray, heldout: np.ndarray, *, heldout_seen: int, seen: int,
+                   fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The final (train, held-out) frames of a sample split by :func:`is_heldout`.
+
+    The split is by segment, which is honest on a large corpus but blunt on a small one: of three
+    segments, none or a whole third (not a tenth) may fall out. When the held-out segments took none
+    or more than twice ``fraction`` of the frames seen, the frames go back together (train first, each
+    part in its key order) and the last ``fraction`` of them is held out instead. Otherwise the split
+    stands. Which segments fall out depends on their content hashes, so without this a few-segment
+    corpus fitted or refused by chance.
+
+    >>> t, h = np.zeros((48, 2), np.float32), np.ones((53, 2), np.float32)
+    >>> [x.shape[0] for x in settle_heldout(t, h, heldout_seen=53, seen=101, fraction=0.1)]
+    [91, 10]
+    >>> [x.shape[0] for x in settle_heldout(t[:40], h[:5], heldout_seen=5, seen=45, fraction=0.1)]
+    [40, 5]
+    """
+    if train.shape[0] + heldout.shape[0] < 2:
+        return train, heldout
+    if heldout.shape[0] and heldout_seen <= 2 * fraction * seen:
+        return train, heldout
+    frames = np.concatenate([train, heldout])
+    n = max(1, int(round(frames.shape[0] * fraction)))
+    return frames[:-n], frames[-n:]
+
+
 @dataclass
 class FrameSample:
     train: np.ndarray
