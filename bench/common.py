@@ -1,9 +1,12 @@
-"""Shared pieces of the benchmarks: a cached corpus of mixed-format audio."""
+"""Shared pieces of the benchmarks: a cached corpus of mixed-format audio, a steady-state rate, a timer.
+
+A bench script imports it as ``common``: ``python bench/NAME.py`` puts bench/ first on sys.path."""
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import soundfile as sf
@@ -43,13 +46,25 @@ def make_corpus(root: str, minutes: float, file_seconds: float = 40.0, seed: int
     return paths
 
 
-def steady_state(full_seconds: float, full_wall: float, part_seconds: float, part_wall: float) -> tuple[float, float]:
-    """(audio s per wall s, fixed wall s per run) from a full run and a shorter run of the same job.
+def steady_state(full_seconds: float, full_wall: float, part_seconds: float,
+                 part_wall: float) -> tuple[Optional[float], Optional[float], str]:
+    """(audio s per wall s, fixed wall s per run, how they were got) from a full run and a shorter run
+    of the same job.
 
     The difference of the two runs cancels what every run pays once (planning, start-up, commit).
+    When the full run took hardly longer than the shorter one (under a fifth of its wall more), that
+    difference is noise: the rate and the fixed cost are None and the text says so.
+
+    >>> steady_state(100.0, 10.0, 25.0, 5.0)[:2]
+    (15.0, 3.333333333333334)
+    >>> steady_state(100.0, 10.0, 25.0, 9.5)[:2]
+    (None, None)
     """
-    rate = (full_seconds - part_seconds) / max(1e-9, full_wall - part_wall)
-    return rate, max(0.0, full_wall - full_seconds / rate)
+    if full_seconds <= part_seconds or full_wall - part_wall < 0.2 * full_wall:
+        return None, None, (f"not measurable: the full run ({full_wall:.1f} s) took hardly longer than the shorter "
+                            f"run ({part_wall:.1f} s): the fixed cost dominates; bench more audio")
+    rate = (full_seconds - part_seconds) / (full_wall - part_wall)
+    return rate, max(0.0, full_wall - full_seconds / rate), "(full - shorter run audio) / (full - shorter run wall)"
 
 
 def timed(fn, min_seconds: float = 1.0):

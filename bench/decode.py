@@ -16,25 +16,17 @@ into --cache and reused.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import os
 import sys
 import tempfile
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/tokenize.py would shadow the standard library's tokenize module (numpy imports it): keep this folder off sys.path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import numpy as np
 import soundfile as sf
 import soxr
 
-_spec = importlib.util.spec_from_file_location("spear_bench_common", os.path.join(_HERE, "common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-make_corpus = _common.make_corpus
+from common import make_corpus, steady_state
 
 
 def reference_loop(paths: list[str]) -> float:
@@ -116,7 +108,7 @@ def main() -> None:
     ours_wall = time.perf_counter() - t0
     with ray_session(RayConfig(num_cpus=args.cpus)):
         ray_seconds, ray_wall, part_seconds, part_wall = ray_stage(paths, cfg, args.cpus)
-    steady, fixed = _common.steady_state(ray_seconds, ray_wall, part_seconds, part_wall)
+    steady, fixed, why = steady_state(ray_seconds, ray_wall, part_seconds, part_wall)
 
     rows = [("reference loop (soundfile+soxr, 1 process)", ref_seconds, ref_wall),
             ("spear decode function (1 process)", ours_seconds, ours_wall),
@@ -132,8 +124,11 @@ def main() -> None:
     print(f"\nRay stage / reference loop: {ratio:.2f}x  (target >= 0.8 x {args.cpus} = {target:.2f}x: "
           f"{'met' if ratio >= target else 'NOT met'})")
     print(f"spear function / reference loop (1 process): {(ours_seconds / ours_wall) / (ref_seconds / ref_wall):.2f}x")
-    print(f"Ray stage steady state (full run minus a quarter run): {steady:.0f} x real time = "
-          f"{steady / (ref_seconds / ref_wall):.2f}x the loop; fixed cost per run {fixed:.1f} s")
+    if steady is None:
+        print(f"Ray stage steady state (full run minus a quarter run): {why}")
+    else:
+        print(f"Ray stage steady state (full run minus a quarter run): {steady:.0f} x real time = "
+              f"{steady / (ref_seconds / ref_wall):.2f}x the loop; fixed cost per run {fixed:.1f} s")
     sys.stdout.flush()
 
 

@@ -21,23 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/tokenize.py would shadow the standard library's tokenize module (numpy imports it): keep this folder off sys.path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-
-def _bench_module(name: str):
-    """A sibling bench/ module, loaded by path (bench/ is kept off sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"spear_bench_{name}", os.path.join(_HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -49,7 +36,7 @@ def main() -> None:
 
     from lhotse import CutSet
 
-    timed = _bench_module("common").timed
+    from common import timed
 
     from spear.cluster.ray_runtime import ray_session
     from spear.cluster.storage import Storage
@@ -62,7 +49,9 @@ def main() -> None:
     tokens = os.path.join(args.cache, f"tokens-{args.corpus}-0")
     cached = bool(list_token_versions(tokens, Storage()))
     with contextlib.nullcontext() if cached else ray_session(load_config(None).ray):
-        _bench_module("optim").tokenised(args.cache, args.corpus, 0, None)  # its cached demo-corpus tokens
+        import optim
+
+        optim.tokenised(args.cache, args.corpus, 0, None)  # its cached demo-corpus tokens
 
     store = select_token_store(tokens, Storage(), None)
     teachers = {r: t for r, t in (store.version_info().get("teachers") or {}).items() if r in TEACHER_ROLES}

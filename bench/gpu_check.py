@@ -35,38 +35,26 @@ written to ``--out``, so a run cut short keeps what it measured):
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/tokenize.py would shadow the standard library's tokenize module (traceback and numpy import it):
-# this folder leaves sys.path before anything else is imported
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import numpy as np
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import multiprocessing  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from typing import Any, Callable, Optional  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"spear_bench_{name}", os.path.join(_HERE, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from common import MIX, steady_state
 
 
 SECTIONS = ("tokenize", "codebooks", "mvq_encode", "train", "decode")
@@ -321,16 +309,16 @@ def section_tokenize(ctx: Context) -> dict[str, Any]:
                           "codebooks": {r: cb.uri for r, cb in fit.codebooks.items()}}
     gpus = 1 if ctx.cuda else 0
     e2e = full.audio_seconds / full_wall
-    steady, why = None, "dry run: the quarter run is skipped"
+    steady, fixed, why = None, None, "dry run: the quarter run is skipped"
     if part is not None:
-        steady, why = _steady(full.audio_seconds, full_wall, part.audio_seconds, part_wall)
+        steady, fixed, why = steady_state(full.audio_seconds, full_wall, part.audio_seconds, part_wall)
     per = "per GPU" if gpus else "on CPU (dry run)"
     out.update({
         "audio_hours": full.audio_seconds / 3600, "segments": full.segments, "quarantined": len(full.quarantined),
         "x_real_time_end_to_end": figure(e2e, TOKENIZE_TARGET_XRT, f"x real time {per}",
                                          note="pass 2 over the whole corpus, Ray start and actor loading included"),
         "x_real_time_steady_state": figure(steady, TOKENIZE_TARGET_XRT, f"x real time {per}", note=why),
-        "fixed_seconds_per_run": round(max(0.0, full_wall - full.audio_seconds / steady), 1) if steady else None,
+        "fixed_seconds_per_run": round(fixed, 1) if fixed is not None else None,
         "codebook_heldout_loss": {r: cb.heldout_loss for r, cb in fit.codebooks.items()},
     })
     util = GpuSampler.summary(gpu) if ctx.cuda else {"mean_utilisation": None, "reason": "no GPU (dry run)"}
@@ -339,15 +327,6 @@ def section_tokenize(ctx: Context) -> dict[str, Any]:
     out["gpu_sampling"] = util
     out["time_split"] = component_split(ctx, full_cfg, files)
     return out
-
-
-def _steady(full_s: float, full_w: float, part_s: float, part_w: float) -> tuple[Optional[float], str]:
-    """(steady-state audio s per wall s, how it was got) from a full and a quarter run; None when the
-    two walls are too close to tell the rate from the noise of the fixed cost."""
-    if full_w - part_w < 0.2 * full_w:
-        return None, (f"not measurable: the full run ({full_w:.1f} s) took hardly longer than the quarter run "
-                      f"({part_w:.1f} s): the fixed cost dominates; use more --hours")
-    return (full_s - part_s) / (full_w - part_w), "(full - quarter run audio) / (full - quarter run wall)"
 
 
 def component_split(ctx: Context, cfg, files: list[str]) -> dict[str, Any]:
@@ -680,18 +659,19 @@ def _write_mixed(job: tuple[str, str, str, int, int, float, int]) -> None:
 
 
 def section_decode(ctx: Context) -> dict[str, Any]:
+    import decode
+
     from spear.cluster.ray_runtime import ray_session
     from spear.config import DecodeConfig, RayConfig
 
-    common, decode = _bench_module("common"), _bench_module("decode")
     hours = ctx.args.decode_hours if ctx.args.decode_hours is not None else (2 / 60 if ctx.dry else 3.0)
     file_seconds = 20.0 if ctx.dry else 40.0
     n = max(2 * ctx.cpus, int(math.ceil(hours * 3600 / file_seconds)))
     root = os.path.join(ctx.work, "decode-corpus")
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
-    kinds = rng.choice(len(common.MIX), size=n, p=[m[-1] for m in common.MIX])  # bench/decode.py's format mix
-    jobs = [(os.path.join(root, f"f{i:05d}.{common.MIX[k][2]}"), *common.MIX[k][:2], common.MIX[k][3], common.MIX[k][4],
+    kinds = rng.choice(len(MIX), size=n, p=[m[-1] for m in MIX])  # bench/decode.py's format mix
+    jobs = [(os.path.join(root, f"f{i:05d}.{MIX[k][2]}"), *MIX[k][:2], MIX[k][3], MIX[k][4],
              file_seconds, i) for i, k in enumerate(kinds)]
     with multiprocessing.get_context("spawn").Pool(max(1, ctx.cpus)) as pool:
         pool.map(_write_mixed, [(j[0], j[1], j[2], j[3], j[4], j[5], j[6]) for j in jobs], chunksize=2)
@@ -702,7 +682,7 @@ def section_decode(ctx: Context) -> dict[str, Any]:
     ref_wall = time.perf_counter() - t0
     with ray_session(RayConfig(num_cpus=ctx.cpus)):
         full_s, full_w, part_s, part_w = decode.ray_stage(paths, DecodeConfig(), ctx.cpus)
-    steady, why = _steady(full_s, full_w, part_s, part_w)
+    steady, fixed, why = steady_state(full_s, full_w, part_s, part_w)
     loop_rate = ref_seconds / ref_wall
     target = 0.8 * ctx.cpus
     return {"cpus": ctx.cpus, "audio_hours": ref_seconds / 3600, "files": n,
@@ -711,7 +691,7 @@ def section_decode(ctx: Context) -> dict[str, Any]:
                                                      note=f"target 0.8 x {ctx.cpus} CPUs"),
             "ray_stage_over_loop_steady_state": figure(steady / loop_rate if steady else None, target, "x the loop",
                                                        note=why),
-            "fixed_seconds_per_run": round(max(0.0, full_w - full_s / steady), 2) if steady else None}
+            "fixed_seconds_per_run": round(fixed, 2) if fixed is not None else None}
 
 
 # ----------------------------------------------------------------------------- main

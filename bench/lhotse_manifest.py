@@ -35,9 +35,6 @@ import sys
 import tempfile
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/tokenize.py would shadow the standard library's tokenize module: keep this folder off sys.path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 CUTS_PER_RECORDING = 1000
 CUT_SECONDS = 3.6

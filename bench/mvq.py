@@ -29,19 +29,12 @@ Usage:
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import time
+from typing import Callable
 
-# Running `python bench/mvq.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow
-# the standard library's tokenize (imported by numpy/torch): drop that entry.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def make_data(n: int, d: int, seed: int = 0) -> np.ndarray:

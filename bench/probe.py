@@ -26,19 +26,10 @@ Usage:
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import warnings
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# Running `python bench/probe.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow
-# the standard library's tokenize (imported by numpy/torch): drop that entry.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import warnings  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 SHAPES = [  # (training items, dimension, classes): a clip task on fbank, on a wide layer, a frame task
     (600, 80, 10),
@@ -99,14 +90,6 @@ def sklearn_recipe(x_train, y_train, x_test, y_test, seeds, grid) -> float:
     return float(np.mean(scores))
 
 
-def _bench_module(name: str):
-    """A sibling bench/ module, loaded by path (bench/ is kept off sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"spear_bench_{name}", os.path.join(_HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one small shape (a smoke run)")
@@ -117,7 +100,7 @@ def main(argv=None) -> None:
 
     from spear.evaluation.probes import L2_GRID, fit_probe, run_probe, standardise
 
-    timed = _bench_module("common").timed
+    from common import timed
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
     seeds = (0, 1, 2)

@@ -19,7 +19,6 @@ Medians are printed; min and max show the spread.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -30,8 +29,6 @@ import tempfile
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/tokenize.py would shadow the standard library's tokenize module (numpy imports it): keep this folder off sys.path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 VARIANTS = {
     "ray-defaults": "reference: ray.init, Ray's defaults",
@@ -143,9 +140,8 @@ def startup(rounds: int, cpus: int, system_config: str | None) -> None:
 
 
 def noop_tokenize(rounds: int, cpus: int, cache: str) -> None:
-    _spec = importlib.util.spec_from_file_location("spear_bench_common", os.path.join(_HERE, "common.py"))
-    common = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(common)
+    import common
+
     corpus = os.path.join(cache, "corpus")
     common.make_corpus(corpus, minutes=0.5, file_seconds=5.0)
     out = os.path.join(cache, "tokens")

@@ -25,26 +25,20 @@ Prints
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
-import sys
+import tempfile
+import time
+import warnings
 
-# bench/tokenize.py would shadow the standard library's tokenize (numpy imports it): drop the script's folder.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from spear.models.teachers import DashengConfig, DashengEncoder, Teacher, save_dasheng_checkpoint  # noqa: E402
-from spear.stages.teacher_loading import load_teacher  # noqa: E402
-from spear.config import TeacherConfig  # noqa: E402
-from spear.stages.batching import plan_subbatches  # noqa: E402
+from spear.models.teachers import DashengConfig, DashengEncoder, Teacher, save_dasheng_checkpoint
+from spear.stages.teacher_loading import load_teacher
+from spear.config import TeacherConfig
+from spear.stages.batching import plan_subbatches
 
 SR = 16000
 

@@ -17,18 +17,13 @@ reservation's base allows for.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
 import sys
-
-# bench/tokenize.py would shadow the standard library's tokenize (numpy imports it): drop the script's folder.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import threading
+import time
 
 MIB = 1 << 20
 WARN_RATIO = 1.25  # Ray Data's high-memory detector: a peak above 4/5 of the reservation warns

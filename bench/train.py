@@ -16,23 +16,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib.util
 import os
-import sys
 import tempfile
 import threading
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/tokenize.py would shadow the standard library's tokenize module (numpy imports it): keep this folder off sys.path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import torch
 
-_spec = importlib.util.spec_from_file_location("spear_bench_common", os.path.join(_HERE, "common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-make_corpus = _common.make_corpus
+from common import make_corpus
 
 
 def tokenised_shards(cache: str, minutes: float) -> str:

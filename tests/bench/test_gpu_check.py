@@ -3,21 +3,14 @@ figure beside its target; without a GPU, the GPU sections say so instead of meas
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("spear_bench_gpu_check", os.path.join(ROOT, "bench", "gpu_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def gpu_check(bench_module):
+    return bench_module("gpu_check")
 
 
 def _figures(node, path=""):
@@ -30,13 +23,17 @@ def _figures(node, path=""):
             yield from _figures(v, f"{path}.{k}" if path else k)
 
 
-def test_figure_compares_value_and_target(gpu_check):
+def test_figure_compares_value_and_target(gpu_check, bench_module):
     assert gpu_check.figure(6000.0, 5000.0, "x")["met"] is True
     assert gpu_check.figure(4000.0, 5000.0, "x")["met"] is False
     assert gpu_check.figure(3.0, 2.0, "s", better="lower")["met"] is False
     assert gpu_check.figure(None, 5000.0, "x")["met"] is None
-    assert gpu_check._steady(100.0, 10.0, 25.0, 5.0)[0] == pytest.approx(15.0)
-    assert gpu_check._steady(100.0, 10.0, 25.0, 9.5)[0] is None  # fixed cost dominates: not a rate
+    steady_state = bench_module("common").steady_state
+    assert steady_state(100.0, 10.0, 25.0, 5.0)[:2] == pytest.approx((15.0, 10.0 - 100.0 / 15.0))
+    assert steady_state(100.0, 10.0, 25.0, 9.5)[:2] == (None, None)  # fixed cost dominates: not a rate
+    # a corpus too small for a shorter run (bench/decode.py --minutes 1): it was a ZeroDivisionError
+    rate, fixed, why = steady_state(60.0, 3.0, 60.0, 3.1)
+    assert rate is None and fixed is None and why.startswith("not measurable")
 
 
 def test_dry_run_codebooks_and_mvq_encode(gpu_check, tmp_path):

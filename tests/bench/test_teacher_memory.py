@@ -3,21 +3,12 @@ what the teacher stage uses on a Ray batch, with the room Ray Data asks for (its
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def teacher_memory():
-    spec = importlib.util.spec_from_file_location("spear_bench_teacher_memory",
-                                                  os.path.join(ROOT, "bench", "teacher_memory.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def teacher_memory(bench_module):
+    return bench_module("teacher_memory")
 
 
 @pytest.mark.slow

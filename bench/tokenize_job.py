@@ -1,8 +1,8 @@
 """Tokenisation throughput: the Ray job (pass 2: decode -> teachers + MVQ -> shards) vs a
 single-process loop doing the same decode -> teacher -> encode, measured in one run.
 
-    python bench/tokenize.py                    # ~20 min of audio, weight-free teachers (mfcc + fbank)
-    python bench/tokenize.py --minutes 5
+    python bench/tokenize_job.py                    # ~20 min of audio, weight-free teachers (mfcc + fbank)
+    python bench/tokenize_job.py --minutes 5
 
 Prints audio hours per hour per CPU for the loop and for the Ray job on 1 CPU and on all CPUs,
 the scaling efficiency (throughput on N CPUs / (N x throughput on 1 CPU)), and the token
@@ -13,23 +13,14 @@ Codebooks are fitted once (pass 1) before anything is timed; every timed run reu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# bench/tokenize.py would shadow the standard library's tokenize module (numpy imports it): keep this folder off sys.path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import torch
 
-_spec = importlib.util.spec_from_file_location("spear_bench_common", os.path.join(_HERE, "common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
-make_corpus = _common.make_corpus
+from common import make_corpus, steady_state
 
 
 def single_process_loop(paths, cfg, codebooks) -> float:
@@ -116,11 +107,11 @@ def main() -> None:
         t0 = time.perf_counter()
         loop_seconds = single_process_loop(paths, cfg, fitted.codebooks)
         loop_wall = time.perf_counter() - t0
-        runs, steady, fixed = {}, {}, {}
+        runs, steady, fixed, why = {}, {}, {}, {}
         for n in sorted({1, args.cpus}):
             s, wall, part_seconds, part_wall = ray_run(corpus_dir, os.path.join(work, f"run{n}"), codebook_dir, n, base)
             runs[n] = (s, wall)
-            steady[n], fixed[n] = _common.steady_state(s.audio_seconds, wall, part_seconds, part_wall)
+            steady[n], fixed[n], why[n] = steady_state(s.audio_seconds, wall, part_seconds, part_wall)
 
         print(f"\ntokenize bench: {len(paths)} files, {loop_seconds / 60:.1f} min of audio, teachers mfcc + fbank, "
               f"{args.cpus} CPUs")
@@ -131,17 +122,22 @@ def main() -> None:
             print(f"{'Ray tokenize job (pass 2, shards committed)':44s} {n:4d} {wall:8.2f} "
                   f"{s.audio_seconds / wall:12.1f} {s.audio_seconds / wall / n:14.1f}")
         for n, rate in steady.items():
+            if rate is None:
+                print(f"{'  steady state (full run minus a quarter run)':44s} {n:4d} {why[n]}")
+                continue
             print(f"{'  steady state (full run minus a quarter run)':44s} {n:4d} {'':8s} {rate:12.1f} {rate / n:14.1f}"
                   f"  (fixed cost per run {fixed[n]:.1f} s)")
         s1, w1 = runs[1]
         sn, wn = runs[args.cpus]
         loop_rate = loop_seconds / loop_wall
+        steady_ratio = "not measurable" if steady[args.cpus] is None else f"{steady[args.cpus] / loop_rate:.2f}x"
         print(f"\nRay job on {args.cpus} CPUs / single-process loop: {(sn.audio_seconds / wn) / loop_rate:.2f}x end to end, "
-              f"{steady[args.cpus] / loop_rate:.2f}x steady state")
+              f"{steady_ratio} steady state")
         if args.cpus > 1:
             eff = (sn.audio_seconds / wn) / (args.cpus * s1.audio_seconds / w1)
-            print(f"scaling efficiency 1 -> {args.cpus} CPUs: {eff:.2f} end to end, "
-                  f"{steady[args.cpus] / (args.cpus * steady[1]):.2f} steady state")
+            scaled = (f"{steady[args.cpus] / (args.cpus * steady[1]):.2f}" if None not in (steady[1], steady[args.cpus])
+                      else "not measurable")
+            print(f"scaling efficiency 1 -> {args.cpus} CPUs: {eff:.2f} end to end, {scaled} steady state")
         import pyarrow.compute as pc
 
         from spear.pipeline.ledger import TokenStore
