@@ -28,7 +28,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -464,11 +464,15 @@ def run_tokenize(cfg: SpearConfig, *, progress: bool = True, catalog: Catalog | 
                                            dict(zip(opened.todo["uri"].to_pylist(),
                                                     object_keys(opened.todo).to_pylist())))
                 meter = Progress("tokenize", enabled=progress)
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    for row in batch.to_pylist():
-                        meter.update(audio_seconds=row["audio_seconds"], **committer.tracker.add(row))
-                    if time.monotonic() - committer.last_commit >= cfg.tokenize.commit_interval_s:
-                        committer.commit(final=False)
+                try:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                        for row in batch.to_pylist():
+                            meter.update(audio_seconds=row["audio_seconds"], **committer.tracker.add(row))
+                        if time.monotonic() - committer.last_commit >= cfg.tokenize.commit_interval_s:
+                            committer.commit(final=False)
+                except BaseException as exc:  # failed, Ctrl-C, or SIGTERM (`spear stop`: ray.init makes it SystemExit)
+                    committer.salvage(exc, log)
+                    raise
                 committer.commit(final=True)
 
     _finish_summary(summary, opened, committer, catalog, legacy, out, storage, log)
@@ -517,8 +521,10 @@ class ShardCommitter:
 
     The driver feeds every writer row to ``tracker`` and calls :meth:`commit` every
     ``tokenize.commit_interval_s`` and at the end; each commit names the shard files written since
-    the last one and the objects whose segments are all in them (a crash loses at most one interval).
-    An object kept in part is committed as tokenised, with its note as the reason.
+    the last one and the objects whose segments are all in them. A run that fails or is stopped
+    (Ctrl-C, SIGTERM) commits what it finished on its way out (:meth:`salvage`); a killed driver
+    loses at most one interval. An object kept in part is committed as tokenised, with its note as
+    the reason.
     """
 
     def __init__(self, store: TokenStore, run_id: str, keys: Optional[Mapping[str, str]] = None):
@@ -530,7 +536,8 @@ class ShardCommitter:
         self._files_done = self._quarantine_done = 0
         self._partial_notes: dict[str, str] = {}
 
-    def commit(self, final: bool) -> None:
+    def commit(self, final: bool) -> int:
+        """Commit what finished since the last commit; returns the objects committed (0: nothing to commit)."""
         tracker = self.tracker
         new_files = tracker.files[self._files_done:]
         done = tracker.take_completed()
@@ -541,16 +548,36 @@ class ShardCommitter:
         self._partial_notes.update({q["uri"]: f"{q['stage']}: {q['reason']}" for q in bad if is_partial(q)})
         bad = [q for q in bad if not is_partial(q)]
         if not (new_files or done or bad):
-            return
+            return 0
         run_id = self.run_id
         ledger_rows = [tokenized_entry(o, run_id, self._partial_notes.get(o["uri"]), self.keys.get(o["uri"]))
                        for o in done]
         ledger_rows += [quarantined_entry(q, run_id, self.keys.get(q["uri"])) for q in bad]
+        # counted as done before the write: a commit stopped half-way (Ctrl-C) is never written twice by
+        # salvage(); what it did not write is tokenised again by the re-run
+        self._files_done = len(tracker.files)
         self.store.commit(run_id, [dict(f, run_id=run_id) for f in new_files], ledger_rows,
                           info={"final": final, "objects_committed": len(ledger_rows)})
-        self._files_done = len(tracker.files)
         self.last_commit = time.monotonic()
         self.commits += 1
+        return len(ledger_rows)
+
+    def salvage(self, exc: BaseException, log: Callable[[str], None]) -> None:
+        """After pass 2 stopped on ``exc``: commit what it finished, so that a re-run starts after it.
+
+        The shard files the tracker has are whole (a writer reports a file once written); objects
+        still in flight are left to the re-run. Never raises: ``exc`` is the error to report.
+        """
+        why = ("interrupted" if isinstance(exc, KeyboardInterrupt) else
+               "terminated" if isinstance(exc, SystemExit) else "failed")
+        try:
+            n = self.commit(final=False)
+        except Exception as commit_exc:  # noqa: BLE001 - e.g. the storage that failed the run
+            log(f"[tokenize] the run {why}; committing what it had finished failed too: {commit_exc}")
+            return
+        if n:
+            log(f"[tokenize] the run {why}: committed the {n} object(s) it had finished since the last commit; "
+                "a re-run goes on from there")
 
 
 def _token_bytes_written(files: list[dict[str, Any]], storage: Storage) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,6 +108,47 @@ def test_driver_killed_mid_run_then_rerun_equals_clean_run(crash_corpus, ray_clu
 
     summary = run_tokenize(cfg, progress=False)
     assert summary.skipped_objects > 0
+    assert _committed(st, out) == clean
+
+
+def _shard_files(out: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs
+            if f.startswith("shard-") and f.endswith(".parquet") and f"{os.sep}shards{os.sep}" in d]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_run_commits_what_it_finished_and_the_rerun_does_the_rest(crash_corpus, ray_cluster, sig):
+    """`spear stop` (SIGTERM to the driver) or Ctrl-C mid-run: no interval commit falls in this run, yet the
+    objects it finished are committed on its way out; before, they were lost and tokenised again."""
+    st, root, clean_out, clean = crash_corpus
+    out = join_uri(root, f"stopped-{sig.name}")
+    _copy_codebooks(st, clean_out, st, out)
+    cfg = _cfg(st, join_uri(root, "corpus"), out)
+    sets = [a for s in CRASH + ["tokenize.commit_interval_s=1e6"] for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "spear.pipeline.cli", "tokenize", "--output", out, *sets,
+           "--set", "corpus.sources=" + json.dumps([s.model_dump(mode="json") for s in cfg.corpus.sources])]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, RAY_ADDRESS=ray_cluster.address),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_shard_files(out)) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it was stopped: enlarge the corpus"
+        assert len(_shard_files(out)) >= 4, "pass 2 wrote too few shard files in 120 s"
+        time.sleep(1.0)  # the driver has the writers' reports of those files
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, err[-3000:]
+    assert re.search(r"\[tokenize\] the run (terminated|interrupted): committed the \d+ object\(s\) it had finished",
+                     err), err[-3000:]
+    partial = _committed(st, out)
+    assert 0 < len(partial) < len(clean), err[-3000:]
+    assert all(partial[k] == clean[k] for k in partial)  # what was committed is already right
+    summary = run_tokenize(cfg, progress=False)
+    assert summary.skipped_objects > 0 and summary.new_objects < 22
     assert _committed(st, out) == clean
 
 
